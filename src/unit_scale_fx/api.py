@@ -1,0 +1,176 @@
+"""``unit_scale(model)``: the one entry point that runs the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import _mirror_state, capture
+from .config import UnitScaleConfig
+from .errors import UnitScaleError
+from .passes import PassContext
+from .pipeline import ANALYSE, PREPARE, TRANSFORM, run_passes
+from .record import META_KEY, ScaleRecord
+
+log = logging.getLogger(__name__)
+
+
+class UnitScaledModule(fx.GraphModule):
+    """A unit-scaled model: a GraphModule with the original parameter names.
+
+    Scales are planned for concrete shapes: from ``example_inputs`` given to
+    :func:`unit_scale`, or else from the first call. Later calls with other shapes
+    keep the planned scales (gradients stay valid; only their size drifts); call
+    :meth:`replan` to plan again.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, config: UnitScaleConfig, class_name: str) -> None:
+        super().__init__(root, graph, class_name)
+        self.us_config = config
+        self.us_planned = False
+        self.us_source_graph = copy.deepcopy(graph)  # normalised, before any scale was inserted
+        self.us_timings: list[tuple[str, float]] = []
+        self.us_unsupported: list = []
+
+    # -- planning ---------------------------------------------------------
+    def _plan(self, args: tuple, kwargs: dict) -> None:
+        if self.us_planned:
+            self.graph = copy.deepcopy(self.us_source_graph)
+        ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs)
+        from .passes.init_weights import parameter_roles
+
+        ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
+        run_passes(self, ctx, ANALYSE + TRANSFORM)
+        self.us_timings = list(ctx.timings)
+        self.us_unsupported = list(ctx.unsupported)
+        self.us_planned = True
+        log.info("unit_scale: planned %d scaled nodes for input shapes %s", len(self.scale_plan()),
+                 [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+
+    def replan(self, *args: Any, **kwargs: Any) -> "UnitScaledModule":
+        """Plan the scales again for these inputs' shapes."""
+        self._plan(args, kwargs)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.us_planned:
+            if torch.compiler.is_compiling():
+                raise UnitScaleError(
+                    "a unit-scaled module was compiled before its scales were planned",
+                    where=type(self).__name__,
+                    fix="pass example_inputs=(...) to unit_scale, or call the module once before torch.compile",
+                )
+            self._plan(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    # -- introspection ----------------------------------------------------
+    def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
+        """``node name -> ScaleRecord``; by default only nodes whose scales differ from 1."""
+        if not self.us_planned:
+            raise UnitScaleError(
+                "no scales have been planned yet",
+                where=f"{type(self).__name__}.scale_plan",
+                fix="call the module once or pass example_inputs=(...) to unit_scale",
+            )
+        out = {}
+        for n in self.graph.nodes:
+            rec = n.meta.get(META_KEY)
+            if rec is not None and (all_nodes or rec.changes_anything or rec.rule == "unsupported"):
+                out[n.name] = rec
+        return out
+
+    def summary(self, all_nodes: bool = False) -> str:
+        """An aligned table: node, rule, op, shape, scales and predicted RMS."""
+        rows = [("node", "rule", "op", "shape", "fwd", "bwd", "pred fwd rms", "pred grad rms")]
+        for name, r in self.scale_plan(all_nodes).items():
+            bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or (
+                "w=" + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else "-")
+            rows.append((
+                name, r.rule + ("*" if r.constrained else ""), r.op.split(".")[-1],
+                "x".join(map(str, r.shape)) if r.shape else "-", f"{r.fwd:.3g}", bwd,
+                "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("(* = forward and backward scales tied: not a cut edge)")
+        return "\n".join(lines)
+
+
+def _check_model(model: Any) -> None:
+    if isinstance(model, UnitScaledModule):
+        raise UnitScaleError(
+            "this model is already unit-scaled",
+            where=type(model).__name__,
+            fix="call unit_scale on the original model; use .replan(...) to plan for other shapes",
+        )
+    if not isinstance(model, nn.Module):
+        raise UnitScaleError(
+            f"unit_scale expects a torch.nn.Module, got {type(model).__name__}",
+            where="unit_scale(model)",
+            fix="wrap the function in an nn.Module whose forward calls it",
+        )
+    params = [p for p in model.parameters()]
+    if params and not any(p.is_floating_point() for p in params):
+        raise UnitScaleError(
+            f"{type(model).__name__} has no floating-point parameters",
+            where="unit_scale(model)",
+            fix="unit scaling rescales floating-point weights; quantised or integer models are not supported",
+        )
+
+
+def unit_scale(
+    model: nn.Module,
+    example_inputs: Optional[Sequence[Any]] = None,
+    config: Optional[UnitScaleConfig] = None,
+    *,
+    example_kwargs: Optional[dict] = None,
+    **overrides: Any,
+) -> UnitScaledModule:
+    """Return a unit-scaled copy of ``model``, ready to train.
+
+    Stages: capture (torch.fx, or torch.export when tracing fails and example
+    inputs are given) -> normalize -> init_weights; then, with example inputs or
+    at the first call: shape_prop -> topology -> plan -> rewrite -> recompile.
+
+    Args:
+        model: any ``nn.Module``; it is not changed unless ``config.inplace``.
+        example_inputs: positional inputs of one forward call; plans the scales now.
+        config: a :class:`UnitScaleConfig`; keyword ``overrides`` replace its fields.
+        example_kwargs: keyword inputs of that call.
+
+    Returns:
+        a :class:`UnitScaledModule` with the same state_dict keys as ``model``.
+
+    Raises:
+        UnitScaleError: the model cannot be captured or has unsupported ops under
+        ``unsupported="error"``.
+    """
+    _check_model(model)
+    cfg = config or UnitScaleConfig()
+    if overrides:
+        try:
+            cfg = replace(cfg, **overrides)
+        except TypeError as exc:
+            raise UnitScaleError(f"unknown option: {exc}", where="unit_scale(**overrides)",
+                                 fix="see UnitScaleConfig for the options") from exc
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    args = tuple(example_inputs) if example_inputs is not None else None
+    work = model if cfg.inplace else copy.deepcopy(model)
+    gm = capture(work, args, example_kwargs, cfg.leaf_modules)
+    ctx = PassContext(config=cfg)
+    run_passes(gm, ctx, PREPARE)
+    us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
+    _mirror_state(work, us)
+    us.train(model.training)
+    us.us_capture = gm.meta.get("capture", "")
+    if args is not None or example_kwargs:
+        us._plan(args or (), example_kwargs or {})
+    return us

@@ -1,0 +1,139 @@
+"""Model -> ``fx.GraphModule`` with the original parameter and buffer names.
+
+Symbolic tracing is the fast path. Pure ``torch.nn`` layers (Linear, LayerNorm,
+activations, ...) are traced *through*, so the graph holds functional calls on
+``get_attr`` parameters; layers whose behaviour depends on train/eval mode
+(Dropout, BatchNorm) stay module calls, so ``.train()`` / ``.eval()`` keep working.
+When symbolic tracing fails and example inputs are given, ``torch.export``
+(non-strict) captures the model instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import UnitScaleError
+
+log = logging.getLogger(__name__)
+
+#: torch.nn layers traced through (their forward is a pure functional call).
+INLINE_MODULES: tuple[type, ...] = tuple(
+    t
+    for t in (
+        nn.Linear, nn.Embedding, nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm,
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish,
+        nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Hardswish, nn.Softmax, nn.LogSoftmax, nn.Identity,
+        nn.Flatten, nn.Unflatten, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.CrossEntropyLoss,
+        nn.MSELoss, nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+    )
+    if t is not None
+)
+
+
+class UnitScaleTracer(fx.Tracer):
+    """A tracer that keeps train/eval-dependent torch layers as calls and inlines the rest."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
+        super().__init__()
+        self.user_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.user_leaves and isinstance(m, self.user_leaves):
+            return True
+        if type(m) in INLINE_MODULES:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _mirror_state(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` every parameter and buffer of ``src`` under the same name and persistence.
+
+    ``fx.GraphModule`` copies only the attributes its graph uses; this adds the
+    rest (unused parameters) and fixes buffer persistence, so state_dict keys match.
+    """
+    for mod_name, mod in src.named_modules(remove_duplicate=False):
+        try:
+            target = dst.get_submodule(mod_name) if mod_name else dst
+        except AttributeError:
+            target = dst
+            for part in mod_name.split("."):
+                if not hasattr(target, part):
+                    target.add_module(part, nn.Module())
+                target = getattr(target, part)
+        for name, p in mod._parameters.items():
+            if p is not None and target._parameters.get(name) is not p:
+                if name in target._buffers:
+                    del target._buffers[name]
+                target.register_parameter(name, p)
+        for name, b in mod._buffers.items():
+            persistent = name not in mod._non_persistent_buffers_set
+            if b is None:
+                continue
+            if name in target._parameters:
+                del target._parameters[name]
+            target.register_buffer(name, b, persistent=persistent)
+
+
+def _location(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")]
+    f = (user or frames)[-1] if (user or frames) else None
+    return f"{f.filename}:{f.lineno} in {f.name}: {f.line}" if f else "unknown"
+
+
+def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    tracer = UnitScaleTracer(leaf_modules)
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _mirror_state(model, gm)
+    gm.meta["capture"] = "symbolic_trace"
+    return gm
+
+
+def export_capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None) -> fx.GraphModule:
+    ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False)
+    gm = ep.module()
+    _mirror_state(model, gm)
+    gm.meta["capture"] = "torch.export"
+    return gm
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Optional[tuple] = None,
+    example_kwargs: Optional[dict] = None,
+    leaf_modules: Sequence[type] = (),
+) -> fx.GraphModule:
+    """Capture ``model`` as a GraphModule; see the module docstring for the order of attempts."""
+    try:
+        gm = symbolic_capture(model, leaf_modules)
+        log.info("captured %s with torch.fx symbolic tracing (%d nodes)", type(model).__name__, len(gm.graph.nodes))
+        return gm
+    except Exception as exc:  # tracing raises many kinds of errors
+        where = _location(exc)
+        if example_inputs is None:
+            raise UnitScaleError(
+                f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}",
+                where=where,
+                fix="pass example_inputs=(...) so the model can be captured with torch.export instead, "
+                "or list the offending module type in UnitScaleConfig(leaf_modules=(...))",
+            ) from exc
+        log.info("symbolic tracing failed (%s at %s); capturing with torch.export", type(exc).__name__, where)
+    try:
+        gm = export_capture(model, example_inputs, example_kwargs)
+    except Exception as exc:
+        raise UnitScaleError(
+            f"neither torch.fx nor torch.export could capture {type(model).__name__}: {type(exc).__name__}: {exc}",
+            where=_location(exc),
+            fix="make the forward traceable (no data-dependent Python control flow) or mark the failing "
+            "submodule type in UnitScaleConfig(leaf_modules=(...))",
+        ) from exc
+    log.info("captured %s with torch.export (%d nodes)", type(model).__name__, len(gm.graph.nodes))
+    return gm

@@ -1,0 +1,72 @@
+"""Configuration of the unit-scaling transform."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Literal, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.fx
+
+#: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
+NodeFilter = Callable[[str, "torch.fx.Node"], bool]
+
+Constraint = Literal["gmean", "fwd", "bwd"]
+UnsupportedPolicy = Literal["warn", "error", "ignore"]
+
+
+@dataclass(frozen=True)
+class UnitScaleConfig:
+    """Options of :func:`unit_scale_fx.unit_scale`.
+
+    Attributes:
+        attn_tau: share of the residual stream given to branches that contain
+            attention (softmax / SDPA): ``sqrt(1 - tau) * skip + sqrt(tau) * branch``.
+        mlp_tau: the same for every other residual branch.
+        constraint: how one scale is chosen for an op whose forward and
+            backward scales must agree (edges that are not cut edges):
+            ``"gmean"`` geometric mean of the ideal scales, ``"fwd"`` the
+            forward scale, ``"bwd"`` the geometric mean of the backward ones.
+        node_filter: ``(qualified_name, node) -> bool``; nodes for which it
+            returns False are left as they are.
+        unsupported: what to do with floating-point ops that have no rule:
+            ``"warn"`` leaves them unscaled and lists them in one warning,
+            ``"error"`` raises :class:`UnitScaleError`, ``"ignore"`` only logs.
+        init_weights: re-initialise parameters for unit scaling (unit-RMS
+            weights, zero biases, unit norm gains).
+        inplace: transform the given model's own parameters instead of a copy.
+        leaf_modules: module types that are kept as opaque calls while tracing.
+    """
+
+    attn_tau: float = 0.5
+    mlp_tau: float = 0.5
+    constraint: Constraint = "gmean"
+    node_filter: Optional[NodeFilter] = None
+    unsupported: UnsupportedPolicy = "warn"
+    init_weights: bool = True
+    inplace: bool = False
+    leaf_modules: tuple[type, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        from .errors import UnitScaleError
+
+        for name in ("attn_tau", "mlp_tau"):
+            tau = getattr(self, name)
+            if not 0.0 < tau < 1.0:
+                raise UnitScaleError(
+                    f"UnitScaleConfig.{name}={tau!r} is outside (0, 1)",
+                    where="UnitScaleConfig",
+                    fix=f"pass a {name} strictly between 0 and 1 (0.5 weighs skip and branch equally)",
+                )
+        if self.constraint not in ("gmean", "fwd", "bwd"):
+            raise UnitScaleError(
+                f"unknown constraint {self.constraint!r}",
+                where="UnitScaleConfig.constraint",
+                fix="use 'gmean', 'fwd' or 'bwd'",
+            )
+        if self.unsupported not in ("warn", "error", "ignore"):
+            raise UnitScaleError(
+                f"unknown unsupported-op policy {self.unsupported!r}",
+                where="UnitScaleConfig.unsupported",
+                fix="use 'warn', 'error' or 'ignore'",
+            )

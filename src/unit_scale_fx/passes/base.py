@@ -1,0 +1,54 @@
+"""What a pass is: ``(GraphModule, PassContext) -> PassResult``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch.fx as fx
+
+from ..config import UnitScaleConfig
+
+
+@dataclass
+class UnsupportedOp:
+    """A floating-point op with no rule, reported together with the others."""
+
+    node: str
+    op: str
+    where: str
+    reason: str = "no rule"
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one transform."""
+
+    config: UnitScaleConfig = field(default_factory=UnitScaleConfig)
+    example_args: Optional[tuple] = None
+    example_kwargs: Optional[dict] = None
+    topology: Any = None
+    unsupported: list[UnsupportedOp] = field(default_factory=list)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    input_rms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    info: str = ""
+
+
+Pass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+
+def module_path(node: fx.Node) -> str:
+    """The qualified name of the module a node came from ("" for the root)."""
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        return str(path)
+    return ""

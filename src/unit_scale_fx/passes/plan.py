@@ -1,0 +1,176 @@
+"""plan: one :class:`ScaleRecord` per floating-point node, under ``node.meta["unit_scale"]``.
+
+A forward sweep in topological order asks each node's rule for its ideal scales
+given the predicted RMS of its inputs, ties forward and backward scales on
+edges that are not cut edges, and predicts the output RMS. A backward sweep then
+predicts gradient RMS from the chosen scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnitScaleError
+from ..record import META_KEY, ScaleRecord
+from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
+from .base import PassContext, PassResult, UnsupportedOp, module_path
+
+log = logging.getLogger(__name__)
+
+
+def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _tensor_rms(t: torch.Tensor) -> Optional[float]:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        return float(t.detach().float().pow(2).mean().sqrt())
+
+
+def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:
+    if fixed_fwd or how == "fwd":
+        return fwd
+    vals = values if how == "gmean" else values[1:] or values
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Optional[float]:
+    try:
+        t = gm.get_parameter(str(node.target))
+    except AttributeError:
+        try:
+            t = gm.get_buffer(str(node.target))
+        except AttributeError:
+            return None
+    r = _tensor_rms(t)
+    if r is None and t.device.type == "meta":
+        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(roles.get(str(node.target), "unit"), 1.0)
+    return r
+
+
+def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    topo = ctx.topology
+    if topo is None:
+        raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
+                             fix="run the passes in pipeline order")
+    cfg = ctx.config
+    roles = getattr(ctx, "param_roles", {}) or {}
+    rms: dict[fx.Node, Optional[float]] = {}
+    scales_of: dict[fx.Node, Scales] = {}
+    for node in gm.graph.nodes:
+        node.meta.pop(META_KEY, None)
+        if node.op == "output" or not is_float(node):
+            continue
+        if node.op == "placeholder":
+            rms[node] = ctx.input_rms.get(node.name, 1.0)
+            continue
+        if node.op == "get_attr":
+            rms[node] = _param_rms(gm, node, roles)
+            continue
+        inputs = float_tensor_inputs(node)
+        known = [rms[i] for i in inputs if rms.get(i) is not None and math.isfinite(rms[i])]
+        passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
+        op_name = node_op_name(node, gm)
+        qual = module_path(node)
+        if node.meta.get("unit_scale_inserted"):
+            rms[node] = passthrough
+            continue
+        if cfg.node_filter is not None and not cfg.node_filter(qual, node):
+            node.meta[META_KEY] = ScaleRecord("excluded", "excluded", op_name, _shape(node), fwd_rms=passthrough,
+                                              note="left alone by node_filter")
+            rms[node] = passthrough
+            continue
+        rule = lookup(node, gm)
+        if rule is None:
+            if inputs:
+                ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>"))
+                node.meta[META_KEY] = ScaleRecord("unsupported", "unsupported", op_name, _shape(node),
+                                                  fwd_rms=passthrough, note="no rule; left unscaled")
+            rms[node] = passthrough
+            continue
+        context = {}
+        if node in topo.residuals:
+            r = topo.residuals[node]
+            context["residual"] = (r.skip, r.branch, r.tau)
+        view = OpView(node, inputs, {i: rms.get(i) for i in inputs},
+                      module=gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
+                      context=context)
+        s = rule.scales(view)
+        scales_of[node] = s
+        rec = ScaleRecord(rule.name, "residual" if context else rule.kind, op_name, _shape(node),
+                          ideal_fwd=s.fwd, ideal_bwd={n.name: b for n, b in s.bwd.items()}, note=s.note)
+        if s.weights is not None:
+            rec.weights = {n.name: w for n, w in s.weights.items()}
+        else:
+            fwd, bwd = s.fwd, dict(s.bwd)
+            tied = [n for n in bwd if not topo.is_cut(n, node)]
+            if tied and any(not math.isclose(bwd[n], fwd, rel_tol=1e-9) for n in tied):
+                value = _combine([fwd] + [bwd[n] for n in tied], cfg.constraint, fwd, s.fixed_fwd)
+                fwd = value
+                for n in tied:
+                    bwd[n] = value
+                rec.constrained = True
+            rec.fwd = fwd
+            rec.bwd = {n.name: b for n, b in bwd.items()}
+        out = s.out_rms
+        if out is not None and s.weights is None and s.fwd:
+            out = out * rec.fwd / s.fwd
+        rec.fwd_rms = out
+        rms[node] = out
+        node.meta[META_KEY] = rec
+    _predict_backward(gm, scales_of)
+    _apply_policy(ctx)
+    n_rec = sum(1 for n in gm.graph.nodes if META_KEY in n.meta)
+    return PassResult(False, f"{n_rec} records, {len(ctx.unsupported)} unsupported")
+
+
+def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> None:
+    grad: dict[fx.Node, float] = {}
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "output" or not is_float(node):
+            continue
+        contribs = []
+        for user in node.users:
+            if user.op == "output" or user not in grad:
+                continue
+            rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
+            s = scales_of.get(user)
+            g = grad[user]
+            if rec is not None and rec.kind == "loss":
+                g = 1.0
+            if s is None or rec is None:
+                contribs.append(g)
+            elif s.weights is not None:
+                contribs.append(g * s.weights.get(node, 1.0))
+            else:
+                gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
+                contribs.append(g * gain * rec.bwd.get(node.name, 1.0))
+        grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
+        rec = node.meta.get(META_KEY)
+        if rec is not None:
+            rec.bwd_rms = None if rec.kind == "loss" else grad[node]
+
+
+def _apply_policy(ctx: PassContext) -> None:
+    if not ctx.unsupported:
+        return
+    lines = [f"  {u.node}: {u.op} (in {u.where})" for u in ctx.unsupported]
+    msg = f"{len(ctx.unsupported)} floating-point op(s) have no unit-scaling rule and are left unscaled:\n" + "\n".join(lines)
+    policy = ctx.config.unsupported
+    if policy == "error":
+        raise UnitScaleError(msg, where="pass plan",
+                             fix="register a rule for these ops (unit_scale_fx.rules.register), exclude them with "
+                             "UnitScaleConfig(node_filter=...), or use unsupported='warn'")
+    if policy == "warn":
+        import warnings
+
+        warnings.warn(msg, stacklevel=4)
+    log.info(msg)

@@ -1,0 +1,112 @@
+"""topology: cut edges and residual adds of the floating-point dataflow graph (networkx).
+
+Nodes are the graph's floating-point values, parameters included; the output
+node is left out (gradients start at the loss). An edge ``u -> v`` is a *cut edge*
+when it is a bridge of the undirected graph: every parameter upstream of it then
+receives its whole gradient through it, so a backward scale that differs from
+the forward one there only rescales those gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+
+from ..rules.registry import float_tensor_inputs, is_float, lookup
+from .base import PassContext, PassResult
+
+
+@dataclass
+class Residual:
+    skip: fx.Node
+    branch: fx.Node
+    kind: str  # "attn" or "mlp"
+    tau: float
+
+
+@dataclass
+class Topology:
+    graph: nx.DiGraph
+    bridges: set[tuple[fx.Node, fx.Node]] = field(default_factory=set)
+    residuals: dict[fx.Node, Residual] = field(default_factory=dict)
+
+    def is_cut(self, u: fx.Node, v: fx.Node) -> bool:
+        return (u, v) in self.bridges
+
+
+def dataflow_graph(gm: fx.GraphModule) -> tuple[nx.DiGraph, set[tuple[fx.Node, fx.Node]]]:
+    """Directed float dataflow graph and the set of edges used more than once by one node."""
+    g = nx.DiGraph()
+    multi: set[tuple[fx.Node, fx.Node]] = set()
+    for node in gm.graph.nodes:
+        if node.op == "output" or not is_float(node):
+            continue
+        g.add_node(node)
+        for inp in float_tensor_inputs(node):
+            g.add_edge(inp, node)
+            uses = sum(1 for a in node.all_input_nodes if a is inp)
+            flat = [a for a in _flatten(node.args) + _flatten(list(node.kwargs.values())) if a is inp]
+            if max(uses, len(flat)) > 1:
+                multi.add((inp, node))
+    return g, multi
+
+
+def _flatten(xs) -> list:
+    out = []
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            out.extend(_flatten(x))
+        elif isinstance(x, dict):
+            out.extend(_flatten(list(x.values())))
+        else:
+            out.append(x)
+    return out
+
+
+def _branch_kind(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, gm: fx.GraphModule) -> str:
+    region = (nx.descendants(g, skip) & nx.ancestors(g, branch)) | {branch}
+    for n in region:
+        rule = lookup(n, gm)
+        if rule is not None and rule.kind in ("softmax", "attention"):
+            return "attn"
+    return "mlp"
+
+
+def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    g, multi = dataflow_graph(gm)
+    und = g.to_undirected(as_view=True)
+    bridges: set[tuple[fx.Node, fx.Node]] = set()
+    for u, v in nx.bridges(und):
+        for a, b in ((u, v), (v, u)):
+            if g.has_edge(a, b) and (a, b) not in multi:
+                bridges.add((a, b))
+    topo = Topology(g, bridges)
+    cfg = ctx.config
+    for node in gm.graph.nodes:
+        if node not in g:
+            continue
+        rule = lookup(node, gm)
+        if rule is None or rule.kind != "add":
+            continue
+        ins = float_tensor_inputs(node)
+        if len(ins) != 2:
+            continue
+        a, b = ins
+        if nx.has_path(g, a, b):
+            skip, branch = a, b
+        elif nx.has_path(g, b, a):
+            skip, branch = b, a
+        elif a in topo.residuals or b in topo.residuals:
+            # parallel branches summed onto a stream: the stream is the skip
+            skip, branch = (a, b) if a in topo.residuals else (b, a)
+            if not (nx.ancestors(g, skip) & nx.ancestors(g, branch)):
+                continue
+        else:
+            continue
+        kind = _branch_kind(g, skip, branch, gm)
+        tau = cfg.attn_tau if kind == "attn" else cfg.mlp_tau
+        topo.residuals[node] = Residual(skip, branch, kind, tau)
+    ctx.topology = topo
+    return PassResult(False, f"{len(bridges)} cut edges, {len(topo.residuals)} residual adds")

@@ -1,0 +1,70 @@
+"""The ordered list of passes, and the driver that runs them.
+
+    capture -> normalize -> init_weights              (at unit_scale time)
+            -> shape_prop -> topology -> plan -> rewrite -> recompile
+                                                      (once example inputs are known)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch.fx as fx
+
+from . import rules  # noqa: F401  (fills the registry)
+from .errors import UnitScaleError
+from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
+from .passes.base import Pass
+
+log = logging.getLogger(__name__)
+
+
+def recompile(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    gm.recompile()
+    return PassResult(True, "recompiled")
+
+
+PREPARE: list[tuple[str, Pass]] = [
+    ("normalize", normalize),
+    ("init_weights", init_weights),
+]
+
+ANALYSE: list[tuple[str, Pass]] = [
+    ("shape_prop", shape_prop),
+    ("topology", topology),
+    ("plan", plan),
+]
+
+TRANSFORM: list[tuple[str, Pass]] = [
+    ("rewrite", rewrite),
+    ("recompile", recompile),
+]
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]]) -> fx.GraphModule:
+    """Run ``passes`` in order; lint after each that changed the graph.
+
+    A failure names the pass and the ones that ran before it.
+    """
+    done: list[str] = []
+    for name, fn in passes:
+        t0 = time.perf_counter()
+        try:
+            result = fn(gm, ctx)
+            if result.modified:
+                gm.graph.lint()
+        except UnitScaleError:
+            raise
+        except Exception as exc:
+            raise UnitScaleError(
+                f"pass {name!r} failed: {type(exc).__name__}: {exc}",
+                where=f"pass {name} (after: {', '.join(done) or 'none'})",
+                fix="this is a bug or an unsupported construct; report it with the model, or exclude the part "
+                "with UnitScaleConfig(node_filter=...)",
+            ) from exc
+        dt = time.perf_counter() - t0
+        ctx.timings.append((name, dt))
+        log.debug("pass %s: %s (%.1f ms)", name, result.info, dt * 1e3)
+        done.append(name)
+    return gm

@@ -1,0 +1,6 @@
+"""Op rules, one module per family; importing this package fills the registry."""
+
+from . import arith, attention, loss, matmul, norm, pointwise, shape  # noqa: F401
+from .registry import OpView, Rule, Scales, lookup, register, registered_targets
+
+__all__ = ["OpView", "Rule", "Scales", "lookup", "register", "registered_targets"]

@@ -1,0 +1,106 @@
+"""Adds, subtractions, products and quotients.
+
+* add/sub of a tensor and a constant keeps the scale;
+* a residual add (found by the topology pass) becomes
+  ``sqrt(1 - tau) * skip / RMS(skip) + sqrt(tau) * branch / RMS(branch)``;
+* any other add of two tensors is scaled by ``1 / sqrt(ra^2 + rb^2)``;
+* a product of two tensors is scaled by ``1 / (ra rb)`` (gradients ``1 / rb``, ``1 / ra``);
+* a product with a constant keeps the constant (it is part of the model's meaning,
+  e.g. a temperature) and only the predicted RMS follows it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .registry import OpView, Rule, Scales, aten, register, tensor_method
+
+
+def _const(op: OpView) -> float:
+    """The product of non-tensor numeric arguments (and ``alpha=``)."""
+    c = 1.0
+    for a in op.node.args[:2]:
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            c *= float(a)
+    return c
+
+
+@register(operator.add, operator.sub, torch.add, torch.sub, tensor_method("add"), tensor_method("sub"),
+          tensor_method("__add__"), tensor_method("__radd__"), tensor_method("__sub__"),
+          aten("add", "Tensor"), aten("sub", "Tensor"))
+class AddRule(Rule):
+    name = "add"
+    kind = "add"
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) < 2:
+            r = op.rms(op.inputs[0]) if op.inputs else None
+            return Scales(out_rms=r, note="add of a tensor and a constant: scale kept")
+        a, b = op.inputs[:2]
+        ra, rb = op.in_rms.get(a), op.in_rms.get(b)
+        if ra is None or rb is None or not (math.isfinite(ra) and math.isfinite(rb)):
+            return Scales(out_rms=op.rms(a), note="an operand with non-finite or unknown RMS (a mask?): scale kept")
+        alpha = op.arg(2, "alpha", 1.0)
+        rb = rb * abs(float(alpha)) if isinstance(alpha, (int, float)) else rb
+        residual = op.context.get("residual")
+        if residual is not None:
+            skip, branch, tau = residual
+            rs = max(op.rms(skip), 1e-12)
+            rbr = max(op.rms(branch), 1e-12)
+            w = {skip: math.sqrt(1 - tau) / rs, branch: math.sqrt(tau) / rbr}
+            return Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}")
+        total = math.sqrt(ra * ra + rb * rb)
+        if total <= 0:
+            return Scales(out_rms=0.0, note="both operands zero")
+        s = Scales(fwd=1.0 / total, note="independent add")
+        for n in (a, b):
+            s.bwd[n], s.grad_gain[n] = 1.0 / total, total
+        return s
+
+
+@register(operator.mul, torch.mul, tensor_method("mul"), tensor_method("__mul__"), tensor_method("__rmul__"),
+          aten("mul", "Tensor"))
+class MulRule(Rule):
+    name = "mul"
+    kind = "mul"
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) == 1:
+            return Scales(out_rms=op.rms(op.inputs[0]) * abs(_const(op)), note="product with a constant: kept")
+        if len(op.inputs) != 2:
+            return Scales(note="product of more than two tensors")
+        a, b = op.inputs
+        ra, rb = op.rms(a), op.rms(b)
+        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors")
+        s.bwd[a], s.grad_gain[a] = 1.0 / rb, rb
+        s.bwd[b], s.grad_gain[b] = 1.0 / ra, ra
+        return s
+
+
+@register(operator.truediv, torch.div, torch.true_divide, tensor_method("div"), tensor_method("__truediv__"),
+          aten("div", "Tensor"))
+class DivRule(Rule):
+    name = "div"
+    kind = "mul"
+
+    def scales(self, op: OpView) -> Scales:
+        num = op.node.args[0] if op.node.args else None
+        den = op.node.args[1] if len(op.node.args) > 1 else None
+        if len(op.inputs) == 1:
+            r = op.rms(op.inputs[0])
+            if isinstance(den, (int, float)) and den != 0:
+                r = r / abs(float(den))
+            elif isinstance(num, (int, float)):
+                r = abs(float(num)) / r
+            return Scales(out_rms=r, note="quotient with a constant: kept")
+        if len(op.inputs) != 2 or num not in op.inputs or den not in op.inputs:
+            return Scales(note="quotient of unexpected operands")
+        ra, rb = op.rms(num), op.rms(den)
+        s = Scales(fwd=rb / ra, note="quotient of two tensors")
+        s.bwd[num], s.grad_gain[num] = rb, 1.0 / rb
+        s.bwd[den], s.grad_gain[den] = rb * rb / ra, ra / (rb * rb)
+        return s

@@ -1,0 +1,155 @@
+"""Matmul-class ops: linear, matmul / mm / bmm / addmm, embedding.
+
+For ``[.., m, k] @ [k, n]`` with input RMS ``rl``, ``rr``:
+forward ``1 / (rl rr sqrt(k))``; gradient of the left operand ``1 / (rr sqrt(n))``;
+gradient of the right operand ``1 / (rl sqrt(rows))`` where ``rows`` counts all
+positions summed over in the right operand's gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .registry import OpView, Rule, Scales, aten, register, tensor_method
+
+
+@dataclass(frozen=True)
+class MatmulLayout:
+    left: int  # argument position of the left operand
+    right: int  # argument position of the right operand
+    right_nk: bool  # right operand stored as [n, k] (linear weights)
+    bias: Optional[int] = None  # argument position of an added bias
+
+
+_LINEAR = MatmulLayout(0, 1, True, 2)
+_MATMUL = MatmulLayout(0, 1, False)
+_ADDMM = MatmulLayout(1, 2, False, 0)
+
+LAYOUTS: dict[object, MatmulLayout] = {}
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+class MatmulRule(Rule):
+    name = "matmul"
+    kind = "matmul"
+
+    def _operands(self, op: OpView):
+        from .registry import resolve_target
+
+        lay = LAYOUTS[resolve_target(op.node, None)]
+        names = {0: "input", 1: "weight", 2: "bias"} if lay is _LINEAR else {}
+        left = op.arg(lay.left, names.get(lay.left, "input"))
+        right = op.arg(lay.right, names.get(lay.right, "other"))
+        bias = op.arg(lay.bias, names.get(lay.bias, "input")) if lay.bias is not None else None
+        return lay, left, right, bias
+
+    def scales(self, op: OpView) -> Scales:
+        lay, left, right, bias = self._operands(op)
+        ls, rs, os_ = op.shape(left), op.shape(right), op.out_shape
+        if ls is None or rs is None or os_ is None:
+            return Scales(note="shapes unknown; left unscaled")
+        if len(rs) == 1:
+            k, n = rs[0], 1
+        elif lay.right_nk:
+            n, k = rs[0], rs[-1]
+        else:
+            k, n = rs[-2], rs[-1]
+        batch_r = _prod(rs[:-2]) if len(rs) > 2 else 1
+        rows = max(1, _prod(ls[:-1]) // max(1, batch_r)) if len(ls) > 1 else 1
+        rl, rr = op.rms(left), op.rms(right)
+        fwd = 1.0 / (rl * rr * math.sqrt(k))
+        s = Scales(fwd=fwd)
+        gl, gr = rr * math.sqrt(n), rl * math.sqrt(rows)
+        if isinstance(left, fx.Node) and left in op.inputs:
+            s.bwd[left], s.grad_gain[left] = 1.0 / gl, gl
+        if isinstance(right, fx.Node) and right in op.inputs:
+            s.bwd[right], s.grad_gain[right] = 1.0 / gr, gr
+        out_rms2 = 1.0
+        if isinstance(bias, fx.Node) and bias in op.inputs:
+            out_rows = max(1, _prod(os_) // max(1, os_[-1] if os_ else 1))
+            gb = math.sqrt(out_rows)
+            s.bwd[bias], s.grad_gain[bias] = 1.0 / gb, gb
+            out_rms2 += (fwd * op.rms(bias, default=0.0)) ** 2
+        s.out_rms = math.sqrt(out_rms2)
+        s.note = f"k={k} n={n} rows={rows}"
+        return s
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        from .registry import resolve_target
+
+        lay = LAYOUTS.get(resolve_target(node, None))
+        if lay is None:
+            return {}
+        roles: dict[fx.Node, str] = {}
+        names = {0: "input", 1: "weight", 2: "bias"} if lay is _LINEAR else {}
+
+        def get(pos: int) -> object:
+            name = names.get(pos, "")
+            if name in node.kwargs:
+                return node.kwargs[name]
+            return node.args[pos] if len(node.args) > pos else None
+
+        for pos in (lay.left, lay.right):
+            a = get(pos)
+            if isinstance(a, fx.Node):
+                roles[a] = "unit"
+        if lay.bias is not None:
+            b = get(lay.bias)
+            if isinstance(b, fx.Node):
+                roles[b] = "zero"
+        return roles
+
+
+_MATMUL_TARGETS = {
+    _LINEAR: [F.linear, aten("linear")],
+    _MATMUL: [
+        torch.matmul, operator.matmul, torch.mm, torch.bmm,
+        tensor_method("matmul"), tensor_method("mm"), tensor_method("bmm"),
+        tensor_method("__matmul__"),
+        aten("matmul"), aten("mm"), aten("bmm"),
+    ],
+    _ADDMM: [torch.addmm, tensor_method("addmm"), aten("addmm")],
+}
+_rule = MatmulRule()
+for _lay, _targets in _MATMUL_TARGETS.items():
+    for _t in _targets:
+        if _t is not None:
+            LAYOUTS[_t] = _lay
+    register(*_targets)(_rule)
+
+
+@register(F.embedding, aten("embedding"))
+class EmbeddingRule(Rule):
+    """Row lookup: the output has the weight's RMS; each row's gradient sums its uses."""
+
+    name = "embedding"
+    kind = "matmul"
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(note="embedding with unexpected float inputs; left unscaled")
+        (w,) = op.inputs
+        ws, os_ = op.shape(w), op.out_shape
+        if ws is None or os_ is None:
+            return Scales(note="shapes unknown")
+        vocab = ws[0]
+        lookups = max(1, _prod(os_[:-1]))
+        gain = math.sqrt(lookups / vocab)
+        return Scales(fwd=1.0 / op.rms(w), bwd={w: 1.0 / gain}, grad_gain={w: gain},
+                      note=f"vocab={vocab} lookups={lookups}")
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        return {a: "unit" for a in node.all_input_nodes}

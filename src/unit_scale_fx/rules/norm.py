@@ -1,0 +1,62 @@
+"""Normalisation layers: the output is already unit; the input gradient is ``g / RMS(x)``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .registry import OpView, Rule, Scales, aten, register
+
+
+class NormRule(Rule):
+    kind = "norm"
+
+    def __init__(self, name: str, weight_pos: int, bias_pos: int | None) -> None:
+        self.name = name
+        self.weight_pos = weight_pos
+        self.bias_pos = bias_pos
+
+    def _affine(self, node: fx.Node):
+        w = node.kwargs.get("weight", node.args[self.weight_pos] if len(node.args) > self.weight_pos else None)
+        b = None
+        if self.bias_pos is not None:
+            b = node.kwargs.get("bias", node.args[self.bias_pos] if len(node.args) > self.bias_pos else None)
+        return w, b
+
+    def scales(self, op: OpView) -> Scales:
+        x = op.node.args[0] if op.node.args else op.node.kwargs.get("input")
+        if not isinstance(x, fx.Node) or x not in op.inputs:
+            return Scales(note="normalised input is not a float tensor")
+        w, b = self._affine(op.node)
+        xs = op.shape(x)
+        rx = op.rms(x)
+        s = Scales(fwd=1.0, bwd={x: rx}, grad_gain={x: 1.0 / rx})
+        out2 = 1.0
+        for p, default in ((w, 1.0), (b, 0.0)):
+            if isinstance(p, fx.Node) and p in op.inputs:
+                ps = op.shape(p)
+                rows = max(1, math.prod(xs) // max(1, math.prod(ps))) if xs and ps else 1
+                s.bwd[p], s.grad_gain[p] = 1.0 / math.sqrt(rows), math.sqrt(rows)
+        if isinstance(w, fx.Node):
+            out2 = op.rms(w) ** 2
+        if isinstance(b, fx.Node):
+            out2 += op.rms(b, default=0.0) ** 2
+        s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
+        return s
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        w, b = self._affine(node)
+        roles = {}
+        if isinstance(w, fx.Node):
+            roles[w] = "one"
+        if isinstance(b, fx.Node):
+            roles[b] = "zero"
+        return roles
+
+
+register(F.layer_norm, aten("layer_norm"))(NormRule("layer_norm", 2, 3))
+register(getattr(F, "rms_norm", None), aten("rms_norm"))(NormRule("rms_norm", 2, None))
+register(F.group_norm, aten("group_norm"))(NormRule("group_norm", 2, 3))

@@ -1,0 +1,99 @@
+"""Pointwise nonlinearities, all through one numeric routine.
+
+For ``f`` applied to ``x ~ N(0, r^2)``: forward scale ``1 / RMS(f(x))``, backward
+scale ``1 / RMS(f'(x))``, both computed by Gauss-Hermite quadrature of the op
+itself. No table of constants: any elementwise op with one tensor input works.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .registry import OpView, Rule, Scales, aten, register, tensor_method
+
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(160)
+_WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
+
+
+def gaussian_moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float = 1.0) -> tuple[float, float]:
+    """``(RMS(f(x)), RMS(f'(x)))`` for ``x ~ N(0, std^2)`` by quadrature."""
+    z = torch.tensor(_NODES * std, dtype=torch.float64, requires_grad=True)
+    y = fn(z)
+    (dy,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
+    w = torch.tensor(_WEIGHTS, dtype=torch.float64)
+    f_rms = float((w * y.detach().double() ** 2).sum().sqrt())
+    d_rms = float((w * dy.double() ** 2).sum().sqrt()) if dy is not None else 0.0
+    return f_rms, d_rms
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_moments(key: Any, consts: tuple, std: float) -> tuple[float, float]:
+    fn, args, kwargs = consts[0], consts[1], dict(consts[2])
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return fn(*[t if a is _SLOT else a for a in args], **kwargs)
+
+    return gaussian_moments(f, std)
+
+
+class _Slot:
+    def __repr__(self) -> str:
+        return "<x>"
+
+
+_SLOT = _Slot()
+
+
+class PointwiseRule(Rule):
+    name = "pointwise"
+    kind = "pointwise"
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(note="pointwise op with several tensor inputs; left unscaled")
+        (x,) = op.inputs
+        fn = _callable(op)
+        args = tuple(_SLOT if a is x else a for a in op.node.args)
+        if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in op.node.kwargs.values()):
+            return Scales(note="non-constant extra arguments; left unscaled")
+        r = round(op.rms(x), 4)
+        try:
+            f_rms, d_rms = _cached_moments(fn, (fn, args, tuple(sorted(op.node.kwargs.items()))), r)
+        except Exception as exc:  # an op that cannot run on float64 CPU points
+            return Scales(note=f"quadrature failed ({type(exc).__name__}); left unscaled")
+        if not (f_rms > 0 and math.isfinite(f_rms)):
+            return Scales(note="zero or non-finite output moment")
+        s = Scales(fwd=1.0 / f_rms, note=f"E[f^2]^0.5={f_rms:.4g} E[f'^2]^0.5={d_rms:.4g} at std {r}")
+        if d_rms > 0 and math.isfinite(d_rms):
+            s.bwd[x], s.grad_gain[x] = 1.0 / d_rms, d_rms
+        return s
+
+
+def _callable(op: OpView) -> Callable[..., torch.Tensor]:
+    if op.node.op == "call_method":
+        return getattr(torch.Tensor, str(op.node.target))
+    if op.node.op == "call_module" and op.module is not None:
+        return op.module
+    return op.node.target  # type: ignore[return-value]
+
+
+POINTWISE_TARGETS = [
+    F.gelu, F.relu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.softplus,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.relu6, F.tanh, F.sigmoid, F.logsigmoid,
+    F.softsign, F.tanhshrink,
+    torch.relu, torch.tanh, torch.sigmoid, torch.sin, torch.cos, torch.erf, torch.exp,
+    tensor_method("relu"), tensor_method("tanh"), tensor_method("sigmoid"), tensor_method("sin"),
+    tensor_method("cos"), tensor_method("exp"), tensor_method("erf"),
+    aten("gelu"), aten("relu"), aten("silu"), aten("tanh"), aten("sigmoid"), aten("mish"),
+    aten("elu"), aten("leaky_relu"), aten("softplus"), aten("hardswish"), aten("sin"), aten("cos"),
+    torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Mish,
+    torch.nn.ELU, torch.nn.LeakyReLU, torch.nn.Softplus, torch.nn.Hardswish,
+]
+register(*POINTWISE_TARGETS)(PointwiseRule())

@@ -1,0 +1,222 @@
+"""The op registry: ``target -> Rule``.
+
+A target is the real object a graph node calls: a function (``F.linear``,
+``operator.add``), a tensor method (``torch.Tensor.softmax``), an aten overload
+(``torch.ops.aten.mm.default``) or, for ``call_module`` nodes, a module class
+(``nn.Dropout``). Adding an op is adding one entry with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnitScaleError
+
+#: Parameter roles an init-aware rule may declare.
+ROLES = ("unit", "zero", "one")
+
+
+@dataclass
+class Scales:
+    """What a rule computes for one node (ideal values, before constraints).
+
+    Attributes:
+        fwd: forward scale of the output.
+        bwd: ideal backward scale per floating-point input node.
+        out_rms: predicted output RMS once ``fwd`` is applied.
+        grad_gain: RMS of the unscaled gradient of each input relative to the
+            output gradient (``1 / ideal bwd`` for most rules); used to predict
+            backward RMS after constraints.
+        fixed_fwd: the forward scale must stay as it is (losses).
+        weights: for adds: a weight per input applied as an ordinary
+            multiplication (same forward and backward) instead of ``fwd``.
+        note: text for the record.
+    """
+
+    fwd: float = 1.0
+    bwd: dict[fx.Node, float] = field(default_factory=dict)
+    out_rms: Optional[float] = 1.0
+    grad_gain: dict[fx.Node, float] = field(default_factory=dict)
+    fixed_fwd: bool = False
+    weights: Optional[dict[fx.Node, float]] = None
+    note: str = ""
+
+
+@dataclass
+class OpView:
+    """What a rule sees of a node: its arguments, input shapes and predicted RMS."""
+
+    node: fx.Node
+    inputs: list[fx.Node]  # floating-point tensor inputs, unique, in argument order
+    in_rms: dict[fx.Node, float]
+    module: Optional[torch.nn.Module] = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def arg(self, pos: int, name: str, default: Any = None) -> Any:
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        if len(self.node.args) > pos:
+            return self.node.args[pos]
+        return default
+
+    @staticmethod
+    def shape(x: Any) -> Optional[tuple[int, ...]]:
+        val = x.meta.get("val") if isinstance(x, fx.Node) else x
+        if isinstance(val, torch.Tensor):
+            return tuple(int(s) for s in val.shape)
+        return None
+
+    @property
+    def out_shape(self) -> Optional[tuple[int, ...]]:
+        return self.shape(self.node)
+
+    def rms(self, x: Any, default: float = 1.0) -> float:
+        if isinstance(x, fx.Node):
+            r = self.in_rms.get(x)
+            return default if r is None or not math.isfinite(r) or r <= 0 else r
+        if isinstance(x, (int, float)):
+            return abs(float(x))
+        return default
+
+
+class Rule:
+    """Base class of op rules.
+
+    Subclasses set ``name`` and ``kind`` and implement :meth:`scales`; rules that
+    know what their parameters are (weights, biases, gains) implement
+    :meth:`param_roles` so weight init can act on them.
+    """
+
+    name: str = "rule"
+    kind: str = "rule"
+    #: needs no scale at all (view, reshape, dropout, ...)
+    preserves_scale: bool = False
+
+    def scales(self, op: OpView) -> Scales:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+_RULES: dict[Any, Rule] = {}
+
+
+def register(*targets: Any) -> Callable[[Any], Any]:
+    """Register a rule (instance or class, instantiated with no arguments) for targets.
+
+    Refuses a target that already has a rule.
+    """
+
+    def deco(obj: Any) -> Any:
+        rule = obj() if isinstance(obj, type) else obj
+        for t in targets:
+            if t is None:
+                continue
+            if t in _RULES:
+                raise UnitScaleError(
+                    f"target {target_name(t)} already has rule {_RULES[t]!r}",
+                    where="unit_scale_fx.rules.registry.register",
+                    fix="register each op once; extend the existing rule instead",
+                )
+            _RULES[t] = rule
+        return obj
+
+    return deco
+
+
+def aten(name: str, overload: str = "default") -> Any:
+    """An aten overload if this torch has it, else None (skipped by register)."""
+    packet = getattr(torch.ops.aten, name, None)
+    return getattr(packet, overload, None) if packet is not None else None
+
+
+def tensor_method(name: str) -> Any:
+    return getattr(torch.Tensor, name, None)
+
+
+def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any:
+    """The registry key of a node: the real object it calls."""
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    if node.op == "call_module" and root is not None:
+        try:
+            return type(root.get_submodule(str(node.target)))
+        except AttributeError:
+            return None
+    return None
+
+
+def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Rule]:
+    key = resolve_target(node, root)
+    if key is None:
+        return None
+    try:
+        return _RULES.get(key)
+    except TypeError:  # unhashable target
+        return None
+
+
+def registered_targets() -> dict[Any, Rule]:
+    """A copy of the registry (for reports and the coverage table)."""
+    return dict(_RULES)
+
+
+def target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    mod = getattr(target, "__module__", None)
+    qual = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    if mod and qual:
+        mod = {"torch._C._nn": "torch.nn.functional", "torch._C._VariableFunctions": "torch", "_operator": "operator"}.get(mod, mod)
+        return f"{mod}.{qual}"
+    return repr(target)
+
+
+def node_op_name(node: fx.Node, root: Optional[torch.nn.Module] = None) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_module":
+        key = resolve_target(node, root)
+        return target_name(key) if key is not None else str(node.target)
+    if node.op == "call_function":
+        return target_name(node.target)
+    return node.op
+
+
+def float_tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs whose value is a floating-point tensor, unique, in order."""
+    out: list[fx.Node] = []
+    for n in node.all_input_nodes:
+        if n in out:
+            continue
+        if is_float(n):
+            out.append(n)
+    return out
+
+
+def is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point()
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
+    return False
+
+
+def many(targets: Iterable[Any]) -> list[Any]:
+    return [t for t in targets if t is not None]

@@ -1,0 +1,49 @@
+"""Ops that move or select values without changing their scale."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from .registry import OpView, Rule, Scales, aten, many, register, tensor_method
+
+
+class PreserveRule(Rule):
+    name = "preserve"
+    kind = "preserve"
+    preserves_scale = True
+
+    def scales(self, op: OpView) -> Scales:
+        rs = [op.in_rms.get(n) for n in op.inputs]
+        rs = [r for r in rs if r is not None and math.isfinite(r)]
+        out = math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None
+        return Scales(out_rms=out)
+
+
+_METHODS = [
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "contiguous", "flatten", "unflatten",
+    "unsqueeze", "squeeze", "expand", "expand_as", "t", "flip", "roll", "split", "chunk", "unbind", "narrow",
+    "select", "repeat", "repeat_interleave", "clone", "to", "type", "type_as", "float", "half", "bfloat16",
+    "double", "masked_fill", "index_select", "gather", "movedim", "swapaxes", "tril", "triu", "detach",
+]
+_FUNCTIONS = [
+    operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
+    torch.unsqueeze, torch.squeeze, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
+    torch.unbind, torch.narrow, torch.select, torch.flip, torch.roll, torch.clone, torch.masked_fill,
+    torch.index_select, torch.gather, torch.movedim, torch.swapaxes, torch.tril, torch.triu, torch.t,
+    torch.repeat_interleave, torch.where, torch.detach,
+    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
+    torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+    torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
+]
+_ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "clone", "expand",
+                           "contiguous", "squeeze", "alias", "detach", "dropout", "flatten")] + [
+    aten("unsqueeze"), aten("cat"), aten("stack"), aten("split", "Tensor"), aten("split_with_sizes"),
+    aten("chunk"), aten("select", "int"), aten("slice", "Tensor"), aten("transpose", "int"),
+    aten("squeeze", "dim"), aten("masked_fill", "Scalar"), aten("masked_fill", "Tensor"), aten("_to_copy"),
+    aten("to", "dtype"), aten("unbind", "int"), aten("where", "self"), aten("index", "Tensor"),
+]
+register(*many(tensor_method(m) for m in _METHODS), *_FUNCTIONS, *many(_ATEN))(PreserveRule())
