@@ -1,0 +1,113 @@
+"""A dispatch-level recorder of matmul operands, independent of our own bookkeeping.
+
+It sees the aten ops that actually run (``mm``, ``bmm``, ``addmm``, attention
+kernels) in forward and backward, and records the RMS of their operands: both
+inputs in forward; in backward, the incoming gradient (the operand that is not a
+tensor saved from forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+_MATMULS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
+            aten.baddbmm.default: (1, 2)}
+_ATTN_FWD = {getattr(aten, n).default for n in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_attention_math") if hasattr(aten, n)}
+_ATTN_BWD = {getattr(aten, n).default for n in (
+    "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
+    if hasattr(aten, n)}
+
+
+@dataclass
+class MatmulOperand:
+    op: str
+    phase: str  # "fwd" or "bwd"
+    role: str  # "left", "right", "grad", "q", "k", "v"
+    shape: tuple[int, ...]
+    rms: float
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def _key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # pragma: no cover - tensors without storage
+        return id(t)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Record matmul operands. Use :meth:`backward` to mark the start of backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[MatmulOperand] = []
+        self.phase = "fwd"
+        self._fwd_storages: set[int] = set()
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:  # let dynamo run under the recorder
+        return True
+
+    def backward(self) -> None:
+        self.phase = "bwd"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket.__name__)
+        if func in _MATMULS:
+            a, b = (args[i] for i in _MATMULS[func])
+            if self.phase == "fwd":
+                for role, t in (("left", a), ("right", b)):
+                    self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), _rms(t)))
+                    self._fwd_storages.add(_key(t))
+            else:
+                for t in (a, b):
+                    if _key(t) not in self._fwd_storages and t.is_floating_point():
+                        self.records.append(MatmulOperand(name, "bwd", "grad", tuple(t.shape), _rms(t)))
+        elif func in _ATTN_FWD and self.phase == "fwd":
+            for role, t in zip("qkv", args[:3]):
+                self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), _rms(t)))
+                self._fwd_storages.add(_key(t))
+        elif func in _ATTN_BWD:
+            self.records.append(MatmulOperand(name, "bwd", "grad", tuple(args[0].shape), _rms(args[0])))
+        if self.phase == "fwd":
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._fwd_storages.add(_key(t))
+        return out
+
+
+def record_matmul_operands(model: torch.nn.Module, *inputs: Any,
+                           loss_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> list[MatmulOperand]:
+    """Run one forward and backward of ``model(*inputs)`` and return every matmul operand's RMS.
+
+    ``loss_fn`` maps the model output to a scalar (default: the output itself,
+    which must then be a scalar loss).
+    """
+    rec = MatmulRecorder()
+    with rec:
+        out = model(*inputs)
+        loss = loss_fn(out) if loss_fn is not None else out
+        rec.backward()
+        loss.backward()
+    return rec.records
+
+
+def fraction_in_band(records: list[MatmulOperand], lo: float = 0.5, hi: float = 2.0,
+                     phase: Optional[str] = None) -> float:
+    rs = [r for r in records if phase is None or r.phase == phase]
+    return sum(lo <= r.rms <= hi for r in rs) / max(1, len(rs))
