@@ -36,6 +36,11 @@ class UnitScaleConfig:
             weights, zero biases, unit norm gains).
         inplace: transform the given model's own parameters instead of a copy.
         leaf_modules: module types that are kept as opaque calls while tracing.
+        calibrate: measure forward and gradient RMS on the example batch at every
+            floating-point op that no rule covers and give it static scales
+            (:mod:`unit_scale_fx.passes.calibrate`); needs real example inputs.
+        calibrate_rounds: trial runs for calibration (chains of uncovered ops settle
+            one op per round).
     """
 
     attn_tau: float = 0.5
@@ -46,6 +51,8 @@ class UnitScaleConfig:
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
+    calibrate: bool = False
+    calibrate_rounds: int = 2
 
     def __post_init__(self) -> None:
         from .errors import UnitScaleError

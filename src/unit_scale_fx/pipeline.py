@@ -16,6 +16,10 @@ from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
 from .passes.base import Pass
+from .passes.calibrate import calibrate
+from .passes.constants import mark_constants
+from .passes.fuse import fuse
+from .passes.strip_asserts import strip_asserts
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +30,17 @@ def recompile(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 PREPARE: list[tuple[str, Pass]] = [
+    ("strip_asserts", strip_asserts),
     ("normalize", normalize),
     ("init_weights", init_weights),
 ]
 
 ANALYSE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
+    ("constants", mark_constants),
+    ("fuse", fuse),
     ("topology", topology),
+    ("calibrate", calibrate),
     ("plan", plan),
 ]
 

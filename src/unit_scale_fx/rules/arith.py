@@ -17,15 +17,16 @@ import operator
 import torch
 import torch.fx as fx
 
-from .registry import OpView, Rule, Scales, aten, register, tensor_method
+from .registry import OpView, Rule, Scales, aten, constant_value, register, tensor_method
 
 
 def _const(op: OpView) -> float:
     """The product of non-tensor numeric arguments (and ``alpha=``)."""
     c = 1.0
     for a in op.node.args[:2]:
-        if isinstance(a, (int, float)) and not isinstance(a, bool):
-            c *= float(a)
+        v = constant_value(a)  # numbers, and constant tensors (rotary tables, masks) by their RMS
+        if v is not None:
+            c *= v
     return c
 
 
@@ -92,10 +93,11 @@ class DivRule(Rule):
         den = op.node.args[1] if len(op.node.args) > 1 else None
         if len(op.inputs) == 1:
             r = op.rms(op.inputs[0])
-            if isinstance(den, (int, float)) and den != 0:
-                r = r / abs(float(den))
-            elif isinstance(num, (int, float)):
-                r = abs(float(num)) / r
+            cden, cnum = constant_value(den), constant_value(num)
+            if cden:
+                r = r / cden
+            elif cnum is not None:
+                r = cnum / r
             return Scales(out_rms=r, note="quotient with a constant: kept")
         if len(op.inputs) != 2 or num not in op.inputs or den not in op.inputs:
             return Scales(note="quotient of unexpected operands")

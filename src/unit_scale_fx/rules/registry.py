@@ -157,7 +157,19 @@ def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any
     return None
 
 
+#: ``node.meta`` key under which a pass may pin a rule for one node (calibration, fusion).
+RULE_OVERRIDE = "unit_scale_rule"
+#: ``node.meta`` key marking a floating-point value that no parameter or float input reaches
+#: (rotary tables, masks, constants): data, not part of the scaled dataflow.
+CONSTANT = "unit_scale_constant"
+#: ``node.meta`` key holding a constant's measured RMS (when example inputs are real).
+CONSTANT_RMS = "unit_scale_constant_rms"
+
+
 def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Rule]:
+    pinned = node.meta.get(RULE_OVERRIDE)
+    if pinned is not None:
+        return pinned
     key = resolve_target(node, root)
     if key is None:
         return None
@@ -209,7 +221,22 @@ def float_tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def constant_value(x: Any) -> Optional[float]:
+    """The magnitude of a constant argument: a number, or a constant tensor's measured RMS."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return abs(float(x))
+    if isinstance(x, fx.Node) and x.meta.get(CONSTANT):
+        r = x.meta.get(CONSTANT_RMS)
+        return None if r is None else float(r)
+    return None
+
+
 def is_float(node: fx.Node) -> bool:
+    """A floating-point tensor (or tuple of them) that parameters or float inputs reach."""
+    if node.meta.get(CONSTANT):
+        return False
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return val.is_floating_point()

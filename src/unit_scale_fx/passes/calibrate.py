@@ -1,0 +1,214 @@
+"""calibrate: measured scales for the ops that no rule covers (``calibrate=True``).
+
+Rules cover the known ops; the long tail is measured. On the example batch:
+
+1. plan and rewrite a trial copy of the graph (with the scales calibrated so far);
+2. run it forward and backward (the scalar loss if the model returns one, else a
+   unit-Gaussian cotangent on every float output), recording at each op to
+   calibrate the RMS of its raw output ``y``, of the gradient arriving at ``y`` and
+   of the gradient it sends to each input (each input is read through an alias, so
+   only this op's share of the gradient is seen);
+3. pin a :class:`CalibratedRule` on the op: forward scale ``1 / RMS(y)``, backward
+   scale ``RMS(grad y) / RMS(grad x_i)`` per input.
+
+Chains of uncovered ops settle over ``calibrate_rounds`` rounds (each round sees
+the scales of the one before). The plan then treats the pinned rules like any
+other, so the cut-edge rule holds: off cut edges the forward and backward scales
+are tied. Ops calibrated: those with no rule, and those whose rule could not
+predict their output (``fwd_rms`` unknown). Buffers (batch-norm statistics) and
+parameter gradients are restored afterwards. :func:`measure` is the probe on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnitScaleError
+from ..record import META_KEY
+from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
+from .base import PassContext, PassResult
+from .shape_prop import placeholder_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Measurement:
+    """RMS measured at one node on a sample batch."""
+
+    out_rms: float
+    grad_out_rms: Optional[float] = None
+    grad_in_rms: dict[str, float] = field(default_factory=dict)
+    in_rms: dict[str, float] = field(default_factory=dict)
+
+
+class CalibratedRule(Rule):
+    """Static scales measured on a sample batch (pinned on one node)."""
+
+    name = "calibrated"
+    kind = "calibrated"
+
+    def __init__(self, fwd: float, gains: dict[str, float], note: str) -> None:
+        self.fwd = fwd
+        self.gains = gains
+        self.note = note
+
+    def scales(self, op: OpView) -> Scales:
+        s = Scales(fwd=self.fwd, out_rms=1.0, note=self.note)
+        for x in op.inputs:
+            g = self.gains.get(x.name)
+            if g is not None and g > 0 and math.isfinite(g):
+                s.bwd[x], s.grad_gain[x] = 1.0 / g, g
+        return s
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def _real_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    values = placeholder_values(gm, args, kwargs)
+    for t in torch.utils._pytree.tree_leaves(values):
+        if isinstance(t, torch.Tensor) and (t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor)):
+            raise UnitScaleError(
+                "calibration needs real example inputs, got meta/fake tensors",
+                where="pass calibrate",
+                fix="pass a real sample batch as example_inputs=(...), or calibrate=False",
+            )
+    return values
+
+
+def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optional[dict] = None,
+            seed: int = 0) -> dict[str, Measurement]:
+    """Run ``gm`` forward and backward once; the RMS at each node in ``names``.
+
+    Backward starts from the first scalar float output (a loss) if there is one,
+    else from unit-Gaussian cotangents on all float outputs. Buffers and parameter
+    gradients are left as they were.
+    """
+    wanted = set(names)
+    values = _real_values(gm, args, kwargs or {})
+    out: dict[str, Measurement] = {}
+    hooks_in: dict[str, dict[str, list[float]]] = {}
+
+    class _Probe(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n.name not in wanted or n.op not in ("call_function", "call_method", "call_module"):
+                return super().run_node(n)
+            args_, kwargs_ = self.fetch_args_kwargs_from_env(n)
+            owners = {id(self.env[i]): i.name for i in n.all_input_nodes if isinstance(self.env.get(i), torch.Tensor)}
+            m = Measurement(out_rms=float("nan"))
+            grads: dict[str, list[float]] = {}
+
+            def alias(t: Any) -> Any:
+                if isinstance(t, torch.Tensor) and id(t) in owners and t.is_floating_point():
+                    name = owners[id(t)]
+                    m.in_rms[name] = _rms(t)
+                    if t.requires_grad:
+                        a = t.view_as(t)
+                        a.register_hook(lambda g, k=name: grads.setdefault(k, []).append(_rms(g)))
+                        return a
+                return t
+
+            args_ = torch.utils._pytree.tree_map(alias, args_)
+            kwargs_ = torch.utils._pytree.tree_map(alias, kwargs_)
+            result = getattr(self, n.op)(n.target, args_, kwargs_)
+            if isinstance(result, torch.Tensor) and result.is_floating_point():
+                m.out_rms = _rms(result)
+                if result.requires_grad:
+                    result.register_hook(lambda g: setattr(m, "grad_out_rms", _rms(g)))
+            out[n.name] = m
+            hooks_in[n.name] = grads
+            return result
+
+    params = [p for p in gm.parameters()]
+    saved_grads = [p.grad for p in params]
+    saved_bufs = {k: b.detach().clone() for k, b in gm.named_buffers()}
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            result = _Probe(gm).run(*values)
+            leaves = [t for t in torch.utils._pytree.tree_leaves(result)
+                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+            scalars = [t for t in leaves if t.dim() == 0]
+            if scalars:
+                scalars[0].backward()
+            elif leaves:
+                torch.autograd.backward(leaves, [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in leaves])
+    finally:
+        with torch.no_grad():
+            for k, b in gm.named_buffers():
+                if k in saved_bufs:
+                    b.copy_(saved_bufs[k])
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+    for name, grads in hooks_in.items():
+        out[name].grad_in_rms = {k: math.sqrt(sum(v * v for v in vs)) for k, vs in grads.items()}
+    return out
+
+
+def _needs_calibration(node: fx.Node) -> bool:
+    rec = node.meta.get(META_KEY)
+    if rec is None or not isinstance(node.meta.get("val"), torch.Tensor) or not is_float(node):
+        return False
+    if rec.rule in ("unsupported", "calibrated"):
+        return True
+    return rec.fwd_rms is None and rec.kind not in ("loss", "excluded")
+
+
+def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]) -> fx.GraphModule:
+    from .plan import plan
+    from .topology import topology
+
+    trial = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    for n in trial.graph.nodes:
+        if n.name in pins:
+            n.meta[RULE_OVERRIDE] = pins[n.name]
+    tctx = PassContext(config=ctx.config, example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
+                       input_rms=dict(ctx.input_rms))
+    tctx.param_roles = getattr(ctx, "param_roles", {})  # type: ignore[attr-defined]
+    topology(trial, tctx)
+    plan(trial, tctx)
+    return trial
+
+
+def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    if not getattr(cfg, "calibrate", False):
+        return PassResult(False, "off")
+    from .rewrite import rewrite
+
+    pins: dict[str, CalibratedRule] = {}
+    targets: set[str] = set()
+    for _ in range(max(1, int(getattr(cfg, "calibrate_rounds", 2)))):
+        trial = _trial(gm, ctx, pins)
+        targets |= {n.name for n in trial.graph.nodes if _needs_calibration(n)}
+        if not targets:
+            break
+        rewrite(trial, PassContext(config=cfg))
+        trial.recompile()
+        found = measure(trial, targets, ctx.example_args or (), ctx.example_kwargs or {})
+        for name in sorted(targets):
+            m = found.get(name)
+            if m is None or not (m.out_rms > 0 and math.isfinite(m.out_rms)):
+                continue
+            gains = {}
+            if m.grad_out_rms:
+                gains = {k: v / m.grad_out_rms for k, v in m.grad_in_rms.items() if v > 0}
+            note = (f"calibrated: out rms {m.out_rms:.4g}, grad gains "
+                    + (", ".join(f"{k}={v:.3g}" for k, v in gains.items()) or "-"))
+            pins[name] = CalibratedRule(1.0 / m.out_rms, gains, note)
+    for n in gm.graph.nodes:
+        if n.name in pins:
+            n.meta[RULE_OVERRIDE] = pins[n.name]
+    log.info("calibrate: %d ops calibrated: %s", len(pins), ", ".join(sorted(pins)))
+    return PassResult(False, f"{len(pins)} ops calibrated")

@@ -1,0 +1,122 @@
+"""constants: mark floating-point values that no parameter and no float input reaches.
+
+Rotary tables (``cos``/``sin`` of ``inv_freq * positions``), attention masks built
+from integer ids, ``torch.full(...)`` temperatures: these are *data*. Scaling them
+would change what the model computes (rotary angles), and reading them as part of
+the dataflow graph joins unrelated layers (one rotary table feeds every layer) into
+fake cycles that hide real cut edges. They are marked with
+:data:`~unit_scale_fx.rules.registry.CONSTANT`, which takes them out of the
+floating-point dataflow; rules read their size as a constant factor
+(:func:`~unit_scale_fx.rules.registry.constant_value`).
+
+A value is *live* when a float placeholder or a parameter reaches it through
+floating-point ops; a float value that is not live is a constant. Buffers are not
+parameters: a float buffer (``inv_freq``) is a constant. Constants' RMS is measured
+by running the graph once on the example inputs (``no_grad``, buffers restored
+afterwards) when those are real tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..rules.registry import CONSTANT, CONSTANT_RMS
+from .base import PassContext, PassResult
+from .shape_prop import placeholder_values
+
+log = logging.getLogger(__name__)
+
+
+def _float_val(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point()
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
+    return False
+
+
+def _is_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
+    try:
+        gm.get_parameter(str(node.target))
+        return True
+    except AttributeError:
+        return False
+
+
+def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes reached from a parameter or float placeholder through floating-point values."""
+    live: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if not _float_val(node):
+            continue
+        if node.op == "placeholder" or (node.op == "get_attr" and _is_parameter(gm, node)):
+            live.add(node)
+        elif node.op in ("call_function", "call_method", "call_module") and any(
+            a in live for a in node.all_input_nodes
+        ):
+            live.add(node)
+    return live
+
+
+def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node]) -> dict[fx.Node, float]:
+    values = placeholder_values(gm, ctx.example_args or (), ctx.example_kwargs or {})
+    tensors = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
+    if any(t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
+        return {}
+    out: dict[fx.Node, float] = {}
+
+    class _Probe(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n in wanted and isinstance(result, torch.Tensor) and result.numel():
+                r = result.detach().float().pow(2).mean().sqrt()
+                out[n] = float(r) if torch.isfinite(r) else float("inf")
+            return result
+
+    saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
+    try:
+        with torch.no_grad():
+            _Probe(gm).run(*values)
+    except Exception as exc:  # a constant's size is then unknown: rules fall back to their defaults
+        log.info("constants: measuring constant tensors failed (%s: %s)", type(exc).__name__, exc)
+    finally:
+        with torch.no_grad():
+            for k, b in gm.named_buffers():
+                b.copy_(saved[k])
+    return out
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def mark_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    live = live_nodes(gm)
+    consts = {
+        n for n in gm.graph.nodes
+        if n.op in ("call_function", "call_method", "call_module", "get_attr") and _float_val(n) and n not in live
+    }
+    for n in gm.graph.nodes:
+        n.meta.pop(CONSTANT, None)
+        n.meta.pop(CONSTANT_RMS, None)
+    if not consts:
+        return PassResult(False, "no constant float values")
+    rms = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"})
+    for n in consts:
+        n.meta[CONSTANT] = True
+        if n.op == "get_attr":
+            t = _attr(gm, str(n.target))
+            if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
+                n.meta[CONSTANT_RMS] = float(t.detach().float().pow(2).mean().sqrt())
+        elif n in rms:
+            n.meta[CONSTANT_RMS] = rms[n]
+    log.debug("constants: %d constant float values (%d measured)", len(consts), len(rms))
+    return PassResult(False, f"{len(consts)} constant float values")

@@ -1,0 +1,78 @@
+"""Batch normalisation: in training mode the output is unit, like layer norm.
+
+The input gradient is ``g / RMS(x)`` (scale ``RMS(x)``); gain and bias gradients sum
+over every position but the channel (``N * prod(spatial)`` rows). In eval mode the
+running statistics decide the output, which is not known from shapes: the op is
+then left as it is (``fwd = 1``) with the input's RMS passed through.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import OpView, Rule, Scales, aten, register
+
+
+def _args(node: fx.Node) -> dict[str, Any]:
+    if node.op == "call_module":
+        names: tuple[str, ...] = ("input",)
+    elif node.target is aten("batch_norm"):
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+    else:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+class BatchNormRule(Rule):
+    name = "batch_norm"
+    kind = "norm"
+
+    def scales(self, op: OpView) -> Scales:
+        a = _args(op.node)
+        x = a.get("input")
+        if not isinstance(x, fx.Node) or x not in op.inputs:
+            return Scales(out_rms=None, note="normalised input is not a float tensor")
+        training = op.module.training if op.module is not None else bool(a.get("training", False))
+        rx = op.rms(x)
+        if not training:
+            return Scales(out_rms=rx, note="eval mode: running statistics decide the scale; left as is")
+        xs = op.shape(x)
+        rows = max(1, math.prod(xs) // xs[1]) if xs and len(xs) > 1 else 1
+        s = Scales(fwd=1.0, bwd={x: rx}, grad_gain={x: 1.0 / rx}, note=f"rows={rows}")
+        out2 = 1.0
+        w, b = a.get("weight"), a.get("bias")
+        if op.module is not None:
+            wt, bt = getattr(op.module, "weight", None), getattr(op.module, "bias", None)
+            if isinstance(wt, torch.Tensor) and wt.device.type != "meta":
+                out2 = float(wt.detach().float().pow(2).mean()) + (
+                    float(bt.detach().float().pow(2).mean()) if isinstance(bt, torch.Tensor) else 0.0)
+        else:
+            if isinstance(w, fx.Node):
+                out2 = op.rms(w) ** 2
+            if isinstance(b, fx.Node):
+                out2 += op.rms(b, default=0.0) ** 2
+        for p in (w, b):
+            if isinstance(p, fx.Node) and p in op.inputs:
+                s.bwd[p], s.grad_gain[p] = 1.0 / math.sqrt(rows), math.sqrt(rows)
+        s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
+        return s
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        a = _args(node)
+        roles: dict[fx.Node, str] = {}
+        if isinstance(a.get("weight"), fx.Node):
+            roles[a["weight"]] = "one"
+        if isinstance(a.get("bias"), fx.Node):
+            roles[a["bias"]] = "zero"
+        return roles
+
+
+register(F.batch_norm, aten("batch_norm"), nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())

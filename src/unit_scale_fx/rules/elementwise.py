@@ -1,0 +1,43 @@
+"""More elementwise ops: sign/power ops through the pointwise quadrature, and more
+scale-preserving forms (the aten spellings that ``torch.export`` produces).
+
+``x ** p`` with a constant ``p`` is a pointwise function like any other; ``where``
+and ``masked_fill`` select values, so they keep the scale (a constant fill value
+does not count as an input: see :mod:`unit_scale_fx.passes.constants`).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .pointwise import PointwiseRule
+from .registry import aten, many, register, registered_targets, tensor_method
+from .shape import PreserveRule
+
+
+def _unique(targets: list) -> list:
+    """Drop missing and repeated targets (``Tensor.neg is Tensor.__neg__``) and those
+    another family already registered (this module only fills gaps)."""
+    have = registered_targets()
+    return [t for t in dict.fromkeys(many(targets)) if t not in have]
+
+register(*_unique([
+    torch.neg, operator.neg, tensor_method("neg"), tensor_method("__neg__"), aten("neg"),
+    torch.abs, operator.abs, tensor_method("abs"), tensor_method("__abs__"), aten("abs"),
+    torch.square, tensor_method("square"),
+    torch.pow, operator.pow, tensor_method("pow"), tensor_method("__pow__"), aten("pow", "Tensor_Scalar"),
+    aten("hardtanh"), aten("hardsigmoid"), aten("relu6"), aten("selu"), aten("celu"), aten("exp"), aten("erf"),
+]))(PointwiseRule())
+
+register(*_unique([
+    aten("to", "dtype_layout"), aten("to", "device"), aten("to", "other"), aten("type_as"),
+    aten("unflatten", "int"), aten("flatten", "using_ints"), aten("squeeze", "dims"), aten("squeeze", "default"),
+    aten("repeat"), aten("flip"), aten("roll"), aten("narrow"), aten("movedim", "int"), aten("index_select"),
+    aten("gather"), aten("tril"), aten("triu"), aten("constant_pad_nd"), aten("pad"),
+    aten("where", "ScalarOther"), aten("where", "ScalarSelf"), aten("view_as"), aten("reshape_as"),
+    aten("unsafe_split", "Tensor"), aten("split", "sizes"), aten("lift_fresh_copy"), aten("native_dropout"),
+    aten("feature_dropout"), aten("alpha_dropout"),
+    tensor_method("where"),
+]))(PreserveRule())

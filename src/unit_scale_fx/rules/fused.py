@@ -1,0 +1,89 @@
+"""The rule of a fused single-input subgraph (see :mod:`unit_scale_fx.passes.fuse`).
+
+The subgraph is one function ``f`` of one tensor. Its scales come from ``f`` itself
+on a Gaussian probe shaped like the real input: ``z ~ N(0, r^2)`` with ``r`` the
+predicted input RMS, a unit-Gaussian cotangent ``g``; forward scale
+``1 / RMS(f(z))``, backward scale ``1 / RMS(J_f(z)^T g)``. For an elementwise chain
+this is the pointwise rule's quadrature done by sampling; for a hand-written norm
+(``x * rsqrt(mean(x^2) + eps)``) it finds that the output is already unit and the
+input gradient is ``1 / r``, as for ``F.rms_norm``. Small inputs are sampled
+several times so that at least ``MIN_SAMPLES`` values enter each estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from .registry import OpView, Rule, Scales
+
+MIN_SAMPLES = 16384
+_SEED = 1234
+
+
+class FusedRegion(fx.GraphModule):
+    """A subgraph of one tensor input, moved into its own module by the fuse pass."""
+
+    def __init__(self, root: torch.nn.Module, graph: fx.Graph, ops: Sequence[str]) -> None:
+        super().__init__(root, graph, "FusedRegion")
+        self.ops = list(ops)
+
+    def extra_repr(self) -> str:
+        return "ops=[" + ", ".join(self.ops) + "]"
+
+
+def probe_moments(fn, shape: Sequence[int], std: float, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """``(RMS(f(z)), RMS(J^T g))`` for ``z ~ N(0, std^2)`` of ``shape`` and unit Gaussian ``g``."""
+    gen = torch.Generator().manual_seed(_SEED)
+    numel = max(1, math.prod(shape))
+    draws = max(1, math.ceil(MIN_SAMPLES / numel))
+    fs, ds, nf, nd = 0.0, 0.0, 0, 0
+    for _ in range(draws):
+        z = (torch.randn(tuple(shape), generator=gen, dtype=dtype) * std).requires_grad_(True)
+        y = fn(z)
+        g = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+        (dz,) = torch.autograd.grad(y, z, g, allow_unused=True)
+        fs += float(y.detach().double().pow(2).sum())
+        nf += y.numel()
+        if dz is not None:
+            ds += float(dz.double().pow(2).sum())
+        nd += z.numel()
+    return math.sqrt(fs / max(1, nf)), math.sqrt(ds / max(1, nd))
+
+
+class FusedRule(Rule):
+    """Scales of a fused single-input function, measured on a Gaussian probe."""
+
+    name = "fused"
+    kind = "pointwise"
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1 or op.module is None:
+            return Scales(out_rms=None, note="fused region with unexpected inputs")
+        (x,) = op.inputs
+        shape = op.shape(x)
+        val = x.meta.get("val")
+        if shape is None or not isinstance(val, torch.Tensor):
+            return Scales(out_rms=None, note="input shape unknown")
+        r = op.rms(x)
+        dtype = val.dtype if val.dtype in (torch.float32, torch.float64) else torch.float32
+        try:
+            with torch.enable_grad():
+                f_rms, d_rms = probe_moments(op.module, shape, r, dtype)
+        except Exception as exc:  # the function cannot run on a CPU probe
+            return Scales(out_rms=None, note=f"probe failed ({type(exc).__name__}: {exc})")
+        ops = ", ".join(getattr(op.module, "ops", []))
+        if not (f_rms > 0 and math.isfinite(f_rms)):
+            return Scales(out_rms=None, note=f"zero or non-finite output on the probe; ops [{ops}]")
+        s = Scales(fwd=1.0 / f_rms, note=f"[{ops}] RMS(f)={f_rms:.4g} RMS(J^T g)={d_rms:.4g} at std {r:.4g}")
+        if d_rms > 0 and math.isfinite(d_rms):
+            s.bwd[x], s.grad_gain[x] = 1.0 / d_rms, d_rms
+        return s
+
+
+#: the one rule instance the fuse pass pins on every fused node (``fx.GraphModule``
+#: instances get a class of their own, so the registry cannot key on the class).
+FUSED_RULE = FusedRule()

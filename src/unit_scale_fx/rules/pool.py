@@ -1,0 +1,91 @@
+"""Pooling: average and max over windows, fixed and adaptive.
+
+With window size ``k`` (``prod(kernel)``, or ``in / out`` per spatial dim for the
+adaptive forms) and independent inputs of RMS ``r``:
+
+* average: output RMS ``r / sqrt(k)`` (forward ``sqrt(k) / r``); each input is in
+  ``c = k / prod(stride)`` windows and gets ``g / k`` from each: gradient RMS
+  ``sqrt(c) / k`` (backward ``k / sqrt(c)``);
+* max: output RMS ``r * m(k)`` with ``m(k)^2 = E[max of k unit Gaussians ^ 2]``
+  (quadrature); each output routes its gradient to one input: gradient RMS
+  ``sqrt(out numel / in numel)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .registry import OpView, Rule, Scales, aten, many, register
+
+_X, _W = np.polynomial.hermite_e.hermegauss(200)
+_W = _W / _W.sum()
+
+
+@functools.lru_cache(maxsize=256)
+def max_of_gaussians_rms(k: int) -> float:
+    """``sqrt(E[M^2])`` for ``M`` the max of ``k`` independent unit Gaussians."""
+    if k <= 1:
+        return 1.0
+    from math import erf
+
+    cdf = np.array([0.5 * (1 + erf(v / math.sqrt(2))) for v in _X])
+    return float(math.sqrt(np.sum(_W * k * cdf ** (k - 1) * _X ** 2)))
+
+
+def _tuple(v: Any, n: int) -> Optional[tuple[int, ...]]:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(a) for a in v)
+    return v * n if len(v) == 1 else v
+
+
+class PoolRule(Rule):
+    def __init__(self, name: str, average: bool, adaptive: bool) -> None:
+        self.name = name
+        self.kind = "pool"
+        self.average = average
+        self.adaptive = adaptive
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(out_rms=None, note="pooling of unexpected inputs")
+        (x,) = op.inputs
+        xs, os_ = op.shape(x), op.out_shape
+        if xs is None or os_ is None:
+            return Scales(out_rms=None, note="shapes unknown")
+        ratio = max(1.0, math.prod(xs) / max(1, math.prod(os_)))
+        if self.adaptive:
+            k, reads = ratio, 1.0
+        else:
+            nd = len(os_) - 2 if len(os_) > 2 else 1
+            kernel = _tuple(op.arg(1, "kernel_size"), nd) or (1,)
+            stride = _tuple(op.arg(2, "stride"), nd) or kernel
+            if not stride:
+                stride = kernel
+            k = float(math.prod(kernel))
+            reads = max(1.0, k / math.prod(stride))
+        r = op.rms(x)
+        if self.average:
+            fwd, gain = math.sqrt(k) / r, math.sqrt(reads) / k
+        else:
+            fwd, gain = 1.0 / (r * max_of_gaussians_rms(max(1, round(k)))), math.sqrt(1.0 / ratio)
+        return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, note=f"window={k:.3g} reads={reads:.3g}")
+
+
+register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), aten("avg_pool2d"),
+                aten("avg_pool3d")]))(PoolRule("avg_pool", average=True, adaptive=False))
+register(*many([F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, aten("adaptive_avg_pool1d"),
+                aten("adaptive_avg_pool2d"), aten("adaptive_avg_pool3d"), aten("_adaptive_avg_pool2d")]))(
+    PoolRule("adaptive_avg_pool", average=True, adaptive=True))
+register(*many([F.max_pool1d, F.max_pool2d, F.max_pool3d, aten("max_pool1d"), aten("max_pool2d"),
+                aten("max_pool3d")]))(PoolRule("max_pool", average=False, adaptive=False))
+register(*many([F.adaptive_max_pool1d, F.adaptive_max_pool2d]))(
+    PoolRule("adaptive_max_pool", average=False, adaptive=True))

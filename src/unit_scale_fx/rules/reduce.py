@@ -1,0 +1,50 @@
+"""Mean and sum reductions over ``n`` values (``n = in numel / out numel``).
+
+Of ``n`` independent values with RMS ``r``: the mean has RMS ``r / sqrt(n)`` and each
+input's gradient is ``g / n``; the sum has RMS ``r sqrt(n)`` and passes ``g`` on.
+So mean: forward ``sqrt(n) / r``, backward ``n``; sum: forward ``1 / (r sqrt(n))``,
+backward ``1``. A reduction to a single number is treated as a loss: its value is
+left alone (it means something), only the gradient into it is made unit.
+Correlated inputs (features pooled over space) come out larger than predicted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from .registry import OpView, Rule, Scales, aten, many, register, tensor_method
+
+
+class ReduceRule(Rule):
+    kind = "reduce"
+
+    def __init__(self, name: str, mean: bool) -> None:
+        self.name = name
+        self.mean = mean
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(out_rms=None, note="reduction of unexpected inputs")
+        (x,) = op.inputs
+        xs, os_ = op.shape(x), op.out_shape
+        if xs is None or os_ is None:
+            return Scales(out_rms=None, note="shapes unknown")
+        n = max(1, math.prod(xs) // max(1, math.prod(os_)))
+        r = op.rms(x)
+        bwd = float(n) if self.mean else 1.0
+        note = f"n={n}"
+        if not os_:  # a single number: a loss-like value
+            out = r / math.sqrt(n) if self.mean else r * math.sqrt(n)
+            return Scales(fwd=1.0, fixed_fwd=True, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, out_rms=out,
+                          note=note + ", reduced to one number: value kept")
+        fwd = math.sqrt(n) / r if self.mean else 1.0 / (r * math.sqrt(n))
+        return Scales(fwd=fwd, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, note=note)
+
+
+register(*many([torch.mean, tensor_method("mean"), aten("mean", "dim"), aten("mean", "default")]))(
+    ReduceRule("mean", mean=True))
+register(*many([torch.sum, tensor_method("sum"), aten("sum", "dim_IntList"), aten("sum", "default")]))(
+    ReduceRule("sum", mean=False))
