@@ -49,7 +49,13 @@ class UnitScaleTracer(fx.Tracer):
             return True
         if type(m) in INLINE_MODULES:
             return False
-        return super().is_leaf_module(m, module_qualified_name)
+        if super().is_leaf_module(m, module_qualified_name):
+            # a torch.nn layer stays one call only if a rule knows it (BatchNorm, Dropout, ...);
+            # composite layers (TransformerEncoder, MultiheadAttention) are traced through
+            from .rules import registered_targets
+
+            return type(m) in registered_targets()
+        return False
 
 
 def _mirror_state(src: nn.Module, dst: nn.Module) -> None:

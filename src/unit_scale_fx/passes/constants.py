@@ -13,7 +13,10 @@ A value is *live* when a float placeholder or a parameter reaches it through
 floating-point ops; a float value that is not live is a constant. Buffers are not
 parameters: a float buffer (``inv_freq``) is a constant. Constants' RMS is measured
 by running the graph once on the example inputs (``no_grad``, buffers restored
-afterwards) when those are real tensors.
+afterwards) when those are real tensors; in the same run, each attention mask
+given to ``scaled_dot_product_attention`` is summarised as the number of keys each
+query row sees (:data:`~unit_scale_fx.rules.registry.MASK_KEYS`), so the attention
+rule knows a causal mask passed as a tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..rules.registry import CONSTANT, CONSTANT_RMS
+from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS
 from .base import PassContext, PassResult
 from .shape_prop import placeholder_values
 
@@ -63,7 +66,34 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return live
 
 
-def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node]) -> dict[fx.Node, float]:
+#: attention ops whose ``attn_mask`` (argument 3) is summarised as keys per query row.
+_SDPA = tuple(t for t in (torch.nn.functional.scaled_dot_product_attention,
+                          getattr(torch.ops.aten, "scaled_dot_product_attention", None)) if t is not None)
+_SDPA = tuple(getattr(t, "default", t) for t in _SDPA)
+_MAX_ROWS = 4096
+
+
+def _mask_nodes(gm: fx.GraphModule, live: set[fx.Node]) -> set[fx.Node]:
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _SDPA:
+            m = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+            if isinstance(m, fx.Node) and m not in live:
+                out.add(m)
+    return out
+
+
+def keys_per_row(mask: torch.Tensor) -> list[int]:
+    """Visible keys of each query row of an attention mask (bool, or additive float)."""
+    visible = mask if mask.dtype == torch.bool else mask.float() > -1e4
+    counts = visible.reshape(-1, visible.shape[-1]).sum(-1)
+    if counts.numel() > _MAX_ROWS:
+        counts = counts[:: counts.numel() // _MAX_ROWS + 1]
+    return [int(c) for c in counts]
+
+
+def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node],
+             masks: set[fx.Node] = frozenset()) -> dict[fx.Node, float]:
     values = placeholder_values(gm, ctx.example_args or (), ctx.example_kwargs or {})
     tensors = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
     if any(t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
@@ -76,6 +106,8 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node]) -> dict
             if n in wanted and isinstance(result, torch.Tensor) and result.numel():
                 r = result.detach().float().pow(2).mean().sqrt()
                 out[n] = float(r) if torch.isfinite(r) else float("inf")
+            if n in masks and isinstance(result, torch.Tensor) and result.dim() >= 2:
+                n.meta[MASK_KEYS] = keys_per_row(result.detach())
             return result
 
     saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
@@ -105,11 +137,12 @@ def mark_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if n.op in ("call_function", "call_method", "call_module", "get_attr") and _float_val(n) and n not in live
     }
     for n in gm.graph.nodes:
-        n.meta.pop(CONSTANT, None)
-        n.meta.pop(CONSTANT_RMS, None)
-    if not consts:
+        for key in (CONSTANT, CONSTANT_RMS, MASK_KEYS):
+            n.meta.pop(key, None)
+    masks = _mask_nodes(gm, live)
+    if not consts and not masks:
         return PassResult(False, "no constant float values")
-    rms = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"})
+    rms = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"}, masks)
     for n in consts:
         n.meta[CONSTANT] = True
         if n.op == "get_attr":

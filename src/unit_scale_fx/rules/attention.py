@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register, tensor_method
+from .registry import MASK_KEYS, OpView, Rule, Scales, aten, register, tensor_method
 
 
 def mean_sq_weight(logit_std: float, n_keys: list[int] | int) -> float:
@@ -60,6 +60,9 @@ class SDPARule(Rule):
         causal = bool(op.arg(5, "is_causal", False))
         # with a causal mask, query row i sees keys 0 .. i + (tk - tq)
         n_keys = [min(tk, i + 1 + tk - tq) for i in range(tq)] if causal else tk
+        mask = op.arg(3, "attn_mask")
+        if isinstance(mask, fx.Node) and mask.meta.get(MASK_KEYS):  # measured by the constants pass
+            n_keys = [max(1, k) for k in mask.meta[MASK_KEYS]]
         out_rms = op.rms(v) * math.sqrt(mean_sq_weight(logit_std, n_keys))
         a = 1.0 / out_rms
         s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal}")

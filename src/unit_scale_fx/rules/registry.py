@@ -164,6 +164,8 @@ RULE_OVERRIDE = "unit_scale_rule"
 CONSTANT = "unit_scale_constant"
 #: ``node.meta`` key holding a constant's measured RMS (when example inputs are real).
 CONSTANT_RMS = "unit_scale_constant_rms"
+#: ``node.meta`` key on an attention mask: the number of visible keys per query row.
+MASK_KEYS = "unit_scale_mask_keys"
 
 
 def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Rule]:
