@@ -97,9 +97,9 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             rms[node] = passthrough
             continue
         context = {}
-        if node in topo.residuals:
-            r = topo.residuals[node]
-            context["residual"] = (r.skip, r.branch, r.tau)
+        res = topo.residuals.get(node)
+        if res is not None:
+            context["residual"] = (res.skip, res.branch, res.tau, res.entries is not None)
         view = OpView(node, inputs, {i: rms.get(i) for i in inputs},
                       module=gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
                       context=context)
@@ -109,6 +109,11 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                           ideal_fwd=s.fwd, ideal_bwd={n.name: b for n, b in s.bwd.items()}, note=s.note)
         if s.weights is not None:
             rec.weights = {n.name: w for n, w in s.weights.items()}
+            rec.bwd = {n.name: b for n, b in s.bwd.items()}
+            if res is not None and res.branch in s.bwd and res.entries:
+                factor = s.weights[res.branch] / s.bwd[res.branch]
+                if factor != 1.0:
+                    rec.compensate = [(u.name, v.name, factor) for u, v in res.entries]
         else:
             fwd, bwd = s.fwd, dict(s.bwd)
             tied = [n for n in bwd if not topo.is_cut(n, node)]
@@ -134,6 +139,12 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> None:
     grad: dict[fx.Node, float] = {}
+    comp: dict[tuple[str, str], float] = {}
+    for n in gm.graph.nodes:
+        rec = n.meta.get(META_KEY)
+        if rec is not None:
+            for u, v, f in rec.compensate:
+                comp[(u, v)] = comp.get((u, v), 1.0) * f
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
@@ -147,12 +158,13 @@ def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> N
             if rec is not None and rec.kind == "loss":
                 g = 1.0
             if s is None or rec is None:
-                contribs.append(g)
+                contribs.append(g * comp.get((node.name, user.name), 1.0))
             elif s.weights is not None:
-                contribs.append(g * s.weights.get(node, 1.0))
+                w = rec.bwd.get(node.name, s.weights.get(node, 1.0))
+                contribs.append(g * w * comp.get((node.name, user.name), 1.0))
             else:
                 gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
-                contribs.append(g * gain * rec.bwd.get(node.name, 1.0))
+                contribs.append(g * gain * rec.bwd.get(node.name, 1.0) * comp.get((node.name, user.name), 1.0))
         grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
         rec = node.meta.get(META_KEY)
         if rec is not None:

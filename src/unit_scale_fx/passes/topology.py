@@ -10,6 +10,7 @@ the forward one there only rescales those gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
@@ -20,10 +21,21 @@ from .base import PassContext, PassResult
 
 @dataclass
 class Residual:
+    """A residual add ``skip + branch``.
+
+    ``entries`` are the edges by which the branch reads tensors from outside it
+    (``None`` when the branch cannot be isolated: a value inside it is used
+    outside, or it reads a parameter that is also used elsewhere). When the branch
+    is isolated, its gradient may be rescaled at the add as long as the same
+    factor is undone on every entry edge: every parameter inside the branch then
+    gets one common factor, and everything upstream gets its true gradient.
+    """
+
     skip: fx.Node
     branch: fx.Node
     kind: str  # "attn" or "mlp"
     tau: float
+    entries: Optional[list[tuple[fx.Node, fx.Node]]] = None
 
 
 @dataclass
@@ -65,13 +77,56 @@ def _flatten(xs) -> list:
     return out
 
 
-def _branch_kind(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, gm: fx.GraphModule) -> str:
-    region = (nx.descendants(g, skip) & nx.ancestors(g, branch)) | {branch}
+def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
     for n in region:
         rule = lookup(n, gm)
         if rule is not None and rule.kind in ("softmax", "attention"):
             return "attn"
     return "mlp"
+
+
+def _entries(g: nx.DiGraph, region: set[fx.Node], add: fx.Node) -> Optional[list[tuple[fx.Node, fx.Node]]]:
+    """Entry edges of an isolated branch, or None if the branch is not isolated."""
+    entries = []
+    for v in region:
+        for w in g.successors(v):
+            if w not in region and w is not add:
+                return None  # a value of the branch is read outside it
+        for u in g.predecessors(v):
+            if u in region:
+                continue
+            if u.op == "get_attr":
+                if any(w not in region for w in g.successors(u)):
+                    return None  # a parameter shared with the outside
+                continue
+            entries.append((u, v))
+    return sorted(entries, key=lambda e: (e[1].name, e[0].name))
+
+
+def _between(g: nx.DiGraph, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Ancestors of ``b`` that come after ``a`` in graph order, plus ``b`` (a bounded search)."""
+    lo = order[a]
+    seen, stack = {b}, [b]
+    while stack:
+        v = stack.pop()
+        for u in g.predecessors(v):
+            if u not in seen and order[u] >= lo:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _region(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes on paths from ``skip`` to ``branch`` (``skip`` excluded, ``branch`` included)."""
+    window = _between(g, skip, branch, order)
+    region, stack = set(), [skip]
+    while stack:
+        v = stack.pop()
+        for w in g.successors(v):
+            if w in window and w not in region:
+                region.add(w)
+                stack.append(w)
+    return region | {branch}
 
 
 def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -84,6 +139,7 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 bridges.add((a, b))
     topo = Topology(g, bridges)
     cfg = ctx.config
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node not in g:
             continue
@@ -94,10 +150,10 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if len(ins) != 2:
             continue
         a, b = ins
-        if nx.has_path(g, a, b):
+        if order[a] > order[b]:
+            a, b = b, a
+        if a in _between(g, a, b, order):
             skip, branch = a, b
-        elif nx.has_path(g, b, a):
-            skip, branch = b, a
         elif a in topo.residuals or b in topo.residuals:
             # parallel branches summed onto a stream: the stream is the skip
             skip, branch = (a, b) if a in topo.residuals else (b, a)
@@ -105,8 +161,13 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue
         else:
             continue
-        kind = _branch_kind(g, skip, branch, gm)
+        if skip in _between(g, skip, branch, order):
+            region = _region(g, skip, branch, order)
+            entries = _entries(g, region, node)
+        else:  # parallel branches: no region of their own
+            region, entries = {branch}, None
+        kind = _branch_kind(region, gm)
         tau = cfg.attn_tau if kind == "attn" else cfg.mlp_tau
-        topo.residuals[node] = Residual(skip, branch, kind, tau)
+        topo.residuals[node] = Residual(skip, branch, kind, tau, entries)
     ctx.topology = topo
     return PassResult(False, f"{len(bridges)} cut edges, {len(topo.residuals)} residual adds")

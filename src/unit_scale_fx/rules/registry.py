@@ -33,8 +33,8 @@ class Scales:
             output gradient (``1 / ideal bwd`` for most rules); used to predict
             backward RMS after constraints.
         fixed_fwd: the forward scale must stay as it is (losses).
-        weights: for adds: a weight per input applied as an ordinary
-            multiplication (same forward and backward) instead of ``fwd``.
+        weights: for adds: a weight per input, applied to the input instead of ``fwd``
+            on the output; ``bwd`` then holds backward weights that differ from them.
         note: text for the record.
     """
 
