@@ -26,9 +26,6 @@ class ScaleRecord:
         constrained: True when forward and backward scales were tied.
         weights: for residual / weighted adds, the forward weight per input node name
             (``bwd`` then holds the backward weight where it differs).
-        compensate: ``(producer, consumer, factor)`` edges where a residual branch reads
-            from outside; their gradient is multiplied by ``factor`` to undo the branch's
-            backward weight, so gradients upstream of the branch stay true.
         fwd_rms: predicted RMS of the output after scaling.
         bwd_rms: predicted RMS of the gradient w.r.t. the output.
         note: free text (why a choice was made).
@@ -44,7 +41,6 @@ class ScaleRecord:
     ideal_bwd: dict[str, float] = field(default_factory=dict)
     constrained: bool = False
     weights: dict[str, float] = field(default_factory=dict)
-    compensate: list[tuple[str, str, float]] = field(default_factory=list)
     fwd_rms: Optional[float] = None
     bwd_rms: Optional[float] = None
     note: str = ""
@@ -55,7 +51,6 @@ class ScaleRecord:
             self.fwd != 1.0
             or any(b != 1.0 for b in self.bwd.values())
             or any(w != 1.0 for w in self.weights.values())
-            or bool(self.compensate)
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -99,52 +99,54 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         context = {}
         res = topo.residuals.get(node)
         if res is not None:
-            context["residual"] = (res.skip, res.branch, res.tau, res.entries is not None)
+            context["residual"] = (res.skip, res.branch, res.tau)
         view = OpView(node, inputs, {i: rms.get(i) for i in inputs},
                       module=gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
                       context=context)
         s = rule.scales(view)
         scales_of[node] = s
+        # gradients that meet at a value with several readers add up: give each reader a share
+        ideal_bwd = {n.name: b / math.sqrt(max(1, topo.graph.out_degree(n))) for n, b in s.bwd.items()}
         rec = ScaleRecord(rule.name, "residual" if context else rule.kind, op_name, _shape(node),
-                          ideal_fwd=s.fwd, ideal_bwd={n.name: b for n, b in s.bwd.items()}, note=s.note)
+                          fwd=s.fwd, ideal_fwd=s.fwd, ideal_bwd=ideal_bwd, note=s.note)
         if s.weights is not None:
+            rec.fwd = 1.0
             rec.weights = {n.name: w for n, w in s.weights.items()}
-            rec.bwd = {n.name: b for n, b in s.bwd.items()}
-            if res is not None and res.branch in s.bwd and res.entries:
-                factor = s.weights[res.branch] / s.bwd[res.branch]
-                if factor != 1.0:
-                    rec.compensate = [(u.name, v.name, factor) for u, v in res.entries]
-        else:
-            fwd, bwd = s.fwd, dict(s.bwd)
-            tied = [n for n in bwd if not topo.is_cut(n, node)]
-            if tied and any(not math.isclose(bwd[n], fwd, rel_tol=1e-9) for n in tied):
-                value = _combine([fwd] + [bwd[n] for n in tied], cfg.constraint, fwd, s.fixed_fwd)
-                fwd = value
-                for n in tied:
-                    bwd[n] = value
-                rec.constrained = True
-            rec.fwd = fwd
-            rec.bwd = {n.name: b for n, b in bwd.items()}
+        if cfg.constraint != "potential":
+            _tie_locally(rec, node, s, topo, cfg.constraint)
         out = s.out_rms
         if out is not None and s.weights is None and s.fwd:
             out = out * rec.fwd / s.fwd
         rec.fwd_rms = out
         rms[node] = out
         node.meta[META_KEY] = rec
-    _predict_backward(gm, scales_of)
+    ctx.scales = scales_of  # type: ignore[attr-defined]
     _apply_policy(ctx)
     n_rec = sum(1 for n in gm.graph.nodes if META_KEY in n.meta)
     return PassResult(False, f"{n_rec} records, {len(ctx.unsupported)} unsupported")
 
 
-def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> None:
+def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> None:
+    """The local rule: forward and backward scales may differ only on cut edges."""
+    if s.weights is not None:
+        rec.bwd = {n.name: w for n, w in s.weights.items()}  # weighted adds keep the true gradient
+        return
+    fwd, bwd = s.fwd, {n: rec.ideal_bwd[n.name] for n in s.bwd}
+    tied = [n for n in bwd if not topo.is_cut(n, node)]
+    if tied and any(not math.isclose(bwd[n], fwd, rel_tol=1e-9) for n in tied):
+        value = _combine([fwd] + [bwd[n] for n in tied], how, fwd, s.fixed_fwd)
+        fwd = value
+        for n in tied:
+            bwd[n] = value
+        rec.constrained = True
+    rec.fwd = fwd
+    rec.bwd = {n.name: b for n, b in bwd.items()}
+
+
+def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Predict the RMS of every gradient from the chosen scales (reverse sweep)."""
+    scales_of: dict[fx.Node, Scales] = getattr(ctx, "scales", {})
     grad: dict[fx.Node, float] = {}
-    comp: dict[tuple[str, str], float] = {}
-    for n in gm.graph.nodes:
-        rec = n.meta.get(META_KEY)
-        if rec is not None:
-            for u, v, f in rec.compensate:
-                comp[(u, v)] = comp.get((u, v), 1.0) * f
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
@@ -154,21 +156,18 @@ def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> N
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
-            g = grad[user]
-            if rec is not None and rec.kind == "loss":
-                g = 1.0
+            g = 1.0 if rec is not None and rec.kind == "loss" else grad[user]
             if s is None or rec is None:
-                contribs.append(g * comp.get((node.name, user.name), 1.0))
-            elif s.weights is not None:
-                w = rec.bwd.get(node.name, s.weights.get(node, 1.0))
-                contribs.append(g * w * comp.get((node.name, user.name), 1.0))
-            else:
-                gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
-                contribs.append(g * gain * rec.bwd.get(node.name, 1.0) * comp.get((node.name, user.name), 1.0))
+                contribs.append(g)
+                continue
+            gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
+            fallback = rec.weights.get(node.name, rec.fwd) if rec.weights else 1.0
+            contribs.append(g * gain * rec.bwd.get(node.name, fallback))
         grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
         rec = node.meta.get(META_KEY)
         if rec is not None:
             rec.bwd_rms = None if rec.kind == "loss" else grad[node]
+    return PassResult(False, "gradient RMS predicted")
 
 
 def _apply_policy(ctx: PassContext) -> None:

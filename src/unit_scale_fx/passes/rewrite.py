@@ -1,8 +1,7 @@
 """rewrite: put each record's scales into the graph as ``scale`` nodes.
 
-* adds with weights (residual adds): each input becomes ``scale(x, w_fwd, w_bwd)``,
-  and each compensated entry edge of an isolated branch ``scale(x, 1, factor)``;
-* matmul-class ops: each input with a backward scale becomes ``scale(x, 1, bwd)``
+* adds with weights (residual adds): each input becomes ``scale(x, w_fwd, w_bwd)``;
+* matmul-class ops (matmul, attention): each input with a backward scale becomes ``scale(x, 1, bwd)``
   and the output ``scale(y, fwd, 1)``: backward scales act after the op's own
   backward, so the gradients that matmuls consume stay unit;
 * other ops whose inputs share one backward scale: one ``scale(y, fwd, bwd)``.
@@ -21,6 +20,9 @@ from .base import PassContext, PassResult
 log = logging.getLogger(__name__)
 
 INSERTED = "unit_scale_inserted"
+
+#: Op kinds whose backward is itself a matmul: their backward scales go on the inputs.
+INPUT_SIDE_KINDS = frozenset({"matmul", "attention"})
 
 
 def original(node: fx.Node) -> fx.Node:
@@ -61,7 +63,6 @@ def _inputs_by_original_name(node: fx.Node) -> dict[str, fx.Node]:
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     count = 0
-    by_name = {n.name: n for n in gm.graph.nodes}
     # Last node first: an op's inputs are still (close to) the original nodes when it is rewritten.
     for node in reversed(list(gm.graph.nodes)):
         rec: ScaleRecord | None = node.meta.get(META_KEY)
@@ -73,13 +74,10 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 b = rec.bwd.get(name, w)
                 if (w, b) != (1.0, 1.0):
                     scale_input(gm, node, inputs[name], w, b)
-            for u_name, v_name, factor in rec.compensate:
-                v = by_name[v_name]
-                scale_input(gm, v, _inputs_by_original_name(v)[u_name], 1.0, factor)
         else:
             bwd = {inputs[k]: v for k, v in rec.bwd.items() if k in inputs}
             shared = set(bwd.values())
-            if rec.kind != "matmul" and len(shared) <= 1:
+            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1:
                 out_bwd = shared.pop() if shared else 1.0
             else:
                 out_bwd = 1.0

@@ -21,21 +21,12 @@ from .base import PassContext, PassResult
 
 @dataclass
 class Residual:
-    """A residual add ``skip + branch``.
-
-    ``entries`` are the edges by which the branch reads tensors from outside it
-    (``None`` when the branch cannot be isolated: a value inside it is used
-    outside, or it reads a parameter that is also used elsewhere). When the branch
-    is isolated, its gradient may be rescaled at the add as long as the same
-    factor is undone on every entry edge: every parameter inside the branch then
-    gets one common factor, and everything upstream gets its true gradient.
-    """
+    """A residual add ``skip + branch`` (``skip`` is an ancestor of ``branch``, or the stream)."""
 
     skip: fx.Node
     branch: fx.Node
     kind: str  # "attn" or "mlp"
     tau: float
-    entries: Optional[list[tuple[fx.Node, fx.Node]]] = None
 
 
 @dataclass
@@ -83,24 +74,6 @@ def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
         if rule is not None and rule.kind in ("softmax", "attention"):
             return "attn"
     return "mlp"
-
-
-def _entries(g: nx.DiGraph, region: set[fx.Node], add: fx.Node) -> Optional[list[tuple[fx.Node, fx.Node]]]:
-    """Entry edges of an isolated branch, or None if the branch is not isolated."""
-    entries = []
-    for v in region:
-        for w in g.successors(v):
-            if w not in region and w is not add:
-                return None  # a value of the branch is read outside it
-        for u in g.predecessors(v):
-            if u in region:
-                continue
-            if u.op == "get_attr":
-                if any(w not in region for w in g.successors(u)):
-                    return None  # a parameter shared with the outside
-                continue
-            entries.append((u, v))
-    return sorted(entries, key=lambda e: (e[1].name, e[0].name))
 
 
 def _between(g: nx.DiGraph, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -163,11 +136,10 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if skip in _between(g, skip, branch, order):
             region = _region(g, skip, branch, order)
-            entries = _entries(g, region, node)
         else:  # parallel branches: no region of their own
-            region, entries = {branch}, None
+            region = {branch}
         kind = _branch_kind(region, gm)
         tau = cfg.attn_tau if kind == "attn" else cfg.mlp_tau
-        topo.residuals[node] = Residual(skip, branch, kind, tau, entries)
+        topo.residuals[node] = Residual(skip, branch, kind, tau)
     ctx.topology = topo
     return PassResult(False, f"{len(bridges)} cut edges, {len(topo.residuals)} residual adds")

@@ -2,9 +2,7 @@
 
 * add/sub of a tensor and a constant keeps the scale;
 * a residual add (found by the topology pass) becomes
-  ``sqrt(1 - tau) * skip / RMS(skip) + sqrt(tau) * branch / RMS(branch)``; when the
-  branch is isolated (see :class:`~unit_scale_fx.passes.topology.Residual`), the
-  branch's gradient is left unit and the plan undoes that at the branch's entries;
+  ``sqrt(1 - tau) * skip / RMS(skip) + sqrt(tau) * branch / RMS(branch)``;
 * any other add of two tensors is scaled by ``1 / sqrt(ra^2 + rb^2)``;
 * a product of two tensors is scaled by ``1 / (ra rb)`` (gradients ``1 / rb``, ``1 / ra``);
 * a product with a constant keeps the constant (it is part of the model's meaning,
@@ -50,14 +48,13 @@ class AddRule(Rule):
         rb = rb * abs(float(alpha)) if isinstance(alpha, (int, float)) else rb
         residual = op.context.get("residual")
         if residual is not None:
-            skip, branch, tau, isolated = residual
+            skip, branch, tau = residual
             rs = max(op.rms(skip), 1e-12)
             rbr = max(op.rms(branch), 1e-12)
             w = {skip: math.sqrt(1 - tau) / rs, branch: math.sqrt(tau) / rbr}
             s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}")
-            if isolated:  # the branch's gradient stays unit; undone at its entries
-                s.bwd[branch], s.grad_gain[branch] = 1.0, 1.0
-                s.note += ", branch gradient unit (isolated branch)"
+            for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal
+                s.bwd[n], s.grad_gain[n] = 1.0, 1.0
             return s
         total = math.sqrt(ra * ra + rb * rb)
         if total <= 0:
