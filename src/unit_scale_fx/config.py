@@ -36,6 +36,10 @@ class UnitScaleConfig:
         unsupported: what to do with floating-point ops that have no rule:
             ``"warn"`` leaves them unscaled and lists them in one warning,
             ``"error"`` raises :class:`UnitScaleError`, ``"ignore"`` only logs.
+        measure: when planning has real example inputs (not meta or fake), run the
+            graph once on them: rules see measured input RMS, and ops whose scale
+            depends on the data (attention, softmax, products of activations) are
+            calibrated on it. With False, or on the meta device, planning is analytic.
         init_weights: re-initialise parameters for unit scaling (unit-RMS
             weights, zero biases, unit norm gains).
         inplace: transform the given model's own parameters instead of a copy.
@@ -47,6 +51,7 @@ class UnitScaleConfig:
     constraint: Constraint = "potential"
     node_filter: Optional[NodeFilter] = None
     unsupported: UnsupportedPolicy = "warn"
+    measure: bool = True
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)

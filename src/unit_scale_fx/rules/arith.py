@@ -78,7 +78,7 @@ class MulRule(Rule):
             return Scales(note="product of more than two tensors")
         a, b = op.inputs
         ra, rb = op.rms(a), op.rms(b)
-        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors")
+        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors", calibrate=True)
         s.bwd[a], s.grad_gain[a] = 1.0 / rb, rb
         s.bwd[b], s.grad_gain[b] = 1.0 / ra, ra
         return s
