@@ -1,7 +1,7 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> balance -> predict_grads
+            -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
             -> rewrite -> recompile
                                                       (once example inputs are known)
 """
@@ -17,6 +17,7 @@ from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
 from .passes.balance import balance
+from .passes.calibrate_grads import calibrate_grads
 from .passes.plan import predict_grads
 from .passes.base import Pass
 
@@ -38,6 +39,7 @@ ANALYSE: list[tuple[str, Pass]] = [
     ("topology", topology),
     ("plan", plan),
     ("balance", balance),
+    ("calibrate_grads", calibrate_grads),
     ("predict_grads", predict_grads),
 ]
 

@@ -121,46 +121,73 @@ def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: 
     return x
 
 
+class Potentials:
+    """Union-find classes of nodes that must share a potential, and the potentials."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.g = ctx.topology.graph
+        self.recs: dict[fx.Node, ScaleRecord] = {n: n.meta[META_KEY] for n in self.g if META_KEY in n.meta}
+        self.uf = _UnionFind()
+        self.free: list[tuple[fx.Node, fx.Node]] = []
+        self.gm = gm
+        for u, v in self.g.edges:
+            rec = self.recs.get(v)
+            if rec is None or rec.kind in FIXED_KINDS or u.name not in rec.ideal_bwd:
+                self.uf.union(u, v)  # no scale op here: the true gradient passes
+            elif _needs_grad(u, gm):
+                self.free.append((u, v))
+        roots = {self.uf.find(n) for n in self.g}
+        self.index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
+        self.log_phi = np.zeros(len(self.index))
+
+    def cls(self, n: fx.Node) -> int:
+        return self.index[self.uf.find(n)]
+
+    def members(self) -> dict[int, list[fx.Node]]:
+        out: dict[int, list[fx.Node]] = {}
+        for n in self.g:
+            out.setdefault(self.cls(n), []).append(n)
+        return out
+
+    def fit_ideal(self) -> int:
+        """Least-squares potentials for the rules' ideal backward scales."""
+        rows = []
+        for u, v in self.free:
+            i, j = self.cls(u), self.cls(v)
+            if i == j:
+                continue
+            rec = self.recs[v]
+            c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
+            rows.append((i, j, c, 1.0))
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"})
+        if rows:
+            self.log_phi = solve_laplacian(len(self.index), rows, anchors)
+        return len(rows)
+
+    def assign(self) -> None:
+        """Write ``b_uv = f_uv * phi_u / phi_v`` into every record."""
+        free = set(self.free)
+        for v, rec in self.recs.items():
+            if rec.kind in FIXED_KINDS:
+                continue
+            bwd: dict[str, float] = {}
+            for u in self.g.predecessors(v):
+                if u.name not in rec.ideal_bwd:
+                    continue
+                f = _forward_factor(rec, u.name)
+                if (u, v) in free:
+                    bwd[u.name] = f * math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
+                else:
+                    bwd[u.name] = f
+            rec.bwd = bwd
+            rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3 for k, b in bwd.items())
+
+
 def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.config.constraint != "potential":
         return PassResult(False, f"local constraint {ctx.config.constraint!r}: nothing to do")
-    g = ctx.topology.graph
-    recs: dict[fx.Node, ScaleRecord] = {n: n.meta[META_KEY] for n in g if META_KEY in n.meta}
-    uf = _UnionFind()
-    free: list[tuple[fx.Node, fx.Node]] = []
-    for u, v in g.edges:
-        rec = recs.get(v)
-        if rec is None or rec.kind in FIXED_KINDS or u.name not in rec.ideal_bwd:
-            uf.union(u, v)  # no scale op here: the true gradient passes
-        elif _needs_grad(u, gm):
-            free.append((u, v))
-    roots = {uf.find(n) for n in g}
-    index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
-    rows = []
-    for u, v in free:
-        i, j = index[uf.find(u)], index[uf.find(v)]
-        if i == j:
-            continue
-        rec = recs[v]
-        c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
-        rows.append((i, j, c, 1.0))
-    anchors = sorted({index[uf.find(n)] for n, rec in recs.items() if rec.kind == "loss"})
-    pot = solve_laplacian(len(index), rows, anchors) if rows else np.zeros(len(index))
-    changed = 0
-    for v, rec in recs.items():
-        if rec.kind in FIXED_KINDS:
-            continue
-        bwd: dict[str, float] = {}
-        for u in g.predecessors(v):
-            if u.name not in rec.ideal_bwd:
-                continue
-            f = _forward_factor(rec, u.name)
-            if (u, v) in ctx.topology.graph.edges and _needs_grad(u, gm):
-                bwd[u.name] = f * math.exp(pot[index[uf.find(u)]] - pot[index[uf.find(v)]])
-            else:
-                bwd[u.name] = f
-        rec.bwd = bwd
-        rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3 for k, b in bwd.items())
-        changed += 1
-    log.debug("balance: %d potentials, %d equations, %d anchors", len(index), len(rows), len(anchors))
-    return PassResult(False, f"{len(index)} potentials from {len(rows)} edges")
+    pots = Potentials(gm, ctx)
+    n_rows = pots.fit_ideal()
+    pots.assign()
+    ctx.potentials = pots  # type: ignore[attr-defined]
+    return PassResult(False, f"{len(pots.index)} potentials from {n_rows} edges")
