@@ -61,9 +61,7 @@ def _forward_factor(rec: ScaleRecord, u: str) -> float:
 
 
 def _needs_grad(u: fx.Node, gm: fx.GraphModule) -> bool:
-    """Placeholders and buffers carry no gradient we promise anything about."""
-    if u.op == "placeholder":
-        return False
+    """Buffers carry no gradient. Inputs do (a unit-scaled part of a larger model)."""
     if u.op == "get_attr":
         try:
             gm.get_parameter(str(u.target))
