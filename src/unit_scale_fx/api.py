@@ -38,6 +38,13 @@ class UnitScaledModule(fx.GraphModule):
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
 
+    def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
+        res = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():
+            if key.startswith("us_"):
+                object.__setattr__(res, key, copy.deepcopy(value, memo))
+        return res
+
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
         if self.us_planned:
