@@ -47,8 +47,8 @@ class UnitScaleConfig:
         calibrate: measure forward and gradient RMS on the example batch at every
             floating-point op that no rule covers and give it static scales
             (:mod:`unit_scale_fx.passes.calibrate`); needs real example inputs.
-        calibrate_rounds: trial runs for calibration (chains of uncovered ops settle
-            one op per round).
+        calibrate_rounds: trial runs for calibration (more rounds refine gradient
+            gains that depend on the scales planned upstream).
     """
 
     attn_tau: float = 0.5
@@ -61,7 +61,7 @@ class UnitScaleConfig:
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
     calibrate: bool = False
-    calibrate_rounds: int = 2
+    calibrate_rounds: int = 1
 
     def __post_init__(self) -> None:
         from .errors import UnitScaleError

@@ -11,10 +11,12 @@ Rules cover the known ops; the long tail is measured. On the example batch:
 3. pin a :class:`CalibratedRule` on the op: forward scale ``1 / RMS(y)``, backward
    scale ``RMS(grad y) / RMS(grad x_i)`` per input.
 
-Chains of uncovered ops settle over ``calibrate_rounds`` rounds (each round sees
-the scales of the one before). The plan then treats the pinned rules like any
-other, so the cut-edge rule holds: off cut edges the forward and backward scales
-are tied. Ops calibrated: those with no rule, and those whose rule could not
+The plan then treats the pinned rules like any other: when it runs on the real
+batch it re-measures their forward scale in place (so chains of uncovered ops see
+the scales upstream of them), and the backward scales go through the same
+validity constraint as every rule's (cut edges / gradient potentials), so
+gradients stay valid. ``calibrate_rounds > 1`` repeats the trial with the pins of
+the round before, for gradient gains that depend on upstream scales. Ops calibrated: those with no rule, and those whose rule could not
 predict their output (``fwd_rms`` unknown). Buffers (batch-norm statistics) and
 parameter gradients are restored afterwards. :func:`measure` is the probe on its own.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
 
 import torch
@@ -34,6 +36,7 @@ from ..errors import UnitScaleError
 from ..record import META_KEY
 from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
 from .base import PassContext, PassResult
+from .rewrite import original
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,9 @@ class CalibratedRule(Rule):
         self.note = note
 
     def scales(self, op: OpView) -> Scales:
-        s = Scales(fwd=self.fwd, out_rms=1.0, note=self.note)
+        # calibrate=True: when planning runs on the real batch, the forward scale is
+        # re-measured in place (it then sees the scales planned upstream of it)
+        s = Scales(fwd=self.fwd, out_rms=1.0, note=self.note, calibrate=True)
         for x in op.inputs:
             g = self.gains.get(x.name)
             if g is not None and g > 0 and math.isfinite(g):
@@ -103,7 +108,9 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             if n.name not in wanted or n.op not in ("call_function", "call_method", "call_module"):
                 return super().run_node(n)
             args_, kwargs_ = self.fetch_args_kwargs_from_env(n)
-            owners = {id(self.env[i]): i.name for i in n.all_input_nodes if isinstance(self.env.get(i), torch.Tensor)}
+            # inputs by their name before any inserted scale op (the names the plan uses)
+            owners = {id(self.env[i]): original(i).name for i in n.all_input_nodes
+                      if isinstance(self.env.get(i), torch.Tensor)}
             m = Measurement(out_rms=float("nan"))
             grads: dict[str, list[float]] = {}
 
@@ -156,29 +163,35 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
     return out
 
 
-def _needs_calibration(node: fx.Node) -> bool:
+def _needs_calibration(node: fx.Node, scales: dict) -> bool:
     rec = node.meta.get(META_KEY)
     if rec is None or not isinstance(node.meta.get("val"), torch.Tensor) or not is_float(node):
         return False
     if rec.rule in ("unsupported", "calibrated"):
         return True
-    return rec.fwd_rms is None and rec.kind not in ("loss", "excluded")
+    s = scales.get(node)
+    return s is not None and s.out_rms is None and rec.kind not in ("loss", "excluded")
 
 
-def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]) -> fx.GraphModule:
-    from .plan import plan
+def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]) -> tuple[fx.GraphModule, dict]:
+    """A planned and rewritten copy of ``gm`` (sharing its parameters) with ``pins`` applied."""
+    from ..pipeline import ANALYSE, TRANSFORM, run_passes
     from .topology import topology
 
     trial = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     for n in trial.graph.nodes:
         if n.name in pins:
             n.meta[RULE_OVERRIDE] = pins[n.name]
-    tctx = PassContext(config=ctx.config, example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
-                       input_rms=dict(ctx.input_rms))
+    tctx = PassContext(config=replace(ctx.config, calibrate=False, unsupported="ignore"),
+                       example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
+                       input_rms=dict(ctx.input_rms), real_values=ctx.real_values)
     tctx.param_roles = getattr(ctx, "param_roles", {})  # type: ignore[attr-defined]
-    topology(trial, tctx)
-    plan(trial, tctx)
-    return trial
+    names = [name for name, _ in ANALYSE]
+    after = ANALYSE[names.index("calibrate") + 1:] if "calibrate" in names else []
+    run_passes(trial, tctx, [("topology", topology)] + after)
+    scales = dict(getattr(tctx, "scales", {}) or {})
+    run_passes(trial, tctx, TRANSFORM)
+    return trial, scales
 
 
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -189,13 +202,11 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     pins: dict[str, CalibratedRule] = {}
     targets: set[str] = set()
-    for _ in range(max(1, int(getattr(cfg, "calibrate_rounds", 2)))):
-        trial = _trial(gm, ctx, pins)
-        targets |= {n.name for n in trial.graph.nodes if _needs_calibration(n)}
+    for _ in range(max(1, int(getattr(cfg, "calibrate_rounds", 1)))):
+        trial, scales = _trial(gm, ctx, pins)
+        targets |= {n.name for n in trial.graph.nodes if _needs_calibration(n, scales)}
         if not targets:
             break
-        rewrite(trial, PassContext(config=cfg))
-        trial.recompile()
         found = measure(trial, targets, ctx.example_args or (), ctx.example_kwargs or {})
         for name in sorted(targets):
             m = found.get(name)
