@@ -91,17 +91,17 @@ def _gen(seed: int) -> torch.Generator:
 
 def _image_batch(seed: int) -> Batch:
     g = _gen(seed)
-    return (torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)), {}
+    return (torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)), {}
 
 
 def _token_class_batch(seed: int) -> Batch:
     g = _gen(seed)
-    return (torch.randint(0, 128, (4, 32), generator=g), torch.randint(0, 8, (4,), generator=g)), {}
+    return (torch.randint(0, 128, (4, 16), generator=g), torch.randint(0, 8, (4,), generator=g)), {}
 
 
 # -- Hugging Face transformers ----------------------------------------------------------------------------
 
-VOCAB, D, LAYERS, HEADS, SEQ, BATCH = 128, 64, 2, 4, 32, 4
+VOCAB, D, LAYERS, HEADS, SEQ, BATCH = 128, 64, 2, 4, 16, 4
 
 
 def _lm_batch(seed: int) -> Batch:
@@ -124,7 +124,7 @@ def _hf_loss(out: Any) -> torch.Tensor:
     return out.loss if hasattr(out, "loss") else out["loss"]
 
 
-def _first(out: Any) -> torch.Tensor:
+def _itself(out: Any) -> torch.Tensor:
     return out
 
 
@@ -150,7 +150,7 @@ FAMILIES: dict[str, Family] = {
                                intermediate_size=2 * D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                max_position_embeddings=64, use_cache=False, hidden_dropout=0.0,
                                attention_dropout=0.0), _lm_batch, _hf_loss, "transformers"),
-        Family("resnet", TinyResNet, _image_batch, _first),
-        Family("nn_transformer_encoder", EncoderClassifier, _token_class_batch, _first),
+        Family("resnet", TinyResNet, _image_batch, _itself),
+        Family("nn_transformer_encoder", EncoderClassifier, _token_class_batch, _itself),
     ]
 }

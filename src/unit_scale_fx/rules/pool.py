@@ -3,15 +3,18 @@
 With window size ``k`` (``prod(kernel)``, or ``in / out`` per spatial dim for the
 adaptive forms) and independent inputs of RMS ``r``:
 
-* average: pooled values are neither independent (output RMS ``r / sqrt(k)``) nor
-  identical (``r``): neighbouring features are correlated, and after a ReLU they
-  share a positive mean. The rule takes the geometric middle, ``r k^(-1/4)``
-  (forward ``k^(1/4) / r``), at most ``k^(1/4)`` off either extreme. Gradients
-  need no such guess: each input is in ``c = k / prod(stride)`` windows and gets
-  ``g / k`` from each: gradient RMS ``sqrt(c) / k`` (backward ``k / sqrt(c)``);
+* average: output RMS ``r / sqrt(k)`` (forward ``sqrt(k) / r``); each input is in
+  ``c = k / prod(stride)`` windows and gets ``g / k`` from each: gradient RMS
+  ``sqrt(c) / k`` (backward ``k / sqrt(c)``);
 * max: output RMS ``r * m(k)`` with ``m(k)^2 = E[max of k unit Gaussians ^ 2]``
   (quadrature); each output routes its gradient to one input: gradient RMS
   ``sqrt(out numel / in numel)``.
+
+Pooled values are rarely independent: neighbouring features are correlated, and
+after a ReLU they share a positive mean, so the pooled output is larger than the
+formula says (up to ``r`` for identical values). The forward scale is therefore
+marked data-dependent: when planning runs on a real batch it is measured there;
+the gradient scales are exact and stay as derived.
 """
 
 from __future__ import annotations
@@ -77,10 +80,11 @@ class PoolRule(Rule):
             reads = max(1.0, k / math.prod(stride))
         r = op.rms(x)
         if self.average:
-            fwd, gain = k ** 0.25 / r, math.sqrt(reads) / k
+            fwd, gain = math.sqrt(k) / r, math.sqrt(reads) / k
         else:
             fwd, gain = 1.0 / (r * max_of_gaussians_rms(max(1, round(k)))), math.sqrt(1.0 / ratio)
-        return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, note=f"window={k:.3g} reads={reads:.3g}")
+        return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True,
+                      note=f"window={k:.3g} reads={reads:.3g}")
 
 
 register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), aten("avg_pool2d"),

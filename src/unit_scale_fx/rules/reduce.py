@@ -1,13 +1,13 @@
 """Mean and sum reductions over ``n`` values (``n = in numel / out numel``).
 
-The mean of ``n`` values with RMS ``r`` has RMS ``r / sqrt(n)`` if they are
-independent and ``r`` if they are identical; activations pooled over tokens or
-space sit in between, so the rule takes the geometric middle ``r n^(-1/4)`` (as the
-average-pooling rule does). Gradients are exact: each input of a mean gets ``g / n``,
-of a sum ``g``. So mean: forward ``n^(1/4) / r``, backward ``n``; sum: forward
-``n^(-3/4) / r``, backward ``1``. A reduction to a single number is treated as a
-loss: its value is left alone (it means something), only the gradient into it is
-made unit.
+Of ``n`` independent values with RMS ``r``: the mean has RMS ``r / sqrt(n)`` and each
+input's gradient is ``g / n``; the sum has RMS ``r sqrt(n)`` and passes ``g`` on.
+So mean: forward ``sqrt(n) / r``, backward ``n``; sum: forward ``1 / (r sqrt(n))``,
+backward ``1``. Values reduced over tokens or space are correlated (up to RMS ``r``
+for a mean of identical values), so the forward scale is marked data-dependent:
+measured when planning runs on a real batch. Gradient scales are exact. A
+reduction to a single number is treated as a loss: its value is left alone (it
+means something), only the gradient into it is made unit.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ class ReduceRule(Rule):
         bwd = float(n) if self.mean else 1.0
         note = f"n={n}"
         if not os_:  # a single number: a loss-like value
-            out = r * n ** -0.25 if self.mean else r * n ** 0.75
+            out = r / math.sqrt(n) if self.mean else r * math.sqrt(n)
             return Scales(fwd=1.0, fixed_fwd=True, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, out_rms=out,
                           note=note + ", reduced to one number: value kept")
-        fwd = n ** 0.25 / r if self.mean else n ** -0.75 / r
-        return Scales(fwd=fwd, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, note=note)
+        fwd = math.sqrt(n) / r if self.mean else 1.0 / (r * math.sqrt(n))
+        return Scales(fwd=fwd, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, calibrate=True, note=note)
 
 
 register(*many([torch.mean, tensor_method("mean"), aten("mean", "dim"), aten("mean", "default")]))(
