@@ -1,7 +1,8 @@
 """More elementwise ops: sign/power ops through the pointwise quadrature, and more
 scale-preserving forms (the aten spellings that ``torch.export`` produces).
 
-``x ** p`` with a constant ``p`` is a pointwise function like any other; ``where``
+``x ** p`` with a constant ``p`` is a pointwise function like any other; ``-x`` and
+``|x|`` keep the RMS of values and of gradients exactly, so they preserve scale; ``where``
 and ``masked_fill`` select values, so they keep the scale (a constant fill value
 does not count as an input: see :mod:`unit_scale_fx.passes.constants`).
 """
@@ -24,14 +25,15 @@ def _unique(targets: list) -> list:
     return [t for t in dict.fromkeys(many(targets)) if t not in have]
 
 register(*_unique([
-    torch.neg, operator.neg, tensor_method("neg"), tensor_method("__neg__"), aten("neg"),
-    torch.abs, operator.abs, tensor_method("abs"), tensor_method("__abs__"), aten("abs"),
     torch.square, tensor_method("square"),
     torch.pow, operator.pow, tensor_method("pow"), tensor_method("__pow__"), aten("pow", "Tensor_Scalar"),
     aten("hardtanh"), aten("hardsigmoid"), aten("relu6"), aten("selu"), aten("celu"), aten("exp"), aten("erf"),
 ]))(PointwiseRule())
 
 register(*_unique([
+    # sign flips keep the RMS of values and gradients exactly (and keep rotations rotations)
+    torch.neg, operator.neg, tensor_method("neg"), tensor_method("__neg__"), aten("neg"),
+    torch.abs, operator.abs, tensor_method("abs"), tensor_method("__abs__"), aten("abs"),
     aten("to", "dtype_layout"), aten("to", "device"), aten("to", "other"), aten("type_as"),
     aten("unflatten", "int"), aten("flatten", "using_ints"), aten("squeeze", "dims"), aten("squeeze", "default"),
     aten("repeat"), aten("flip"), aten("roll"), aten("narrow"), aten("movedim", "int"), aten("index_select"),

@@ -1,0 +1,181 @@
+"""The op families added for real models (issue 6): conv, batch/group norm, pooling,
+reductions, einsum, constants, selection ops, rotary embeddings, grouped-query attention.
+
+Each case is checked with the rules alone (``measure=False``) and planned on one
+batch (``measure=True``); outputs, input gradients and weight gradients of a
+*fresh* batch must have RMS in [1/2, 2].
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import rms
+from unit_scale_fx import unit_scale
+from unit_scale_fx.record import META_KEY
+from unit_scale_fx.rules.einsum import parse
+from unit_scale_fx.rules.pool import max_of_gaussians_rms
+
+
+class Op(nn.Module):
+    """``fn(self, *inputs)`` with the given parameters and (constant) buffers."""
+
+    def __init__(self, fn, params=None, buffers=None) -> None:
+        super().__init__()
+        self.fn = fn
+        for k, v in (params or {}).items():
+            self.register_parameter(k, nn.Parameter(v))
+        for k, v in (buffers or {}).items():
+            self.register_buffer(k, v)
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)
+
+
+def _x(*shape):
+    return torch.randn(*shape)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(m, q):
+    """Rotary embedding as Llama writes it: cos/sin tables from a float buffer, products and a sum."""
+    t = torch.arange(q.shape[-2], dtype=torch.float32)
+    freqs = torch.outer(t, m.inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return q * emb.cos() + rotate_half(q) * emb.sin()
+
+
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+B, T, D = 8, 32, 64
+
+CASES = {
+    "conv1d": (lambda: nn.Conv1d(16, 32, 3, padding=1), lambda: (_x(B, 16, T),)),
+    "conv2d": (lambda: nn.Conv2d(8, 16, 3, padding=1), lambda: (_x(4, 8, 12, 12),)),
+    "conv2d_strided": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), lambda: (_x(4, 8, 12, 12),)),
+    "conv2d_grouped": (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=4), lambda: (_x(4, 16, 10, 10),)),
+    "batch_norm2d": (lambda: nn.BatchNorm2d(8), lambda: (3 * _x(8, 8, 6, 6) + 1,)),
+    "batch_norm1d": (lambda: nn.BatchNorm1d(D), lambda: (2 * _x(32, D),)),
+    "group_norm": (lambda: nn.GroupNorm(4, 16), lambda: (3 * _x(4, 16, 8, 8),)),
+    "avg_pool2d": (lambda: nn.AvgPool2d(2), lambda: (_x(4, 8, 12, 12),)),
+    "max_pool2d": (lambda: nn.MaxPool2d(2), lambda: (_x(4, 8, 12, 12),)),
+    "max_pool2d_overlapping": (lambda: nn.MaxPool2d(3, 2, 1), lambda: (_x(4, 8, 12, 12),)),
+    "adaptive_avg_pool2d": (lambda: nn.AdaptiveAvgPool2d(2), lambda: (_x(4, 8, 12, 12),)),
+    "mean_dim": (lambda: Op(lambda m, x: x.mean(1)), lambda: (_x(B, T, D),)),
+    "sum_dim": (lambda: Op(lambda m, x: torch.sum(x, dim=-1)), lambda: (_x(B, T, D),)),
+    "einsum_weight": (lambda: Op(lambda m, x: torch.einsum("btd,de->bte", x, m.w), {"w": torch.randn(D, 2 * D)}),
+                      lambda: (_x(B, T, D),)),
+    "einsum_scores": (lambda: Op(lambda m, q, k: torch.einsum("bhqd,bhkd->bhqk", q, k)),
+                      lambda: (_x(2, 4, T, 16), _x(2, 4, T, 16))),
+    "masked_fill": (lambda: Op(lambda m, x: x.masked_fill(torch.arange(T) > 100, 0.0)), lambda: (_x(B, T),)),
+    "where": (lambda: Op(lambda m, a, b: torch.where(torch.arange(D) % 2 == 0, a, b)), lambda: (_x(B, D), _x(B, D))),
+    "stack": (lambda: Op(lambda m, a, b: torch.stack([a, b], dim=1)), lambda: (_x(B, D), _x(B, D))),
+    "neg_abs_pow": (lambda: Op(lambda m, x: F.linear(torch.abs(-x) ** 3, m.w), {"w": torch.randn(D, D)}),
+                    lambda: (_x(B, D),)),
+    "rope": (lambda: Op(rope, buffers={"inv_freq": INV_FREQ}), lambda: (_x(2, 4, T, 16),)),
+    "sdpa_gqa": (lambda: Op(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                               enable_gqa=True)),
+                 lambda: (_x(2, 8, T, 16), _x(2, 2, T, 16), _x(2, 2, T, 16))),
+    "sdpa_causal_mask_tensor": (
+        lambda: Op(lambda m, q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril())),
+        lambda: (_x(2, 4, T, 16), _x(2, 4, T, 16), _x(2, 4, T, 16))),
+}
+
+
+@pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op_is_unit_scaled(name, measure):
+    make, inputs = CASES[name]
+    module = make()
+    us = unit_scale(module, inputs(), measure=measure, unsupported="error")
+    fresh = [x.requires_grad_() if x.is_floating_point() else x for x in inputs()]
+    out = us(*fresh)
+    assert 0.5 <= rms(out) <= 2.0, f"{name}: output RMS {rms(out):.3g}"
+    out.backward(torch.randn_like(out))
+    for i, x in enumerate(fresh):
+        if x.is_floating_point():
+            assert 0.5 <= rms(x.grad) <= 2.0, f"{name}: gradient of input {i} RMS {rms(x.grad):.3g}"
+    for pname, p in us.named_parameters():
+        if p.dim() >= 2:
+            assert 0.5 <= rms(p.grad) <= 2.0, f"{name}: gradient of {pname} RMS {rms(p.grad):.3g}"
+
+
+def test_conv_scales_follow_fan_in_times_kernel():
+    us = unit_scale(nn.Conv2d(8, 16, 3, padding=1, bias=False), (_x(2, 8, 6, 6),), measure=False)
+    (rec,) = [r for r in us.scale_plan().values() if r.rule == "conv"]
+    x_name = next(k for k in rec.ideal_bwd if "weight" not in k)
+    assert math.isclose(rec.ideal_fwd, 1 / math.sqrt(8 * 9), rel_tol=0.05)  # input RMS ~1, weight RMS 1
+    assert math.isclose(rec.ideal_bwd[x_name], 1 / math.sqrt(16 * 9), rel_tol=1e-6)
+
+
+def test_max_of_gaussians_matches_sampling():
+    z = torch.randn(200_000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sampled = float(z.max(-1).values.pow(2).mean().sqrt())
+    assert math.isclose(max_of_gaussians_rms(4), sampled, rel_tol=5e-3)
+    assert max_of_gaussians_rms(1) == 1.0
+
+
+@pytest.mark.parametrize("eq", ["btd,de->bte", "bhqd,bhkd->bhqk", "ij,jk", "bi,bi->b"])
+def test_einsum_parse_agrees_with_torch(eq):
+    shapes = {"btd,de->bte": [(2, 3, 4), (4, 5)], "bhqd,bhkd->bhqk": [(2, 3, 4, 5), (2, 3, 6, 5)],
+              "ij,jk": [(3, 4), (4, 5)], "bi,bi->b": [(3, 4), (3, 4)]}[eq]
+    ins, out, size = parse(eq, shapes)
+    expected = torch.einsum(eq, *[torch.zeros(s) for s in shapes]).shape
+    assert tuple(size[c] for c in out) == tuple(expected)
+
+
+def test_rope_keeps_its_rotation():
+    """Rotary tables are data: the transformed op is the original rotation times one factor."""
+    module = Op(rope, buffers={"inv_freq": INV_FREQ})
+    x = _x(2, 4, T, 16)
+    us = unit_scale(module, (x,), measure=False)
+    ratio = us(x) / module(x)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-4, atol=1e-4)
+    plan = us.scale_plan(all_nodes=True)
+    assert not any(r.op.endswith(("cos", "sin", "outer")) for r in plan.values()), "rotary tables were scaled"
+
+
+def test_constant_tensor_counts_as_a_constant():
+    """``x * buffer`` is a product with a constant: no scale on it, its size predicted downstream."""
+    module = Op(lambda m, x: F.linear(x * m.c, m.w), {"w": torch.randn(D, D)}, {"c": torch.full((D,), 4.0)})
+    us = unit_scale(module, (_x(B, D),), measure=False)
+    recs = us.scale_plan(all_nodes=True)
+    mul = next(r for r in recs.values() if r.rule == "mul")
+    assert mul.fwd == 1.0 and not mul.bwd
+    assert math.isclose(mul.fwd_rms, 4.0, rel_tol=0.05)
+
+
+def test_division_by_a_full_tensor_is_a_constant_division():
+    """GPT-2's eager attention divides scores by ``torch.full([], sqrt(d))``: a constant, not a tensor op."""
+    module = Op(lambda m, x: (x / torch.full([], 8.0)).softmax(-1))
+    us = unit_scale(module, (8 * _x(B, T, T),), measure=False)
+    recs = us.scale_plan(all_nodes=True)
+    div = next(r for r in recs.values() if r.rule == "div")
+    assert div.fwd == 1.0 and not div.bwd  # the model's temperature is kept
+    assert math.isclose(div.fwd_rms, 1.0, rel_tol=0.05)  # RMS 8 divided by the constant 8
+
+
+def test_tensor_causal_mask_is_read_as_causal():
+    from unit_scale_fx.rules.registry import MASK_KEYS
+
+    make, inputs = CASES["sdpa_causal_mask_tensor"]
+    us = unit_scale(make(), inputs(), measure=False)
+    masks = [n for n in us.graph.nodes if MASK_KEYS in n.meta]
+    assert len(masks) == 1 and masks[0].meta[MASK_KEYS][:4] == [1, 2, 3, 4]
+    causal = unit_scale(CASES["sdpa_gqa"][0](), CASES["sdpa_gqa"][1](), measure=False)
+    plain = unit_scale(Op(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v)), inputs(), measure=False)
+
+    def fwd(m):
+        return next(r.fwd for r in m.scale_plan().values() if r.rule == "sdpa")
+
+    assert math.isclose(fwd(us), fwd(causal), rel_tol=0.05)  # a tensor mask reads like is_causal=True
+    assert fwd(plain) > 1.3 * fwd(us)  # causal rows average fewer keys: larger output, smaller scale
