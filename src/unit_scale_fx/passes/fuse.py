@@ -102,9 +102,10 @@ def find_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
     """``(input, region nodes in graph order)`` for every fusable single-input subgraph."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     taken: set[fx.Node] = set()
+    outputs: set[fx.Node] = set()  # a region's output may feed the next region
     found = []
     for x in gm.graph.nodes:
-        if x in taken or not _tensor_out(x) or not x.users:
+        if (x in taken and x not in outputs) or not _tensor_out(x) or not x.users:
             continue
         grown = _grow(x, gm, order, taken)
         if len(grown) < 2:
@@ -117,6 +118,7 @@ def find_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
             region.sort(key=order.__getitem__)
             found.append((x, region))
             taken.update(region)
+            outputs.add(out)
             break
     return found
 
@@ -140,7 +142,9 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if name.startswith(_PREFIX):
             delattr(gm, name)
     regions = find_regions(gm)
+    replaced: dict[fx.Node, fx.Node] = {}  # a region's output, once fused, is read from its new node
     for i, (x, region) in enumerate(regions):
+        x = replaced.get(x, x)
         out = region[-1]
         sub = _extract(gm, x, region)
         name = f"{_PREFIX}{i}"
@@ -152,6 +156,7 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 new.meta[key] = out.meta[key]
         new.meta[RULE_OVERRIDE] = FUSED_RULE
         out.replace_all_uses_with(new)
+        replaced[out] = new
         for n in reversed(region):
             gm.graph.erase_node(n)
         log.debug("fuse: %s <- %s over %s", name, ", ".join(sub.ops), x.name)
