@@ -99,7 +99,7 @@ class UnitScaledModule(fx.GraphModule):
             bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or (
                 "w=" + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else "-")
             rows.append((
-                name, r.rule + ("*" if r.constrained else ""), r.op.split(".")[-1],
+                name, r.rule + ("*" if r.constrained else ""), _short_op(r.op),
                 "x".join(map(str, r.shape)) if r.shape else "-", f"{r.fwd:.3g}", bwd,
                 "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
             ))
@@ -108,6 +108,13 @@ class UnitScaledModule(fx.GraphModule):
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("(* = forward and backward scales tied: not a cut edge)")
         return "\n".join(lines)
+
+
+def _short_op(op: str) -> str:
+    parts = op.split(".")
+    if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
+        parts = parts[:-1]
+    return parts[-1]
 
 
 def _check_model(model: Any) -> None:
