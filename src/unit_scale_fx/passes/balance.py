@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: Record kinds with no scale op of their own: their edges keep the true gradient.
 FIXED_KINDS = frozenset({"preserve", "unsupported", "excluded"})
 
-_EPS = 1e-6  # ties down potentials not reached by any equation
+_EPS = 1e-9  # ties down potentials not reached by any equation
 
 
 class _UnionFind:
