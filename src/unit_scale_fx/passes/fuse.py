@@ -12,7 +12,8 @@ A region grows from one floating-point value ``x``: an op joins when every
 tensor it reads is ``x`` or already in the region (numbers and shape lists are
 fine), it is floating point, and it is elementwise-like (pointwise, arithmetic,
 shape or reduction ops, or ops with no rule at all). The region must have one
-output: every other node in it is read only inside. Regions with fewer than two
+output: every other node in it is read only inside. Ops that reduce to a single
+number (a loss) never join: their value must not be rescaled. Regions with fewer than two
 ops that change values (views and copies do not count) are left alone.
 """
 
@@ -47,6 +48,8 @@ def _tensor_out(node: fx.Node) -> bool:
 
 def _joinable(node: fx.Node, gm: fx.GraphModule, members: set[fx.Node]) -> bool:
     if node.op not in ("call_function", "call_method") or not _tensor_out(node):
+        return False
+    if node.meta["val"].dim() == 0:  # a single number (a loss): its value is never rescaled
         return False
     if not all(a in members for a in _node_args(node)):
         return False
