@@ -1,7 +1,7 @@
 """A dispatch-level recorder of matmul operands, independent of our own bookkeeping.
 
 It sees the aten ops that actually run (``mm``, ``bmm``, ``addmm``, attention
-kernels) in forward and backward, and records the RMS of their operands: both
+kernels, convolutions) in forward and backward, and records the RMS of their operands: both
 inputs in forward; in backward, the incoming gradient (the operand that is not a
 tensor saved from forward).
 """
@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 
 _MATMULS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
-            aten.baddbmm.default: (1, 2)}
+            aten.baddbmm.default: (1, 2), aten.convolution.default: (0, 1)}  # a convolution is a matmul too
 _ATTN_FWD = {getattr(aten, n).default for n in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -25,7 +25,7 @@ _ATTN_FWD = {getattr(aten, n).default for n in (
 _ATTN_BWD = {getattr(aten, n).default for n in (
     "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
     "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
-    if hasattr(aten, n)}
+    if hasattr(aten, n)} | {aten.convolution_backward.default}  # each takes the incoming gradient first
 
 
 @dataclass

@@ -37,6 +37,7 @@ from ..record import META_KEY
 from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
 from .base import PassContext, PassResult
 from .rewrite import original
+from .sample_mode import sample_mode
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             seed: int = 0) -> dict[str, Measurement]:
     """Run ``gm`` forward and backward once; the RMS at each node in ``names``.
 
+    Runs in training mode (:func:`~unit_scale_fx.passes.sample_mode.sample_mode`).
     Backward starts from the first scalar float output (a loss) if there is one,
     else from unit-Gaussian cotangents on all float outputs. Buffers and parameter
     gradients are left as they were.
@@ -137,12 +139,11 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
 
     params = [p for p in gm.parameters()]
     saved_grads = [p.grad for p in params]
-    saved_bufs = {k: b.detach().clone() for k, b in gm.named_buffers()}
     gen = torch.Generator().manual_seed(seed)
     try:
         for p in params:
             p.grad = None
-        with torch.enable_grad():
+        with sample_mode(gm), torch.enable_grad():
             result = _Probe(gm).run(*values)
             leaves = [t for t in torch.utils._pytree.tree_leaves(result)
                       if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
@@ -152,10 +153,6 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             elif leaves:
                 torch.autograd.backward(leaves, [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in leaves])
     finally:
-        with torch.no_grad():
-            for k, b in gm.named_buffers():
-                if k in saved_bufs:
-                    b.copy_(saved_bufs[k])
         for p, g in zip(params, saved_grads):
             p.grad = g
     for name, grads in hooks_in.items():

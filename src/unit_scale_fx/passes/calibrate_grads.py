@@ -26,6 +26,7 @@ from ..rules.registry import float_tensor_inputs, is_float
 from ..scale import scale
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult
+from .sample_mode import sample_mode
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,8 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = getattr(ctx, "potentials", None)
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
-    was_training = gm.training
-    gm.eval()
     try:
-        with torch.enable_grad():
+        with sample_mode(gm), torch.enable_grad():  # as in training (batch statistics); buffers restored
             run = _ScaledRun(gm)
             out = run.run(*ctx.real_values)
             try:
@@ -92,7 +91,6 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
                 return PassResult(False, "skipped (no gradient)")
     finally:
-        gm.train(was_training)
         gm.zero_grad(set_to_none=True)
     new = pots.log_phi.copy()
     old = pots.log_phi

@@ -12,8 +12,8 @@ floating-point dataflow; rules read their size as a constant factor
 A value is *live* when a float placeholder or a parameter reaches it through
 floating-point ops; a float value that is not live is a constant. Buffers are not
 parameters: a float buffer (``inv_freq``) is a constant. Constants' RMS is measured
-by running the graph once on the example inputs (``no_grad``, buffers restored
-afterwards) when those are real tensors; in the same run, each attention mask
+by running the graph once on the example inputs (``no_grad``, in
+:func:`~unit_scale_fx.passes.sample_mode.sample_mode`) when those are real tensors; in the same run, each attention mask
 given to ``scaled_dot_product_attention`` is summarised as the number of keys each
 query row sees (:data:`~unit_scale_fx.rules.registry.MASK_KEYS`), so the attention
 rule knows a causal mask passed as a tensor.
@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS
 from .base import PassContext, PassResult
+from .sample_mode import sample_mode
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -110,16 +111,11 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node],
                 n.meta[MASK_KEYS] = keys_per_row(result.detach())
             return result
 
-    saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
     try:
-        with torch.no_grad():
+        with sample_mode(gm), torch.no_grad():
             _Probe(gm).run(*values)
     except Exception as exc:  # a constant's size is then unknown: rules fall back to their defaults
         log.info("constants: measuring constant tensors failed (%s: %s)", type(exc).__name__, exc)
-    finally:
-        with torch.no_grad():
-            for k, b in gm.named_buffers():
-                b.copy_(saved[k])
     return out
 
 

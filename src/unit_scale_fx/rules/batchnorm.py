@@ -1,9 +1,9 @@
 """Batch normalisation: in training mode the output is unit, like layer norm.
 
 The input gradient is ``g / RMS(x)`` (scale ``RMS(x)``); gain and bias gradients sum
-over every position but the channel (``N * prod(spatial)`` rows). In eval mode the
-running statistics decide the output, which is not known from shapes: the op is
-then left as it is (``fwd = 1``) with the input's RMS passed through.
+over every position but the channel (``N * prod(spatial)`` rows). Scales are planned
+for training (batch statistics), whatever mode the module is in while planning; in
+eval mode the running statistics stand in for the batch ones.
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ class BatchNormRule(Rule):
         x = a.get("input")
         if not isinstance(x, fx.Node) or x not in op.inputs:
             return Scales(out_rms=None, note="normalised input is not a float tensor")
-        training = op.module.training if op.module is not None else bool(a.get("training", False))
         rx = op.rms(x)
-        if not training:
-            return Scales(out_rms=rx, note="eval mode: running statistics decide the scale; left as is")
         xs = op.shape(x)
         rows = max(1, math.prod(xs) // xs[1]) if xs and len(xs) > 1 else 1
         s = Scales(fwd=1.0, bwd={x: rx}, grad_gain={x: 1.0 / rx}, note=f"rows={rows}")
