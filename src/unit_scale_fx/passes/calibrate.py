@@ -35,9 +35,8 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY
 from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, preserved_state
 from .rewrite import original
-from .sample_mode import sample_mode
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,8 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             seed: int = 0) -> dict[str, Measurement]:
     """Run ``gm`` forward and backward once; the RMS at each node in ``names``.
 
-    Runs in training mode (:func:`~unit_scale_fx.passes.sample_mode.sample_mode`).
+    Runs in the module's own mode; buffers and the RNG state are restored
+    (:class:`~unit_scale_fx.passes.base.preserved_state`).
     Backward starts from the first scalar float output (a loss) if there is one,
     else from unit-Gaussian cotangents on all float outputs. Buffers and parameter
     gradients are left as they were.
@@ -143,7 +143,7 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
     try:
         for p in params:
             p.grad = None
-        with sample_mode(gm), torch.enable_grad():
+        with preserved_state(gm), torch.enable_grad():
             result = _Probe(gm).run(*values)
             leaves = [t for t in torch.utils._pytree.tree_leaves(result)
                       if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]

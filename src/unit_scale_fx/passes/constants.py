@@ -12,10 +12,10 @@ floating-point dataflow; rules read their size as a constant factor
 A value is *live* when a float placeholder or a parameter reaches it through
 floating-point ops; a float value that is not live is a constant. Buffers are not
 parameters: a float buffer (``inv_freq``) is a constant. Constants' RMS is measured
-by running the graph once on the example inputs (``no_grad``, in
-:func:`~unit_scale_fx.passes.sample_mode.sample_mode`) when those are real tensors; in the same run, each attention mask
-given to ``scaled_dot_product_attention`` is summarised as the number of keys each
-query row sees (:data:`~unit_scale_fx.rules.registry.MASK_KEYS`), so the attention
+by running the graph once on the example inputs (``no_grad``, state preserved)
+when those are real tensors; in the same run, each attention mask given to
+``scaled_dot_product_attention`` is summarised as the number of keys each query
+row sees (:data:`~unit_scale_fx.rules.registry.MASK_KEYS`), so the attention
 rule knows a causal mask passed as a tensor.
 """
 
@@ -28,8 +28,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS
-from .base import PassContext, PassResult
-from .sample_mode import sample_mode
+from .base import PassContext, PassResult, preserved_state
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node],
             return result
 
     try:
-        with sample_mode(gm), torch.no_grad():
+        with preserved_state(gm), torch.no_grad():
             _Probe(gm).run(*values)
     except Exception as exc:  # a constant's size is then unknown: rules fall back to their defaults
         log.info("constants: measuring constant tensors failed (%s: %s)", type(exc).__name__, exc)

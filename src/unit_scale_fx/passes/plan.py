@@ -18,9 +18,8 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
-from .base import PassContext, PassResult, UnsupportedOp, module_path
+from .base import PassContext, PassResult, UnsupportedOp, module_path, preserved_state
 from .init_weights import _source_param
-from .sample_mode import sample_mode
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     planner = _Planner(gm, ctx)
     real = ctx.real_values is not None and ctx.config.measure
     if real:
-        with sample_mode(gm), torch.no_grad():  # as in training (batch statistics); buffers restored
+        with preserved_state(gm), torch.no_grad():
             _MeasuringPlanner(gm, planner).run(*ctx.real_values)
     else:
         for node in gm.graph.nodes:
