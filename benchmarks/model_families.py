@@ -1,13 +1,15 @@
 """Model families we did not write: matmul operand RMS before and after unit_scale.
 
-    python benchmarks/model_families.py [--families gpt2,llama,...] [--out benchmarks/results/model_families.md]
+    python benchmarks/model_families.py [--families gpt2,llama,...] [--extra] [--out benchmarks/results/model_families.md]
 
 Each family is built tiny with random init (``unit_scale_fx.families``). Operands are
 recorded at the aten level (mm/bmm/addmm and attention kernels) by a dispatch mode
 that knows nothing of our plan, on a batch *other* than the one planning saw. Rows:
 the original model; unit-scaled with analytic planning only (``measure=False``); and
 with the default planning on the sample batch. Columns give the fraction of operands
-with RMS in [1/2, 2] and in [1/8, 8], forward and backward.
+with RMS in [1/2, 2] and in [1/8, 8], forward and backward. ``--extra`` also runs the
+architectures of ``EXTRA_FAMILIES`` (not in the test suite), writing
+``model_families_extra.md``; a family that fails to transform gets a row saying why.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import MatmulRecorder
-from unit_scale_fx.families import FAMILIES
+from unit_scale_fx.families import EXTRA_FAMILIES, FAMILIES
 
 
 def record(model, fam, args, kwargs):
@@ -48,9 +50,14 @@ def row(name, label, capture, records, seconds):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", default=",".join(FAMILIES))
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "model_families.md"))
+    p.add_argument("--families", default=None)
+    p.add_argument("--extra", action="store_true", help="the architectures not in the test suite")
+    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    table = EXTRA_FAMILIES if args.extra else FAMILIES
+    args.families = args.families or ",".join(table)
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                        "model_families_extra.md" if args.extra else "model_families.md")
     warnings.filterwarnings("ignore")
     try:
         import transformers
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in args.families.split(","):
-        fam = FAMILIES[name]
+        fam = {**FAMILIES, **EXTRA_FAMILIES}[name]
         torch.manual_seed(0)
         model = fam.make()
         plan_args, plan_kwargs = fam.batch(0)
@@ -80,9 +87,16 @@ def main(argv=None) -> int:
         lines.append(row(name, "original", "-", record(model, fam, test_args, test_kwargs), None))
         for label, opts in (("unit-scaled, analytic", {"measure": False}), ("unit-scaled", {})):
             t0 = time.perf_counter()
-            us = unit_scale(model, plan_args, example_kwargs=plan_kwargs, **opts)
+            try:
+                us = unit_scale(model, plan_args, example_kwargs=plan_kwargs, **opts)
+            except Exception as exc:  # a benchmark row, not a crash: say what failed
+                lines.append(f"| {name} | {label} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} "
+                             "| | | | | | |")
+                continue
             dt = time.perf_counter() - t0
-            lines.append(row(name, label, us.us_capture, record(us, fam, test_args, test_kwargs), dt))
+            unscaled = sorted({u.op for u in us.us_unsupported})
+            note = f" (unscaled: {', '.join(unscaled)})" if unscaled else ""
+            lines.append(row(name, label + note, us.us_capture, record(us, fam, test_args, test_kwargs), dt))
         print(*lines[-3:], sep="\n", flush=True)
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

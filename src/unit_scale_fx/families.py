@@ -154,3 +154,42 @@ FAMILIES: dict[str, Family] = {
         Family("nn_transformer_encoder", EncoderClassifier, _token_class_batch, _itself),
     ]
 }
+
+
+def _cfg(**extra: Any) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, max_position_embeddings=64, **extra)
+
+
+#: More architectures, tried by ``benchmarks/model_families.py --extra`` (not part of the test suite).
+EXTRA_FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("mistral", _hf("MistralForCausalLM", "MistralConfig", **_cfg(num_key_value_heads=2, use_cache=False)),
+               _lm_batch, _hf_loss, "transformers"),
+        Family("qwen2", _hf("Qwen2ForCausalLM", "Qwen2Config", **_cfg(num_key_value_heads=2, use_cache=False)),
+               _lm_batch, _hf_loss, "transformers"),
+        Family("phi", _hf("PhiForCausalLM", "PhiConfig", **_cfg(use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0)),
+               _lm_batch, _hf_loss, "transformers"),
+        Family("gemma", _hf("GemmaForCausalLM", "GemmaConfig", **_cfg(num_key_value_heads=2, head_dim=16,
+                                                                        use_cache=False)),
+               _lm_batch, _hf_loss, "transformers"),
+        Family("roberta", _hf("RobertaForMaskedLM", "RobertaConfig", **_cfg(hidden_dropout_prob=0.0,
+                                                                              attention_probs_dropout_prob=0.0)),
+               _lm_batch, _hf_loss, "transformers"),
+        Family("distilbert", _hf("DistilBertForMaskedLM", "DistilBertConfig", vocab_size=VOCAB, dim=D, hidden_dim=2 * D,
+                                 n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=64, dropout=0.0,
+                                 attention_dropout=0.0), _lm_batch, _hf_loss, "transformers"),
+        Family("gptj", _hf("GPTJForCausalLM", "GPTJConfig", vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+                           n_positions=64, rotary_dim=8, use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0,
+                           attn_pdrop=0.0), _lm_batch, _hf_loss, "transformers"),
+        Family("bloom", _hf("BloomForCausalLM", "BloomConfig", vocab_size=VOCAB, hidden_size=D, n_layer=LAYERS,
+                            n_head=HEADS, use_cache=False), _lm_batch, _hf_loss, "transformers"),
+        Family("falcon", _hf("FalconForCausalLM", "FalconConfig", vocab_size=VOCAB, hidden_size=D,
+                             num_hidden_layers=LAYERS, num_attention_heads=HEADS, use_cache=False),
+               _lm_batch, _hf_loss, "transformers"),
+        Family("t5", _hf("T5ForConditionalGeneration", "T5Config", vocab_size=VOCAB, d_model=D, d_kv=16, d_ff=2 * D,
+                         num_layers=LAYERS, num_heads=HEADS, dropout_rate=0.0, use_cache=False,
+                         decoder_start_token_id=0, pad_token_id=0), _lm_batch, _hf_loss, "transformers"),
+    ]
+}

@@ -1,7 +1,8 @@
 """normalize: one out-of-place form for in-place ops.
 
-``x.add_(y)``, ``operator.iadd``, ``F.relu(x, inplace=True)`` become their
-out-of-place forms; later readers of the mutated tensor read the new value.
+``x.add_(y)``, ``operator.iadd``, ``F.relu(x, inplace=True)`` and aten's
+``add_.Tensor`` on intermediate values (export graphs) become their out-of-place
+forms; later readers of the mutated tensor read the new value.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def _redirect_later_readers(gm: fx.GraphModule, mutated: fx.Node, new: fx.Node) 
             user.replace_input_with(mutated, new)
 
 
+def _out_of_place_overload(target: object) -> object | None:
+    """``aten.add_.Tensor`` -> ``aten.add.Tensor`` (same overload of the out-of-place op)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    name = target.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
 def normalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     changed = 0
     for node in list(gm.graph.nodes):
@@ -53,6 +65,11 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 mutated = node.args[0]
         elif node.op == "call_function" and node.target in _INPLACE_OPERATORS:
             node.target = _INPLACE_OPERATORS[node.target]
+            mutated = node.args[0]
+        elif (node.op == "call_function" and _out_of_place_overload(node.target) is not None
+              and node.args and isinstance(node.args[0], fx.Node)
+              and node.args[0].op not in ("get_attr", "placeholder")):  # buffers keep their updates
+            node.target = _out_of_place_overload(node.target)
             mutated = node.args[0]
         elif node.op == "call_function" and node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}

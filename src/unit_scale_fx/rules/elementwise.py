@@ -34,7 +34,7 @@ register(*_unique([
     # sign flips keep the RMS of values and gradients exactly (and keep rotations rotations)
     torch.neg, operator.neg, tensor_method("neg"), tensor_method("__neg__"), aten("neg"),
     torch.abs, operator.abs, tensor_method("abs"), tensor_method("__abs__"), aten("abs"),
-    aten("to", "dtype_layout"), aten("to", "device"), aten("to", "other"), aten("type_as"),
+    aten("numpy_T"), aten("mT"), aten("mH"), aten("adjoint"), aten("to", "dtype_layout"), aten("to", "device"), aten("to", "other"), aten("type_as"),
     aten("unflatten", "int"), aten("flatten", "using_ints"), aten("squeeze", "dims"), aten("squeeze", "default"),
     aten("repeat"), aten("flip"), aten("roll"), aten("narrow"), aten("movedim", "int"), aten("index_select"),
     aten("gather"), aten("tril"), aten("triu"), aten("constant_pad_nd"), aten("pad"),
