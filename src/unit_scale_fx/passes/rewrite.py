@@ -26,6 +26,7 @@ def _insert_scale(gm: fx.GraphModule, src: fx.Node, fwd: float, bwd: float, wher
     with ctx:
         new = gm.graph.call_function(scale, (src, float(fwd), float(bwd)))
     new.meta["unit_scale_inserted"] = True
+    new.meta["unit_scale_role"] = ("output", src.name)  # read by analysis.track / draw
     for key in ("val", "nn_module_stack", "tensor_meta"):
         if key in src.meta:
             new.meta[key] = src.meta[key]
@@ -36,6 +37,7 @@ def _scale_input(gm: fx.GraphModule, node: fx.Node, inp: fx.Node, fwd: float, bw
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(scale, (inp, float(fwd), float(bwd)))
     new.meta["unit_scale_inserted"] = True
+    new.meta["unit_scale_role"] = ("input", node.name)  # read by analysis.track / draw
     for key in ("val", "nn_module_stack"):
         if key in inp.meta:
             new.meta[key] = inp.meta[key]

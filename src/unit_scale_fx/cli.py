@@ -1,0 +1,331 @@
+"""``unit-scale-fx`` (also ``python -m unit_scale_fx``): see what unit scaling does to a model.
+
+    unit-scale-fx dump TARGET [--stage before|after|diff] [--format text|python|dot|svg] [-o FILE]
+    unit-scale-fx report TARGET [--png FILE] [--json FILE] [--only matmul|outliers]
+    unit-scale-fx demo
+
+TARGET is a built-in (``gpt``, ``mlp``), ``package.module:factory`` or
+``path/to/file.py:factory``; ``--set KEY=VALUE`` passes sizes to the factory.
+Errors print one line on stderr and exit with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import UnitScaleError
+
+log = logging.getLogger("unit_scale_fx.cli")
+
+EXIT_ERROR = 2
+
+
+# -- helpers ------------------------------------------------------------------
+def _write(text: str, path: Optional[str]) -> None:
+    if path is None or path == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _g(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .targets import load_target, parse_params
+
+    return load_target(args.target, parse_params(args.set))
+
+
+def _unit_scale(target: Any, command: str) -> Any:
+    from .api import unit_scale
+
+    inputs = target.require_inputs(command)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        us = unit_scale(target.model, inputs)
+    for w in caught:  # one line each, not the warnings module's two-line format
+        print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+    return us
+
+
+# -- dump ---------------------------------------------------------------------
+def cmd_dump(args: argparse.Namespace) -> int:
+    from .analysis.draw import dot_to_svg, graph_diff, graph_dot, graph_python, graph_text
+    from .analysis.track import _as_graph, measure_nodes
+
+    target = _load(args)
+    inputs = target.require_inputs("dump")
+    us = _unit_scale(target, "dump")
+    if args.stage == "before":
+        gm = _as_graph(target.model)
+        if gm is None:  # traced by torch.export inside unit_scale: show what was captured
+            gm = fx.GraphModule(us, copy.deepcopy(us.us_source_graph))
+        graph, root, title = gm.graph, gm, f"{args.target}: captured graph (before unit scaling)"
+    else:
+        gm, graph, root = us, us.graph, us
+        title = f"{args.target}: unit-scaled graph" if args.stage == "after" else f"{args.target}: what the rewrite changed"
+    measured = {} if args.no_measure else measure_nodes(gm, *inputs)
+
+    if args.stage == "diff":
+        diff = graph_diff(us.us_source_graph, us.graph, us)
+        if args.format == "text":
+            out = str(diff)
+        elif args.format == "python":
+            import difflib
+
+            before_code = graph_python(copy.deepcopy(us.us_source_graph), us).splitlines()
+            after_code = graph_python(us.graph, us).splitlines()
+            out = f"# {diff.summary()}\n" + "\n".join(
+                difflib.unified_diff(before_code, after_code, "before.py", "after.py", lineterm="")) + "\n"
+        else:
+            out = graph_dot(graph, root, measured, title=f"{title}: {diff.summary()}",
+                            added=frozenset(diff.added), swapped=frozenset(diff.swapped))
+    elif args.format == "text":
+        out = graph_text(graph, root, measured, float_only=not args.all_nodes)
+    elif args.format == "python":
+        out = graph_python(graph, root)
+    else:
+        out = graph_dot(graph, root, measured, title=title)
+    if args.format == "svg":
+        out = dot_to_svg(out)
+    _write(out, args.output)
+    return 0
+
+
+# -- report -------------------------------------------------------------------
+def compare_table(before: Any, after: Any) -> str:
+    """Ops of the unit-scaled model beside the same nodes of the original: forward and gradient RMS."""
+    b = {r.name: r for r in before.rows}
+    rows = [("node", "op", "mm", "fwd before", "fwd after", "grad before", "grad after", "pred fwd", "pred grad")]
+    for a in after.rows:
+        o = b.get(a.name)
+        rows.append((a.name, a.op.split(".")[-1], a.matmul or "", _g(o.fwd_rms if o else None), _g(a.fwd_rms),
+                     _g(o.grad_rms if o else None), _g(a.grad_rms), _g(a.pred_fwd_rms), _g(a.pred_grad_rms)))
+    return _table(rows)
+
+
+def band_summary(before: Any, after: Any) -> str:
+    lines = []
+    for lo, hi in ((0.5, 2.0), (0.125, 8.0)):
+        fb, fa = before.fraction_in_band(lo, hi), after.fraction_in_band(lo, hi)
+        lines.append(f"measured RMS values (fwd and grad) in [{lo:g}, {hi:g}]: before {fb:.0%}, after {fa:.0%}")
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.track import track_scales
+
+    target = _load(args)
+    inputs = target.require_inputs("report")
+    if args.png:  # fail before the work, not after it
+        from .analysis.plot import _matplotlib
+
+        _matplotlib()
+    t0 = time.perf_counter()
+    before = track_scales(target.model, *inputs, progress=args.progress)
+    us = _unit_scale(target, "report")
+    after = track_scales(us, *inputs, progress=args.progress)
+    sel_b, sel_a = before.ops(), after.ops()
+    if args.only == "matmul":
+        sel_b, sel_a = before.matmul_operands(), after.matmul_operands()
+    elif args.only == "outliers":
+        sel_a = after.ops().outliers()
+        sel_b = before
+    print(f"{args.target}: {len(after.rows)} float nodes; loss before {_g(before.loss)}, after {_g(after.loss)} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    print(compare_table(sel_b, sel_a))
+    print(band_summary(before.ops(), after.ops()))
+    if args.full:
+        print()
+        print(after)
+    if args.json:
+        import json
+
+        payload = {"target": args.target, "before": before.to_dict(), "after": after.to_dict()}
+        _write(json.dumps(payload, indent=2, default=str), args.json)
+    if args.png:
+        from .analysis.plot import plot_reports
+
+        plot_reports(before, after, args.png, title=f"{args.target}: log2 RMS per op, before vs after unit scaling")
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------
+def counting_batch(vocab: int, batch: int, seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable toy task: each row counts from a random start with a random step in 1..3 (mod vocab)."""
+    start = torch.randint(0, vocab, (batch, 1), generator=generator)
+    step = torch.randint(1, 4, (batch, 1), generator=generator)
+    seqs = (start + step * torch.arange(seq + 1)) % vocab
+    return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+
+
+def _operand_table(before: list, after: list) -> str:
+    rows = [("phase", "operand", "count", "before median", "before range", "after median", "after range",
+             "after in [1/2,2]")]
+    for phase in ("fwd", "bwd"):
+        for role in sorted({r.role for r in after if r.phase == phase}):
+            b = [r.rms for r in before if r.phase == phase and r.role == role]
+            a = [r.rms for r in after if r.phase == phase and r.role == role]
+            if not a:
+                continue
+            rng = (lambda v: f"{min(v):.2g}..{max(v):.2g}" if v else "-")
+            rows.append((phase, role, str(len(a)), _g(statistics.median(b)) if b else "-", rng(b),
+                         _g(statistics.median(a)), rng(a), f"{sum(0.5 <= x <= 2 for x in a)}/{len(a)}"))
+    return _table(rows)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .analysis.progress import Progress
+    from .analysis.recorder import fraction_in_band, record_matmul_operands
+    from .analysis.track import track_scales
+    from .api import unit_scale
+    from .targets import gpt, parse_params
+
+    params = {"vocab": 256, "d": 64, "layers": 2, "heads": 4, "seq": 64, "batch": 8, **parse_params(args.set)}
+    model, _ = gpt(**params)
+    g = torch.Generator().manual_seed(0)
+    idx, tgt = counting_batch(params["vocab"], params["batch"], params["seq"], g)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"1. A GPT ({params['layers']} layers, d={params['d']}, {n_params / 1e6:.2f}M parameters) with the usual "
+          f"std-0.02 init.\n")
+    t0 = time.perf_counter()
+    us = unit_scale(model, (idx, tgt))
+    print(f"2. us = unit_scale(model, (idx, targets)): {len(us.scale_plan())} nodes scaled in "
+          f"{time.perf_counter() - t0:.2f} s; same state_dict keys: "
+          f"{list(us.state_dict().keys()) == list(model.state_dict().keys())}.\n")
+
+    rb = record_matmul_operands(model, idx, tgt)
+    ra = record_matmul_operands(us, idx, tgt)
+    model.zero_grad(set_to_none=True)
+    us.zero_grad(set_to_none=True)
+    print("3. RMS of every matmul operand (measured at the aten level, forward and backward):")
+    print(_operand_table(rb, ra))
+    print(f"   in [1/2, 2]: before {fraction_in_band(rb):.0%}, after {fraction_in_band(ra):.0%} "
+          f"of {len(ra)} operands\n")
+
+    before = track_scales(model, idx, tgt, progress=False)
+    after = track_scales(us, idx, tgt, progress=False)
+    print("4. track_scales: every op output, forward and gradient RMS")
+    print("   " + band_summary(before.ops(), after.ops()).replace("\n", "\n   ") + "\n")
+
+    print(f"5. Training the unit-scaled GPT on a counting task (Adam, lr {args.lr:g}, {args.steps} steps):")
+    opt = torch.optim.Adam(us.parameters(), lr=args.lr)
+    losses = []
+    every = max(1, args.steps // 8)
+    with Progress(args.steps, "   training", enabled=args.progress) as bar:
+        for step in range(args.steps):
+            x, y = counting_batch(params["vocab"], params["batch"], params["seq"], g)
+            loss = us(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update()
+            if step % every == 0 or step == args.steps - 1:
+                log.info("step %d loss %.4f", step, losses[-1])
+    rows = [("step", "loss")] + [(str(s), f"{losses[s]:.3f}") for s in range(0, args.steps, every)]
+    if (args.steps - 1) % every:
+        rows.append((str(args.steps - 1), f"{losses[-1]:.3f}"))
+    print("   " + _table(rows).replace("\n", "\n   "))
+    ok = all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} (uniform guess: ln {params['vocab']} = "
+          f"{math.log(params['vocab']):.3f})")
+    return 0 if ok else 1
+
+
+# -- parser -------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unit-scale-fx", description="See what unit scaling does to a model.",
+                                epilog="TARGET: gpt | mlp | package.module:factory | path/to/file.py:factory "
+                                "(a factory returns a model or (model, example_inputs)). Built-in options: "
+                                "gpt: vocab d layers heads seq batch gated tied seed; mlp: d_in d layers d_out batch seed.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, target: bool = True) -> None:
+        if target:
+            sp.add_argument("target", metavar="TARGET", help="gpt, mlp, package.module:factory or file.py:factory")
+        sp.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
+                        help="keyword argument for the factory (sizes), e.g. -s d=128 -s layers=4; repeatable")
+        sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: only on a terminal)")
+
+    d = sub.add_parser("dump", help="the captured / unit-scaled graph as text, Python, DOT or SVG")
+    common(d)
+    d.add_argument("--stage", choices=("before", "after", "diff"), default="after")
+    d.add_argument("--format", choices=("text", "python", "dot", "svg"), default="text")
+    d.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    d.add_argument("--no-measure", action="store_true", help="skip the forward/backward that measures RMS")
+    d.add_argument("--all-nodes", action="store_true", help="text: also list integer / shape nodes")
+    d.set_defaults(func=cmd_dump)
+
+    r = sub.add_parser("report", help="measured RMS per op before and after unit scaling")
+    common(r)
+    r.add_argument("--png", metavar="FILE", help="save a plot of log2 RMS per op (needs matplotlib)")
+    r.add_argument("--json", metavar="FILE", help="save both reports as JSON")
+    r.add_argument("--only", choices=("matmul", "outliers"), help="only matmul operands / only ops outside [1/2, 2]")
+    r.add_argument("--full", action="store_true", help="also print the unit-scaled report with predictions and scales")
+    r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("demo", help="unit-scale the built-in GPT, compare scales, train a few steps")
+    common(m, target=False)
+    m.add_argument("--steps", type=int, default=40)
+    m.add_argument("--lr", type=float, default=5e-2)
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, UnitScaleError):
+        msg = exc.what.strip().splitlines()[0] if exc.what.strip() else type(exc).__name__
+        if exc.fix:
+            msg += f" (fix: {exc.fix})"
+        return msg
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("unit-scale-fx: interrupted", file=sys.stderr)
+        return 130
+    except (UnitScaleError, Exception) as exc:  # noqa: B014 - one line for every failure
+        if args.debug:
+            raise
+        print(f"unit-scale-fx: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
