@@ -59,15 +59,22 @@ def _load(args: argparse.Namespace) -> Any:
     return load_target(args.target, parse_params(args.set))
 
 
-def _unit_scale(target: Any, command: str) -> Any:
+def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
+    """unit_scale the target; warnings become one line each, and what torch prints on
+    stderr while a capture fails (torch.export prints the partial graph) is dropped unless --debug."""
+    import contextlib
+    import io
+    import warnings
+
     from .api import unit_scale
 
     inputs = target.require_inputs(command)
-    import warnings
-
+    noise = io.StringIO()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        us = unit_scale(target.model, inputs)
+        with contextlib.redirect_stderr(sys.stderr if debug else noise):
+            us = unit_scale(target.model, inputs)
+    sys.stderr.write(noise.getvalue())
     for w in caught:  # one line each, not the warnings module's two-line format
         print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
     return us
@@ -80,7 +87,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     target = _load(args)
     inputs = target.require_inputs("dump")
-    us = _unit_scale(target, "dump")
+    us = _unit_scale(target, "dump", args.debug)
     if args.stage == "before":
         gm = _as_graph(target.model)
         if gm is None:  # traced by torch.export inside unit_scale: show what was captured
@@ -148,7 +155,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _matplotlib()
     t0 = time.perf_counter()
     before = track_scales(target.model, *inputs, progress=args.progress)
-    us = _unit_scale(target, "report")
+    us = _unit_scale(target, "report", args.debug)
     after = track_scales(us, *inputs, progress=args.progress)
     sel_b, sel_a = before.ops(), after.ops()
     if args.only == "matmul":

@@ -314,17 +314,18 @@ _N_OPERANDS = {"matmul": 2, "attention": 3}
 _OPERAND_KWARGS = ("input", "weight", "other", "mat2", "query", "key", "value")
 
 
-def _matmul_operands(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+def _matmul_operands(node: fx.Node, gm: fx.GraphModule,
+                     floats: Callable[[fx.Node], bool] = is_float) -> list[fx.Node]:
     """The float operands of a matmul-class op (not its bias or mask); [] for other ops."""
     rule = lookup(node, gm)
     if rule is None or rule.kind not in _N_OPERANDS:
         return []
     cand = list(node.args[: _N_OPERANDS[rule.kind]]) + [node.kwargs[k] for k in _OPERAND_KWARGS if k in node.kwargs]
-    ops = [a for a in cand if isinstance(a, fx.Node) and is_float(a)]
+    ops = [a for a in cand if isinstance(a, fx.Node) and floats(a)]
     return ops if len(ops) >= 2 else []  # a lookup (embedding) has one float operand: not a matmul
 
 
-def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node) -> str:
+def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node, floats: Callable[[fx.Node], bool]) -> str:
     """``in`` if ``eff`` (possibly through inserted input scales) is a matmul operand; ``out`` for matmul outputs."""
     roles = []
     frontier, seen, ins = [eff], set(), False
@@ -336,17 +337,21 @@ def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node) -> str:
             seen.add(u)
             if u.meta.get(INSERTED):
                 frontier.append(u)
-            elif r in _matmul_operands(u, gm):
+            elif r in _matmul_operands(u, gm, floats):
                 ins = True
     if ins:
         roles.append("in")
-    if _matmul_operands(node, gm):
+    if _matmul_operands(node, gm, floats):
         roles.append("out")
     return ",".join(roles)
 
 
 def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted: bool) -> list[NodeScale]:
     rows = []
+
+    def floats(n: fx.Node) -> bool:  # measured values stand in where shape propagation did not run
+        return n in values or is_float(n)
+
     for node in gm.graph.nodes:
         inserted = bool(node.meta.get(INSERTED))
         if node.op == "output" or (inserted and not include_inserted):
@@ -360,7 +365,7 @@ def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted:
         row = NodeScale(
             name=node.name, op="scale" if inserted else op, shape=tuple(t.shape), fwd_rms=_rms(t),
             grad_rms=None if g is None else _rms(g), inserted=inserted, measured_at=eff.name,
-            matmul="" if inserted else _matmul_role(node, gm, eff),
+            matmul="" if inserted else _matmul_role(node, gm, eff, floats),
         )
         rule = lookup(node, gm)
         row.kind = rule.kind if rule is not None else ""
