@@ -41,9 +41,10 @@ def _write(text: str, path: Optional[str]) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: list[tuple[str, ...]], left: int = 1) -> str:
+    """Aligned columns: the first ``left`` left-aligned, the rest (numbers) right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = ["  ".join(c.ljust(w) if k < left else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -133,7 +134,7 @@ def compare_table(before: Any, after: Any) -> str:
         o = b.get(a.name)
         rows.append((a.name, a.op.split(".")[-1], a.matmul or "", _g(o.fwd_rms if o else None), _g(a.fwd_rms),
                      _g(o.grad_rms if o else None), _g(a.grad_rms), _g(a.pred_fwd_rms), _g(a.pred_grad_rms)))
-    return _table(rows)
+    return _table(rows, left=3)
 
 
 def band_summary(before: Any, after: Any) -> str:
@@ -204,7 +205,7 @@ def _operand_table(before: list, after: list) -> str:
             rng = (lambda v: f"{min(v):.2g}..{max(v):.2g}" if v else "-")
             rows.append((phase, role, str(len(a)), _g(statistics.median(b)) if b else "-", rng(b),
                          _g(statistics.median(a)), rng(a), f"{sum(0.5 <= x <= 2 for x in a)}/{len(a)}"))
-    return _table(rows)
+    return _table(rows, left=2)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

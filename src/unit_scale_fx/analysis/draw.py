@@ -136,7 +136,7 @@ def graph_python(graph: fx.Graph, root: nn.Module) -> str:
 
 # -- DOT --------------------------------------------------------------------
 def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def graph_dot(graph: fx.Graph, root: Optional[nn.Module] = None,
@@ -158,7 +158,7 @@ def graph_dot(graph: fx.Graph, root: Optional[nn.Module] = None,
     infos = {}
     for n in keep:
         i = infos[n] = _info(n, root, measured)
-        label = "\\n".join(x for x in (n.name, f"{i.op}  {i.shape}", i.scales, i.pred, i.measured) if x)
+        label = "\n".join(x for x in (n.name, f"{i.op}  {i.shape}", i.scales, i.pred, i.measured) if x)
         attrs = [f"label={_q(label)}"]
         if n.meta.get(INSERTED):
             attrs += ["shape=diamond", f'fillcolor="{SCALE_FILL}"']

@@ -26,14 +26,21 @@ def _log2(v: Optional[float]) -> float:
     return math.log2(v) if v is not None and v > 0 and math.isfinite(v) else math.nan
 
 
-def _aligned(before: ScaleReport, after: ScaleReport) -> list[tuple[str, Optional[NodeScale], NodeScale]]:
+def _aligned(before: ScaleReport, after: ScaleReport, skip_kinds: tuple[str, ...]
+             ) -> list[tuple[str, Optional[NodeScale], NodeScale]]:
     """Ops of ``after`` in graph order, each with the ``before`` row of the same node name."""
     b = {r.name: r for r in before.ops().rows}
-    return [(r.name, b.get(r.name), r) for r in after.ops().rows]
+    return [(r.name, b.get(r.name), r) for r in after.ops().rows if r.kind not in skip_kinds]
+
+
+def _label(row: NodeScale) -> str:
+    op = row.op.split(".")[-1]
+    return row.name if row.name.startswith(op) else f"{row.name} ({op})"
 
 
 def plot_reports(before: ScaleReport, after: ScaleReport, path: Union[str, Path],
-                 title: Optional[str] = None, band: float = 1.0) -> Path:
+                 title: Optional[str] = None, band: float = 1.0,
+                 skip_kinds: tuple[str, ...] = ("preserve",)) -> Path:
     """Save a two-panel plot (forward, backward) of log2 RMS per op, before vs after.
 
     Args:
@@ -41,14 +48,16 @@ def plot_reports(before: ScaleReport, after: ScaleReport, path: Union[str, Path]
             unit-scaled model; ops are matched by node name.
         path: where to write the image (format from the suffix, e.g. ``.png``).
         band: shade ``|log2 RMS| <= band``.
+        skip_kinds: rule kinds left out (by default views, reshapes and getitems,
+            which only repeat their input's RMS).
     """
     plt = _matplotlib()
-    rows = _aligned(before, after)
+    rows = _aligned(before, after, skip_kinds)
     if not rows:
         raise UnitScaleError("nothing to plot: the reports have no op rows", where="plot_reports",
                              fix="pass reports from track_scales on a traceable model")
     xs = list(range(len(rows)))
-    names = [f"{a.name} ({a.op.split('.')[-1]})" for _, _, a in rows]
+    names = [_label(a) for _, _, a in rows]
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.22 * len(rows) + 2), 7.5), sharex=True)
     for ax, field, label in ((axes[0], "fwd_rms", "forward"), (axes[1], "grad_rms", "backward (gradient)")):
         yb = [_log2(getattr(b, field)) if b is not None else math.nan for _, b, _ in rows]
