@@ -215,9 +215,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .api import unit_scale
     from .targets import gpt, parse_params
 
-    params = {"vocab": 256, "d": 64, "layers": 2, "heads": 4, "seq": 64, "batch": 8, **parse_params(args.set)}
+    params = {"vocab": 256, "d": args.width, "layers": args.layers, "heads": 4, "seq": 64, "batch": 8,
+              "seed": args.seed, **parse_params(args.set)}
     model, _ = gpt(**params)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(params["seed"])
     idx, tgt = counting_batch(params["vocab"], params["batch"], params["seq"], g)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"1. A GPT ({params['layers']} layers, d={params['d']}, {n_params / 1e6:.2f}M parameters) with the usual "
@@ -242,7 +243,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("4. track_scales: every op output, forward and gradient RMS")
     print("   " + band_summary(before.ops(), after.ops()).replace("\n", "\n   ") + "\n")
 
-    print(f"5. Training the unit-scaled GPT on a counting task (Adam, lr {args.lr:g}, {args.steps} steps):")
+    print("5. The scale plan (first rows of us.summary()):")
+    print("   " + "\n".join(us.summary().splitlines()[:12]).replace("\n", "\n   ") + "\n")
+
+    print(f"6. Training the unit-scaled GPT on a counting task (Adam, lr {args.lr:g}, {args.steps} steps):")
     opt = torch.optim.Adam(us.parameters(), lr=args.lr)
     losses = []
     every = max(1, args.steps // 8)
@@ -303,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="unit-scale the built-in GPT, compare scales, train a few steps")
     common(m, target=False)
+    m.add_argument("--width", type=int, default=64, help="model width d")
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("--seed", type=int, default=0)
     m.add_argument("--steps", type=int, default=40)
     m.add_argument("--lr", type=float, default=5e-2)
     m.set_defaults(func=cmd_demo)
