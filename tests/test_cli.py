@@ -159,7 +159,15 @@ def test_report_on_user_factory_with_options(factories: Path, capsys) -> None:
     assert "12" in out  # the width option reached the factory (12 in shapes)
 
 
+def test_report_measures_on_a_fresh_batch(capsys) -> None:
+    assert main(["report", "mlp", *MLP_SMALL, "--measure-seed", "3"]) == 0
+    out = capsys.readouterr().out
+    after = float(out.strip().splitlines()[-2].split("after ")[1].rstrip("%")) / 100
+    assert after > 0.8  # measured RMS in [1/2, 2] on a batch the plan did not see
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["report", "{f}:tiny", "--measure-seed", "1"], "does not take these options"),
     (["dump", "nonsense"], "unknown target"),
     (["dump", "no/such/file.py:f"], "file not found: no/such/file.py"),
     (["dump", "no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),

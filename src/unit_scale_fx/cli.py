@@ -155,8 +155,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         _matplotlib()
     t0 = time.perf_counter()
+    us = _unit_scale(target, "report", args.debug)  # plans (and calibrates) on the factory's batch
+    if args.measure_seed is not None:  # measure on a batch the plan has not seen
+        from .targets import load_target, parse_params
+
+        inputs = load_target(args.target, {**parse_params(args.set), "seed": args.measure_seed}).require_inputs("report")
     before = track_scales(target.model, *inputs, progress=args.progress)
-    us = _unit_scale(target, "report", args.debug)
     after = track_scales(us, *inputs, progress=args.progress)
     sel_b, sel_a = before.ops(), after.ops()
     if args.only == "matmul":
@@ -302,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--png", metavar="FILE", help="save a plot of log2 RMS per op (needs matplotlib)")
     r.add_argument("--json", metavar="FILE", help="save both reports as JSON")
     r.add_argument("--only", choices=("matmul", "outliers"), help="only matmul operands / only ops outside [1/2, 2]")
+    r.add_argument("--measure-seed", type=int, metavar="N",
+                   help="measure on the batch the factory makes with seed=N (the factory must take seed), "
+                   "not on the batch the scales were planned on")
     r.add_argument("--full", action="store_true", help="also print the unit-scaled report with predictions and scales")
     r.set_defaults(func=cmd_report)
 
