@@ -53,6 +53,20 @@ def factories(tmp_path_factory) -> Path:
         def model_only():
             return nn.Linear(3, 3)
 
+        class ShapeBranch(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+            def forward(self, x):
+                if x.shape[0] > 2:  # fx cannot trace this; torch.export specialises on it
+                    x = x * 2
+                return self.b(torch.relu(self.a(x)))
+
+        def export_only():
+            torch.manual_seed(0)
+            return ShapeBranch(), (torch.randn(32, 8),)
+
         def tiny(width=8):
             torch.manual_seed(0)
             return nn.Sequential(nn.Linear(4, width), nn.GELU(), nn.Linear(width, 2)), (torch.randn(16, 4),)
@@ -157,6 +171,15 @@ def test_report_on_user_factory_with_options(factories: Path, capsys) -> None:
     rows = out.splitlines()[3:-2]
     assert rows and all(r.split()[2] in ("in", "out", "in,out") for r in rows)
     assert "12" in out  # the width option reached the factory (12 in shapes)
+
+
+def test_report_lines_up_an_export_captured_model(factories: Path, capsys) -> None:
+    assert main(["report", f"{factories}:export_only"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:-2]}
+    assert set(rows) == {"mul", "linear", "relu", "linear_1"}
+    # the original weights (std ~ 1/sqrt(fan_in)): linear_1's output is far from unit before, near it after
+    before, after = float(rows["linear_1"][3]), float(rows["linear_1"][4])
+    assert before < 0.7 and 0.7 < after < 1.4
 
 
 def test_report_measures_on_a_fresh_batch(capsys) -> None:

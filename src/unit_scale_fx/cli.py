@@ -76,9 +76,45 @@ def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
         with contextlib.redirect_stderr(sys.stderr if debug else noise):
             us = unit_scale(target.model, inputs)
     sys.stderr.write(noise.getvalue())
-    for w in caught:  # one line each, not the warnings module's two-line format
-        print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+    for w in caught:  # ours, one line each (torch's own deprecation notices are not the user's business)
+        if "unit_scale_fx" in str(w.filename).replace("\\", "/"):
+            print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
     return us
+
+
+def _attr(root: Any, target: str) -> Any:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def captured_original(model: Any, us: Any) -> Optional[fx.GraphModule]:
+    """The graph the rewrite started from, run with the original model's own weights.
+
+    Node names match the unit-scaled graph exactly, so before and after line up.
+    Attributes the original lacks (helpers a capture added, such as torch.export's
+    guard module) come from the unit-scaled module. None if that fails too.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(us.us_source_graph)
+    attrs: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            target = str(n.target)
+            try:
+                attrs[target] = _attr(model, target)
+            except AttributeError:
+                try:
+                    attrs[target] = _attr(us, target)
+                except AttributeError:
+                    log.info("captured graph reads %s, which neither model has; measuring the model as it is", target)
+                    return None
+    gm = fx.GraphModule(attrs, graph, type(model).__name__)
+    gm.train(model.training)
+    return gm
 
 
 # -- dump ---------------------------------------------------------------------
@@ -90,9 +126,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
     inputs = target.require_inputs("dump")
     us = _unit_scale(target, "dump", args.debug)
     if args.stage == "before":
-        gm = _as_graph(target.model)
-        if gm is None:  # traced by torch.export inside unit_scale: show what was captured
-            gm = fx.GraphModule(us, copy.deepcopy(us.us_source_graph))
+        gm = captured_original(target.model, us) or _as_graph(target.model)
+        if gm is None:
+            raise UnitScaleError("cannot show the captured graph with the original weights", where="dump --stage before",
+                                 fix="use --stage after or --stage diff")
         graph, root, title = gm.graph, gm, f"{args.target}: captured graph (before unit scaling)"
     else:
         gm, graph, root = us, us.graph, us
@@ -106,7 +143,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         elif args.format == "python":
             import difflib
 
-            before_code = graph_python(copy.deepcopy(us.us_source_graph), us).splitlines()
+            before_code = graph_python(us.us_source_graph, us).splitlines()
             after_code = graph_python(us.graph, us).splitlines()
             out = f"# {diff.summary()}\n" + "\n".join(
                 difflib.unified_diff(before_code, after_code, "before.py", "after.py", lineterm="")) + "\n"
@@ -128,11 +165,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
 # -- report -------------------------------------------------------------------
 def compare_table(before: Any, after: Any) -> str:
     """Ops of the unit-scaled model beside the same nodes of the original: forward and gradient RMS."""
+    from .analysis.track import short_op
+
     b = {r.name: r for r in before.rows}
     rows = [("node", "op", "mm", "fwd before", "fwd after", "grad before", "grad after", "pred fwd", "pred grad")]
     for a in after.rows:
         o = b.get(a.name)
-        rows.append((a.name, a.op.split(".")[-1], a.matmul or "", _g(o.fwd_rms if o else None), _g(a.fwd_rms),
+        rows.append((a.name, short_op(a.op), a.matmul or "", _g(o.fwd_rms if o else None), _g(a.fwd_rms),
                      _g(o.grad_rms if o else None), _g(a.grad_rms), _g(a.pred_fwd_rms), _g(a.pred_grad_rms)))
     return _table(rows, left=3)
 
@@ -160,7 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .targets import load_target, parse_params
 
         inputs = load_target(args.target, {**parse_params(args.set), "seed": args.measure_seed}).require_inputs("report")
-    before = track_scales(target.model, *inputs, progress=args.progress)
+    before = track_scales(captured_original(target.model, us) or target.model, *inputs, progress=args.progress)
     after = track_scales(us, *inputs, progress=args.progress)
     sel_b, sel_a = before.ops(), after.ops()
     if args.only == "matmul":

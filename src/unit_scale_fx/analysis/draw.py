@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import node_op_name
-from .track import INSERTED, Measured
+from .track import INSERTED, Measured, short_op
 
 #: log2 |RMS| thresholds and the edge colour up to each; beyond the last: red.
 PALETTE: tuple[tuple[float, str], ...] = ((1.0, "#2ca02c"), (2.0, "#9acd32"), (4.0, "#ff7f0e"))
@@ -92,7 +92,7 @@ def _info(node: fx.Node, root: Optional[nn.Module], measured: Mapping[str, Measu
     elif node.op in ("placeholder", "output"):
         op = node.op
     else:
-        op = node_op_name(node, root).split(".")[-1]
+        op = short_op(node_op_name(node, root))
     shape = _shape(node, measured)
     scales, pred = "", ""
     if inserted:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import UnitScaleError
-from .track import NodeScale, ScaleReport
+from .track import NodeScale, ScaleReport, short_op
 
 
 def _matplotlib():  # type: ignore[no-untyped-def]
@@ -34,7 +34,7 @@ def _aligned(before: ScaleReport, after: ScaleReport, skip_kinds: tuple[str, ...
 
 
 def _label(row: NodeScale) -> str:
-    op = row.op.split(".")[-1]
+    op = short_op(row.op)
     return row.name if row.name.startswith(op) else f"{row.name} ({op})"
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs, is_float, lookup, node_op_name
+from ..rules.registry import is_float, lookup, node_op_name
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,14 @@ class NodeScale:
         d = asdict(self)
         d["shape"] = list(self.shape) if self.shape is not None else None
         return d
+
+
+def short_op(op: str) -> str:
+    """``torch.nn.functional.linear`` -> ``linear``; ``aten.mm.default`` -> ``mm``."""
+    parts = op.split(".")
+    if parts[0] == "aten" and len(parts) >= 2:
+        return parts[1]
+    return parts[-1]
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -184,7 +192,7 @@ class ScaleReport:
         rows = [head]
         for r in self.rows:
             row: tuple[str, ...] = (
-                r.name, r.op.split(".")[-1] + ("*" if r.constrained else ""),
+                r.name, short_op(r.op) + ("*" if r.constrained else ""),
                 "x".join(map(str, r.shape)) if r.shape else "-", r.matmul or "", _fmt(r.fwd_rms), _fmt(r.grad_rms))
             if self.unit_scaled:
                 bwd = ", ".join(f"{v:.3g}" for v in r.bwd_scales.values()) or "-"
@@ -470,4 +478,4 @@ def track_scales(
     return ScaleReport(name, rows, mode="graph", unit_scaled=unit_scaled, loss=loss)
 
 
-__all__: Sequence[str] = ("Measured", "NodeScale", "ScaleReport", "measure_nodes", "track_scales")
+__all__ = ["Measured", "NodeScale", "ScaleReport", "measure_nodes", "short_op", "track_scales"]
