@@ -218,3 +218,24 @@ def test_missing_matplotlib_is_one_line(factories: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     one_line_error(p, "plotting needs matplotlib")
     assert "unit-scale-fx[plot]" in p.stderr
+
+
+def test_debug_after_the_subcommand_too(factories: Path) -> None:
+    with pytest.raises(Exception, match="boom"):
+        main(["dump", f"{factories}:boom", "--debug"])
+
+
+def test_progress_bar_is_quiet_off_a_terminal() -> None:
+    import io
+
+    from unit_scale_fx.analysis.progress import Progress
+
+    quiet = io.StringIO()
+    with Progress(5, "work", stream=quiet) as bar:  # StringIO is not a TTY
+        for _ in range(5):
+            bar.update()
+    assert quiet.getvalue() == ""
+    loud = io.StringIO()
+    with Progress(4, "work", enabled=True, stream=loud) as bar:
+        bar.update(4)
+    assert loud.getvalue().rstrip().endswith("4/4") and "\r" in loud.getvalue()

@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keyword argument for the factory (sizes), e.g. -s d=128 -s layers=4; repeatable")
         sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
 
     d = sub.add_parser("dump", help="the captured / unit-scaled graph as text, Python, DOT or SVG")
     common(d)
