@@ -120,13 +120,13 @@ def captured_original(model: Any, us: Any) -> Optional[fx.GraphModule]:
 # -- dump ---------------------------------------------------------------------
 def cmd_dump(args: argparse.Namespace) -> int:
     from .analysis.draw import dot_to_svg, graph_diff, graph_dot, graph_python, graph_text
-    from .analysis.track import _as_graph, measure_nodes
+    from .analysis.track import traced_graph, measure_nodes
 
     target = _load(args)
     inputs = target.require_inputs("dump")
     us = _unit_scale(target, "dump", args.debug)
     if args.stage == "before":
-        gm = captured_original(target.model, us) or _as_graph(target.model)
+        gm = captured_original(target.model, us) or traced_graph(target.model)
         if gm is None:
             raise UnitScaleError("cannot show the captured graph with the original weights", where="dump --stage before",
                                  fix="use --stage after or --stage diff")

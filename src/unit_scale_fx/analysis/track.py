@@ -422,7 +422,9 @@ def _module_rows(model: nn.Module, inputs: tuple, loss_fn: Optional[Callable], p
     return rows, loss_val
 
 
-def _as_graph(model: nn.Module) -> Optional[fx.GraphModule]:
+def traced_graph(model: nn.Module) -> Optional[fx.GraphModule]:
+    """``model`` itself if it is a GraphModule, else a symbolically traced copy sharing its
+    parameters (torch.nn layers traced through, as unit_scale captures); None if untraceable."""
     if isinstance(model, fx.GraphModule):
         return model
     from ..capture import UnitScaleTracer
@@ -466,7 +468,7 @@ def track_scales(
     unit_scaled = isinstance(model, UnitScaledModule)
     if unit_scaled and not model.us_planned:
         model.replan(*inputs)
-    gm = _as_graph(model)
+    gm = traced_graph(model)
     name = type(model).__name__
     if gm is None:
         with Progress(len(list(model.modules())), "track_scales", enabled=progress) as bar:
