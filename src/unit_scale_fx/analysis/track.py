@@ -28,16 +28,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
+from ..passes.rewrite import INSERTED, ROLE  # the meta keys the rewrite puts on the scale nodes it inserts
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import is_float, lookup, node_op_name
 from .progress import Progress
 
 log = logging.getLogger(__name__)
 
-#: ``node.meta`` flag the rewrite puts on the ``scale`` nodes it inserts.
-INSERTED = "unit_scale_inserted"
-#: ``node.meta`` key naming what an inserted scale does: ``("output", node)`` or ``("input", consumer)``.
-ROLE = "unit_scale_role"
 #: rule kinds whose ops multiply two floating-point operands.
 MATMUL_KINDS = ("matmul", "attention")
 
