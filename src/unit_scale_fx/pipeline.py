@@ -1,7 +1,7 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> rewrite -> recompile
+            -> shape_prop -> topology -> plan -> rewrite -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
 
@@ -16,6 +16,7 @@ from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
 from .passes.base import Pass
+from .passes.simulate_format import simulate_formats
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ ANALYSE: list[tuple[str, Pass]] = [
 
 TRANSFORM: list[tuple[str, Pass]] = [
     ("rewrite", rewrite),
+    ("simulate_format", simulate_formats),  # only when config.simulate_format is set
     ("recompile", recompile),
 ]
 
