@@ -169,7 +169,7 @@ class _QuantiseFn(torch.autograd.Function):
         y = round_to_format(x, site.fwd, site.saturate)
         if site.stats is not None and site.fwd is not None:
             site.stats.fwd.add(x, y, site.fwd)
-        return y if y is not x else x.view_as(x)
+        return x.view_as(x) if y is x or site.passthrough else y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -177,7 +177,7 @@ class _QuantiseFn(torch.autograd.Function):
         g = round_to_format(grad, site.bwd, site.saturate)
         if site.stats is not None and site.bwd is not None:
             site.stats.bwd.add(grad, g, site.bwd)
-        return g, None
+        return (grad if site.passthrough else g), None
 
 
 class Quantise(nn.Module):
@@ -188,11 +188,14 @@ class Quantise(nn.Module):
     the identity, as in real low-precision training.
 
     Set :attr:`stats` to a :class:`QuantiseStats` (or call :meth:`track`) to count
-    underflow and overflow.
+    underflow and overflow. With ``passthrough=True`` nothing is rounded: the site
+    only counts what rounding would do (while tracking) and costs nothing otherwise.
     """
 
-    def __init__(self, fwd: FormatLike = None, bwd: FormatLike = None, saturate: bool = True, role: str = "") -> None:
+    def __init__(self, fwd: FormatLike = None, bwd: FormatLike = None, saturate: bool = True, role: str = "",
+                 passthrough: bool = False) -> None:
         super().__init__()
+        self.passthrough = bool(passthrough)
         self.fwd = get_format(fwd)
         self.bwd = get_format(bwd)
         self.saturate = bool(saturate)
@@ -205,14 +208,15 @@ class Quantise(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             return x
-        if self.fwd is None and self.bwd is None:
+        if (self.fwd is None and self.bwd is None) or (self.passthrough and self.stats is None):
             return x
         return _QuantiseFn.apply(x, self)
 
     def extra_repr(self) -> str:
         f = self.fwd.name if self.fwd else "-"
         b = self.bwd.name if self.bwd else "-"
-        return f"fwd={f}, bwd={b}, saturate={self.saturate}" + (f", role={self.role}" if self.role else "")
+        return (f"fwd={f}, bwd={b}, saturate={self.saturate}" + (", passthrough" if self.passthrough else "")
+                + (f", role={self.role}" if self.role else ""))
 
 
 def quantise(x: Tensor, fwd: FormatLike = None, bwd: FormatLike = None, saturate: bool = True) -> Tensor:

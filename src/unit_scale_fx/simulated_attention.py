@@ -23,14 +23,14 @@ from .formats import FormatLike, Quantise
 class SimulatedAttention(nn.Module):
     """``F.scaled_dot_product_attention`` with rounded matmul operands and gradients."""
 
-    def __init__(self, fwd: FormatLike, bwd: FormatLike, saturate: bool = True) -> None:
+    def __init__(self, fwd: FormatLike, bwd: FormatLike, saturate: bool = True, passthrough: bool = False) -> None:
         super().__init__()
-        self.q = Quantise(fwd, None, saturate, role="q")
-        self.k = Quantise(fwd, None, saturate, role="k")
-        self.v = Quantise(fwd, None, saturate, role="v")
-        self.p = Quantise(fwd, None, saturate, role="p")
-        self.logits_grad = Quantise(None, bwd, saturate, role="grad(q@k)")
-        self.out_grad = Quantise(None, bwd, saturate, role="grad(p@v)")
+        self.q = Quantise(fwd, None, saturate, "q", passthrough)
+        self.k = Quantise(fwd, None, saturate, "k", passthrough)
+        self.v = Quantise(fwd, None, saturate, "v", passthrough)
+        self.p = Quantise(fwd, None, saturate, "p", passthrough)
+        self.logits_grad = Quantise(None, bwd, saturate, "grad(q@k)", passthrough)
+        self.out_grad = Quantise(None, bwd, saturate, "grad(p@v)", passthrough)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,

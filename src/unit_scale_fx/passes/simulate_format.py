@@ -69,12 +69,15 @@ class FormatSimulation:
             (``True``), or let them overflow to ``inf`` (NaN in E4M3, which has no
             infinity) as a cast without saturation does (``False``).
         attention: also round the matmuls inside scaled-dot-product attention.
+        passthrough: round nothing; only count (with :func:`track_formats`) what
+            rounding would flush to zero or saturate.
     """
 
     fwd: FormatLike = "e4m3"
     bwd: FormatLike = "e5m2"
     saturate: bool = True
     attention: bool = True
+    passthrough: bool = False
 
     def __post_init__(self) -> None:
         get_format(self.fwd)  # raises UnitScaleError on unknown names
@@ -82,7 +85,8 @@ class FormatSimulation:
 
     def describe(self) -> str:
         f, b = get_format(self.fwd), get_format(self.bwd)
-        return f"fwd={f.name if f else 'fp32'} bwd={b.name if b else 'fp32'} saturate={self.saturate}"
+        return (f"fwd={f.name if f else 'fp32'} bwd={b.name if b else 'fp32'} saturate={self.saturate}"
+                + (" passthrough" if self.passthrough else ""))
 
 
 def _bias_arg(node: fx.Node, target: Any) -> Any:
@@ -164,7 +168,7 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
         if klass == "attention":
             if not sim.attention:
                 continue
-            name = _add_site(gm, node.name, SimulatedAttention(sim.fwd, sim.bwd, sim.saturate))
+            name = _add_site(gm, node.name, SimulatedAttention(sim.fwd, sim.bwd, sim.saturate, sim.passthrough))
             node.op, node.target = "call_module", name
             node.meta[_SITE_META] = True
             count += 1
@@ -172,11 +176,11 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             continue
         target = resolve_target(node, gm)
         for i, inp in enumerate(_operands(node, target)):
-            site = _add_site(gm, f"{node.name}_in{i}", Quantise(sim.fwd, None, sim.saturate, role=f"{klass} operand"))
+            site = _add_site(gm, f"{node.name}_in{i}", Quantise(sim.fwd, None, sim.saturate, f"{klass} operand", sim.passthrough))
             with gm.graph.inserting_before(node):
                 q = _new_call(gm, site, inp)
             node.replace_input_with(inp, q)
-        site = _add_site(gm, f"{node.name}_grad", Quantise(None, sim.bwd, sim.saturate, role=f"{klass} grad"))
+        site = _add_site(gm, f"{node.name}_grad", Quantise(None, sim.bwd, sim.saturate, f"{klass} grad", sim.passthrough))
         with gm.graph.inserting_after(node):
             q = _new_call(gm, site, node)
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
@@ -235,6 +239,7 @@ def simulate_format(
     *,
     saturate: bool = True,
     attention: bool = True,
+    passthrough: bool = False,
     example_inputs: Optional[Sequence[Any]] = None,
 ) -> nn.Module:
     """Simulate a low-precision format for the matmul-class ops of ``model``.
@@ -253,6 +258,7 @@ def simulate_format(
             torch dtypes, or ``None`` for no rounding in that direction.
         saturate: see :class:`FormatSimulation`.
         attention: also round the matmuls inside scaled-dot-product attention.
+        passthrough: measure only (see :class:`FormatSimulation`).
         example_inputs: for models that symbolic tracing cannot capture.
 
     Returns:
@@ -262,7 +268,7 @@ def simulate_format(
     """
     from ..api import UnitScaledModule
 
-    sim = FormatSimulation(fwd, bwd, saturate, attention)
+    sim = FormatSimulation(fwd, bwd, saturate, attention, passthrough)
     if isinstance(model, UnitScaledModule):
         if getattr(model.us_config, "simulate_format", None) is not None:
             raise UnitScaleError(
