@@ -42,7 +42,8 @@ class SimulatedAttention(nn.Module):
             key = key.repeat_interleave(rep, dim=-3)
             value = value.repeat_interleave(rep, dim=-3)
         q, k, v = self.q(query), self.k(key), self.v(value)
-        logits = self.logits_grad(q @ k.transpose(-2, -1)).float() * s
+        acc = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 at least
+        logits = self.logits_grad(q @ k.transpose(-2, -1)).to(acc) * s
         if is_causal:
             keep = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
             logits = logits.masked_fill(~keep, float("-inf"))
@@ -50,7 +51,7 @@ class SimulatedAttention(nn.Module):
             if attn_mask.dtype == torch.bool:
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             else:
-                logits = logits + attn_mask.float()
+                logits = logits + attn_mask.to(acc)
         p = torch.softmax(logits, dim=-1).to(query.dtype)
         if dropout_p > 0.0:
             p = F.dropout(p, dropout_p, training=True)
