@@ -95,7 +95,7 @@ def train(name: str, fp8: bool, a, dev, train_data, val_data, deadline: float) -
         sync(dev)
         if step >= 5:  # skip warm-up steps in the throughput
             t_run += time.perf_counter() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         steps += 1
     with torch.no_grad():
         vl = [float(us(x, y)) for x, y in batches(val_data, a.val_batches, a.batch, a.seq, 99, dev)]

@@ -192,7 +192,7 @@ def train(run: Run, cfg: Config, train_data: torch.Tensor, vals: list) -> Run:
             run.nonfinite_steps += 1
         opt.step()
         opt.zero_grad()
-        run.train.append((step, float(loss)))
+        run.train.append((step, float(loss.detach())))
         if tracked:
             for k, c in format_counts(model).items():
                 run.counts.setdefault(k, FormatCounter()).merge(c)

@@ -176,11 +176,13 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             continue
         target = resolve_target(node, gm)
         for i, inp in enumerate(_operands(node, target)):
-            site = _add_site(gm, f"{node.name}_in{i}", Quantise(sim.fwd, None, sim.saturate, f"{klass} operand", sim.passthrough))
+            site = _add_site(gm, f"{node.name}_in{i}",
+                             Quantise(sim.fwd, None, sim.saturate, f"{klass} operand", sim.passthrough))
             with gm.graph.inserting_before(node):
                 q = _new_call(gm, site, inp)
             node.replace_input_with(inp, q)
-        site = _add_site(gm, f"{node.name}_grad", Quantise(None, sim.bwd, sim.saturate, f"{klass} grad", sim.passthrough))
+        site = _add_site(gm, f"{node.name}_grad",
+                         Quantise(None, sim.bwd, sim.saturate, f"{klass} grad", sim.passthrough))
         with gm.graph.inserting_after(node):
             q = _new_call(gm, site, node)
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
