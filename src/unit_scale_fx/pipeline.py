@@ -1,7 +1,8 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> rewrite -> [simulate_format] -> recompile
+            -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
+            -> rewrite -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
 
@@ -15,6 +16,9 @@ import torch.fx as fx
 from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
+from .passes.balance import balance
+from .passes.calibrate_grads import calibrate_grads
+from .passes.plan import predict_grads
 from .passes.base import Pass
 from .passes.simulate_format import simulate_formats
 
@@ -35,6 +39,9 @@ ANALYSE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
     ("topology", topology),
     ("plan", plan),
+    ("balance", balance),
+    ("calibrate_grads", calibrate_grads),
+    ("predict_grads", predict_grads),
 ]
 
 TRANSFORM: list[tuple[str, Pass]] = [
