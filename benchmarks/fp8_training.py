@@ -194,7 +194,7 @@ def train(run: Run, cfg: Config, train_data: torch.Tensor, vals: list) -> Run:
         opt.zero_grad()
         run.train.append((step, float(loss.detach())))
         if tracked:
-            for k, c in format_counts(model).items():
+            for k, c in format_counts(model, by_role=True).items():
                 run.counts.setdefault(k, FormatCounter()).merge(c)
             track_formats(model, False)
     run.seconds = time.perf_counter() - t0
@@ -212,13 +212,34 @@ def pct(x: float) -> str:
     return f"{100 * x:.3g}%"
 
 
+def total(run: Run, prefix: str) -> FormatCounter:
+    out = FormatCounter()
+    for k, c in run.counts.items():
+        if k.startswith(prefix + ":"):
+            out.merge(c)
+    return out
+
+
+def role_table(runs: list[Run]) -> str:
+    """Underflow per site role (matmul operands, attention's q/k/v/p, gradients) for each run."""
+    keys = sorted({k for r in runs for k in r.counts})
+    rows = ["| site | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for k in keys:
+        cells = []
+        for r in runs:
+            c = r.counts.get(k)
+            cells.append("-" if c is None else f"{pct(c.underflow_fraction)} / {pct(c.overflow_fraction)}")
+        rows.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def table(runs: list[Run], cfg: Config) -> str:
     base = runs[0].val[-1][1]
     rows = ["| run | final train loss | final val loss | val vs fp32 | e4m3 fwd underflow | e4m3 fwd saturated "
             "| e5m2 bwd underflow | e5m2 bwd saturated | non-finite steps | s/step |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        f, b = r.counts.get("fwd:e4m3", FormatCounter()), r.counts.get("bwd:e5m2", FormatCounter())
+        f, b = total(r, "fwd:e4m3"), total(r, "bwd:e5m2")
         val = r.val[-1][1]
         rows.append(f"| {r.name} | {final_train(r, cfg):.4f} | {val:.4f} | {100 * (val / base - 1):+.2f}% "
                     f"| {pct(f.underflow_fraction)} | {pct(f.overflow_fraction)} | {pct(b.underflow_fraction)} "
@@ -278,8 +299,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         done.append(r)
         print(f"  {r.name:22s} val {r.val[-1][1]:.4f}  ({r.seconds:.0f} s)", flush=True)
     md = table(done, cfg)
+    roles = role_table(done)
     print()
     print(md)
+    print()
+    print(roles)
     stem = args.out or os.path.join(RESULTS, "fp8_training_quick" if args.quick else "fp8_training")
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     png = plot(done, cfg, stem + ".png")
@@ -293,7 +317,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         f.write("Final train loss: mean over the last 10 % of steps. Underflow: share of nonzero matmul operands "
                 "(forward, E4M3) / gradients at matmul outputs (backward, E5M2) that the format flushes to zero; "
                 "saturated: share beyond the format's max. Counted on the steps where validation is measured; "
-                "rounding is applied only in the fp8-sim runs, the other runs are measured as they are.\n")
+                "rounding is applied only in the fp8-sim runs, the other runs are measured as they are.\n\n")
+        f.write("Per site role (underflow / saturated): `matmul operand` = inputs of linear layers, `q`/`k`/`v`/`p` = "
+                "the operands of attention's two matmuls (`p`: softmax weights), `matmul grad` / `grad(q@k)` / "
+                "`grad(p@v)` = gradients arriving at those matmuls' outputs.\n\n" + roles + "\n")
         if png:
             f.write(f"\n![loss curves]({os.path.basename(png)})\n")
     with open(stem + ".json", "w") as f:

@@ -322,13 +322,18 @@ def track_formats(model: nn.Module, on: bool = True) -> None:
         site.track(on)
 
 
-def format_counts(model: nn.Module) -> dict[str, FormatCounter]:
-    """Counters summed over all quantisers, by ``"fwd:<format>"`` / ``"bwd:<format>"``."""
+def format_counts(model: nn.Module, by_role: bool = False) -> dict[str, FormatCounter]:
+    """Counters summed over all quantisers, by ``"fwd:<format>"`` / ``"bwd:<format>"``.
+
+    With ``by_role`` the key also names the site's role (``"fwd:e4m3:matmul operand"``,
+    ``"fwd:e4m3:p"`` for attention's softmax weights, ...).
+    """
     out: dict[str, FormatCounter] = {}
     for site in format_sites(model).values():
         if site.stats is None:
             continue
         for direction, spec, counter in (("fwd", site.fwd, site.stats.fwd), ("bwd", site.bwd, site.stats.bwd)):
             if spec is not None and counter.total:
-                out.setdefault(f"{direction}:{spec.name}", FormatCounter()).merge(counter)
+                key = f"{direction}:{spec.name}" + (f":{site.role}" if by_role else "")
+                out.setdefault(key, FormatCounter()).merge(counter)
     return out
