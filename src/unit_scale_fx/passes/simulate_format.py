@@ -55,6 +55,7 @@ CONV_TARGETS = frozenset(many([
 #: Where the container of quantisers lives in the GraphModule.
 SITES_ATTR = "us_formats"
 _SITE_META = "unit_scale_format_site"
+_ORIG_META = "unit_scale_format_replaced"
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             if not sim.attention:
                 continue
             name = _add_site(gm, node.name, SimulatedAttention(sim.fwd, sim.bwd, sim.saturate, sim.passthrough))
+            node.meta[_ORIG_META] = (node.op, node.target)
             node.op, node.target = "call_module", name
             node.meta[_SITE_META] = True
             count += 1
@@ -217,8 +219,8 @@ class FormatSimulatedModule(fx.GraphModule):
         for node in list(gm.graph.nodes):
             if not node.meta.get(_SITE_META):
                 continue
-            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), SimulatedAttention):
-                node.op, node.target = "call_function", F.scaled_dot_product_attention
+            if _ORIG_META in node.meta:  # a replaced op (attention): restore it
+                node.op, node.target = node.meta.pop(_ORIG_META)
                 node.meta.pop(_SITE_META)
             else:
                 node.replace_all_uses_with(node.args[0])
