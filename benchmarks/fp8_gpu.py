@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="markdown report path")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small model and few steps (smoke test)")
-    ap.add_argument("--budget", type=float, default=200.0, help="seconds for the whole run (training stops early)")
+    ap.add_argument("--budget", type=float, default=170.0, help="seconds for the whole run (training stops early)")
     a = ap.parse_args()
     if a.tiny:
         a.d, a.layers, a.heads, a.seq, a.batch, a.steps, a.val_batches, a.lr = 64, 2, 4, 64, 16, 20, 2, 3e-2
