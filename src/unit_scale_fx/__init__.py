@@ -1,5 +1,6 @@
 """unit_scale_fx: automatic unit scaling of PyTorch models with torch.fx."""
 
+from .analysis.track import ScaleReport, track_scales
 from .api import UnitScaledModule, unit_scale
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
@@ -10,7 +11,8 @@ from .record import ScaleRecord
 from .scale import scale
 
 __all__ = [
-    "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "ScaleRecord", "scale", "unit_scale",
+    "ScaleRecord", "ScaleReport", "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "scale",
+    "track_scales", "unit_scale",
     "FormatSimulation", "simulate_format", "track_formats", "format_counts", "half_precision", "MasterWeights",
     "use_fp8_linear",
 ]
