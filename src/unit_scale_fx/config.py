@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Callable, Literal, Optional
 if TYPE_CHECKING:  # pragma: no cover
     import torch.fx
 
+    from .passes.simulate_format import FormatSimulation
+
 #: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
 NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 
@@ -49,6 +51,9 @@ class UnitScaleConfig:
             (:mod:`unit_scale_fx.passes.calibrate`); needs real example inputs.
         calibrate_rounds: trial runs for calibration (more rounds refine gradient
             gains that depend on the scales planned upstream).
+        simulate_format: a :class:`~unit_scale_fx.passes.simulate_format.FormatSimulation`;
+            after scaling, round the operands of matmul-class ops (and the gradients
+            at their outputs) to low-precision formats. ``None``: no simulation.
     """
 
     attn_tau: float = 0.5
@@ -62,6 +67,7 @@ class UnitScaleConfig:
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
     calibrate: bool = False
     calibrate_rounds: int = 1
+    simulate_format: Optional["FormatSimulation"] = None
 
     def __post_init__(self) -> None:
         from .errors import UnitScaleError

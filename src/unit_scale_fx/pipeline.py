@@ -2,7 +2,7 @@
 
     capture -> normalize -> init_weights              (at unit_scale time)
             -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
-            -> rewrite -> recompile
+            -> rewrite -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
 
@@ -23,6 +23,7 @@ from .passes.base import Pass
 from .passes.calibrate import calibrate
 from .passes.constants import mark_constants
 from .passes.fuse import fuse
+from .passes.simulate_format import simulate_formats
 from .passes.strip_asserts import strip_asserts
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ ANALYSE: list[tuple[str, Pass]] = [
 
 TRANSFORM: list[tuple[str, Pass]] = [
     ("rewrite", rewrite),
+    ("simulate_format", simulate_formats),  # only when config.simulate_format is set
     ("recompile", recompile),
 ]
 
