@@ -179,7 +179,10 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]
     for n in trial.graph.nodes:
         if n.name in pins:
             n.meta[RULE_OVERRIDE] = pins[n.name]
-    tctx = PassContext(config=replace(ctx.config, calibrate=False, unsupported="ignore"),
+    trial_cfg = replace(ctx.config, calibrate=False, unsupported="ignore")
+    if getattr(trial_cfg, "simulate_format", None) is not None:  # measure in full precision
+        trial_cfg = replace(trial_cfg, simulate_format=None)
+    tctx = PassContext(config=trial_cfg,
                        example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
                        input_rms=dict(ctx.input_rms), real_values=ctx.real_values)
     tctx.param_roles = getattr(ctx, "param_roles", {})  # type: ignore[attr-defined]
