@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from helpers import rms
 from unit_scale_fx import unit_scale
-from unit_scale_fx.passes.fuse import find_regions
 from unit_scale_fx.rules.fused import FusedRegion, probe_moments
 
 

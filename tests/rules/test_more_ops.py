@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from helpers import rms
 from unit_scale_fx import unit_scale
-from unit_scale_fx.record import META_KEY
 from unit_scale_fx.rules.einsum import parse
 from unit_scale_fx.rules.pool import max_of_gaussians_rms
 

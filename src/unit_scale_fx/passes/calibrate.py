@@ -198,8 +198,6 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     if not getattr(cfg, "calibrate", False):
         return PassResult(False, "off")
-    from .rewrite import rewrite
-
     pins: dict[str, CalibratedRule] = {}
     targets: set[str] = set()
     for _ in range(max(1, int(getattr(cfg, "calibrate_rounds", 1)))):

@@ -67,9 +67,7 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 
 
 #: attention ops whose ``attn_mask`` (argument 3) is summarised as keys per query row.
-_SDPA = tuple(t for t in (torch.nn.functional.scaled_dot_product_attention,
-                          getattr(torch.ops.aten, "scaled_dot_product_attention", None)) if t is not None)
-_SDPA = tuple(getattr(t, "default", t) for t in _SDPA)
+_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 _MAX_ROWS = 4096
 
 

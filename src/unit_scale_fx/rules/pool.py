@@ -24,7 +24,6 @@ import math
 from typing import Any, Optional
 
 import numpy as np
-import torch.fx as fx
 import torch.nn.functional as F
 
 from .registry import OpView, Rule, Scales, aten, many, register

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
 
 from .registry import OpView, Rule, Scales, aten, many, register, tensor_method
 
