@@ -69,6 +69,25 @@ class UnitScaledModule(fx.GraphModule):
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
 
+    # -- copying and pickling ---------------------------------------------
+    # fx.GraphModule rebuilds copies through ``GraphModule.__init__`` (dropping
+    # our ``us_*`` attributes, parameters the graph does not use and buffer
+    # persistence) and pickles by re-tracing its generated code (which would
+    # inline ``scale`` and lose the plan). A UnitScaledModule instead copies its
+    # whole ``__dict__`` and re-attaches the graph, so a copy is the same module.
+    def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        state = copy.deepcopy(self.__dict__, memo)
+        _restore_state(res, state)
+        return res
+
+    def __reduce__(self) -> tuple:
+        state = self.__dict__.copy()
+        state["_graph"] = _portable_graph(self._graph)
+        state["us_source_graph"] = _portable_graph(self.us_source_graph)
+        return (_rebuild_unit_scaled, (state,))
+
     # -- introspection ----------------------------------------------------
     def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
         """``node name -> ScaleRecord``; by default only nodes whose scales differ from 1."""
@@ -101,6 +120,33 @@ class UnitScaledModule(fx.GraphModule):
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("(* = forward and backward scales tied: not a cut edge)")
         return "\n".join(lines)
+
+
+def _portable_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` without node metadata that cannot be pickled (fake tensors, symbolic shapes)."""
+    import pickle
+
+    out = copy.deepcopy(graph)
+    for node in out.nodes:
+        for key in list(node.meta):
+            try:
+                pickle.dumps(node.meta[key])
+            except Exception:  # fake tensors, SymInts, local classes: analysis by-products only
+                del node.meta[key]
+    return out
+
+
+def _restore_state(res: "UnitScaledModule", state: dict) -> None:
+    graph = state.pop("_graph")
+    res.__dict__.update(state)
+    res.graph = graph  # binds the graph to ``res`` and regenerates ``forward``
+
+
+def _rebuild_unit_scaled(state: dict) -> "UnitScaledModule":
+    """Unpickle a :class:`UnitScaledModule` (see ``UnitScaledModule.__reduce__``)."""
+    res = UnitScaledModule.__new__(UnitScaledModule)
+    _restore_state(res, dict(state))
+    return res
 
 
 def _check_model(model: Any) -> None:
