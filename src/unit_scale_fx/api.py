@@ -37,6 +37,8 @@ class UnitScaledModule(fx.GraphModule):
         self.us_source_graph = copy.deepcopy(graph)  # normalised, before any scale was inserted
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
+        self.us_init_rms: dict[str, float] = {}  # see snapshot_init_rms
+        self._us_planning = False
 
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
@@ -46,7 +48,11 @@ class UnitScaledModule(fx.GraphModule):
         from .passes.init_weights import parameter_roles
 
         ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
-        run_passes(self, ctx, ANALYSE + TRANSFORM)
+        self._us_planning = True
+        try:
+            run_passes(self, ctx, ANALYSE + TRANSFORM)
+        finally:
+            self._us_planning = False
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
         self.us_planned = True
@@ -68,6 +74,36 @@ class UnitScaledModule(fx.GraphModule):
                 )
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
+
+    # -- what the planner sees of the weights ------------------------------
+    # The planner reads the RMS of parameters and buffers. It must see the
+    # model as ``unit_scale`` returned it, not as training left it: otherwise a
+    # lazily planned model resumed from a checkpoint, or a ``replan`` after
+    # training, would get other scales and compute another function. While
+    # planning, parameters and buffers are therefore presented as constant
+    # (stride-0, no memory) tensors with the RMS recorded at ``unit_scale`` time.
+    def snapshot_init_rms(self) -> None:
+        """Record the RMS of every floating-point parameter and buffer as the one planning uses."""
+        self.us_init_rms = {}
+        for name, t in list(self.named_parameters(remove_duplicate=False)) + list(
+                self.named_buffers(remove_duplicate=False)):
+            if t.is_floating_point() and t.device.type != "meta" and t.numel():
+                with torch.no_grad():
+                    rms = float(t.detach().float().pow(2).mean().sqrt())
+                    # 6 significant digits: two inits of the same model (RMS 1 +- 1 ulp) plan alike
+                    self.us_init_rms[name] = float(f"{rms:.6g}")
+
+    def _planning_view(self, target: str, t: torch.Tensor) -> torch.Tensor:
+        rms = self.us_init_rms.get(target) if self.__dict__.get("_us_planning") else None
+        if rms is None:
+            return t
+        return torch.full((), rms, dtype=t.dtype, device=t.device).expand(t.shape)
+
+    def get_parameter(self, target: str) -> Any:  # type: ignore[override]
+        return self._planning_view(target, super().get_parameter(target))
+
+    def get_buffer(self, target: str) -> torch.Tensor:
+        return self._planning_view(target, super().get_buffer(target))
 
     # -- copying and pickling ---------------------------------------------
     # fx.GraphModule rebuilds copies through ``GraphModule.__init__`` (dropping
@@ -217,6 +253,7 @@ def unit_scale(
     _mirror_state(work, us)
     us.train(model.training)
     us.us_capture = gm.meta.get("capture", "")
+    us.snapshot_init_rms()
     if args is not None or example_kwargs:
         us._plan(args or (), example_kwargs or {})
     return us

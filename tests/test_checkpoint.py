@@ -1,0 +1,186 @@
+"""Checkpoints: state_dict names, save/load/resume, deepcopy, pickling, reproducible plans."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unit_scale_fx import UnitScaledModule, unit_scale
+from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+
+
+class Extras(nn.Module):
+    """A model with a non-persistent buffer, a persistent buffer and a parameter forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.unused = nn.Parameter(torch.ones(3))
+        self.register_buffer("shift", torch.zeros(8))
+        self.register_buffer("cache", torch.ones(8), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.fc(x + self.shift) * self.cache, x)
+
+
+def _gpt():
+    return GPT(vocab=32, d=16, layers=2, heads=2, max_len=8, tied=True)
+
+
+def _gpt_batch(seed=0):
+    return gpt_batch(vocab=32, batch=2, seq=8, seed=seed)
+
+
+CASES = {
+    "gpt_tied": (_gpt, _gpt_batch),
+    "residual_mlp": (lambda: ResidualMLP(d_in=8, d=16, layers=2, d_out=4), lambda seed=0: mlp_batch(8, 4, 8, seed)),
+    "extras": (Extras, lambda seed=0: (torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)),)),
+}
+
+
+def _roundtrip_torch_save(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "torch.save": _roundtrip_torch_save,
+}
+
+
+def _plan(us: UnitScaledModule) -> dict:
+    return {k: (r.rule, r.fwd, dict(r.bwd), dict(r.weights)) for k, r in us.scale_plan(all_nodes=True).items()}
+
+
+def _train(model, batches, opt):
+    losses = []
+    for batch in batches:
+        opt.zero_grad()
+        loss = model(*batch)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("planned", [True, False])
+def test_state_dict_keys_equal_original(case, planned):
+    make, batch = CASES[case]
+    model = make()
+    us = unit_scale(model, batch() if planned else None)
+    us(*batch())
+    assert list(us.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in us.named_parameters()] == [n for n, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("how", sorted(COPIES))
+def test_copies_are_equivalent_and_independent(case, how):
+    make, batch = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    us = unit_scale(model, batch())
+    c = COPIES[how](us)
+    assert isinstance(c, UnitScaledModule) and c.us_planned
+    assert list(c.state_dict()) == list(model.state_dict())
+    assert _plan(c) == _plan(us)
+    assert c.us_config == us.us_config
+    for k, v in us.state_dict().items():
+        assert torch.equal(c.state_dict()[k], v), k
+    # same loss and same gradients
+    out, out_c = us(*batch(1)), c(*batch(1))
+    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
+    out.backward()
+    out_c.backward()
+    for (n, p), (_, q) in zip(us.named_parameters(), c.named_parameters()):
+        assert p is not q
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    # a copy can be planned again, to the same plan
+    c.replan(*batch())
+    assert _plan(c) == _plan(us)
+    # training the copy leaves the original alone
+    before = {k: v.clone() for k, v in us.state_dict().items()}
+    _train(c, [batch(2)], torch.optim.SGD(c.parameters(), lr=0.1))
+    for k, v in us.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("how", sorted(COPIES))
+def test_unplanned_copy_plans_lazily(how):
+    make, batch = CASES["gpt_tied"]
+    us = unit_scale(make())
+    c = COPIES[how](us)
+    assert not c.us_planned
+    torch.testing.assert_close(c(*batch()), us(*batch()), rtol=0, atol=0)
+    assert c.us_planned and _plan(c) == _plan(us)
+
+
+@pytest.mark.parametrize("case,lazy", [("gpt_tied", True), ("gpt_tied", False), ("residual_mlp", False)])
+def test_save_load_into_fresh_model_resumes_identically(case, lazy, tmp_path):
+    """Resume = fresh ``unit_scale(Class(...))`` + load_state_dict + optimizer state.
+
+    The plan depends on the weights as unit_scale returned them (not the trained
+    ones), on input shapes, and on the RMS of float example inputs: a model with
+    float inputs must be planned with the same example batch (``lazy=False``).
+    """
+    make, batch = CASES[case]
+    torch.manual_seed(0)
+    us = unit_scale(make(), None if lazy else batch(0))
+    opt = torch.optim.Adam(us.parameters(), lr=1e-2)
+    _train(us, [batch(s) for s in range(3)], opt)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": us.state_dict(), "opt": opt.state_dict()}, path)
+    reference = _train(us, [batch(s) for s in range(3, 6)], opt)
+
+    torch.manual_seed(123)  # a different random init: everything must come from the checkpoint
+    fresh = unit_scale(make(), None if lazy else batch(0))
+    ckpt = torch.load(path)  # weights_only: a state_dict needs no pickled code
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    opt2.load_state_dict(ckpt["opt"])
+    resumed = _train(fresh, [batch(s) for s in range(3, 6)], opt2)
+    assert resumed == reference
+    for k, v in us.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_original_checkpoint_loads_into_unit_scaled_model():
+    """A checkpoint of the plain model loads into the unit-scaled one (same names, same shapes)."""
+    make, batch = CASES["gpt_tied"]
+    model = make()
+    us = unit_scale(make())
+    missing, unexpected = us.load_state_dict(model.state_dict())
+    assert not missing and not unexpected
+    for k, v in model.state_dict().items():
+        assert torch.equal(us.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_is_reproducible(case):
+    make, batch = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    a, b = unit_scale(model, batch()), unit_scale(model, batch())
+    assert _plan(a) == _plan(b)
+    assert a.code == b.code
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+    # replanning after training (same example inputs) gives the same plan: it is
+    # computed from the weights as unit_scale returned them, not the trained ones
+    code = a.code
+    _train(a, [batch(s) for s in range(1, 3)], torch.optim.SGD(a.parameters(), lr=0.1))
+    a.replan(*batch())
+    assert _plan(a) == _plan(b) and a.code == code
