@@ -1,0 +1,18 @@
+"""Model and data shared by the data-parallel worker and its test."""
+
+import torch
+
+from unit_scale_fx.models import GPT, gpt_batch
+
+WORLD = 2
+STEPS = 3
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return GPT(vocab=32, d=16, layers=2, heads=2, max_len=8)
+
+
+def batches() -> list:
+    """STEPS global batches of 4 sequences (2 per rank)."""
+    return [gpt_batch(vocab=32, batch=4, seq=8, seed=s) for s in range(STEPS)]
