@@ -37,8 +37,6 @@ class UnitScaledModule(fx.GraphModule):
         self.us_source_graph = copy.deepcopy(graph)  # normalised, before any scale was inserted
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
-        self.us_init_rms: dict[str, float] = {}  # see snapshot_init_rms
-        self._us_planning = False
 
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
@@ -48,11 +46,7 @@ class UnitScaledModule(fx.GraphModule):
         from .passes.init_weights import parameter_roles
 
         ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
-        self._us_planning = True
-        try:
-            run_passes(self, ctx, ANALYSE + TRANSFORM)
-        finally:
-            self._us_planning = False
+        run_passes(self, ctx, ANALYSE + TRANSFORM)
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
         self.us_planned = True
@@ -75,42 +69,13 @@ class UnitScaledModule(fx.GraphModule):
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
 
-    # -- what the planner sees of the weights ------------------------------
-    # The planner reads the RMS of parameters and buffers. It must see the
-    # model as ``unit_scale`` returned it, not as training left it: otherwise a
-    # lazily planned model resumed from a checkpoint, or a ``replan`` after
-    # training, would get other scales and compute another function. While
-    # planning, parameters and buffers are therefore presented as constant
-    # (stride-0, no memory) tensors with the RMS recorded at ``unit_scale`` time.
-    def snapshot_init_rms(self) -> None:
-        """Record the RMS of every floating-point parameter and buffer as the one planning uses."""
-        self.us_init_rms = {}
-        for name, t in list(self.named_parameters(remove_duplicate=False)) + list(
-                self.named_buffers(remove_duplicate=False)):
-            if t.is_floating_point() and t.device.type != "meta" and t.numel():
-                with torch.no_grad():
-                    rms = float(t.detach().float().pow(2).mean().sqrt())
-                    # 6 significant digits: two inits of the same model (RMS 1 +- 1 ulp) plan alike
-                    self.us_init_rms[name] = float(f"{rms:.6g}")
-
-    def _planning_view(self, target: str, t: torch.Tensor) -> torch.Tensor:
-        rms = self.us_init_rms.get(target) if self.__dict__.get("_us_planning") else None
-        if rms is None:
-            return t
-        return torch.full((), rms, dtype=t.dtype, device=t.device).expand(t.shape)
-
-    def get_parameter(self, target: str) -> Any:  # type: ignore[override]
-        return self._planning_view(target, super().get_parameter(target))
-
-    def get_buffer(self, target: str) -> torch.Tensor:
-        return self._planning_view(target, super().get_buffer(target))
-
     # -- copying and pickling ---------------------------------------------
     # fx.GraphModule rebuilds copies through ``GraphModule.__init__`` (dropping
-    # our ``us_*`` attributes, parameters the graph does not use and buffer
-    # persistence) and pickles by re-tracing its generated code (which would
-    # inline ``scale`` and lose the plan). A UnitScaledModule instead copies its
-    # whole ``__dict__`` and re-attaches the graph, so a copy is the same module.
+    # parameters the graph does not use and buffer persistence, so state_dict
+    # keys change) and pickles by re-tracing its generated code (which fails on
+    # string annotations, would inline ``scale`` and loses the plan). A
+    # UnitScaledModule instead copies its whole ``__dict__`` and re-attaches the
+    # graph, so a copy is the same module: same state, same plan, same config.
     def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
         res = type(self).__new__(type(self))
         memo[id(self)] = res
@@ -141,20 +106,21 @@ class UnitScaledModule(fx.GraphModule):
         return out
 
     def summary(self, all_nodes: bool = False) -> str:
-        """An aligned table: node, rule, op, shape, scales and predicted RMS."""
-        rows = [("node", "rule", "op", "shape", "fwd", "bwd", "pred fwd rms", "pred grad rms")]
+        """An aligned table: node, rule, op, shape, scales, and the output and gradient RMS."""
+        rows = [("node", "rule", "op", "shape", "fwd scale", "bwd scales", "fwd rms", "grad rms")]
         for name, r in self.scale_plan(all_nodes).items():
-            bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or (
-                "w=" + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else "-")
+            bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or "-"
+            fwd = "w " + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else f"{r.fwd:.3g}"
             rows.append((
-                name, r.rule + ("*" if r.constrained else ""), r.op.split(".")[-1],
-                "x".join(map(str, r.shape)) if r.shape else "-", f"{r.fwd:.3g}", bwd,
+                name, r.rule + ("*" if r.constrained else ""), _short_op(r.op),
+                "x".join(map(str, r.shape)) if r.shape else "-", fwd, bwd,
                 "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append("(* = forward and backward scales tied: not a cut edge)")
+        lines.append("(* = backward scales moved from the ideal to keep gradients valid; "
+                     "rms: measured on the planning batch, or predicted when planning was analytic)")
         return "\n".join(lines)
 
 
@@ -183,6 +149,13 @@ def _rebuild_unit_scaled(state: dict) -> "UnitScaledModule":
     res = UnitScaledModule.__new__(UnitScaledModule)
     _restore_state(res, dict(state))
     return res
+
+
+def _short_op(op: str) -> str:
+    parts = op.split(".")
+    if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
+        parts = parts[:-1]
+    return parts[-1]
 
 
 def _check_model(model: Any) -> None:
@@ -253,7 +226,6 @@ def unit_scale(
     _mirror_state(work, us)
     us.train(model.training)
     us.us_capture = gm.meta.get("capture", "")
-    us.snapshot_init_rms()
     if args is not None or example_kwargs:
         us._plan(args or (), example_kwargs or {})
     return us
