@@ -95,7 +95,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.train(was_training)
         gm.zero_grad(set_to_none=True)
     new = pots.log_phi.copy()
+    old = pots.log_phi
     updated = 0
+    grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
+             for n, v in run.exposed.items() if v.grad is not None}
     for cls, members in pots.members().items():
         measured = [(n, run.exposed[n]) for n in members if n in run.exposed and run.exposed[n].grad is not None]
         if not measured:
@@ -113,6 +116,9 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         new -= np.mean([new[c] for c in losses])
     pots.log_phi = new
     pots.assign()
+    # what the gradients will measure with the new potentials
+    ctx.measured_grads = {n: g * math.exp(new[pots.cls(n)] - old[pots.cls(n)])  # type: ignore[attr-defined]
+                          for n, g in grads.items() if n in pots.g}
     for rec in pots.recs.values():
         if rec.kind not in FIXED_KINDS:
             rec.note = (rec.note + "; " if rec.note else "") + "gradient scales calibrated"

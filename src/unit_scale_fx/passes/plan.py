@@ -233,8 +233,12 @@ def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> 
 
 
 def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Predict the RMS of every gradient from the chosen scales (reverse sweep)."""
+    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+
+    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+    """
     scales_of: dict[fx.Node, Scales] = getattr(ctx, "scales", {})
+    measured: dict[fx.Node, float] = getattr(ctx, "measured_grads", {}) or {}
     grad: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
@@ -252,7 +256,9 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             fallback = rec.weights.get(node.name, rec.fwd) if rec.weights else 1.0
             contribs.append(g * gain * rec.bwd.get(node.name, fallback))
-        if isinstance(node.meta.get("val"), (tuple, list)):
+        if node in measured:
+            grad[node] = measured[node]
+        elif isinstance(node.meta.get("val"), (tuple, list)):
             # readers of a tuple take disjoint pieces: their gradients are concatenated
             grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0
         else:
