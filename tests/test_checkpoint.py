@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -128,40 +129,67 @@ def test_unplanned_copy_plans_lazily(how):
     assert c.us_planned and _plan(c) == _plan(us)
 
 
-@pytest.mark.parametrize("case,lazy", [("gpt_tied", True), ("gpt_tied", False), ("residual_mlp", False)])
-def test_save_load_into_fresh_model_resumes_identically(case, lazy, tmp_path):
-    """Resume = fresh ``unit_scale(Class(...))`` + load_state_dict + optimizer state.
+@pytest.mark.parametrize("case", ["gpt_tied", "residual_mlp"])
+def test_save_load_into_fresh_model_resumes_identically(case, tmp_path):
+    """Resume = the same construction (seed, example batch), load_state_dict, optimizer state.
 
-    The plan depends on the weights as unit_scale returned them (not the trained
-    ones), on input shapes, and on the RMS of float example inputs: a model with
-    float inputs must be planned with the same example batch (``lazy=False``).
+    The plan is measured on the example batch with the weights as unit_scale
+    made them, so the fresh model is planned *before* loading the weights.
     """
     make, batch = CASES[case]
     torch.manual_seed(0)
-    us = unit_scale(make(), None if lazy else batch(0))
+    us = unit_scale(make(), batch(0))
     opt = torch.optim.Adam(us.parameters(), lr=1e-2)
     _train(us, [batch(s) for s in range(3)], opt)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": us.state_dict(), "opt": opt.state_dict()}, path)
     reference = _train(us, [batch(s) for s in range(3, 6)], opt)
 
-    torch.manual_seed(123)  # a different random init: everything must come from the checkpoint
-    fresh = unit_scale(make(), None if lazy else batch(0))
+    torch.manual_seed(0)
+    fresh = unit_scale(make(), batch(0))
     ckpt = torch.load(path)  # weights_only: a state_dict needs no pickled code
     fresh.load_state_dict(ckpt["model"])
     opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
     opt2.load_state_dict(ckpt["opt"])
+    assert _plan(fresh) == _plan(us)  # the plan the saved model trained with
     resumed = _train(fresh, [batch(s) for s in range(3, 6)], opt2)
     assert resumed == reference
     for k, v in us.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v, rtol=0, atol=0)
 
 
+def test_whole_module_checkpoint_resumes_identically(tmp_path):
+    """torch.save(module) carries the plan too: resuming needs no example batch or seed."""
+    make, batch = CASES["residual_mlp"]
+    torch.manual_seed(0)
+    us = unit_scale(make(), batch(0))
+    opt = torch.optim.Adam(us.parameters(), lr=1e-2)
+    _train(us, [batch(s) for s in range(2)], opt)
+    torch.save({"model": us, "opt": opt.state_dict()}, tmp_path / "full.pt")
+    reference = _train(us, [batch(s) for s in range(2, 4)], opt)
+    ckpt = torch.load(tmp_path / "full.pt", weights_only=False)
+    fresh = ckpt["model"]
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    opt2.load_state_dict(ckpt["opt"])
+    assert _train(fresh, [batch(s) for s in range(2, 4)], opt2) == reference
+
+
+def test_loading_into_an_unplanned_module_warns():
+    make, batch = CASES["residual_mlp"]
+    us = unit_scale(make(), batch(0))
+    lazy = unit_scale(make())
+    with pytest.warns(UserWarning, match="not planned"):
+        lazy.load_state_dict(us.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unit_scale(make(), batch(0)).load_state_dict(us.state_dict())
+
+
 def test_original_checkpoint_loads_into_unit_scaled_model():
     """A checkpoint of the plain model loads into the unit-scaled one (same names, same shapes)."""
     make, batch = CASES["gpt_tied"]
     model = make()
-    us = unit_scale(make())
+    us = unit_scale(make(), batch())
     missing, unexpected = us.load_state_dict(model.state_dict())
     assert not missing and not unexpected
     for k, v in model.state_dict().items():
@@ -178,9 +206,7 @@ def test_plan_is_reproducible(case):
     assert a.code == b.code
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v), k
-    # replanning after training (same example inputs) gives the same plan: it is
-    # computed from the weights as unit_scale returned them, not the trained ones
+    # replanning on the same weights and batch gives the same plan
     code = a.code
-    _train(a, [batch(s) for s in range(1, 3)], torch.optim.SGD(a.parameters(), lr=0.1))
     a.replan(*batch())
     assert _plan(a) == _plan(b) and a.code == code

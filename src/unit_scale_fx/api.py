@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
@@ -68,6 +69,20 @@ class UnitScaledModule(fx.GraphModule):
                 )
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; warns when the scales are not planned yet.
+
+        Planning measures the model on the example batch, so planning *after*
+        loading trained weights gives other scales than the saved model used:
+        plan first (``unit_scale(model, example_inputs=...)``), then load.
+        """
+        if not self.us_planned:
+            msg = ("loading weights into a unit-scaled module whose scales are not planned yet: the first call "
+                   "will plan them on the loaded weights, which differs from the plan the saved model trained "
+                   "with; pass example_inputs=(...) to unit_scale before load_state_dict")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- copying and pickling ---------------------------------------------
     # fx.GraphModule rebuilds copies through ``GraphModule.__init__`` (dropping

@@ -1,4 +1,4 @@
-"""Model and data shared by the data-parallel worker and its test."""
+"""Model, data and optimiser shared by the data-parallel worker and its test."""
 
 import torch
 
@@ -6,6 +6,7 @@ from unit_scale_fx.models import GPT, gpt_batch
 
 WORLD = 2
 STEPS = 3
+LR = {"sgd": 0.05, "adam": 1e-2}
 
 
 def make_model() -> torch.nn.Module:
@@ -16,3 +17,13 @@ def make_model() -> torch.nn.Module:
 def batches() -> list:
     """STEPS global batches of 4 sequences (2 per rank)."""
     return [gpt_batch(vocab=32, batch=4, seq=8, seed=s) for s in range(STEPS)]
+
+
+def local(batch, rank: int) -> tuple:
+    return tuple(t.chunk(WORLD)[rank] for t in batch)
+
+
+def make_opt(params, name: str, lr: dict, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr["sgd"] * lr_factor)
+    return torch.optim.Adam(params, lr=lr["adam"])

@@ -2,12 +2,11 @@
 
 Usage: python dp_worker.py OUT_DIR
 Each rank trains the same small unit-scaled GPT on its half of every batch under
-several set-ups and rank 0 writes the results to OUT_DIR/<setup>.pt.
+several set-ups; rank 0 writes the results to OUT_DIR/<setup>.pt.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -16,80 +15,79 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from unit_scale_fx import unit_scale
-from unit_scale_fx.distributed import (allreduce_hook, check_plan_consistent, reduce_state, reduction_factors,
-                                      scale_gradients, set_fsdp_unit_scaled_reduction)
+from unit_scale_fx import UnitScaleError, unit_scale
+from unit_scale_fx.distributed import (allreduce_hook, check_plan_consistent, plan_fingerprint,
+                                      set_fsdp_unit_scaled_reduction, sync_plan)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dp_common import STEPS, WORLD, batches, make_model  # noqa: E402
+from dp_common import LR, WORLD, batches, local, make_model, make_opt  # noqa: E402
 
 
-def _local(batch, rank):
-    return tuple(t.chunk(WORLD)[rank] for t in batch)
-
-
-def _train(model, rank, opt, named, after_backward=None):
+def _train(model, rank, opt, named):
     losses, first_grads = [], None
     for batch in batches():
         opt.zero_grad()
-        loss = model(*_local(batch, rank))
+        loss = model(*local(batch, rank))
         loss.backward()
-        if after_backward is not None:
-            after_backward()
         if first_grads is None:
-            first_grads = {n: p.grad.detach().clone() for n, p in named.named_parameters()}
+            first_grads = {n: _full(p.grad) for n, p in named.named_parameters()}
         opt.step()
         losses.append(float(loss.detach()))
-    return losses, first_grads
+    return {"params": {n: _full(p) for n, p in named.named_parameters()}, "grads": first_grads, "losses": losses}
 
 
-def _full(model):
-    """Parameters as plain tensors (FSDP2 shards them as DTensors)."""
-    out = {}
-    for n, p in model.named_parameters():
-        t = p.detach()
-        out[n] = t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
-    return out
+def _full(t):
+    """A plain tensor (FSDP2 shards parameters and gradients as DTensors)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
-def _grads_full(grads):
-    return {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+def _planned(rank):
+    us = unit_scale(make_model(), local(batches()[0], rank))  # each rank plans on its own local batch
+    sync_plan(us)  # ... and all use rank 0's plan
+    return us
 
 
-def setup_ddp(rank, hook, opt_name, lazy=False):
-    local_example = _local(batches()[0], rank)
-    us = unit_scale(make_model(), None if lazy else local_example)
-    state = reduce_state(us, *local_example) if hook == "exact" else None
+def setup_unsynced(rank):
+    us = unit_scale(make_model(), local(batches()[0], rank))
+    prints = [None] * WORLD
+    dist.all_gather_object(prints, plan_fingerprint(us))
+    try:
+        check_plan_consistent(us)
+        raised = ""
+    except UnitScaleError as exc:
+        raised = str(exc)
+    return {"fingerprints": prints, "raised": raised}
+
+
+def setup_ddp(rank, hook, opt_name):
+    us = _planned(rank)
     ddp = DDP(us)
     if hook:
-        ddp.register_comm_hook(state, allreduce_hook)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05) if opt_name == "sgd" else torch.optim.Adam(ddp.parameters(), lr=1e-2)
-    losses, grads = _train(ddp, rank, opt, us)
-    fingerprint = check_plan_consistent(ddp)
-    return {"params": _full(us), "grads": grads, "losses": losses, "fingerprint": fingerprint}
+        ddp.register_comm_hook(None, allreduce_hook)
+    res = _train(ddp, rank, make_opt(ddp.parameters(), opt_name, LR), us)
+    res["fingerprint"] = check_plan_consistent(ddp)
+    return res
 
 
 def setup_fsdp2(rank):
     from torch.distributed.fsdp import fully_shard
 
-    local_example = _local(batches()[0], rank)
-    us = unit_scale(make_model(), local_example)  # plan (and read the factors) before sharding
-    factors = reduction_factors(us, *local_example)
-    fingerprint = check_plan_consistent(us)
+    us = _planned(rank)  # plan before sharding
+    fp = check_plan_consistent(us)
     fully_shard(us)
-    post = set_fsdp_unit_scaled_reduction(us, factors)
-    opt = torch.optim.SGD(us.parameters(), lr=0.05)
-    losses, grads = _train(us, rank, opt, us, after_backward=lambda: scale_gradients(us, post))
-    return {"params": _full(us), "grads": _grads_full(grads), "losses": losses, "fingerprint": fingerprint,
-            "factors": factors}
+    set_fsdp_unit_scaled_reduction(us)
+    res = _train(us, rank, make_opt(us.parameters(), "sgd", LR), us)
+    res["fingerprint"] = fp
+    return res
 
 
 SETUPS = {
-    "ddp_exact_sgd": lambda r: setup_ddp(r, "exact", "sgd"),
-    "ddp_uniform_sgd_lazy": lambda r: setup_ddp(r, "uniform", "sgd", lazy=True),
-    "ddp_mean_sgd": lambda r: setup_ddp(r, None, "sgd"),
-    "ddp_mean_adam": lambda r: setup_ddp(r, None, "adam"),
-    "fsdp2_sgd": setup_fsdp2,
+    "unsynced": setup_unsynced,
+    "ddp_mean_sgd": lambda r: setup_ddp(r, False, "sgd"),
+    "ddp_hook_sgd": lambda r: setup_ddp(r, True, "sgd"),
+    "ddp_hook_adam": lambda r: setup_ddp(r, True, "adam"),
+    "fsdp2_hook_sgd": setup_fsdp2,
 }
 
 
