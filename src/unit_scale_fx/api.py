@@ -47,7 +47,17 @@ class UnitScaledModule(fx.GraphModule):
         from .passes.init_weights import parameter_roles
 
         ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
-        run_passes(self, ctx, ANALYSE + TRANSFORM)
+        _check_input_devices(self, args, kwargs)
+        # Planning runs the model (shape propagation, gradient calibration): buffers that
+        # forward updates (BatchNorm running stats) must not count that run as training.
+        saved = {k: b.detach().clone() for k, b in self.named_buffers() if b.device.type != "meta"}
+        try:
+            run_passes(self, ctx, ANALYSE + TRANSFORM)
+        finally:
+            with torch.no_grad():
+                for k, b in self.named_buffers():
+                    if k in saved:
+                        b.copy_(saved[k])
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
         self.us_planned = True
@@ -173,6 +183,26 @@ def _short_op(op: str) -> str:
     return parts[-1]
 
 
+def _devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in list(model.parameters()) + list(model.buffers())}
+
+
+def _check_input_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A model on the meta device can only be planned on meta inputs (shapes only), and vice versa."""
+    on_meta = {d.type == "meta" for d in _devices(model)}
+    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    in_meta = {t.device.type == "meta" for t in inputs}
+    if on_meta == {True} and False in in_meta or on_meta == {False} and True in in_meta:
+        what = ("the model is on the meta device but the example inputs are not" if True in on_meta
+                else "the example inputs are on the meta device but the model is not")
+        raise UnitScaleError(
+            what,
+            where=f"{type(model).__name__} planning",
+            fix="plan a meta model with meta inputs (shapes only: analysis without memory), or materialise "
+            "it first (model.to_empty(device=...) and initialise) and plan with real inputs",
+        )
+
+
 def _check_model(model: Any) -> None:
     if isinstance(model, UnitScaledModule):
         raise UnitScaleError(
@@ -187,6 +217,15 @@ def _check_model(model: Any) -> None:
             fix="wrap the function in an nn.Module whose forward calls it",
         )
     params = [p for p in model.parameters()]
+    kinds = {d.type == "meta" for d in _devices(model)}
+    if len(kinds) > 1:
+        raise UnitScaleError(
+            f"{type(model).__name__} has tensors both on the meta device and on real devices "
+            f"({', '.join(sorted(str(d) for d in _devices(model)))})",
+            where="unit_scale(model)",
+            fix="materialise every submodule (module.to_empty(device=...) and initialise) or keep the whole "
+            "model on meta for a shapes-only analysis",
+        )
     if params and not any(p.is_floating_point() for p in params):
         raise UnitScaleError(
             f"{type(model).__name__} has no floating-point parameters",

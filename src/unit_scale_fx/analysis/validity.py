@@ -90,16 +90,26 @@ def _grads(model: nn.Module, params: dict[str, torch.Tensor], inputs: tuple, los
     return dict(zip(names, grads))
 
 
-def _cosine(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
-    a64 = None if a is None else a.detach().double().flatten()
-    b64 = None if b is None else b.detach().double().flatten()
-    na = 0.0 if a64 is None else float(a64.norm())
-    nb = 0.0 if b64 is None else float(b64.norm())
-    if na == 0.0 and nb == 0.0:
+#: A gradient whose norm is below this fraction of the largest parameter gradient's norm
+#: is rounding noise (e.g. a bias followed by BatchNorm, whose true gradient is exactly zero).
+VANISHING = 1e-5
+
+
+def _norm(t: Optional[torch.Tensor]) -> float:
+    return 0.0 if t is None else float(t.detach().double().norm())
+
+
+def _cosine(a: Optional[torch.Tensor], b: Optional[torch.Tensor], max_a: float, max_b: float) -> float:
+    na, nb = _norm(a), _norm(b)
+    if not (math.isfinite(na) and math.isfinite(nb)):
+        return float("nan")
+    zero_a, zero_b = na <= VANISHING * max_a, nb <= VANISHING * max_b
+    if zero_a and zero_b:
         return 1.0  # both vanish: the scaled gradient is (trivially) a multiple of the true one
-    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
-        return 0.0 if math.isfinite(na) and math.isfinite(nb) else float("nan")
-    return float(a64 @ b64) / (na * nb)  # type: ignore[operator]
+    if zero_a or zero_b:
+        return 0.0
+    a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()  # type: ignore[union-attr]
+    return float(a64 @ b64) / (na * nb)
 
 
 def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None) -> dict[str, float]:
@@ -108,9 +118,11 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     Runs one forward and backward of ``us_model(*inputs)`` and of its
     :func:`true_gradient_copy` (same RNG state, so dropout masks agree), and
     returns ``{parameter name: cosine}`` for every parameter that requires
-    grad. A valid plan gives values > 0.999 everywhere; a parameter whose true
-    gradient and scaled gradient both vanish counts as 1.0, one that vanishes
-    in only one of them as 0.0.
+    grad. A valid plan gives values > 0.999 everywhere. A gradient "vanishes"
+    when its norm is below ``VANISHING`` times the largest parameter gradient
+    norm of the same run (rounding noise, e.g. a bias before BatchNorm): a
+    parameter whose two gradients both vanish counts as 1.0, one whose gradient
+    vanishes in only one of them as 0.0.
 
     ``loss_fn`` maps the output to a scalar; by default the output itself when it
     is a scalar, else a fixed random projection of it. Gradients are computed
@@ -135,7 +147,9 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     finally:
         _restore(gm, buffers)
         torch.set_rng_state(rng_state)
-    return {n: _cosine(scaled[n], true[n]) for n in params}
+    max_s = max((_norm(g) for g in scaled.values() if math.isfinite(_norm(g))), default=0.0)
+    max_t = max((_norm(g) for g in true.values() if math.isfinite(_norm(g))), default=0.0)
+    return {n: _cosine(scaled[n], true[n], max_s, max_t) for n in params}
 
 
 def _restore(gm: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
