@@ -25,7 +25,7 @@ from ..record import META_KEY, ScaleRecord
 from ..rules.registry import float_tensor_inputs, is_float
 from ..scale import scale
 from .balance import FIXED_KINDS
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, preserved_state
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,14 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = getattr(ctx, "potentials", None)
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.enable_grad():
-            run = _ScaledRun(gm)
-            out = run.run(*ctx.real_values)
-            try:
-                _output_loss(out).backward()
-            except RuntimeError as exc:
-                log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
-                return PassResult(False, "skipped (no gradient)")
-    finally:
-        gm.train(was_training)
-        gm.zero_grad(set_to_none=True)
+    with preserved_state(gm), torch.enable_grad():
+        run = _ScaledRun(gm)
+        out = run.run(*ctx.real_values)
+        try:
+            _output_loss(out).backward()
+        except RuntimeError as exc:
+            log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
+            return PassResult(False, "skipped (no gradient)")
     new = pots.log_phi.copy()
     old = pots.log_phi
     updated = 0

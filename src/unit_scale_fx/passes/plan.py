@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
-from .base import PassContext, PassResult, UnsupportedOp, module_path
+from .base import PassContext, PassResult, UnsupportedOp, module_path, preserved_state
 from .init_weights import _source_param
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,8 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     planner = _Planner(gm, ctx)
     real = ctx.real_values is not None and ctx.config.measure
     if real:
-        was_training = gm.training
-        gm.eval()  # no dropout noise, no running-statistics updates while measuring
-        try:
-            with torch.no_grad():
-                _MeasuringPlanner(gm, planner).run(*ctx.real_values)
-        finally:
-            gm.train(was_training)
+        with preserved_state(gm), torch.no_grad():
+            _MeasuringPlanner(gm, planner).run(*ctx.real_values)
     else:
         for node in gm.graph.nodes:
             if node.op == "output" or not is_float(node):
