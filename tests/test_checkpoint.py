@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unit_scale_fx import UnitScaledModule, unit_scale
+from unit_scale_fx import UnitScaledModule, UnitScaleError, unit_scale
 from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
 
 
@@ -212,3 +212,30 @@ def test_plan_is_reproducible(case):
     code = a.code
     a.replan(*batch())
     assert _plan(a) == _plan(b) and a.code == code
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            return self.lin(x).relu().pow(2).mean()
+        return self.lin(x).pow(2).mean()
+
+
+def test_export_captured_module_copies():
+    """deepcopy works; pickling raises a clear UnitScaleError (torch.export modules do not pickle)."""
+    x = torch.randn(4, 8)
+    us = unit_scale(ShapeBranch(), (x,))
+    assert us.us_capture == "torch.export"
+    out = us(x)
+    c = copy.deepcopy(us)
+    assert list(c.state_dict()) == list(us.state_dict()) and _plan(c) == _plan(us)
+    torch.testing.assert_close(c(x), out, rtol=0, atol=0)
+    for how in ("pickle", "torch.save"):  # torch.export's module does not pickle: a clear error
+        with pytest.raises(UnitScaleError, match="torch.export"):
+            COPIES[how](us)

@@ -109,6 +109,15 @@ class UnitScaledModule(fx.GraphModule):
         return res
 
     def __reduce__(self) -> tuple:
+        if getattr(self, "us_capture", "") == "torch.export":
+            # torch.export's unlifted module holds a guard closure and aten overloads,
+            # neither of which pickle (torch's own ep.module() does not pickle either).
+            raise UnitScaleError(
+                "a unit-scaled module captured with torch.export cannot be pickled",
+                where=f"pickle / torch.save of {type(self).__name__}",
+                fix="save its state_dict and rebuild with unit_scale(Model(...), example_inputs=...) before "
+                "loading it; copy.deepcopy works",
+            )
         state = self.__dict__.copy()
         state["_graph"] = _portable_graph(self._graph)
         state["us_source_graph"] = _portable_graph(self.us_source_graph)
