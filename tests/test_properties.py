@@ -28,16 +28,18 @@ ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sig
 
 
 class Block(nn.Module):
-    """One block: ``kind`` in plain / residual / branches / concat / shared / gated."""
+    """One block: ``kind`` in plain / residual / branches / concat / shared / gated / attention."""
 
-    def __init__(self, d: int, hidden: int, kind: str, act: str, norm: bool) -> None:
+    def __init__(self, d: int, hidden: int, kind: str, act: str, norm: str) -> None:
         super().__init__()
         self.kind, self.act = kind, ACTS[act]
-        self.norm = nn.LayerNorm(d) if norm else nn.Identity()
+        self.norm = {"none": nn.Identity, "layer": nn.LayerNorm, "rms": nn.RMSNorm}[norm](d)
         self.up = nn.Linear(d, hidden)
         self.down = nn.Linear(hidden, d, bias=kind != "gated")
-        if kind in ("branches", "concat", "gated"):
+        if kind in ("branches", "concat", "gated", "attention"):
             self.other = nn.Linear(d, hidden)
+        if kind == "attention":
+            self.value = nn.Linear(d, hidden)
         if kind == "concat":
             self.down = nn.Linear(2 * hidden, d)
         if kind == "shared":
@@ -53,6 +55,9 @@ class Block(nn.Module):
             return x + self.down(self.act(self.up(h)) + self.act(self.other(h)))
         if self.kind == "concat":
             return x + self.down(torch.cat([self.act(self.up(h)), self.other(h)], dim=-1))
+        if self.kind == "attention":  # causal self-attention over the rows of the batch
+            q, k, v = (lin(h).unsqueeze(0) for lin in (self.up, self.other, self.value))
+            return x + self.down(F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0))
         if self.kind == "gated":
             return x + self.down(self.act(self.other(h)) * self.up(h))
         # shared: one weight used twice in a row
@@ -83,8 +88,8 @@ class RandomNet(nn.Module):
 
 
 block_st = st.tuples(st.sampled_from([8, 16, 24]), st.sampled_from(["plain", "residual", "branches", "concat",
-                                                                     "gated", "shared"]),
-                     st.sampled_from(sorted(ACTS)), st.booleans())
+                                                                     "gated", "shared", "attention"]),
+                     st.sampled_from(sorted(ACTS)), st.sampled_from(["none", "layer", "rms"]))
 model_st = st.fixed_dictionaries({
     "d_in": st.sampled_from([4, 8]),
     "d": st.sampled_from([8, 16]),
