@@ -48,16 +48,7 @@ class UnitScaledModule(fx.GraphModule):
 
         ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
         _check_input_devices(self, args, kwargs)
-        # Planning runs the model (shape propagation, gradient calibration): buffers that
-        # forward updates (BatchNorm running stats) must not count that run as training.
-        saved = {k: b.detach().clone() for k, b in self.named_buffers() if b.device.type != "meta"}
-        try:
-            run_passes(self, ctx, ANALYSE + TRANSFORM)
-        finally:
-            with torch.no_grad():
-                for k, b in self.named_buffers():
-                    if k in saved:
-                        b.copy_(saved[k])
+        run_passes(self, ctx, ANALYSE + TRANSFORM)
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
         self.us_planned = True

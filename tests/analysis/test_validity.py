@@ -54,3 +54,27 @@ def test_grads_and_buffers_untouched():
     assert all(p.grad is None for p in us.parameters())
     for k, v in us.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_unplanned_module_is_planned_as_its_first_call_would():
+    torch.manual_seed(0)
+    x, y = mlp_batch(batch=16)
+    lazy = unit_scale(ResidualMLP(layers=2))
+    cos = gradient_cosines(lazy, x, y)
+    assert lazy.us_planned and min(cos.values()) > 0.999
+    torch.manual_seed(0)
+    eager = unit_scale(ResidualMLP(layers=2), (x, y))
+    plan = {k: (r.fwd, r.bwd) for k, r in eager.scale_plan().items()}
+    assert {k: (r.fwd, r.bwd) for k, r in lazy.scale_plan().items()} == plan
+
+
+def test_first_call_under_no_grad_plans_like_any_other():
+    torch.manual_seed(0)
+    x, y = mlp_batch(batch=16)
+    lazy = unit_scale(ResidualMLP(layers=2))
+    with torch.no_grad():
+        lazy(x, y)
+    torch.manual_seed(0)
+    eager = unit_scale(ResidualMLP(layers=2), (x, y))
+    assert {k: (r.fwd, r.bwd) for k, r in lazy.scale_plan().items()} == \
+        {k: (r.fwd, r.bwd) for k, r in eager.scale_plan().items()}

@@ -135,8 +135,8 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     rng_state = torch.get_rng_state()
     try:
         if not getattr(gm, "us_planned", True):
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                gm(*inputs)  # lazy planning at the first call
+            with torch.random.fork_rng(devices=[]):
+                gm.replan(*inputs)  # what the first call would do
             _restore(gm, buffers)
         params = {n: p for n, p in gm.named_parameters() if p.requires_grad}
         if not params:
