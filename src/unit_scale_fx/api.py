@@ -68,6 +68,12 @@ class UnitScaledModule(fx.GraphModule):
                     where=type(self).__name__,
                     fix="pass example_inputs=(...) to unit_scale, or call the module once before torch.compile",
                 )
+            if _distributed_world() > 1:
+                warnings.warn(
+                    "planning the scales lazily inside a distributed job: every rank plans on its own batch and "
+                    "the ranks may get different scales; plan before wrapping (unit_scale(model, "
+                    "example_inputs=...)) and call unit_scale_fx.distributed.sync_plan(model)",
+                    UserWarning, stacklevel=2)
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -181,6 +187,11 @@ def _short_op(op: str) -> str:
     if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
         parts = parts[:-1]
     return parts[-1]
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _devices(model: nn.Module) -> set[torch.device]:

@@ -82,8 +82,19 @@ def setup_fsdp2(rank):
     return res
 
 
+def setup_lazy(rank):
+    import warnings
+
+    ddp = DDP(unit_scale(make_model()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ddp(*local(batches()[0], rank))
+    return {"warned": any("sync_plan" in str(w.message) for w in caught)}
+
+
 SETUPS = {
     "unsynced": setup_unsynced,
+    "lazy": setup_lazy,
     "ddp_mean_sgd": lambda r: setup_ddp(r, False, "sgd"),
     "ddp_hook_sgd": lambda r: setup_ddp(r, True, "sgd"),
     "ddp_hook_adam": lambda r: setup_ddp(r, True, "adam"),

@@ -73,6 +73,10 @@ def test_ranks_planning_on_their_own_batches_are_caught(results):
         assert "sync_plan" in res["raised"]
 
 
+def test_lazy_planning_in_a_distributed_job_warns(results):
+    assert _ok(results["lazy"])["warned"]
+
+
 def test_mean_reduction_equals_one_process_with_the_same_plan(results):
     """DDP (mean) with the shared plan == one process, same plan, combined batch, SGD: grads and 3 steps."""
     res = _ok(results["ddp_mean_sgd"])
