@@ -12,9 +12,7 @@ shared weights, norms, activations, loss heads):
 
 from __future__ import annotations
 
-import math
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
