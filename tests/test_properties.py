@@ -12,6 +12,7 @@ shared weights, norms, activations, loss heads):
 
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn as nn
@@ -104,7 +105,13 @@ def _plan(us) -> dict:
     return {k: (r.rule, r.fwd, dict(r.bwd), dict(r.weights)) for k, r in us.scale_plan(all_nodes=True).items()}
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+#: CI runs 20 fixed (derandomised) examples; ``USFX_PROPERTY_EXAMPLES=200 pytest tests/test_properties.py``
+#: explores that many fresh random ones.
+_EXPLORE = os.environ.get("USFX_PROPERTY_EXAMPLES")
+
+
+@settings(max_examples=int(_EXPLORE or 20), deadline=None, derandomize=not _EXPLORE, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(spec=model_st)
 def test_random_models(spec):
     torch.manual_seed(spec["seed"])
