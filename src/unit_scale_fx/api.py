@@ -280,6 +280,9 @@ def unit_scale(
         except TypeError as exc:
             raise UnitScaleError(f"unknown option: {exc}", where="unit_scale(**overrides)",
                                  fix="see UnitScaleConfig for the options") from exc
+    fmt = getattr(model, "us_format", None)
+    if fmt is not None:  # simulate_format(model): scale the plain graph, round after the scales
+        model, cfg = model.without_format(), replace(cfg, simulate_format=fmt)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs) if example_inputs is not None else None

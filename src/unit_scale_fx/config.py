@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Callable, Literal, Optional
 if TYPE_CHECKING:  # pragma: no cover
     import torch.fx
 
+    from .passes.simulate_format import FormatSimulation
+
 #: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
 NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 
@@ -44,6 +46,9 @@ class UnitScaleConfig:
             weights, zero biases, unit norm gains).
         inplace: transform the given model's own parameters instead of a copy.
         leaf_modules: module types that are kept as opaque calls while tracing.
+        simulate_format: a :class:`~unit_scale_fx.passes.simulate_format.FormatSimulation`;
+            after scaling, round the operands of matmul-class ops (and the gradients
+            at their outputs) to low-precision formats. ``None``: no simulation.
     """
 
     attn_tau: float = 0.5
@@ -55,6 +60,7 @@ class UnitScaleConfig:
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
+    simulate_format: Optional["FormatSimulation"] = None
 
     def __post_init__(self) -> None:
         from .errors import UnitScaleError

@@ -2,7 +2,7 @@
 
     capture -> normalize -> init_weights              (at unit_scale time)
             -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
-            -> rewrite -> recompile
+            -> rewrite -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
 
@@ -20,6 +20,7 @@ from .passes.balance import balance
 from .passes.calibrate_grads import calibrate_grads
 from .passes.plan import predict_grads
 from .passes.base import Pass
+from .passes.simulate_format import simulate_formats
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ ANALYSE: list[tuple[str, Pass]] = [
 
 TRANSFORM: list[tuple[str, Pass]] = [
     ("rewrite", rewrite),
+    ("simulate_format", simulate_formats),  # only when config.simulate_format is set
     ("recompile", recompile),
 ]
 
