@@ -1,7 +1,8 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> rewrite -> recompile
+            -> shape_prop -> topology -> roles -> mup -> plan -> mup_readout
+            -> rewrite -> recompile
                                                       (once example inputs are known)
 """
 
@@ -16,6 +17,7 @@ from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
 from .passes.base import Pass
+from .passes.mup import mup, mup_readout, roles
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,10 @@ PREPARE: list[tuple[str, Pass]] = [
 ANALYSE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
     ("topology", topology),
+    ("roles", roles),
+    ("mup", mup),  # u-mup only
     ("plan", plan),
+    ("mup_readout", mup_readout),  # u-mup only
 ]
 
 TRANSFORM: list[tuple[str, Pass]] = [
