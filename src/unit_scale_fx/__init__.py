@@ -3,8 +3,9 @@
 from .api import UnitScaledModule, unit_scale
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
+from .mup import MupConfig
 from .record import ScaleRecord
 from .scale import scale
 
-__all__ = ["UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "ScaleRecord", "scale", "unit_scale"]
+__all__ = ["MupConfig", "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "ScaleRecord", "scale", "unit_scale"]
 __version__ = "0.1.0"
