@@ -17,9 +17,10 @@
 * ``mup_readout`` (u-μP only, after plan, before rewrite): the readout matmul's
   forward scale becomes ``loss_softmax / (rms_in * rms_w * fan_in)`` (u-μP's
   ``1 / fan_in`` instead of unit scaling's ``1 / sqrt(fan_in)``). The readout
-  sits after the last residual add, so its edges are cut edges and its backward
-  scales stay those of unit scaling; on a tied readout (not a cut edge) the tied
-  backward scales move with the forward one so the gradient stays valid.
+  sits after the last residual add: when its output edge is a cut edge (the usual
+  case, tied readout included) only the forward scale changes, which rescales
+  every upstream gradient by the same factor; otherwise the backward scales of
+  its tied input edges move with the forward one, so gradients stay valid.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def mup_readout(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         factor = alpha / math.sqrt(fan_in)
         old = rec.fwd
         rec.fwd = old * factor
-        if rec.constrained:
+        users = [u for u in node.users if u in topo.graph]
+        if not users or not all(topo.is_cut(node, u) for u in users):
+            # the logits are not behind a cut edge: keep forward and backward equal on every tied input edge
             ins = {n.name: n for n in float_tensor_inputs(node)}
             for k, b in list(rec.bwd.items()):
                 if k in ins and not topo.is_cut(ins[k], node):
