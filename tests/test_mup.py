@@ -209,3 +209,28 @@ def test_tiny_training_run_reduces_loss():
         losses.append(loss.item())
     assert math.isfinite(losses[-1])
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_explicit_softmax_attention_gets_the_d_head_rule():
+    class ExplicitAttn(nn.Module):
+        def __init__(self, d: int = 32) -> None:
+            super().__init__()
+            self.emb, self.ln = nn.Embedding(VOCAB, d), nn.LayerNorm(d)
+            self.qkv, self.o, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, VOCAB)
+
+        def forward(self, idx, t):
+            x = self.emb(idx)
+            q, k, v = self.qkv(self.ln(x)).chunk(3, -1)
+            a = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            x = x + self.o(a.softmax(-1) @ v)
+            return F.cross_entropy(self.head(x).flatten(0, 1), t.flatten())
+
+    x, y = gpt_batch(VOCAB, 2, 8)
+    hp = MupConfig(attn_softmax=2.0)
+    us = unit_scale(ExplicitAttn(), (x, y), UnitScaleConfig(parametrization="u-mup", mup=hp))
+    sm = next(n for n in us.graph.nodes if n.target == "softmax")
+    src = sm.args[0]
+    while src.target is scale:
+        src = src.args[0]
+    assert src.target is operator.mul and src.args[1] == pytest.approx(2.0 / math.sqrt(32))
+    assert torch.isfinite(us(x, y))
