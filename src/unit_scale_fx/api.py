@@ -38,6 +38,13 @@ class UnitScaledModule(fx.GraphModule):
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
 
+    def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
+        res = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():
+            if key.startswith("us_"):
+                object.__setattr__(res, key, copy.deepcopy(value, memo))
+        return res
+
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
         if self.us_planned:
@@ -92,7 +99,7 @@ class UnitScaledModule(fx.GraphModule):
             bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or (
                 "w=" + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else "-")
             rows.append((
-                name, r.rule + ("*" if r.constrained else ""), r.op.split(".")[-1],
+                name, r.rule + ("*" if r.constrained else ""), _short_op(r.op),
                 "x".join(map(str, r.shape)) if r.shape else "-", f"{r.fwd:.3g}", bwd,
                 "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
             ))
@@ -101,6 +108,13 @@ class UnitScaledModule(fx.GraphModule):
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("(* = forward and backward scales tied: not a cut edge)")
         return "\n".join(lines)
+
+
+def _short_op(op: str) -> str:
+    parts = op.split(".")
+    if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
+        parts = parts[:-1]
+    return parts[-1]
 
 
 def _check_model(model: Any) -> None:

@@ -2,6 +2,7 @@
 
     capture -> normalize -> init_weights              (at unit_scale time)
             -> shape_prop -> topology -> roles -> mup -> plan -> mup_readout
+            -> balance -> calibrate_grads -> predict_grads
             -> rewrite -> recompile
                                                       (once example inputs are known)
 """
@@ -16,6 +17,9 @@ import torch.fx as fx
 from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
+from .passes.balance import balance
+from .passes.calibrate_grads import calibrate_grads
+from .passes.plan import predict_grads
 from .passes.base import Pass
 from .passes.mup import mup, mup_readout, roles
 
@@ -38,7 +42,10 @@ ANALYSE: list[tuple[str, Pass]] = [
     ("roles", roles),
     ("mup", mup),  # u-mup only
     ("plan", plan),
-    ("mup_readout", mup_readout),  # u-mup only
+    ("mup_readout", mup_readout),  # u-mup only: before balance, which derives backward scales from it
+    ("balance", balance),
+    ("calibrate_grads", calibrate_grads),
+    ("predict_grads", predict_grads),
 ]
 
 TRANSFORM: list[tuple[str, Pass]] = [

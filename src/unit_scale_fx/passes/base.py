@@ -31,6 +31,8 @@ class PassContext:
     unsupported: list[UnsupportedOp] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)
     input_rms: dict[str, float] = field(default_factory=dict)
+    #: the placeholders' real values (None when inputs are fake or on the meta device)
+    real_values: Optional[list] = None
 
 
 @dataclass

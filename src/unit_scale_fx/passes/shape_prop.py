@@ -41,6 +41,12 @@ def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[An
     return out
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 class _RealProp(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -56,6 +62,9 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             fix="call the module once, or pass example_inputs=(...) to unit_scale",
         )
     values = placeholder_values(gm, ctx.example_args or (), ctx.example_kwargs or {})
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors and all(t.device.type != "meta" and not _is_fake(t) for t in tensors):
+        ctx.real_values = values
     for node, v in zip(gm.graph.find_nodes(op="placeholder"), values):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and v.numel():
             ctx.input_rms[node.name] = float(v.detach().float().pow(2).mean().sqrt())
