@@ -20,11 +20,11 @@ from unit_scale_fx.scale import scale
 VOCAB, D, SEQ = 64, 64, 16
 
 
-def _gpt(layers: int = 2, seed: int = 0, mup: bool = True, **kw):
+def _gpt(layers: int = 2, seed: int = 0, mup: bool = True, measure: bool = True, **kw):
     torch.manual_seed(seed)
     model = GPT(vocab=VOCAB, d=D, layers=layers, heads=4, max_len=SEQ, **kw)
     x, y = gpt_batch(VOCAB, 4, SEQ, seed=seed)
-    return unit_scale(model, (x, y), mup=mup), x, y
+    return unit_scale(model, (x, y), mup=mup, measure=measure), x, y
 
 
 def _human_role(name: str) -> str:
@@ -112,7 +112,7 @@ def test_depth_taus_follow_the_rule():
 
 
 def test_plan_uses_depth_taus_and_u_mup_scales():
-    us, _, _ = _gpt(layers=2)
+    us, _, _ = _gpt(layers=2, measure=False)  # analytic plan: the skip stream is predicted at RMS 1
     plan = us.scale_plan(all_nodes=True)
     taus = depth_taus(["attn", "mlp", "attn", "mlp"], MupConfig())
     adds = [plan[n] for n in roles_of(us).residual_streams[0]]
@@ -124,7 +124,7 @@ def test_plan_uses_depth_taus_and_u_mup_scales():
     sdpa = [n for n in us.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert sdpa and all(n.kwargs["scale"] == pytest.approx(1 / d_head) for n in sdpa)
     # readout: 1 / fan_in forward, unit-scaling backward
-    unit, _, _ = _gpt(layers=2, mup=False)
+    unit, _, _ = _gpt(layers=2, mup=False, measure=False)
     (ro,) = roles_of(us).readouts
     r_mup, r_unit = plan[ro], unit.scale_plan(all_nodes=True)[ro]
     assert r_mup.fwd == pytest.approx(r_unit.fwd / math.sqrt(D))
@@ -189,7 +189,7 @@ def test_rms_bands_at_init():
     us, x, y = _gpt(layers=2)
     recs = record_matmul_operands(us, x, y)
     assert recs
-    assert fraction_in_band(recs, 0.5, 2.0) >= 0.75
+    assert fraction_in_band(recs, 0.5, 2.0) >= 0.95
     assert fraction_in_band(recs, 1 / 8, 8.0) == 1.0
 
 
