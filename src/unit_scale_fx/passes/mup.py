@@ -44,7 +44,15 @@ _SDPA = {F.scaled_dot_product_attention, aten("scaled_dot_product_attention")} -
 
 
 def roles(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    analysis = analyse_roles(gm, ctx.topology)
+    try:
+        analysis = analyse_roles(gm, ctx.topology)
+    except Exception as exc:  # only the optimizer helpers need roles under plain unit scaling
+        if _is_mup(ctx):
+            raise
+        gm.meta.pop(ROLES_META_KEY, None)
+        log.warning("roles: parameter-role analysis failed (%s: %s); unit_scale_fx.optim will refuse this model",
+                    type(exc).__name__, exc)
+        return PassResult(False, "role analysis failed")
     gm.meta[ROLES_META_KEY] = analysis
     counts: dict[str, int] = {}
     for r in analysis.params.values():
