@@ -334,16 +334,14 @@ def analyse_roles(gm: fx.GraphModule, topo) -> RoleAnalysis:
             else:
                 role = "other"
             cand = ParamRole(name, role, tuple(t.shape), fan_in, fan_out, branch_depth.get(c))
+            depth = cand.depth if best is None or best.depth is None else best.depth
             if best is None or _PRIORITY[role] > _PRIORITY[best.role]:
                 best = cand
-            elif best.depth is None and cand.depth is not None:
-                best.depth = cand.depth
-            best.consumers.append(c.name)
+            best.depth = depth if depth is not None else cand.depth
         if best is None:
             best = ParamRole(name, "other", tuple(t.shape))
             log.info("roles: parameter %s has no consumer in the graph; role 'other'", name)
-        if best.consumers and best.role != "other":
-            best.consumers = sorted(set(best.consumers))
+        best.consumers = sorted({c.name for c, _ in consumers_of[p]})
         result[name] = best
         log.debug("roles: %s -> %s (fan_in=%s fan_out=%s depth=%s)", name, best.role, best.fan_in,
                   best.fan_out, best.depth)
@@ -352,7 +350,8 @@ def analyse_roles(gm: fx.GraphModule, topo) -> RoleAnalysis:
 
 def roles_of(model: torch.nn.Module) -> RoleAnalysis:
     """The role analysis of a planned unit-scaled module."""
-    analysis = getattr(model, "meta", {}).get(ROLES_META_KEY) if isinstance(getattr(model, "meta", None), dict) else None
+    meta = getattr(model, "meta", None)
+    analysis = meta.get(ROLES_META_KEY) if isinstance(meta, dict) else None
     if analysis is None:
         raise UnitScaleError(
             f"{type(model).__name__} has no parameter-role analysis",
