@@ -25,7 +25,7 @@ from ..record import META_KEY, ScaleRecord
 from ..rules.registry import float_tensor_inputs, is_float
 from ..scale import scale
 from .balance import FIXED_KINDS
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, preserved_state
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +80,19 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = getattr(ctx, "potentials", None)
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.enable_grad():
-            run = _ScaledRun(gm)
-            out = run.run(*ctx.real_values)
-            try:
-                _output_loss(out).backward()
-            except RuntimeError as exc:
-                log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
-                return PassResult(False, "skipped (no gradient)")
-    finally:
-        gm.train(was_training)
-        gm.zero_grad(set_to_none=True)
+    with preserved_state(gm), torch.enable_grad():
+        run = _ScaledRun(gm)
+        out = run.run(*ctx.real_values)
+        try:
+            _output_loss(out).backward()
+        except RuntimeError as exc:
+            log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
+            return PassResult(False, "skipped (no gradient)")
     new = pots.log_phi.copy()
+    old = pots.log_phi
     updated = 0
+    grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
+             for n, v in run.exposed.items() if v.grad is not None}
     for cls, members in pots.members().items():
         measured = [(n, run.exposed[n]) for n in members if n in run.exposed and run.exposed[n].grad is not None]
         if not measured:
@@ -113,6 +110,9 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         new -= np.mean([new[c] for c in losses])
     pots.log_phi = new
     pots.assign()
+    # what the gradients will measure with the new potentials
+    ctx.measured_grads = {n: g * math.exp(new[pots.cls(n)] - old[pots.cls(n)])  # type: ignore[attr-defined]
+                          for n, g in grads.items() if n in pots.g}
     for rec in pots.recs.values():
         if rec.kind not in FIXED_KINDS:
             rec.note = (rec.note + "; " if rec.note else "") + "gradient scales calibrated"

@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
-from .base import PassContext, PassResult, UnsupportedOp, module_path
+from .base import PassContext, PassResult, UnsupportedOp, module_path, preserved_state
 from .init_weights import _source_param
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,8 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     planner = _Planner(gm, ctx)
     real = ctx.real_values is not None and ctx.config.measure
     if real:
-        was_training = gm.training
-        gm.eval()  # no dropout noise, no running-statistics updates while measuring
-        try:
-            with torch.no_grad():
-                _MeasuringPlanner(gm, planner).run(*ctx.real_values)
-        finally:
-            gm.train(was_training)
+        with preserved_state(gm), torch.no_grad():
+            _MeasuringPlanner(gm, planner).run(*ctx.real_values)
     else:
         for node in gm.graph.nodes:
             if node.op == "output" or not is_float(node):
@@ -233,8 +228,12 @@ def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> 
 
 
 def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Predict the RMS of every gradient from the chosen scales (reverse sweep)."""
+    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+
+    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+    """
     scales_of: dict[fx.Node, Scales] = getattr(ctx, "scales", {})
+    measured: dict[fx.Node, float] = getattr(ctx, "measured_grads", {}) or {}
     grad: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
@@ -252,7 +251,9 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             fallback = rec.weights.get(node.name, rec.fwd) if rec.weights else 1.0
             contribs.append(g * gain * rec.bwd.get(node.name, fallback))
-        if isinstance(node.meta.get("val"), (tuple, list)):
+        if node in measured:
+            grad[node] = measured[node]
+        elif isinstance(node.meta.get("val"), (tuple, list)):
             # readers of a tuple take disjoint pieces: their gradients are concatenated
             grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0
         else:

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnitScaleError
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, preserved_state
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
-        with torch.no_grad():
+        with preserved_state(gm), torch.no_grad():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
         return PassResult(False, "fake-tensor propagation")
     except Exception as exc:  # fall back to a real run
@@ -85,7 +85,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             fix="pass real example inputs",
         )
     try:
-        with torch.no_grad():
+        with preserved_state(gm), torch.no_grad():
             _RealProp(gm).run(*values)
     except Exception as exc:
         raise UnitScaleError(
