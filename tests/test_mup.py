@@ -234,3 +234,46 @@ def test_explicit_softmax_attention_gets_the_d_head_rule():
         src = src.args[0]
     assert src.target is operator.mul and src.args[1] == pytest.approx(2.0 / math.sqrt(32))
     assert torch.isfinite(us(x, y))
+
+
+def test_u_mup_on_an_export_captured_graph():
+    """aten-level graphs (torch.export capture) get the same roles and attention rule."""
+
+    class ShapeBranching(GPT):
+        def forward(self, idx, targets=None):
+            if idx.shape[1] > 4:  # defeats symbolic tracing; export specialises on the shape
+                return super().forward(idx, targets)
+            return super().forward(idx, targets)
+
+    torch.manual_seed(0)
+    x, y = gpt_batch(VOCAB, 2, 8)
+    us = unit_scale(ShapeBranching(vocab=VOCAB, d=32, layers=1, heads=2, max_len=8), (x, y), mup=True)
+    assert us.us_capture == "torch.export"
+    for name, role in roles_of(us).params.items():
+        assert role.role == _human_role(name), (name, role)
+    sdpa = [n for n in us.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert sdpa and all(n.kwargs["scale"] == pytest.approx(1 / 16) for n in sdpa)
+    assert torch.isfinite(us(x, y))
+
+
+def test_post_norm_blocks_form_one_stream():
+    class PostNorm(nn.Module):
+        def __init__(self, d: int = 32, layers: int = 3) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, d)
+            self.fc = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+            self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+            self.head = nn.Linear(d, VOCAB)
+
+        def forward(self, idx, t):
+            x = self.emb(idx)
+            for fc, ln in zip(self.fc, self.ln):
+                x = ln(x + F.gelu(fc(x)))
+            return F.cross_entropy(self.head(x).flatten(0, 1), t.flatten())
+
+    x, y = gpt_batch(VOCAB, 2, 8)
+    us = unit_scale(PostNorm(), (x, y), mup=True)
+    analysis = roles_of(us)
+    assert [len(s) for s in analysis.residual_streams] == [3]
+    assert analysis.params["fc.1.weight"].role == "hidden" and analysis.params["fc.1.weight"].depth == 3
+    assert analysis.params["head.weight"].role == "readout"

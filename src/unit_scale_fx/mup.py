@@ -211,7 +211,8 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
 
 
 def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dict[fx.Node, int]]:
-    """Group the residual adds into streams (each add's skip comes from the previous one)."""
+    """Group the residual adds into streams: each add's skip comes from the previous add,
+    through views, dropout or a norm (post-norm blocks ``x = norm(x + f(x))`` form one stream)."""
     from .rules.registry import lookup
 
     prev: dict[fx.Node, Optional[fx.Node]] = {}
@@ -227,7 +228,8 @@ def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dic
                 break
             rule = lookup(n, gm)
             ins = n.all_input_nodes
-            if (rule is not None and rule.preserves_scale or n.meta.get("unit_scale_inserted")) and len(ins) >= 1:
+            passes = rule is not None and (rule.preserves_scale or rule.kind == "norm")  # post-norm streams too
+            if (passes or n.meta.get("unit_scale_inserted")) and len(ins) >= 1:
                 n = ins[0]
             else:
                 break
