@@ -20,6 +20,8 @@ from .base import PassContext, PassResult
 log = logging.getLogger(__name__)
 
 INSERTED = "unit_scale_inserted"
+#: what an inserted scale does: ``("output", node name)`` or ``("input", consumer name)`` (read by analysis.track).
+ROLE = "unit_scale_role"
 
 #: Op kinds whose backward is itself a matmul: their backward scales go on the inputs.
 INPUT_SIDE_KINDS = frozenset({"matmul", "attention"})
@@ -45,6 +47,7 @@ def scale_input(gm: fx.GraphModule, node: fx.Node, inp: fx.Node, fwd: float, bwd
     """Insert ``scale(inp, fwd, bwd)`` on the edge ``inp -> node`` only."""
     with gm.graph.inserting_before(node):
         new = _new_scale(gm, inp, fwd, bwd)
+    new.meta[ROLE] = ("input", node.name)
     node.replace_input_with(inp, new)
     return new
 
@@ -53,6 +56,7 @@ def scale_output(gm: fx.GraphModule, node: fx.Node, fwd: float, bwd: float) -> f
     """Insert ``scale(node, fwd, bwd)`` and make every reader of ``node`` read it."""
     with gm.graph.inserting_after(node):
         new = _new_scale(gm, node, fwd, bwd)
+    new.meta[ROLE] = ("output", node.name)
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     return new
 
