@@ -103,7 +103,7 @@ def _info(node: fx.Node, root: Optional[nn.Module], measured: Mapping[str, Measu
         else:
             scales = f"x{rec.fwd:.4g} / grad " + ", ".join(f"{k}:{v:.3g}" for k, v in rec.bwd.items())
         if rec.constrained:
-            scales += " (tied)"
+            scales += " (moved for validity)"
     if rec is not None and (rec.fwd_rms is not None or rec.bwd_rms is not None):
         pred = f"pred {_g(rec.fwd_rms)}/{_g(rec.bwd_rms)}"
     m = measured.get(node.name)
