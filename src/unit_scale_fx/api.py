@@ -251,6 +251,7 @@ def unit_scale(
     config: Optional[UnitScaleConfig] = None,
     *,
     example_kwargs: Optional[dict] = None,
+    mup: bool = False,
     **overrides: Any,
 ) -> UnitScaledModule:
     """Return a unit-scaled copy of ``model``, ready to train.
@@ -264,6 +265,7 @@ def unit_scale(
         example_inputs: positional inputs of one forward call; plans the scales now.
         config: a :class:`UnitScaleConfig`; keyword ``overrides`` replace its fields.
         example_kwargs: keyword inputs of that call.
+        mup: shorthand for ``parametrization="u-mup"`` (see :mod:`unit_scale_fx.mup`).
 
     Returns:
         a :class:`UnitScaledModule` with the same state_dict keys as ``model``.
@@ -274,6 +276,8 @@ def unit_scale(
     """
     _check_model(model)
     cfg = config or UnitScaleConfig()
+    if mup:
+        overrides.setdefault("parametrization", "u-mup")
     if overrides:
         try:
             cfg = replace(cfg, **overrides)
