@@ -5,13 +5,14 @@ from .api import UnitScaledModule, unit_scale
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .fp8_linear import use_fp8_linear
+from .mup import MupConfig
 from .passes.simulate_format import FormatSimulation, format_counts, simulate_format, track_formats
 from .precision import MasterWeights, half_precision
 from .record import ScaleRecord
 from .scale import scale
 
 __all__ = [
-    "ScaleRecord", "ScaleReport", "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "scale",
+    "MupConfig", "ScaleRecord", "ScaleReport", "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "scale",
     "track_scales", "unit_scale",
     "FormatSimulation", "simulate_format", "track_formats", "format_counts", "half_precision", "MasterWeights",
     "use_fp8_linear",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Optional
 
+from .mup import MupConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch.fx
 
@@ -15,6 +17,7 @@ NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 
 Constraint = Literal["potential", "gmean", "fwd", "bwd"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
+Parametrization = Literal["unit", "u-mup"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,14 @@ class UnitScaleConfig:
         simulate_format: a :class:`~unit_scale_fx.passes.simulate_format.FormatSimulation`;
             after scaling, round the operands of matmul-class ops (and the gradients
             at their outputs) to low-precision formats. ``None``: no simulation.
+        parametrization: ``"unit"`` (unit scaling) or ``"u-mup"`` (unit scaling
+            plus μP: readout ``1 / fan_in``, attention logits ``1 / d_head``,
+            residual shares tied to depth; see :mod:`unit_scale_fx.mup`).
+            ``unit_scale(model, mup=True)`` is a shorthand for ``"u-mup"``.
+        mup: the u-μP hyperparameters (:class:`unit_scale_fx.mup.MupConfig`);
+            read only under ``parametrization="u-mup"``. Under u-μP, the
+            residual shares come from ``mup`` and ``attn_tau`` / ``mlp_tau``
+            are not used.
     """
 
     attn_tau: float = 0.5
@@ -68,6 +79,8 @@ class UnitScaleConfig:
     calibrate: bool = False
     calibrate_rounds: int = 1
     simulate_format: Optional["FormatSimulation"] = None
+    parametrization: Parametrization = "unit"
+    mup: MupConfig = field(default_factory=MupConfig)
 
     def __post_init__(self) -> None:
         from .errors import UnitScaleError
@@ -85,6 +98,18 @@ class UnitScaleConfig:
                 f"unknown constraint {self.constraint!r}",
                 where="UnitScaleConfig.constraint",
                 fix="use 'potential', 'gmean', 'fwd' or 'bwd'",
+            )
+        if self.parametrization not in ("unit", "u-mup"):
+            raise UnitScaleError(
+                f"unknown parametrization {self.parametrization!r}",
+                where="UnitScaleConfig.parametrization",
+                fix="use 'unit' or 'u-mup'",
+            )
+        if not isinstance(self.mup, MupConfig):
+            raise UnitScaleError(
+                f"UnitScaleConfig.mup must be a MupConfig, got {type(self.mup).__name__}",
+                where="UnitScaleConfig.mup",
+                fix="pass mup=MupConfig(attn_softmax=..., ...)",
             )
         if self.unsupported not in ("warn", "error", "ignore"):
             raise UnitScaleError(

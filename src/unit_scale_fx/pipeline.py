@@ -1,7 +1,8 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
+            -> shape_prop -> topology -> roles -> mup -> plan -> mup_readout
+            -> balance -> calibrate_grads -> predict_grads
             -> rewrite -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
@@ -24,6 +25,7 @@ from .passes.calibrate import calibrate
 from .passes.constants import mark_constants
 from .passes.fuse import fuse
 from .passes.simulate_format import simulate_formats
+from .passes.mup import mup, mup_readout, roles
 from .passes.strip_asserts import strip_asserts
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,11 @@ ANALYSE: list[tuple[str, Pass]] = [
     ("constants", mark_constants),
     ("fuse", fuse),
     ("topology", topology),
-    ("calibrate", calibrate),
+    ("roles", roles),
+    ("mup", mup),  # u-mup only
+    ("calibrate", calibrate),  # calibrate=True only
     ("plan", plan),
+    ("mup_readout", mup_readout),  # u-mup only: before balance, which derives backward scales from it
     ("balance", balance),
     ("calibrate_grads", calibrate_grads),
     ("predict_grads", predict_grads),

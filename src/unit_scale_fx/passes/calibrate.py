@@ -176,6 +176,7 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]
     from .topology import topology
 
     trial = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    trial.meta.update(gm.meta)  # e.g. the parameter roles that later passes read
     for n in trial.graph.nodes:
         if n.name in pins:
             n.meta[RULE_OVERRIDE] = pins[n.name]
@@ -186,6 +187,8 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]
                        example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
                        input_rms=dict(ctx.input_rms), real_values=ctx.real_values)
     tctx.param_roles = getattr(ctx, "param_roles", {})  # type: ignore[attr-defined]
+    # the passes before this one (fuse, roles, u-muP graph edits) already shaped the copied graph;
+    # the trial re-derives the topology of the copy and runs everything after calibrate
     names = [name for name, _ in ANALYSE]
     after = ANALYSE[names.index("calibrate") + 1:] if "calibrate" in names else []
     run_passes(trial, tctx, [("topology", topology)] + after)
