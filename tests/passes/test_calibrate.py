@@ -77,4 +77,4 @@ def test_calibration_leaves_buffers_and_gradients_alone():
 def test_calibration_needs_real_inputs():
     x, y = _batch()
     with pytest.raises(UnitScaleError, match="real example inputs"):
-        unit_scale(Tail(), (x.to("meta"), y.to("meta")), calibrate=True)
+        unit_scale(Tail().to("meta"), (x.to("meta"), y.to("meta")), calibrate=True)
