@@ -2,7 +2,7 @@
 
 Runs the graph under a FakeTensorMode (meta-backed tensors). Where an op cannot
 run on fake tensors, the graph is run for real under ``no_grad`` instead.
-Also records the RMS of real floating-point example inputs.
+Also records the RMS of real floating-point example inputs (unless ``ctx.input_rms`` already has one).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     values = placeholder_values(gm, ctx.example_args or (), ctx.example_kwargs or {})
     for node, v in zip(gm.graph.find_nodes(op="placeholder"), values):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and v.numel():
-            ctx.input_rms[node.name] = float(v.detach().float().pow(2).mean().sqrt())
+            ctx.input_rms.setdefault(node.name, float(v.detach().float().pow(2).mean().sqrt()))
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
