@@ -174,7 +174,6 @@ class _Compiled:
     def __init__(self, fn: Callable, backend: "UnitScaleBackend", entry: CapturedGraph,
                  param_pos: list[int], roles: dict[int, tuple[str, str]], out_rms: list[Optional[float]]) -> None:
         self.fn = fn
-        self.boxed = bool(getattr(fn, "_boxed_call", False))
         self.backend = backend
         self.entry = entry
         self.param_pos = param_pos if backend.config.init_weights else []
@@ -188,7 +187,7 @@ class _Compiled:
             if not getattr(p, INIT_MARK, False):
                 role, name = self.roles[i]
                 self.backend._init_one(p, role, name)
-        out = self.fn(list(args)) if self.boxed else self.fn(*args)
+        out = self.fn(*args)  # dynamo calls what a backend returns with positional args
         if self.first:
             self.first = False
             tracked = self.backend._tracked
@@ -349,16 +348,43 @@ def _predicted_rms(node: fx.Node, ctx: PassContext) -> Optional[float]:
 
 
 def backend(config: Optional[UnitScaleConfig] = None, inner: Inner = "inductor", **overrides: Any) -> UnitScaleBackend:
-    """A new :class:`UnitScaleBackend`: ``torch.compile(model, backend=backend(config, inner="inductor"))``."""
-    return UnitScaleBackend(config, inner, **overrides)
+    """A new :class:`UnitScaleBackend`: ``torch.compile(model, backend=backend(config, inner="inductor"))``.
+
+    Raises:
+        UnitScaleError: ``inner`` names no known compiler.
+    """
+    be = UnitScaleBackend(config, inner, **overrides)
+    be._inner_fn = _lookup_inner(inner)
+    return be
 
 
 #: The backend ``torch.compile(model, backend="unit_scale")`` resolves to (through the
 #: ``torch_dynamo_backends`` entry point). One object, because dynamo's registry maps a
 #: name to one callable; its ``graphs`` grow with every graph compiled by name (``clear()``).
 default_backend = UnitScaleBackend()
+_VARIANTS: dict[str, UnitScaleBackend] = {}
 
 
-def unit_scale_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """The named backend ``"unit_scale"`` (see :data:`default_backend`)."""
-    return default_backend(gm, example_inputs)
+def named_backend(options: Optional[dict] = None) -> UnitScaleBackend:
+    """The backend object ``backend="unit_scale"`` uses for these ``torch.compile(options=...)``."""
+    if not options:
+        return default_backend
+    key = repr(sorted(options.items()))
+    if key not in _VARIANTS:
+        opts = dict(options)
+        inner = opts.pop("inner", "inductor")
+        _VARIANTS[key] = UnitScaleBackend(inner=inner, **opts)
+    return _VARIANTS[key]
+
+
+def unit_scale_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                       mode: Optional[str] = None) -> Callable[..., Any]:
+    """The named backend ``"unit_scale"``.
+
+    ``torch.compile(model, backend="unit_scale", options={"inner": "aot_eager", "attn_tau": 0.3})``:
+    ``inner`` picks the inner compiler, other keys are :class:`UnitScaleConfig` fields.
+    The backend objects are :data:`default_backend` (no options) and :func:`named_backend` (options).
+    """
+    if mode is not None:
+        log.info("unit_scale backend: torch.compile(mode=%r) is not forwarded to the inner compiler", mode)
+    return named_backend(options)(gm, example_inputs)
