@@ -101,12 +101,12 @@ def test_named_backend_in_fresh_subprocess():
         torch.manual_seed(0)
         net = Net()
         assert "unit_scale_fx" not in sys.modules
-        compiled = torch.compile(net, backend="unit_scale", options={"inner": "aot_eager"})
+        compiled = torch.compile(net, backend="unit_scale", options={"inner": "eager"})
         x, y = torch.randn(32, 16), torch.randn(32, 4)
         loss = compiled(x, y)
         loss.backward()
         from unit_scale_fx.backend import named_backend
-        be = named_backend({"inner": "aot_eager"})
+        be = named_backend({"inner": "eager"})
         plan = be.scale_plan()
         print(len(be.graphs), len(plan), float(net.fc1.weight.detach().pow(2).mean().sqrt()), float(loss))
     """)
@@ -118,13 +118,12 @@ def test_named_backend_in_fresh_subprocess():
     assert math.isfinite(float(loss))
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
-def test_compiled_equals_eager_unit_scale(inner):
+def test_compiled_equals_eager_unit_scale():
     torch.manual_seed(0)
     ref = GPT(**SMALL)
     batch = gpt_batch(SMALL["vocab"], 2, 8)
     eager = unit_scale(copy.deepcopy(ref), batch)
-    be = backend(inner=inner)
+    be = backend(inner="aot_eager")  # dynamo + AOT autograd: the joint graph inductor would get
     model = _twin(GPT, ref)
     compiled = torch.compile(model, backend=be)
     l_e, g_e = _loss_and_grads(eager, *batch)
@@ -215,7 +214,7 @@ def test_backend_initialises_once_and_logs(caplog):
     for name, p in model.named_parameters():
         assert is_initialised(p), name
     assert float(model.fc1[0].weight.detach().pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
-    assert float(model.fc1[0].bias.abs().max()) == 0.0
+    assert float(model.fc1[0].bias.detach().abs().max()) == 0.0
     assert float(model.norms[0].weight.min()) == 1.0
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt.step()
