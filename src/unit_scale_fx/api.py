@@ -38,6 +38,13 @@ class UnitScaledModule(fx.GraphModule):
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
 
+    def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
+        res = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():
+            if key.startswith("us_"):
+                object.__setattr__(res, key, copy.deepcopy(value, memo))
+        return res
+
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
         if self.us_planned:
@@ -86,21 +93,29 @@ class UnitScaledModule(fx.GraphModule):
         return out
 
     def summary(self, all_nodes: bool = False) -> str:
-        """An aligned table: node, rule, op, shape, scales and predicted RMS."""
-        rows = [("node", "rule", "op", "shape", "fwd", "bwd", "pred fwd rms", "pred grad rms")]
+        """An aligned table: node, rule, op, shape, scales, and the output and gradient RMS."""
+        rows = [("node", "rule", "op", "shape", "fwd scale", "bwd scales", "fwd rms", "grad rms")]
         for name, r in self.scale_plan(all_nodes).items():
-            bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or (
-                "w=" + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else "-")
+            bwd = ", ".join(f"{v:.3g}" for v in r.bwd.values()) or "-"
+            fwd = "w " + ", ".join(f"{v:.3g}" for v in r.weights.values()) if r.weights else f"{r.fwd:.3g}"
             rows.append((
-                name, r.rule + ("*" if r.constrained else ""), r.op.split(".")[-1],
-                "x".join(map(str, r.shape)) if r.shape else "-", f"{r.fwd:.3g}", bwd,
+                name, r.rule + ("*" if r.constrained else ""), _short_op(r.op),
+                "x".join(map(str, r.shape)) if r.shape else "-", fwd, bwd,
                 "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append("(* = forward and backward scales tied: not a cut edge)")
+        lines.append("(* = backward scales moved from the ideal to keep gradients valid; "
+                     "rms: measured on the planning batch, or predicted when planning was analytic)")
         return "\n".join(lines)
+
+
+def _short_op(op: str) -> str:
+    parts = op.split(".")
+    if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
+        parts = parts[:-1]
+    return parts[-1]
 
 
 def _check_model(model: Any) -> None:

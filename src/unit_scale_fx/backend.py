@@ -237,8 +237,14 @@ class UnitScaleBackend:
                 f"dynamo passed {len(example_inputs)} example inputs for {len(placeholders)} placeholders",
                 where="unit_scale_fx.backend", fix="report this with the torch version")
         params = {n.name: v for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
-        ctx = PassContext(config=self.config, example_args=tuple(example_inputs), example_kwargs={},
-                          param_inputs=params)
+        # The passes may run the graph forward and backward on the example inputs (measured
+        # planning, gradient calibration): give them detached aliases (same memory, no copy) so
+        # that run never adds to the parameters' .grad nor reaches into an earlier graph's autograd.
+        # Parameters go in without requires_grad, as calibrate_grads sees get_attr parameters in
+        # eager unit_scale (their gradients are not measured there), so both plan the same scales.
+        detached = tuple(v.detach().requires_grad_(v.requires_grad and not isinstance(v, nn.Parameter))
+                         if isinstance(v, torch.Tensor) else v for v in example_inputs)
+        ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params)
         inherited = set()
         for n, v in zip(placeholders, example_inputs):
             if n.name in params or not isinstance(v, torch.Tensor) or not v.is_floating_point():

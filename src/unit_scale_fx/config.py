@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
 NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 
-Constraint = Literal["gmean", "fwd", "bwd"]
+Constraint = Literal["potential", "gmean", "fwd", "bwd"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
 
 
@@ -23,15 +23,23 @@ class UnitScaleConfig:
         attn_tau: share of the residual stream given to branches that contain
             attention (softmax / SDPA): ``sqrt(1 - tau) * skip + sqrt(tau) * branch``.
         mlp_tau: the same for every other residual branch.
-        constraint: how one scale is chosen for an op whose forward and
-            backward scales must agree (edges that are not cut edges):
-            ``"gmean"`` geometric mean of the ideal scales, ``"fwd"`` the
-            forward scale, ``"bwd"`` the geometric mean of the backward ones.
+        constraint: how backward scales are kept valid. ``"potential"`` (default):
+            forward scales stay ideal and backward scales are fitted, by least
+            squares over the whole graph, to the form that provably gives every
+            parameter a positive multiple of its true gradient (see
+            :mod:`unit_scale_fx.passes.balance`). The local rules tie forward and
+            backward scales of an op on every edge that is not a cut edge, to
+            ``"gmean"`` the geometric mean of the ideal scales, ``"fwd"`` the
+            forward scale, or ``"bwd"`` the geometric mean of the backward ones.
         node_filter: ``(qualified_name, node) -> bool``; nodes for which it
             returns False are left as they are.
         unsupported: what to do with floating-point ops that have no rule:
             ``"warn"`` leaves them unscaled and lists them in one warning,
             ``"error"`` raises :class:`UnitScaleError`, ``"ignore"`` only logs.
+        measure: when planning has real example inputs (not meta or fake), run the
+            graph once on them: rules see measured input RMS, and ops whose scale
+            depends on the data (attention, softmax, products of activations) are
+            calibrated on it. With False, or on the meta device, planning is analytic.
         init_weights: re-initialise parameters for unit scaling (unit-RMS
             weights, zero biases, unit norm gains).
         inplace: transform the given model's own parameters instead of a copy.
@@ -40,9 +48,10 @@ class UnitScaleConfig:
 
     attn_tau: float = 0.5
     mlp_tau: float = 0.5
-    constraint: Constraint = "gmean"
+    constraint: Constraint = "potential"
     node_filter: Optional[NodeFilter] = None
     unsupported: UnsupportedPolicy = "warn"
+    measure: bool = True
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
@@ -58,11 +67,11 @@ class UnitScaleConfig:
                     where="UnitScaleConfig",
                     fix=f"pass a {name} strictly between 0 and 1 (0.5 weighs skip and branch equally)",
                 )
-        if self.constraint not in ("gmean", "fwd", "bwd"):
+        if self.constraint not in ("potential", "gmean", "fwd", "bwd"):
             raise UnitScaleError(
                 f"unknown constraint {self.constraint!r}",
                 where="UnitScaleConfig.constraint",
-                fix="use 'gmean', 'fwd' or 'bwd'",
+                fix="use 'potential', 'gmean', 'fwd' or 'bwd'",
             )
         if self.unsupported not in ("warn", "error", "ignore"):
             raise UnitScaleError(

@@ -1,7 +1,8 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> rewrite -> recompile
+            -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
+            -> rewrite -> recompile
                                                       (once example inputs are known)
 """
 
@@ -18,6 +19,9 @@ import torch.fx as fx
 from . import rules  # noqa: F401  (fills the registry)
 from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
+from .passes.balance import balance
+from .passes.calibrate_grads import calibrate_grads
+from .passes.plan import predict_grads
 from .passes.base import Pass
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,9 @@ ANALYSE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
     ("topology", topology),
     ("plan", plan),
+    ("balance", balance),
+    ("calibrate_grads", calibrate_grads),
+    ("predict_grads", predict_grads),
 ]
 
 TRANSFORM: list[tuple[str, Pass]] = [

@@ -24,7 +24,8 @@ class ScaleRecord:
         bwd: backward scale per floating-point input, by input node name.
         ideal_fwd / ideal_bwd: the scales before the cut-edge constraint.
         constrained: True when forward and backward scales were tied.
-        weights: for residual / weighted adds, the weight per input node name.
+        weights: for residual / weighted adds, the forward weight per input node name
+            (``bwd`` then holds the backward weight where it differs).
         fwd_rms: predicted RMS of the output after scaling.
         bwd_rms: predicted RMS of the gradient w.r.t. the output.
         note: free text (why a choice was made).

@@ -56,6 +56,7 @@ class MatmulRecorder(TorchDispatchMode):
         self.records: list[MatmulOperand] = []
         self.phase = "fwd"
         self._fwd_storages: set[int] = set()
+        self._keep: list[torch.Tensor] = []  # keeps forward storages alive, so addresses are not reused
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:  # let dynamo run under the recorder
@@ -85,9 +86,10 @@ class MatmulRecorder(TorchDispatchMode):
         elif func in _ATTN_BWD:
             self.records.append(MatmulOperand(name, "bwd", "grad", tuple(args[0].shape), _rms(args[0])))
         if self.phase == "fwd":
-            for t in torch.utils._pytree.tree_leaves(out):
+            for t in list(torch.utils._pytree.tree_leaves(out)) + [a for a in args if isinstance(a, torch.Tensor)]:
                 if isinstance(t, torch.Tensor):
                     self._fwd_storages.add(_key(t))
+                    self._keep.append(t)
         return out
 
 
@@ -104,6 +106,7 @@ def record_matmul_operands(model: torch.nn.Module, *inputs: Any,
         loss = loss_fn(out) if loss_fn is not None else out
         rec.backward()
         loss.backward()
+    rec._keep.clear()
     return rec.records
 
 

@@ -39,6 +39,8 @@ class PassContext:
     #: earlier graphs, outputs read by later ones); topology joins them through one virtual node, so an
     #: edge is called a cut edge only if it is one whatever the outside does.
     boundary: set[str] = field(default_factory=set)
+    #: the placeholders' real values (None when inputs are fake or on the meta device)
+    real_values: Optional[list] = None
 
 
 @dataclass
@@ -60,3 +62,32 @@ def module_path(node: fx.Node) -> str:
         path = last[0] if isinstance(last, tuple) else str(last)
         return str(path)
     return ""
+
+
+class preserved_state:
+    """Run a measurement in the module's own mode without side effects.
+
+    Buffers (e.g. BatchNorm running statistics) and the global RNG state are
+    restored afterwards, and parameter gradients are cleared, so planning leaves
+    no trace on the model or on the user's random stream.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __enter__(self) -> "preserved_state":
+        import torch
+
+        self.buffers = {k: v.detach().clone() for k, v in self.gm.named_buffers()}
+        self.rng = torch.random.get_rng_state()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        with torch.no_grad():
+            for k, v in self.gm.named_buffers():
+                if k in self.buffers:
+                    v.copy_(self.buffers[k])
+        torch.random.set_rng_state(self.rng)
+        self.gm.zero_grad(set_to_none=True)

@@ -18,7 +18,8 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
-from .base import PassContext, PassResult, UnsupportedOp, module_path
+from .base import PassContext, PassResult, UnsupportedOp, module_path, preserved_state
+from .init_weights import _source_param
 
 log = logging.getLogger(__name__)
 
@@ -56,83 +57,184 @@ def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Opti
     return r
 
 
-def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    topo = ctx.topology
-    if topo is None:
-        raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
-                             fix="run the passes in pipeline order")
-    cfg = ctx.config
-    roles = getattr(ctx, "param_roles", {}) or {}
-    rms: dict[fx.Node, Optional[float]] = {}
-    scales_of: dict[fx.Node, Scales] = {}
-    for node in gm.graph.nodes:
-        node.meta.pop(META_KEY, None)
-        if node.op == "output" or not is_float(node):
-            continue
+class _Planner:
+    """Plans one node at a time from the RMS of its inputs (predicted or measured)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
+        self.roles = getattr(ctx, "param_roles", {}) or {}
+        self.rms: dict[fx.Node, Optional[float]] = {}
+        self.scales: dict[fx.Node, Scales] = {}
+        self.rules: dict[fx.Node, object] = {}
+
+    def source_rms(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            rms[node] = ctx.input_rms.get(node.name, 1.0)
-            continue
-        if node.op == "get_attr":
-            rms[node] = _param_rms(gm, node, roles)
-            continue
+            self.rms[node] = self.ctx.input_rms.get(node.name, 1.0)
+        elif node.op == "get_attr":
+            self.rms[node] = _param_rms(self.gm, node, self.roles)
+
+    def scales_for(self, node: fx.Node) -> Optional[Scales]:
+        """Ideal scales of ``node`` (None: no scale: unsupported, excluded, inserted)."""
+        node.meta.pop(META_KEY, None)
         inputs = float_tensor_inputs(node)
-        known = [rms[i] for i in inputs if rms.get(i) is not None and math.isfinite(rms[i])]
+        known = [self.rms[i] for i in inputs if self.rms.get(i) is not None and math.isfinite(self.rms[i])]
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
-        op_name = node_op_name(node, gm)
-        qual = module_path(node)
+        self.rms[node] = passthrough
         if node.meta.get("unit_scale_inserted"):
-            rms[node] = passthrough
-            continue
-        if cfg.node_filter is not None and not cfg.node_filter(qual, node):
+            return None
+        op_name, qual = node_op_name(node, self.gm), module_path(node)
+        if self.cfg.node_filter is not None and not self.cfg.node_filter(qual, node):
             node.meta[META_KEY] = ScaleRecord("excluded", "excluded", op_name, _shape(node), fwd_rms=passthrough,
                                               note="left alone by node_filter")
-            rms[node] = passthrough
-            continue
-        rule = lookup(node, gm)
+            return None
+        rule = lookup(node, self.gm)
         if rule is None:
             if inputs:
-                ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>"))
+                self.ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>"))
                 node.meta[META_KEY] = ScaleRecord("unsupported", "unsupported", op_name, _shape(node),
                                                   fwd_rms=passthrough, note="no rule; left unscaled")
-            rms[node] = passthrough
-            continue
-        context = {}
-        if node in topo.residuals:
-            r = topo.residuals[node]
-            context["residual"] = (r.skip, r.branch, r.tau)
-        view = OpView(node, inputs, {i: rms.get(i) for i in inputs},
-                      module=gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
+            return None
+        context: dict = {"params": {i for i in inputs
+                                   if _source_param(i, self.gm, self.ctx.param_inputs) is not None}}
+        res = self.topo.residuals.get(node)
+        if res is not None:
+            context["residual"] = (res.skip, res.branch, res.tau)
+        view = OpView(node, inputs, {i: self.rms.get(i) for i in inputs},
+                      module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
                       context=context)
         s = rule.scales(view)
-        scales_of[node] = s
-        rec = ScaleRecord(rule.name, "residual" if context else rule.kind, op_name, _shape(node),
-                          ideal_fwd=s.fwd, ideal_bwd={n.name: b for n, b in s.bwd.items()}, note=s.note)
+        self.scales[node], self.rules[node] = s, rule
+        return s
+
+    def finalize(self, node: fx.Node, s: Scales) -> ScaleRecord:
+        rule = self.rules[node]
+        # gradients that meet at a value with several readers add up: give each reader a share
+        ideal_bwd = {n.name: b / math.sqrt(max(1, self.topo.graph.out_degree(n))) for n, b in s.bwd.items()}
+        rec = ScaleRecord(rule.name, "residual" if node in self.topo.residuals else rule.kind,
+                          node_op_name(node, self.gm), _shape(node),
+                          fwd=s.fwd, ideal_fwd=s.fwd, ideal_bwd=ideal_bwd, note=s.note)
         if s.weights is not None:
+            rec.fwd = 1.0
             rec.weights = {n.name: w for n, w in s.weights.items()}
-        else:
-            fwd, bwd = s.fwd, dict(s.bwd)
-            tied = [n for n in bwd if not topo.is_cut(n, node)]
-            if tied and any(not math.isclose(bwd[n], fwd, rel_tol=1e-9) for n in tied):
-                value = _combine([fwd] + [bwd[n] for n in tied], cfg.constraint, fwd, s.fixed_fwd)
-                fwd = value
-                for n in tied:
-                    bwd[n] = value
-                rec.constrained = True
-            rec.fwd = fwd
-            rec.bwd = {n.name: b for n, b in bwd.items()}
+        if self.cfg.constraint != "potential":
+            _tie_locally(rec, node, s, self.topo, self.cfg.constraint)
         out = s.out_rms
         if out is not None and s.weights is None and s.fwd:
             out = out * rec.fwd / s.fwd
         rec.fwd_rms = out
-        rms[node] = out
+        self.rms[node] = out
         node.meta[META_KEY] = rec
-    _predict_backward(gm, scales_of)
+        return rec
+
+
+class _MeasuringPlanner(fx.Interpreter):
+    """Plans while running the graph on the real example inputs.
+
+    Each op's rule sees the *measured* RMS of its (already scaled) inputs; ops whose
+    output scale depends on the data (attention, softmax, products of two
+    activations) are calibrated on the measured output; and the value passed on
+    is the scaled one, so errors do not accumulate down the graph.
+    """
+
+    def __init__(self, gm: fx.GraphModule, planner: _Planner) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.planner = planner
+
+    def run_node(self, n: fx.Node):
+        p = self.planner
+        if n.op in ("placeholder", "get_attr", "output"):
+            value = super().run_node(n)
+            if n.op != "output" and is_float(n):
+                p.source_rms(n)
+                measured = _tensor_rms(value) if isinstance(value, torch.Tensor) else None
+                if measured is not None and n.op == "placeholder":
+                    p.rms[n] = measured
+            return value
+        if not is_float(n):
+            return super().run_node(n)
+        s = p.scales_for(n)
+        if s is None:
+            value = super().run_node(n)
+        elif s.weights is not None:
+            saved = {u: self.env[u] for u in s.weights}
+            for u, w in s.weights.items():
+                self.env[u] = saved[u] * w
+            value = super().run_node(n)
+            self.env.update(saved)
+        else:
+            value = super().run_node(n)
+            raw = _tensor_rms(value) if isinstance(value, torch.Tensor) else None
+            if s.calibrate and raw and math.isfinite(raw) and s.fwd:
+                ratio = (1.0 / raw) / s.fwd
+                s.fwd *= ratio
+                if s.calibrate_bwd:
+                    s.bwd = {k: b * ratio for k, b in s.bwd.items()}
+                    s.grad_gain = {k: g / ratio for k, g in s.grad_gain.items()}
+                s.note += f"; forward calibrated on the example batch (x{ratio:.3g})"
+        if s is not None:
+            rec = p.finalize(n, s)
+            if rec.weights is None or not rec.weights:
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and rec.fwd != 1.0:
+                    value = value * rec.fwd
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            measured = _tensor_rms(value)
+            p.rms[n] = measured
+            rec = n.meta.get(META_KEY)
+            if rec is not None:
+                rec.fwd_rms = measured
+        return value
+
+
+def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    if ctx.topology is None:
+        raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
+                             fix="run the passes in pipeline order")
+    planner = _Planner(gm, ctx)
+    real = ctx.real_values is not None and ctx.config.measure
+    if real:
+        with preserved_state(gm), torch.no_grad():
+            _MeasuringPlanner(gm, planner).run(*ctx.real_values)
+    else:
+        for node in gm.graph.nodes:
+            if node.op == "output" or not is_float(node):
+                continue
+            if node.op in ("placeholder", "get_attr"):
+                planner.source_rms(node)
+                continue
+            s = planner.scales_for(node)
+            if s is not None:
+                planner.finalize(node, s)
+    ctx.scales = planner.scales  # type: ignore[attr-defined]
     _apply_policy(ctx)
     n_rec = sum(1 for n in gm.graph.nodes if META_KEY in n.meta)
-    return PassResult(False, f"{n_rec} records, {len(ctx.unsupported)} unsupported")
+    how = "measured on the example batch" if real else "analytic"
+    return PassResult(False, f"{n_rec} records ({how}), {len(ctx.unsupported)} unsupported")
 
 
-def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> None:
+def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> None:
+    """The local rule: forward and backward scales may differ only on cut edges."""
+    if s.weights is not None:
+        rec.bwd = {n.name: w for n, w in s.weights.items()}  # weighted adds keep the true gradient
+        return
+    fwd, bwd = s.fwd, {n: rec.ideal_bwd[n.name] for n in s.bwd}
+    tied = [n for n in bwd if not topo.is_cut(n, node)]
+    if tied and any(not math.isclose(bwd[n], fwd, rel_tol=1e-9) for n in tied):
+        value = _combine([fwd] + [bwd[n] for n in tied], how, fwd, s.fixed_fwd)
+        fwd = value
+        for n in tied:
+            bwd[n] = value
+        rec.constrained = True
+    rec.fwd = fwd
+    rec.bwd = {n.name: b for n, b in bwd.items()}
+
+
+def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+
+    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+    """
+    scales_of: dict[fx.Node, Scales] = getattr(ctx, "scales", {})
+    measured: dict[fx.Node, float] = getattr(ctx, "measured_grads", {}) or {}
     grad: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
@@ -143,20 +245,24 @@ def _predict_backward(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> N
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
-            g = grad[user]
-            if rec is not None and rec.kind == "loss":
-                g = 1.0
+            g = 1.0 if rec is not None and rec.kind == "loss" else grad[user]
             if s is None or rec is None:
                 contribs.append(g)
-            elif s.weights is not None:
-                contribs.append(g * s.weights.get(node, 1.0))
-            else:
-                gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
-                contribs.append(g * gain * rec.bwd.get(node.name, 1.0))
-        grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
+                continue
+            gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
+            fallback = rec.weights.get(node.name, rec.fwd) if rec.weights else 1.0
+            contribs.append(g * gain * rec.bwd.get(node.name, fallback))
+        if node in measured:
+            grad[node] = measured[node]
+        elif isinstance(node.meta.get("val"), (tuple, list)):
+            # readers of a tuple take disjoint pieces: their gradients are concatenated
+            grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0
+        else:
+            grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
         rec = node.meta.get(META_KEY)
         if rec is not None:
             rec.bwd_rms = None if rec.kind == "loss" else grad[node]
+    return PassResult(False, "gradient RMS predicted")
 
 
 def _apply_policy(ctx: PassContext) -> None:

@@ -1,10 +1,10 @@
 """rewrite: put each record's scales into the graph as ``scale`` nodes.
 
-* ops with weights (residual adds): each input becomes ``scale(x, w, w)``;
-* single-input ops: the output becomes ``scale(y, fwd, bwd)``;
-* other ops: each input with a backward scale becomes ``scale(x, 1, bwd)`` and the
-  output ``scale(y, fwd, 1)``. Backward scales sit after the op's own backward,
-  so the gradients that matmuls consume stay unit.
+* adds with weights (residual adds): each input becomes ``scale(x, w_fwd, w_bwd)``;
+* matmul-class ops (matmul, attention): each input with a backward scale becomes ``scale(x, 1, bwd)``
+  and the output ``scale(y, fwd, 1)``: backward scales act after the op's own
+  backward, so the gradients that matmuls consume stay unit;
+* other ops whose inputs share one backward scale: one ``scale(y, fwd, bwd)``.
 """
 
 from __future__ import annotations
@@ -14,57 +14,78 @@ import logging
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from .base import PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
+INSERTED = "unit_scale_inserted"
 
-def _insert_scale(gm: fx.GraphModule, src: fx.Node, fwd: float, bwd: float, where: str) -> fx.Node:
-    ctx = gm.graph.inserting_after(src) if where == "after" else gm.graph.inserting_before(src)
-    with ctx:
-        new = gm.graph.call_function(scale, (src, float(fwd), float(bwd)))
-    new.meta["unit_scale_inserted"] = True
-    for key in ("val", "nn_module_stack", "tensor_meta"):
+#: Op kinds whose backward is itself a matmul: their backward scales go on the inputs.
+INPUT_SIDE_KINDS = frozenset({"matmul", "attention"})
+
+
+def original(node: fx.Node) -> fx.Node:
+    """The node behind any scale nodes inserted on top of it."""
+    while node.meta.get(INSERTED):
+        node = node.args[0]  # type: ignore[assignment]
+    return node
+
+
+def _new_scale(gm: fx.GraphModule, src: fx.Node, fwd: float, bwd: float) -> fx.Node:
+    new = gm.graph.call_function(scale, (src, float(fwd), float(bwd)))
+    new.meta[INSERTED] = True
+    for key in ("val", "nn_module_stack"):
         if key in src.meta:
             new.meta[key] = src.meta[key]
     return new
 
 
-def _scale_input(gm: fx.GraphModule, node: fx.Node, inp: fx.Node, fwd: float, bwd: float) -> None:
+def scale_input(gm: fx.GraphModule, node: fx.Node, inp: fx.Node, fwd: float, bwd: float) -> fx.Node:
+    """Insert ``scale(inp, fwd, bwd)`` on the edge ``inp -> node`` only."""
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(scale, (inp, float(fwd), float(bwd)))
-    new.meta["unit_scale_inserted"] = True
-    for key in ("val", "nn_module_stack"):
-        if key in inp.meta:
-            new.meta[key] = inp.meta[key]
+        new = _new_scale(gm, inp, fwd, bwd)
     node.replace_input_with(inp, new)
+    return new
+
+
+def scale_output(gm: fx.GraphModule, node: fx.Node, fwd: float, bwd: float) -> fx.Node:
+    """Insert ``scale(node, fwd, bwd)`` and make every reader of ``node`` read it."""
+    with gm.graph.inserting_after(node):
+        new = _new_scale(gm, node, fwd, bwd)
+    node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return new
+
+
+def _inputs_by_original_name(node: fx.Node) -> dict[str, fx.Node]:
+    return {original(n).name: n for n in node.all_input_nodes}
 
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     count = 0
-    # Last node first: an op's inputs are still the original nodes when it is rewritten.
+    # Last node first: an op's inputs are still (close to) the original nodes when it is rewritten.
     for node in reversed(list(gm.graph.nodes)):
         rec: ScaleRecord | None = node.meta.get(META_KEY)
         if rec is None or not rec.changes_anything:
             continue
-        by_name = {n.name: n for n in float_tensor_inputs(node)}
+        inputs = _inputs_by_original_name(node)
         if rec.weights:
             for name, w in rec.weights.items():
-                if w != 1.0:
-                    _scale_input(gm, node, by_name[name], w, w)
+                b = rec.bwd.get(name, w)
+                if (w, b) != (1.0, 1.0):
+                    scale_input(gm, node, inputs[name], w, b)
         else:
-            bwd = {by_name[k]: v for k, v in rec.bwd.items() if k in by_name}
-            single = len(bwd) == 1 and len(by_name) == 1
-            out_bwd = next(iter(bwd.values())) if single else 1.0
-            if not single:
+            bwd = {inputs[k]: v for k, v in rec.bwd.items() if k in inputs}
+            shared = set(bwd.values())
+            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1:
+                out_bwd = shared.pop() if shared else 1.0
+            else:
+                out_bwd = 1.0
                 for inp, b in bwd.items():
                     if b != 1.0:
-                        _scale_input(gm, node, inp, 1.0, b)
+                        scale_input(gm, node, inp, 1.0, b)
             if rec.fwd != 1.0 or out_bwd != 1.0:
-                out = _insert_scale(gm, node, rec.fwd, out_bwd, "after")
-                node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+                scale_output(gm, node, rec.fwd, out_bwd)
         log.debug("rewrite: %s %s fwd=%.4g bwd=%s weights=%s", rec.rule, node.name, rec.fwd, rec.bwd, rec.weights)
         count += 1
     return PassResult(count > 0, f"{count} nodes scaled")

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnitScaleError
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, preserved_state
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[An
         else:
             out.append(None)
     return out
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 class _RealProp(fx.Interpreter):
@@ -108,6 +114,9 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             fix="call the module once, or pass example_inputs=(...) to unit_scale",
         )
     values = placeholder_values(gm, ctx.example_args or (), ctx.example_kwargs or {})
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors and all(t.device.type != "meta" and not _is_fake(t) for t in tensors):
+        ctx.real_values = values
     for node, v in zip(gm.graph.find_nodes(op="placeholder"), values):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and v.numel():
             ctx.input_rms.setdefault(node.name, float(v.detach().float().pow(2).mean().sqrt()))
@@ -126,7 +135,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
-        with torch.no_grad():
+        with preserved_state(gm), torch.no_grad():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
         return PassResult(False, "fake-tensor propagation")
     except Exception as exc:  # fall back to a real run
@@ -138,7 +147,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             fix="pass real example inputs",
         )
     try:
-        with torch.no_grad():
+        with preserved_state(gm), torch.no_grad():
             _RealProp(gm).run(*values)
     except Exception as exc:
         raise UnitScaleError(

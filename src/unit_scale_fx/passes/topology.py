@@ -10,6 +10,7 @@ the forward one there only rescales those gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
@@ -20,6 +21,8 @@ from .base import PassContext, PassResult
 
 @dataclass
 class Residual:
+    """A residual add ``skip + branch`` (``skip`` is an ancestor of ``branch``, or the stream)."""
+
     skip: fx.Node
     branch: fx.Node
     kind: str  # "attn" or "mlp"
@@ -71,13 +74,38 @@ class _Outside:
     name = "<outside>"
 
 
-def _branch_kind(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, gm: fx.GraphModule) -> str:
-    region = (nx.descendants(g, skip) & nx.ancestors(g, branch)) | {branch}
+def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
     for n in region:
         rule = lookup(n, gm)
         if rule is not None and rule.kind in ("softmax", "attention"):
             return "attn"
     return "mlp"
+
+
+def _between(g: nx.DiGraph, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Ancestors of ``b`` that come after ``a`` in graph order, plus ``b`` (a bounded search)."""
+    lo = order[a]
+    seen, stack = {b}, [b]
+    while stack:
+        v = stack.pop()
+        for u in g.predecessors(v):
+            if u not in seen and order[u] >= lo:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _region(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes on paths from ``skip`` to ``branch`` (``skip`` excluded, ``branch`` included)."""
+    window = _between(g, skip, branch, order)
+    region, stack = set(), [skip]
+    while stack:
+        v = stack.pop()
+        for w in g.successors(v):
+            if w in window and w not in region:
+                region.add(w)
+                stack.append(w)
+    return region | {branch}
 
 
 def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -97,6 +125,7 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 bridges.add((a, b))
     topo = Topology(g, bridges)
     cfg = ctx.config
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node not in g:
             continue
@@ -107,10 +136,10 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if len(ins) != 2:
             continue
         a, b = ins
-        if nx.has_path(g, a, b):
+        if order[a] > order[b]:
+            a, b = b, a
+        if a in _between(g, a, b, order):
             skip, branch = a, b
-        elif nx.has_path(g, b, a):
-            skip, branch = b, a
         elif a in topo.residuals or b in topo.residuals:
             # parallel branches summed onto a stream: the stream is the skip
             skip, branch = (a, b) if a in topo.residuals else (b, a)
@@ -118,7 +147,11 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue
         else:
             continue
-        kind = _branch_kind(g, skip, branch, gm)
+        if skip in _between(g, skip, branch, order):
+            region = _region(g, skip, branch, order)
+        else:  # parallel branches: no region of their own
+            region = {branch}
+        kind = _branch_kind(region, gm)
         tau = cfg.attn_tau if kind == "attn" else cfg.mlp_tau
         topo.residuals[node] = Residual(skip, branch, kind, tau)
     ctx.topology = topo

@@ -52,7 +52,10 @@ class AddRule(Rule):
             rs = max(op.rms(skip), 1e-12)
             rbr = max(op.rms(branch), 1e-12)
             w = {skip: math.sqrt(1 - tau) / rs, branch: math.sqrt(tau) / rbr}
-            return Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}")
+            s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}")
+            for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal
+                s.bwd[n], s.grad_gain[n] = 1.0, 1.0
+            return s
         total = math.sqrt(ra * ra + rb * rb)
         if total <= 0:
             return Scales(out_rms=0.0, note="both operands zero")
@@ -75,7 +78,7 @@ class MulRule(Rule):
             return Scales(note="product of more than two tensors")
         a, b = op.inputs
         ra, rb = op.rms(a), op.rms(b)
-        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors")
+        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors", calibrate=True)
         s.bwd[a], s.grad_gain[a] = 1.0 / rb, rb
         s.bwd[b], s.grad_gain[b] = 1.0 / ra, ra
         return s

@@ -40,7 +40,7 @@ class SoftmaxRule(Rule):
         n = shape[dim]
         out_rms = math.sqrt(mean_sq_weight(op.rms(x), n) / n)
         a = 1.0 / out_rms
-        return Scales(fwd=a, bwd={x: a}, grad_gain={x: out_rms}, note=f"n={n}")
+        return Scales(fwd=a, bwd={x: a}, grad_gain={x: out_rms}, note=f"n={n}", calibrate=True, calibrate_bwd=True)
 
 
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
@@ -62,7 +62,10 @@ class SDPARule(Rule):
         n_keys = [min(tk, i + 1 + tk - tq) for i in range(tq)] if causal else tk
         out_rms = op.rms(v) * math.sqrt(mean_sq_weight(logit_std, n_keys))
         a = 1.0 / out_rms
-        s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal}")
+        # Forward: values of nearby positions grow correlated with depth, so the output RMS
+        # is measured when possible. Backward: the gradient into the values is A^T g with
+        # g uncorrelated across positions, so the analytic estimate stays right.
+        s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal}", calibrate=True)
         for n in op.inputs:
             s.bwd[n], s.grad_gain[n] = a, out_rms
         return s

@@ -85,6 +85,9 @@ class MatmulRule(Rule):
             out_rms2 += (fwd * op.rms(bias, default=0.0)) ** 2
         s.out_rms = math.sqrt(out_rms2)
         s.note = f"k={k} n={n} rows={rows}"
+        # two activations (attention scores, weighted values) may be correlated: measure
+        params = op.context.get("params", set())
+        s.calibrate = left not in params and right not in params
         return s
 
     def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:

@@ -24,9 +24,10 @@ _WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
 
 def gaussian_moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float = 1.0) -> tuple[float, float]:
     """``(RMS(f(x)), RMS(f'(x)))`` for ``x ~ N(0, std^2)`` by quadrature."""
-    z = torch.tensor(_NODES * std, dtype=torch.float64, requires_grad=True)
-    y = fn(z)
-    (dy,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
+    with torch.enable_grad():  # planning may run under no_grad
+        z = torch.tensor(_NODES * std, dtype=torch.float64, requires_grad=True)
+        y = fn(z)
+        (dy,) = torch.autograd.grad(y.sum(), z, allow_unused=True) if y.requires_grad else (None,)
     w = torch.tensor(_WEIGHTS, dtype=torch.float64)
     f_rms = float((w * y.detach().double() ** 2).sum().sqrt())
     d_rms = float((w * dy.double() ** 2).sum().sqrt()) if dy is not None else 0.0

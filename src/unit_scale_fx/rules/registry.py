@@ -33,8 +33,9 @@ class Scales:
             output gradient (``1 / ideal bwd`` for most rules); used to predict
             backward RMS after constraints.
         fixed_fwd: the forward scale must stay as it is (losses).
-        weights: for adds: a weight per input applied as an ordinary
-            multiplication (same forward and backward) instead of ``fwd``.
+        calibrate / calibrate_bwd: see the fields.
+        weights: for adds: a weight per input, applied to the input instead of ``fwd``
+            on the output; ``bwd`` then holds backward weights that differ from them.
         note: text for the record.
     """
 
@@ -45,6 +46,11 @@ class Scales:
     fixed_fwd: bool = False
     weights: Optional[dict[fx.Node, float]] = None
     note: str = ""
+    #: the output scale depends on the data (attention, products of activations): when
+    #: planning runs on real inputs, set ``fwd`` from the measured output RMS
+    calibrate: bool = False
+    #: calibration moves the backward scales by the same factor (they equal ``fwd``)
+    calibrate_bwd: bool = False
 
 
 @dataclass

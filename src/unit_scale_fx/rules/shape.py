@@ -45,5 +45,9 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("chunk"), aten("select", "int"), aten("slice", "Tensor"), aten("transpose", "int"),
     aten("squeeze", "dim"), aten("masked_fill", "Scalar"), aten("masked_fill", "Tensor"), aten("_to_copy"),
     aten("to", "dtype"), aten("unbind", "int"), aten("where", "self"), aten("index", "Tensor"),
+    aten("flatten", "using_ints"), aten("unflatten", "int"), aten("broadcast_tensors"), aten("expand_as"),
+    aten("view_as"), aten("reshape_as"), aten("squeeze", "dims"), aten("contiguous"), aten("repeat"),
+    aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
+    aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"),
 ]
-register(*many(tensor_method(m) for m in _METHODS), *_FUNCTIONS, *many(_ATEN))(PreserveRule())
+register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())

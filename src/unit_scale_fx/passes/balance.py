@@ -1,0 +1,202 @@
+"""balance: backward scales that are valid by construction, chosen by least squares.
+
+Forward scales stay ideal (every op's output unit). Each edge ``u -> v`` carries a
+forward factor ``f_uv`` (the op's output scale, or an add's input weight) and a
+backward factor ``b_uv``. If there are positive *potentials* ``phi`` on the nodes with
+
+    b_uv = f_uv * phi_u / phi_v          for every edge,
+
+then by induction from the loss every node receives ``phi_u`` times its true
+gradient (of the scaled forward), so every parameter gets a positive multiple of
+its true gradient: the gradients are valid. Conversely, on edges where no scale
+op can sit (views, ops without a rule) ``phi_u = phi_v``.
+
+We pick ``log phi`` to make ``b_uv`` as close as possible to the ideal backward
+scale ``b*_uv`` (the one that makes the gradient unit) in the least-squares
+sense: a weighted graph-Laplacian system. On a bridge (cut edge) the fit is
+exact, so this contains the cut-edge rule; around a residual block it spreads
+the unavoidable mismatch over the whole block instead of one op, and a tied
+weight gets one potential for both of its uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch.fx as fx
+
+from ..record import META_KEY, ScaleRecord
+from .base import PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+#: Record kinds with no scale op of their own: their edges keep the true gradient.
+FIXED_KINDS = frozenset({"preserve", "unsupported", "excluded"})
+
+_EPS = 1e-9  # ties down potentials not reached by any equation
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
+
+    def find(self, x: fx.Node) -> fx.Node:
+        root = x
+        while self.parent.get(root, root) is not root:
+            root = self.parent[root]
+        while self.parent.get(x, x) is not root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: fx.Node, b: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is not rb:
+            self.parent[ra] = rb
+
+
+def _forward_factor(rec: ScaleRecord, u: str) -> float:
+    return rec.weights.get(u, 1.0) if rec.weights else rec.fwd
+
+
+def _needs_grad(u: fx.Node, gm: fx.GraphModule) -> bool:
+    """Buffers carry no gradient. Inputs do (a unit-scaled part of a larger model)."""
+    if u.op == "get_attr":
+        try:
+            gm.get_parameter(str(u.target))
+            return True
+        except AttributeError:
+            return False
+    return True
+
+
+def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: list[int]) -> np.ndarray:
+    """Least squares for ``x[i] - x[j] = c`` (weight w) and ``x[a] = 0``: the normal equations."""
+    lap = np.zeros((n, n)) if n <= 6000 else None
+    rhs = np.zeros(n)
+    if lap is not None:
+        for i, j, c, w in rows:
+            lap[i, i] += w
+            lap[j, j] += w
+            lap[i, j] -= w
+            lap[j, i] -= w
+            rhs[i] += w * c
+            rhs[j] -= w * c
+        for a in anchors:
+            lap[a, a] += 1.0
+        lap[np.diag_indices(n)] += _EPS
+        return np.linalg.solve(lap, rhs)
+    # large graphs: conjugate gradients with a Jacobi preconditioner
+    ii = np.array([r[0] for r in rows]); jj = np.array([r[1] for r in rows])
+    cc = np.array([r[2] for r in rows]); ww = np.array([r[3] for r in rows])
+    np.add.at(rhs, ii, ww * cc)
+    np.add.at(rhs, jj, -ww * cc)
+    anchor = np.zeros(n)
+    anchor[anchors] = 1.0
+    diag = np.bincount(ii, ww, n) + np.bincount(jj, ww, n) + anchor + _EPS
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        d = ww * (x[ii] - x[jj])
+        return np.bincount(ii, d, n) - np.bincount(jj, d, n) + (anchor + _EPS) * x
+
+    x = np.zeros(n)
+    r = rhs - matvec(x)
+    z = r / diag
+    p = z.copy()
+    rz = r @ z
+    for _ in range(20 * n):
+        ap = matvec(p)
+        alpha = rz / (p @ ap)
+        x += alpha * p
+        r -= alpha * ap
+        if np.linalg.norm(r) < 1e-10 * max(1.0, np.linalg.norm(rhs)):
+            break
+        z = r / diag
+        rz_new = r @ z
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+class Potentials:
+    """Union-find classes of nodes that must share a potential, and the potentials."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.g = ctx.topology.graph
+        self.recs: dict[fx.Node, ScaleRecord] = {n: n.meta[META_KEY] for n in self.g if META_KEY in n.meta}
+        self.uf = _UnionFind()
+        self.free: list[tuple[fx.Node, fx.Node]] = []
+        self.gm = gm
+        self.boundary_names = set(ctx.boundary)
+        for u, v in self.g.edges:
+            rec = self.recs.get(v)
+            if rec is None or rec.kind in FIXED_KINDS or u.name not in rec.ideal_bwd:
+                self.uf.union(u, v)  # no scale op here: the true gradient passes
+            elif _needs_grad(u, gm):
+                self.free.append((u, v))
+        roots = {self.uf.find(n) for n in self.g}
+        self.index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
+        self.log_phi = np.zeros(len(self.index))
+
+    def boundary(self) -> set[int]:
+        """Classes of values linked to code outside the graph (``ctx.boundary``): their potential is 1.
+
+        The other side (another graph of a model dynamo split) cannot know this graph's
+        potentials; with the true gradient at every crossing, both sides agree.
+        """
+        return {self.cls(n) for n in self.g if n.name in self.boundary_names}
+
+    def cls(self, n: fx.Node) -> int:
+        return self.index[self.uf.find(n)]
+
+    def members(self) -> dict[int, list[fx.Node]]:
+        out: dict[int, list[fx.Node]] = {}
+        for n in self.g:
+            out.setdefault(self.cls(n), []).append(n)
+        return out
+
+    def fit_ideal(self) -> int:
+        """Least-squares potentials for the rules' ideal backward scales."""
+        rows = []
+        for u, v in self.free:
+            i, j = self.cls(u), self.cls(v)
+            if i == j:
+                continue
+            rec = self.recs[v]
+            c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
+            rows.append((i, j, c, 1.0))
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | self.boundary())
+        if rows:
+            self.log_phi = solve_laplacian(len(self.index), rows, anchors)
+        for c in self.boundary():  # exactly 1, not only near it (any potentials are valid)
+            self.log_phi[c] = 0.0
+        return len(rows)
+
+    def assign(self) -> None:
+        """Write ``b_uv = f_uv * phi_u / phi_v`` into every record."""
+        free = set(self.free)
+        for v, rec in self.recs.items():
+            if rec.kind in FIXED_KINDS:
+                continue
+            bwd: dict[str, float] = {}
+            for u in self.g.predecessors(v):
+                if u.name not in rec.ideal_bwd:
+                    continue
+                f = _forward_factor(rec, u.name)
+                if (u, v) in free:
+                    bwd[u.name] = f * math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
+                else:
+                    bwd[u.name] = f
+            rec.bwd = bwd
+            rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3 for k, b in bwd.items())
+
+
+def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    if ctx.config.constraint != "potential":
+        return PassResult(False, f"local constraint {ctx.config.constraint!r}: nothing to do")
+    pots = Potentials(gm, ctx)
+    n_rows = pots.fit_ideal()
+    pots.assign()
+    ctx.potentials = pots  # type: ignore[attr-defined]
+    return PassResult(False, f"{len(pots.index)} potentials from {n_rows} edges")

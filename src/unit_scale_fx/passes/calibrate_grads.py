@@ -1,0 +1,121 @@
+"""calibrate_grads: make gradients unit by measurement, keeping them valid.
+
+After ``balance``, every node ``u`` receives ``phi_u`` times its true gradient.
+When real example inputs are known, this pass runs the planned model once,
+forward and backward (from the loss, or from a unit random gradient at
+non-scalar outputs), and measures the gradient RMS ``m_u`` at every class of
+nodes that shares a potential. The true gradient's RMS is ``m_u / phi_u``; the new
+potential ``phi_u = 1 / (m_u / phi_u)`` makes the measured gradient exactly unit.
+Any positive potentials give valid gradients, so this only changes their size.
+Where rules cannot know the gradient (attention queries and keys, correlated
+values), this is what makes backward RMS land near 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..record import META_KEY, ScaleRecord
+from ..rules.registry import float_tensor_inputs, is_float
+from ..scale import scale
+from .balance import FIXED_KINDS
+from .base import PassContext, PassResult, preserved_state
+
+log = logging.getLogger(__name__)
+
+
+class _ScaledRun(fx.Interpreter):
+    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.exposed: dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        rec: ScaleRecord | None = n.meta.get(META_KEY)
+        if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
+            value = super().run_node(n)
+        else:
+            saved = {}
+            for u in float_tensor_inputs(n):
+                f = rec.weights.get(u.name, 1.0) if rec.weights else 1.0
+                b = rec.bwd.get(u.name, f)
+                if (f, b) != (1.0, 1.0) and isinstance(self.env.get(u), torch.Tensor):
+                    saved[u] = self.env[u]
+                    self.env[u] = scale(saved[u], f, b)
+            value = super().run_node(n)
+            self.env.update(saved)
+            if not rec.weights and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
+                value = scale(value, rec.fwd, 1.0)
+        if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
+            value.retain_grad()
+            self.exposed[n] = value
+        return value
+
+
+def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    total = None
+    for t in torch.utils._pytree.tree_leaves(out):
+        if not (isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()):
+            continue
+        if t.dim() == 0:
+            term = t
+        else:
+            probe = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
+            term = (t * probe).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise RuntimeError("the model's output carries no gradient")
+    return total
+
+
+def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    pots = getattr(ctx, "potentials", None)
+    if pots is None or ctx.real_values is None or not ctx.config.measure:
+        return PassResult(False, "skipped (no real inputs or not the potential constraint)")
+    with preserved_state(gm), torch.enable_grad():
+        run = _ScaledRun(gm)
+        out = run.run(*ctx.real_values)
+        try:
+            _output_loss(out).backward()
+        except RuntimeError as exc:
+            log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
+            return PassResult(False, "skipped (no gradient)")
+    new = pots.log_phi.copy()
+    old = pots.log_phi
+    updated = 0
+    grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
+             for n, v in run.exposed.items() if v.grad is not None}
+    for cls, members in pots.members().items():
+        measured = [(n, run.exposed[n]) for n in members if n in run.exposed and run.exposed[n].grad is not None]
+        if not measured:
+            continue
+        node, value = max(measured, key=lambda nv: nv[1].numel())  # the fullest view of the class
+        g = float(value.grad.detach().float().pow(2).mean().sqrt())
+        if not (g > 0 and math.isfinite(g)):
+            continue
+        true_rms = g / math.exp(pots.log_phi[cls])
+        new[cls] = -math.log(true_rms)
+        updated += 1
+    # keep the loss as the reference: the forward value of the loss is never rescaled
+    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
+    if losses:
+        new -= np.mean([new[c] for c in losses])
+    for c in pots.boundary():  # values shared with other graphs keep the true gradient
+        new[c] = 0.0
+    pots.log_phi = new
+    pots.assign()
+    # what the gradients will measure with the new potentials
+    ctx.measured_grads = {n: g * math.exp(new[pots.cls(n)] - old[pots.cls(n)])  # type: ignore[attr-defined]
+                          for n, g in grads.items() if n in pots.g}
+    for rec in pots.recs.values():
+        if rec.kind not in FIXED_KINDS:
+            rec.note = (rec.note + "; " if rec.note else "") + "gradient scales calibrated"
+    return PassResult(False, f"{updated} of {len(pots.index)} potentials measured")

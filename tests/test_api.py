@@ -1,0 +1,225 @@
+"""End to end: unit_scale on GPT-style models and a residual MLP."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import band_fractions, gradient_cosines, rms, true_gradient_copy
+from unit_scale_fx import UnitScaleConfig, UnitScaledModule, UnitScaleError, unit_scale
+from unit_scale_fx.analysis.recorder import record_matmul_operands
+from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.scale import scale
+
+MODELS = {
+    "gpt_gelu_untied": (lambda: GPT(vocab=128, d=64, layers=3, heads=4), lambda s: gpt_batch(128, 4, 32, seed=s)),
+    "gpt_gated_tied": (lambda: GPT(vocab=128, d=64, layers=3, heads=4, gated=True, tied=True),
+                       lambda s: gpt_batch(128, 4, 32, seed=s)),
+    "residual_mlp": (lambda: ResidualMLP(d_in=16, d=64, layers=4, d_out=8), lambda s: mlp_batch(16, 8, 64, seed=s)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_matmul_operands_are_unit(name):
+    make, batch = MODELS[name]
+    model = make()
+    us = unit_scale(model, batch(0))
+    recs = record_matmul_operands(us, *batch(1))  # a fresh batch: scales were planned on another one
+    frac = band_fractions(recs)
+    assert frac["fwd"] >= 0.9 and frac["bwd"] >= 0.9, frac
+    assert all(1 / 8 <= r.rms <= 8 for r in recs), [r for r in recs if not 1 / 8 <= r.rms <= 8]
+    # and the original model is far from it (the test can fail)
+    assert band_fractions(record_matmul_operands(model, *batch(1)))["bwd"] < 0.5
+
+
+@pytest.mark.parametrize("constraint", ["potential", "gmean"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gradients_are_valid(name, constraint):
+    make, batch = MODELS[name]
+    us = unit_scale(make(), batch(0), constraint=constraint)
+    cos = gradient_cosines(us, *batch(1))
+    assert len(cos) == len(list(us.parameters()))
+    assert min(cos.values()) > 0.999, sorted(cos.items(), key=lambda kv: kv[1])[:3]
+
+
+def test_validity_check_catches_a_wrong_backward_scale():
+    """Negative control: a mismatched scale inside a residual block breaks gradient directions."""
+    make, batch = MODELS["gpt_gelu_untied"]
+    us = unit_scale(make(), batch(0))
+    gelu = next(n for n in us.graph.nodes if n.target is F.gelu)
+    s = next(iter(gelu.users))
+    assert s.target is scale
+    x, f, b = s.args
+    s.args = (x, f, b * 10.0)
+    us.recompile()
+    assert min(gradient_cosines(us, *batch(1)).values()) < 0.999
+
+
+def test_original_model_untouched_and_names_kept():
+    model = GPT(vocab=128, d=64, layers=2, heads=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx, tgt = gpt_batch(128, 2, 16)
+    us = unit_scale(model)
+    loss = us(idx, tgt)
+    loss.backward()
+    torch.optim.Adam(us.parameters(), lr=1e-3).step()
+    assert us.state_dict().keys() == model.state_dict().keys()
+    assert list(us.state_dict()) == list(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lazy_planning_at_first_call_and_introspection():
+    model = GPT(vocab=128, d=64, layers=2, heads=4)
+    us = unit_scale(model)
+    assert isinstance(us, UnitScaledModule)
+    with pytest.raises(UnitScaleError, match="no scales have been planned"):
+        us.scale_plan()
+    idx, tgt = gpt_batch(128, 2, 16)
+    us(idx, tgt)
+    plan = us.scale_plan()
+    rules = {r.rule for r in plan.values()}
+    assert {"matmul", "embedding", "sdpa", "cross_entropy", "add"} <= rules
+    text = us.summary()
+    assert "cross_entropy" in text and "grad rms" in text
+    # every record predicts / measures its output RMS near 1 (losses excepted)
+    for name, rec in us.scale_plan(all_nodes=True).items():
+        if rec.kind not in ("loss", "preserve", "unsupported") and rec.fwd_rms is not None:
+            assert 0.5 <= rec.fwd_rms <= 2.0, (name, rec)
+
+
+def test_unit_scaled_gpt_trains():
+    make, batch = MODELS["gpt_gelu_untied"]
+    us = unit_scale(make(), batch(0))
+    opt = torch.optim.Adam(us.parameters(), lr=3e-3)
+    idx, tgt = batch(0)
+    losses = []
+    for _ in range(15):
+        loss = us(idx, tgt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_tau_changes_residual_weights():
+    make, batch = MODELS["gpt_gelu_untied"]
+    a = unit_scale(make(), batch(0), config=UnitScaleConfig(attn_tau=0.2, mlp_tau=0.6))
+    residual = [r for r in a.scale_plan().values() if r.kind == "residual"]
+    assert residual
+    for r in residual:
+        assert "tau=0.2" in r.note or "tau=0.6" in r.note
+
+
+class WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.linalg.vector_norm(self.lin(x), dim=-1, keepdim=True) * self.lin(x)
+
+
+def test_unsupported_ops_warn_once_listing_them():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unit_scale(WithNorm(), (torch.randn(4, 8),))
+    msgs = [str(w.message) for w in caught if "no unit-scaling rule" in str(w.message)]
+    assert len(msgs) == 1 and "linalg_vector_norm" in msgs[0]
+
+
+def test_unsupported_ops_error_policy():
+    with pytest.raises(UnitScaleError, match="no unit-scaling rule") as info:
+        unit_scale(WithNorm(), (torch.randn(4, 8),), unsupported="error")
+    assert "node_filter" in str(info.value)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: symbolic tracing cannot follow it
+            return self.lin(x).sum()
+        return self.lin(-x).sum()
+
+
+def test_untraceable_model_without_example_inputs_raises():
+    with pytest.raises(UnitScaleError) as info:
+        unit_scale(DataDependent())
+    msg = str(info.value)
+    assert "could not trace" in msg and "example_inputs" in msg and "test_api.py" in msg
+
+
+class ShapeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[0] > 2:  # Python control flow on a shape: fx cannot trace it, export can
+            return self.lin(x).relu().sum()
+        return self.lin(x).sum()
+
+
+def test_untraceable_model_with_example_inputs_is_captured_by_export():
+    x = torch.randn(4, 8)
+    us = unit_scale(ShapeDependent(), (x,))
+    assert us.us_capture == "torch.export"
+    assert us.state_dict().keys() == ShapeDependent().state_dict().keys()
+    out = us(x)
+    out.backward()
+    assert us.lin.weight.grad is not None and torch.isfinite(us.lin.weight.grad).all()
+    assert {r.rule for r in us.scale_plan().values()} >= {"matmul", "pointwise"}
+
+
+def test_uncapturable_model_names_both_attempts():
+    with pytest.raises(UnitScaleError, match="neither torch.fx nor torch.export"):
+        unit_scale(DataDependent(), (torch.ones(4, 8),))
+
+
+def test_node_filter_leaves_parts_alone():
+    model = ResidualMLP(d_in=16, d=32, layers=2, d_out=4)
+    batch = mlp_batch(16, 4, 32)
+    us = unit_scale(model, batch, node_filter=lambda name, node: not name.startswith("fc2"))
+    excluded = [n for n, r in us.scale_plan(all_nodes=True).items() if r.rule == "excluded"]
+    assert excluded and all("linear" in n for n in excluded)
+    assert min(gradient_cosines(us, *batch).values()) > 0.999
+
+
+def test_bad_input_errors():
+    with pytest.raises(UnitScaleError, match="expects a torch.nn.Module"):
+        unit_scale(lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(UnitScaleError, match="outside"):
+        UnitScaleConfig(attn_tau=1.5)
+    with pytest.raises(UnitScaleError, match="unknown option"):
+        unit_scale(nn.Linear(2, 2), nonsense=True)
+    us = unit_scale(nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.raises(UnitScaleError, match="already unit-scaled"):
+        unit_scale(us)
+
+
+def test_true_gradient_copy_differs_only_in_backward():
+    make, batch = MODELS["residual_mlp"]
+    us = unit_scale(make(), batch(0))
+    twin = true_gradient_copy(us)
+    torch.testing.assert_close(us(*batch(1)), twin(*batch(1)))
+
+
+def test_planning_leaves_no_trace_on_buffers_or_rng():
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+    x = torch.randn(32, 8)
+    state = torch.random.get_rng_state()
+    us = unit_scale(model, (x,), unsupported="ignore")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (k, a), (_, b) in zip(us.named_buffers(), model.named_buffers()):
+        assert torch.equal(a, b), k
+    assert all(p.grad is None for p in us.parameters())
+    assert us.training
