@@ -73,7 +73,8 @@ def _needs_grad(u: fx.Node, gm: fx.GraphModule) -> bool:
 
 def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: list[int]) -> np.ndarray:
     """Least squares for ``x[i] - x[j] = c`` (weight w) and ``x[a] = 0``: the normal equations."""
-    lap = np.zeros((n, n)) if n <= 6000 else None
+    # dense solve for small systems; above that the sparse CG below (a 48-layer GPT: 0.02 s vs 0.5 s dense)
+    lap = np.zeros((n, n)) if n <= 256 else None
     rhs = np.zeros(n)
     if lap is not None:
         for i, j, c, w in rows:
