@@ -18,13 +18,16 @@ Stages for each captured graph (the same passes as :func:`unit_scale_fx.unit_sca
 **Graph breaks.** A model dynamo splits into several graphs is planned graph by
 graph, consistently with the unbroken model:
 
-* the RMS of a tensor that crosses a break is the one the planner predicted for it
-  in the earlier graph (the backend remembers the outputs of each graph's first
-  run); inputs it has not seen use the RMS measured on dynamo's real example inputs;
-* inputs that carry a gradient in from outside, and non-scalar outputs, are joined
-  through one virtual node when cut edges are found (``PassContext.boundary``), so a
-  residual stream cut by a break never gets a backward scale that differs from its
-  forward one. Scalar outputs are taken to be losses (gradients start there).
+* inputs that carry a gradient in from outside, and non-scalar outputs, form
+  ``PassContext.boundary``: topology joins them through one virtual node when it
+  finds cut edges, and ``balance`` / ``calibrate_grads`` pin their gradient
+  potential to 1 (the true gradient crosses every break), so both sides of a
+  break agree without knowing each other's scales and every parameter still gets
+  a positive multiple of its true gradient. Scalar outputs are taken to be losses;
+* forward scales come from the RMS measured on dynamo's real example inputs (as
+  in ``unit_scale``); on fake or meta inputs, a tensor that crosses a break keeps
+  the RMS the planner predicted for it in the earlier graph (the backend
+  remembers the outputs of each graph's first run).
 
 **Weight initialisation contract.** Unit scaling wants unit-RMS weights, zero
 biases and unit norm gains. With ``UnitScaleConfig(init_weights=True)`` (the
