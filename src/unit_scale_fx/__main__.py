@@ -1,3 +1,5 @@
+"""``python -m unit_scale_fx``: the ``unit-scale-fx`` command line."""
+
 import sys
 
 from .cli import main

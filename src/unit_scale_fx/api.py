@@ -146,6 +146,7 @@ def unit_scale(
     config: Optional[UnitScaleConfig] = None,
     *,
     example_kwargs: Optional[dict] = None,
+    mup: bool = False,
     **overrides: Any,
 ) -> UnitScaledModule:
     """Return a unit-scaled copy of ``model``, ready to train.
@@ -159,6 +160,7 @@ def unit_scale(
         example_inputs: positional inputs of one forward call; plans the scales now.
         config: a :class:`UnitScaleConfig`; keyword ``overrides`` replace its fields.
         example_kwargs: keyword inputs of that call.
+        mup: shorthand for ``parametrization="u-mup"`` (see :mod:`unit_scale_fx.mup`).
 
     Returns:
         a :class:`UnitScaledModule` with the same state_dict keys as ``model``.
@@ -169,12 +171,17 @@ def unit_scale(
     """
     _check_model(model)
     cfg = config or UnitScaleConfig()
+    if mup:
+        overrides.setdefault("parametrization", "u-mup")
     if overrides:
         try:
             cfg = replace(cfg, **overrides)
         except TypeError as exc:
             raise UnitScaleError(f"unknown option: {exc}", where="unit_scale(**overrides)",
                                  fix="see UnitScaleConfig for the options") from exc
+    fmt = getattr(model, "us_format", None)
+    if fmt is not None:  # simulate_format(model): scale the plain graph, round after the scales
+        model, cfg = model.without_format(), replace(cfg, simulate_format=fmt)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs) if example_inputs is not None else None

@@ -5,14 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Optional
 
+from .mup import MupConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch.fx
+
+    from .passes.simulate_format import FormatSimulation
 
 #: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
 NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 
 Constraint = Literal["potential", "gmean", "fwd", "bwd"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
+Parametrization = Literal["unit", "u-mup"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,17 @@ class UnitScaleConfig:
             weights, zero biases, unit norm gains).
         inplace: transform the given model's own parameters instead of a copy.
         leaf_modules: module types that are kept as opaque calls while tracing.
+        simulate_format: a :class:`~unit_scale_fx.passes.simulate_format.FormatSimulation`;
+            after scaling, round the operands of matmul-class ops (and the gradients
+            at their outputs) to low-precision formats. ``None``: no simulation.
+        parametrization: ``"unit"`` (unit scaling) or ``"u-mup"`` (unit scaling
+            plus μP: readout ``1 / fan_in``, attention logits ``1 / d_head``,
+            residual shares tied to depth; see :mod:`unit_scale_fx.mup`).
+            ``unit_scale(model, mup=True)`` is a shorthand for ``"u-mup"``.
+        mup: the u-μP hyperparameters (:class:`unit_scale_fx.mup.MupConfig`);
+            read only under ``parametrization="u-mup"``. Under u-μP, the
+            residual shares come from ``mup`` and ``attn_tau`` / ``mlp_tau``
+            are not used.
     """
 
     attn_tau: float = 0.5
@@ -55,6 +71,9 @@ class UnitScaleConfig:
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
+    simulate_format: Optional["FormatSimulation"] = None
+    parametrization: Parametrization = "unit"
+    mup: MupConfig = field(default_factory=MupConfig)
 
     def __post_init__(self) -> None:
         from .errors import UnitScaleError
@@ -72,6 +91,18 @@ class UnitScaleConfig:
                 f"unknown constraint {self.constraint!r}",
                 where="UnitScaleConfig.constraint",
                 fix="use 'potential', 'gmean', 'fwd' or 'bwd'",
+            )
+        if self.parametrization not in ("unit", "u-mup"):
+            raise UnitScaleError(
+                f"unknown parametrization {self.parametrization!r}",
+                where="UnitScaleConfig.parametrization",
+                fix="use 'unit' or 'u-mup'",
+            )
+        if not isinstance(self.mup, MupConfig):
+            raise UnitScaleError(
+                f"UnitScaleConfig.mup must be a MupConfig, got {type(self.mup).__name__}",
+                where="UnitScaleConfig.mup",
+                fix="pass mup=MupConfig(attn_softmax=..., ...)",
             )
         if self.unsupported not in ("warn", "error", "ignore"):
             raise UnitScaleError(

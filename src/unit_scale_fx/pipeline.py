@@ -1,8 +1,9 @@
 """The ordered list of passes, and the driver that runs them.
 
     capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> plan -> balance -> calibrate_grads -> predict_grads
-            -> rewrite -> recompile
+            -> shape_prop -> topology -> roles -> mup -> plan -> mup_readout
+            -> balance -> calibrate_grads -> predict_grads
+            -> rewrite -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
 
@@ -23,6 +24,8 @@ from .passes.balance import balance
 from .passes.calibrate_grads import calibrate_grads
 from .passes.plan import predict_grads
 from .passes.base import Pass
+from .passes.simulate_format import simulate_formats
+from .passes.mup import mup, mup_readout, roles
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,10 @@ PREPARE: list[tuple[str, Pass]] = [
 ANALYSE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
     ("topology", topology),
+    ("roles", roles),
+    ("mup", mup),  # u-mup only
     ("plan", plan),
+    ("mup_readout", mup_readout),  # u-mup only: before balance, which derives backward scales from it
     ("balance", balance),
     ("calibrate_grads", calibrate_grads),
     ("predict_grads", predict_grads),
@@ -48,6 +54,7 @@ ANALYSE: list[tuple[str, Pass]] = [
 
 TRANSFORM: list[tuple[str, Pass]] = [
     ("rewrite", rewrite),
+    ("simulate_format", simulate_formats),  # only when config.simulate_format is set
     ("recompile", recompile),
 ]
 

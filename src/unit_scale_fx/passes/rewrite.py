@@ -20,6 +20,8 @@ from .base import PassContext, PassResult
 log = logging.getLogger(__name__)
 
 INSERTED = "unit_scale_inserted"
+#: what an inserted scale does: ``("output", node name)`` or ``("input", consumer name)`` (read by analysis.track).
+ROLE = "unit_scale_role"
 
 #: Op kinds whose backward is itself a matmul: their backward scales go on the inputs.
 INPUT_SIDE_KINDS = frozenset({"matmul", "attention"})
@@ -30,6 +32,11 @@ def original(node: fx.Node) -> fx.Node:
     while node.meta.get(INSERTED):
         node = node.args[0]  # type: ignore[assignment]
     return node
+
+
+def _snap(x: float) -> float:
+    """Factors within a millionth of 1 are 1 (no scale node for them)."""
+    return 1.0 if abs(x - 1.0) < 1e-6 else float(x)
 
 
 def _new_scale(gm: fx.GraphModule, src: fx.Node, fwd: float, bwd: float) -> fx.Node:
@@ -45,6 +52,7 @@ def scale_input(gm: fx.GraphModule, node: fx.Node, inp: fx.Node, fwd: float, bwd
     """Insert ``scale(inp, fwd, bwd)`` on the edge ``inp -> node`` only."""
     with gm.graph.inserting_before(node):
         new = _new_scale(gm, inp, fwd, bwd)
+    new.meta[ROLE] = ("input", node.name)
     node.replace_input_with(inp, new)
     return new
 
@@ -53,6 +61,7 @@ def scale_output(gm: fx.GraphModule, node: fx.Node, fwd: float, bwd: float) -> f
     """Insert ``scale(node, fwd, bwd)`` and make every reader of ``node`` read it."""
     with gm.graph.inserting_after(node):
         new = _new_scale(gm, node, fwd, bwd)
+    new.meta[ROLE] = ("output", node.name)
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     return new
 
@@ -71,11 +80,11 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         inputs = _inputs_by_original_name(node)
         if rec.weights:
             for name, w in rec.weights.items():
-                b = rec.bwd.get(name, w)
+                w, b = _snap(w), _snap(rec.bwd.get(name, w))
                 if (w, b) != (1.0, 1.0):
                     scale_input(gm, node, inputs[name], w, b)
         else:
-            bwd = {inputs[k]: v for k, v in rec.bwd.items() if k in inputs}
+            bwd = {inputs[k]: _snap(v) for k, v in rec.bwd.items() if k in inputs}
             shared = set(bwd.values())
             if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1:
                 out_bwd = shared.pop() if shared else 1.0
@@ -84,8 +93,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 for inp, b in bwd.items():
                     if b != 1.0:
                         scale_input(gm, node, inp, 1.0, b)
-            if rec.fwd != 1.0 or out_bwd != 1.0:
-                scale_output(gm, node, rec.fwd, out_bwd)
+            if _snap(rec.fwd) != 1.0 or out_bwd != 1.0:
+                scale_output(gm, node, _snap(rec.fwd), out_bwd)
         log.debug("rewrite: %s %s fwd=%.4g bwd=%s weights=%s", rec.rule, node.name, rec.fwd, rec.bwd, rec.weights)
         count += 1
     return PassResult(count > 0, f"{count} nodes scaled")

@@ -1,0 +1,480 @@
+"""``track_scales``: measured forward and gradient RMS of every graph node.
+
+One forward and one backward of the model. The model is run node by node with an
+:class:`torch.fx.Interpreter` (a unit-scaled model as it is; a plain model as a
+traced copy that shares its parameters), so every float tensor a node produces is
+measured, and its gradient is taken with :func:`torch.autograd.grad` (the model's
+``.grad`` fields are not touched). A model that cannot be traced is measured per
+module instead, with forward hooks.
+
+For a :class:`~unit_scale_fx.UnitScaledModule`, a node with a
+:class:`~unit_scale_fx.ScaleRecord` is reported as the rest of the graph sees it:
+after its own output scale (the ``scale`` node the rewrite put on top of it). That
+is what the record's predicted RMS describes, so measured and predicted values sit
+side by side. The inserted ``scale`` nodes get rows of their own with
+``include_inserted=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import UnitScaleError
+from ..passes.rewrite import INSERTED, ROLE  # the meta keys the rewrite puts on the scale nodes it inserts
+from ..record import META_KEY, ScaleRecord
+from ..rules.registry import is_float, lookup, node_op_name
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+#: rule kinds whose ops multiply two floating-point operands.
+MATMUL_KINDS = ("matmul", "attention")
+
+
+@dataclass
+class NodeScale:
+    """One row of a :class:`ScaleReport`.
+
+    Attributes:
+        name: the graph node's name (or the module's qualified name in hook mode).
+        op: a readable name of what the node calls (``parameter`` for weights).
+        kind: the rule family of the op, ``""`` where no rule applies.
+        shape: the output shape.
+        fwd_rms: measured RMS of the output.
+        grad_rms: measured RMS of the gradient of the loss w.r.t. the output
+            (``None`` where no gradient flows).
+        pred_fwd_rms / pred_grad_rms: the plan's predictions (unit-scaled models).
+        fwd_scale: the forward scale the plan put on the output.
+        bwd_scales: the backward scale per input, by input name.
+        rule: the planner's rule name; ``constrained`` when forward and backward were tied.
+        matmul: ``"in"`` if the output is an operand of a matmul in forward,
+            ``"out"`` if it is a matmul's output (its gradient is a backward operand),
+            ``"in,out"`` for both, ``""`` otherwise.
+        inserted: the row is a ``scale`` node inserted by the rewrite.
+        measured_at: the graph node actually measured (differs from ``name`` where
+            the row reports a node after its output scale).
+    """
+
+    name: str
+    op: str
+    kind: str = ""
+    shape: Optional[tuple[int, ...]] = None
+    fwd_rms: Optional[float] = None
+    grad_rms: Optional[float] = None
+    pred_fwd_rms: Optional[float] = None
+    pred_grad_rms: Optional[float] = None
+    fwd_scale: Optional[float] = None
+    bwd_scales: dict[str, float] = field(default_factory=dict)
+    rule: str = ""
+    constrained: bool = False
+    matmul: str = ""
+    inserted: bool = False
+    measured_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape) if self.shape is not None else None
+        return d
+
+
+def short_op(op: str) -> str:
+    """``torch.nn.functional.linear`` -> ``linear``; ``aten.mm.default`` -> ``mm``."""
+    parts = op.split(".")
+    if parts[0] == "aten" and len(parts) >= 2:
+        return parts[1]
+    return parts[-1]
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _in_band(v: Optional[float], lo: float, hi: float) -> bool:
+    return v is None or v == 0.0 or (lo <= v <= hi)
+
+
+@dataclass
+class ScaleReport:
+    """Measured (and predicted) RMS per graph node; prints as an aligned table.
+
+    Attributes:
+        model: the model's class name.
+        rows: one :class:`NodeScale` per floating-point node, in graph order.
+        mode: ``"graph"`` (per fx node) or ``"modules"`` (per module, untraceable models).
+        unit_scaled: whether the model was a ``UnitScaledModule``.
+        loss: the scalar that was differentiated.
+    """
+
+    model: str
+    rows: list[NodeScale]
+    mode: str = "graph"
+    unit_scaled: bool = False
+    loss: Optional[float] = None
+
+    # -- access -----------------------------------------------------------
+    def __iter__(self) -> Iterator[NodeScale]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> NodeScale:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def _with(self, rows: Iterable[NodeScale]) -> "ScaleReport":
+        return replace(self, rows=list(rows))
+
+    # -- filters ----------------------------------------------------------
+    def filter(self, pred: Callable[[NodeScale], bool]) -> "ScaleReport":
+        """A report with the rows for which ``pred(row)`` is true."""
+        return self._with(r for r in self.rows if pred(r))
+
+    def matmul_operands(self) -> "ScaleReport":
+        """Rows that feed a matmul (forward operand) or are a matmul's output (gradient operand)."""
+        return self.filter(lambda r: bool(r.matmul))
+
+    def outliers(self, lo: float = 0.5, hi: float = 2.0) -> "ScaleReport":
+        """Rows whose measured forward or gradient RMS lies outside ``[lo, hi]``.
+
+        Exact zeros (zero-initialised biases, by design) are not outliers.
+        """
+        return self.filter(lambda r: not (_in_band(r.fwd_rms, lo, hi) and _in_band(r.grad_rms, lo, hi)))
+
+    def ops(self) -> "ScaleReport":
+        """Rows of ops only (no parameters, inputs or inserted scale nodes)."""
+        return self.filter(lambda r: r.op not in ("parameter", "input") and not r.inserted)
+
+    def fraction_in_band(self, lo: float = 0.5, hi: float = 2.0, phase: str = "both") -> float:
+        """Share of measured values (``fwd``, ``grad`` or ``both``) inside ``[lo, hi]``."""
+        vals = []
+        for r in self.rows:
+            if phase in ("fwd", "both") and r.fwd_rms is not None:
+                vals.append(r.fwd_rms)
+            if phase in ("grad", "both") and r.grad_rms is not None:
+                vals.append(r.grad_rms)
+        return sum(lo <= v <= hi for v in vals) / max(1, len(vals))
+
+    # -- output -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "mode": self.mode, "unit_scaled": self.unit_scaled, "loss": self.loss,
+                "rows": [r.to_dict() for r in self.rows]}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        def clean(x: Any) -> Any:  # JSON has no inf / nan
+            if isinstance(x, float) and not math.isfinite(x):
+                return str(x)
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return x
+
+        return json.dumps(clean(self.to_dict()), indent=indent)
+
+    def _table(self) -> list[tuple[str, ...]]:
+        head = ("node", "op", "shape", "mm", "fwd rms", "grad rms")
+        if self.unit_scaled:
+            head += ("pred fwd", "pred grad", "scale fwd", "scale bwd")
+        rows = [head]
+        for r in self.rows:
+            row: tuple[str, ...] = (
+                r.name, short_op(r.op) + ("*" if r.constrained else ""),
+                "x".join(map(str, r.shape)) if r.shape else "-", r.matmul or "", _fmt(r.fwd_rms), _fmt(r.grad_rms))
+            if self.unit_scaled:
+                bwd = ", ".join(f"{v:.3g}" for v in r.bwd_scales.values()) or "-"
+                row += (_fmt(r.pred_fwd_rms), _fmt(r.pred_grad_rms), _fmt(r.fwd_scale), bwd)
+            rows.append(row)
+        return rows
+
+    def __str__(self) -> str:
+        rows = self._table()
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        title = f"{self.model}: {len(self.rows)} nodes" + (f", loss {self.loss:.4g}" if self.loss is not None else "")
+        foot = "mm: in = matmul operand in forward, out = matmul output (its gradient is a backward operand)"
+        if self.unit_scaled:
+            foot += "; * = forward and backward scales tied"
+        return "\n".join([title] + lines + [foot])
+
+    def to_markdown(self) -> str:
+        rows = self._table()
+        out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------
+def _rms(t: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def _float_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def _default_loss(out: Any) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Scalar outputs are differentiated as they are; other float outputs get a unit-RMS
+    random gradient (seeded), which is what unit scaling assumes arrives at the output."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if _float_tensor(t) and t.requires_grad]
+    if not leaves:
+        raise UnitScaleError("the model's output has no floating-point tensor that requires grad",
+                             where="track_scales", fix="pass loss_fn=... mapping the output to a scalar loss")
+    g = torch.Generator().manual_seed(0)
+    grads = [None if t.dim() == 0 else torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+             for t in leaves]
+    return leaves, grads
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps every node's floating-point tensor output."""
+
+    def __init__(self, gm: fx.GraphModule, progress: Progress) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, torch.Tensor] = {}
+        self.progress = progress
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if _float_tensor(out):
+            self.values[n] = out
+        self.progress.update()
+        return out
+
+
+def _run_and_differentiate(
+    gm: fx.GraphModule, inputs: tuple, loss_fn: Optional[Callable[[Any], torch.Tensor]], progress: Progress
+) -> tuple[dict[fx.Node, torch.Tensor], dict[fx.Node, Optional[torch.Tensor]], Optional[float]]:
+    rec = _Recorder(gm, progress)
+    with torch.enable_grad():
+        out = rec.run(*inputs)
+        if loss_fn is not None:
+            loss = loss_fn(out)
+            tensors, grads = [loss], [None]
+        else:
+            tensors, grads = _default_loss(out)
+            loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+        track = {n: t for n, t in rec.values.items() if t.requires_grad}
+        uniq: dict[int, torch.Tensor] = {}
+        for t in track.values():
+            uniq.setdefault(id(t), t)
+        got = torch.autograd.grad(tensors, list(uniq.values()), grad_outputs=grads, allow_unused=True)
+    by_id = dict(zip(uniq.keys(), got))
+    grad_of = {n: by_id.get(id(t)) for n, t in track.items()}
+    loss_val = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+    return rec.values, grad_of, loss_val
+
+
+@dataclass
+class Measured:
+    """Shape, forward RMS and gradient RMS of one node's output."""
+
+    shape: tuple[int, ...]
+    fwd: float
+    grad: Optional[float]
+
+
+def measure_nodes(
+    gm: fx.GraphModule, *inputs: Any, loss_fn: Optional[Callable[[Any], torch.Tensor]] = None
+) -> dict[str, Measured]:
+    """``node name -> Measured`` for every float tensor node, each measured at its own output."""
+    values, grads, _ = _run_and_differentiate(gm, tuple(inputs), loss_fn, Progress(1, enabled=False))
+    return {n.name: Measured(tuple(t.shape), _rms(t), None if grads.get(n) is None else _rms(grads[n]))
+            for n, t in values.items()}
+
+
+def _effective(node: fx.Node) -> fx.Node:
+    """The node as its readers see it: after the output scale the rewrite put on top of it."""
+    users = list(node.users)
+    if len(users) == 1:
+        u = users[0]
+        role = u.meta.get(ROLE)
+        if u.meta.get(INSERTED) and u.args and u.args[0] is node and role is not None and role[0] == "output":
+            return u
+    return node
+
+
+def _original(node: fx.Node) -> fx.Node:
+    while node.meta.get(INSERTED) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+#: how many leading arguments of a matmul-class op are its operands (the rest: bias, mask, ...).
+_N_OPERANDS = {"matmul": 2, "attention": 3}
+_OPERAND_KWARGS = ("input", "weight", "other", "mat2", "query", "key", "value")
+
+
+def _matmul_operands(node: fx.Node, gm: fx.GraphModule,
+                     floats: Callable[[fx.Node], bool] = is_float) -> list[fx.Node]:
+    """The float operands of a matmul-class op (not its bias or mask); [] for other ops."""
+    rule = lookup(node, gm)
+    if rule is None or rule.kind not in _N_OPERANDS:
+        return []
+    cand = list(node.args[: _N_OPERANDS[rule.kind]]) + [node.kwargs[k] for k in _OPERAND_KWARGS if k in node.kwargs]
+    ops = [a for a in cand if isinstance(a, fx.Node) and floats(a)]
+    return ops if len(ops) >= 2 else []  # a lookup (embedding) has one float operand: not a matmul
+
+
+def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node, floats: Callable[[fx.Node], bool]) -> str:
+    """``in`` if ``eff`` (possibly through inserted input scales) is a matmul operand; ``out`` for matmul outputs."""
+    roles = []
+    frontier, seen, ins = [eff], set(), False
+    while frontier and not ins:
+        r = frontier.pop()
+        for u in r.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.meta.get(INSERTED):
+                frontier.append(u)
+            elif r in _matmul_operands(u, gm, floats):
+                ins = True
+    if ins:
+        roles.append("in")
+    if _matmul_operands(node, gm, floats):
+        roles.append("out")
+    return ",".join(roles)
+
+
+def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted: bool) -> list[NodeScale]:
+    rows = []
+
+    def floats(n: fx.Node) -> bool:  # measured values stand in where shape propagation did not run
+        return n in values or is_float(n)
+
+    for node in gm.graph.nodes:
+        inserted = bool(node.meta.get(INSERTED))
+        if node.op == "output" or (inserted and not include_inserted):
+            continue
+        eff = node if inserted else _effective(node)
+        if eff not in values:
+            continue
+        t, g = values[eff], grads.get(eff)
+        rec: Optional[ScaleRecord] = node.meta.get(META_KEY)
+        op = {"placeholder": "input", "get_attr": "parameter"}.get(node.op) or node_op_name(node, gm)
+        row = NodeScale(
+            name=node.name, op="scale" if inserted else op, shape=tuple(t.shape), fwd_rms=_rms(t),
+            grad_rms=None if g is None else _rms(g), inserted=inserted, measured_at=eff.name,
+            matmul="" if inserted else _matmul_role(node, gm, eff, floats),
+        )
+        rule = lookup(node, gm)
+        row.kind = rule.kind if rule is not None else ""
+        if inserted:
+            row.fwd_scale, row.bwd_scales = float(node.args[1]), {_original(node).name: float(node.args[2])}
+        if rec is not None:
+            row.kind, row.rule, row.constrained = rec.kind, rec.rule, rec.constrained
+            row.pred_fwd_rms, row.pred_grad_rms = rec.fwd_rms, rec.bwd_rms
+            row.fwd_scale = rec.fwd
+            row.bwd_scales = dict(rec.weights) if rec.weights else dict(rec.bwd)
+        rows.append(row)
+    return rows
+
+
+def _module_rows(model: nn.Module, inputs: tuple, loss_fn: Optional[Callable], progress: Progress
+                 ) -> tuple[list[NodeScale], Optional[float]]:
+    outs: list[tuple[str, str, torch.Tensor]] = []
+
+    def hook(name: str) -> Callable:
+        def fn(mod: nn.Module, args: Any, out: Any) -> None:
+            if _float_tensor(out):
+                outs.append((name, type(mod).__qualname__, out))
+            progress.update()
+        return fn
+
+    handles = [m.register_forward_hook(hook(name or "<root>")) for name, m in model.named_modules()]
+    try:
+        with torch.enable_grad():
+            out = model(*inputs)
+            if loss_fn is not None:
+                loss = loss_fn(out)
+                tensors, grads = [loss], [None]
+            else:
+                tensors, grads = _default_loss(out)
+                loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+            track = [(n, op, t) for n, op, t in outs if t.requires_grad]
+            got = torch.autograd.grad(tensors, [t for _, _, t in track], grad_outputs=grads, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    gmap = {id(t): g for (_, _, t), g in zip(track, got)}
+    rows = [NodeScale(name=n, op=op, shape=tuple(t.shape), fwd_rms=_rms(t),
+                      grad_rms=None if gmap.get(id(t)) is None else _rms(gmap[id(t)]), measured_at=n)
+            for n, op, t in outs]
+    loss_val = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+    return rows, loss_val
+
+
+def traced_graph(model: nn.Module) -> Optional[fx.GraphModule]:
+    """``model`` itself if it is a GraphModule, else a symbolically traced copy sharing its
+    parameters (torch.nn layers traced through, as unit_scale captures); None if untraceable."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    from ..capture import UnitScaleTracer
+
+    try:
+        tracer = UnitScaleTracer()
+        graph = tracer.trace(model)
+    except Exception as exc:  # tracing raises many kinds of errors
+        log.info("track_scales: %s is not traceable (%s: %s); measuring per module", type(model).__name__,
+                 type(exc).__name__, exc)
+        return None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def track_scales(
+    model: nn.Module,
+    *inputs: Any,
+    loss_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+    include_inserted: bool = False,
+    progress: Optional[bool] = None,
+) -> ScaleReport:
+    """Run ``model(*inputs)`` forward and backward once; measure every node's RMS.
+
+    Args:
+        model: any ``nn.Module``; a :class:`~unit_scale_fx.UnitScaledModule` adds the
+            plan's predictions and scale factors to each row.
+        inputs: positional inputs of one forward call.
+        loss_fn: maps the output to a scalar loss. Without it a scalar output is the
+            loss; other outputs receive a seeded unit-RMS random gradient.
+        include_inserted: also give the rewrite's ``scale`` nodes rows of their own.
+        progress: show a progress bar on stderr (default: only on a terminal).
+
+    Returns:
+        a :class:`ScaleReport`, one row per floating-point node in graph order.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnitScaleError(f"track_scales expects an nn.Module, got {type(model).__name__}",
+                             where="track_scales(model)", fix="pass the model, then its inputs")
+    from ..api import UnitScaledModule
+
+    unit_scaled = isinstance(model, UnitScaledModule)
+    if unit_scaled and not model.us_planned:
+        model.replan(*inputs)
+    gm = traced_graph(model)
+    name = type(model).__name__
+    if gm is None:
+        with Progress(len(list(model.modules())), "track_scales", enabled=progress) as bar:
+            rows, loss = _module_rows(model, inputs, loss_fn, bar)
+        return ScaleReport(name, rows, mode="modules", unit_scaled=False, loss=loss)
+    with Progress(len(gm.graph.nodes), "track_scales", enabled=progress) as bar:
+        values, grads, loss = _run_and_differentiate(gm, inputs, loss_fn, bar)
+    rows = _graph_rows(gm, values, grads, include_inserted)
+    return ScaleReport(name, rows, mode="graph", unit_scaled=unit_scaled, loss=loss)
+
+
+__all__ = ["Measured", "NodeScale", "ScaleReport", "measure_nodes", "short_op", "track_scales"]

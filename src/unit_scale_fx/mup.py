@@ -1,0 +1,367 @@
+"""u-μP (Blake et al. 2024, arXiv 2407.17465): hyperparameters and parameter roles.
+
+Two things live here:
+
+* :class:`MupConfig`, the u-μP hyperparameters (a frozen dataclass). Every one is
+  a multiplier whose default, 1.0, is the u-μP default; each has one meaning:
+
+  ========================  =====================================================
+  ``attn_softmax``          multiplies attention logits: ``softmax(a * q.k / d_head)``
+                            (u-μP's ``1 / d_head`` instead of ``1 / sqrt(d_head)``)
+  ``ffn_act``               multiplies the input of every pointwise nonlinearity:
+                            ``f(a * x)`` (GELU, SiLU, ...)
+  ``residual_mult``         weight of all residual branches relative to the input
+                            (embedding) stream
+  ``residual_attn_ratio``   weight of attention branches relative to the others
+  ``loss_softmax``          multiplies the logits given to the loss:
+                            ``cross_entropy(a * logits)``
+  ========================  =====================================================
+
+* :func:`analyse_roles`, which gives each parameter the role a human would give
+  it (hidden weight, input weight, embedding, readout, bias, norm gain) from the
+  graph alone: the rule kind of the op that consumes the parameter, which operand
+  it is, and where that op sits relative to the residual adds. No names are read.
+
+Residual weights tied to depth (the rule of the paper's appendix G, written for
+any stream of residual adds): a stream with ``n`` residual adds gives its input a
+weight ``n / 2`` (in variance), each attention branch ``a_attn^2`` and each other
+branch ``a_mlp^2``, with ``a_mlp = residual_mult * sqrt(2 / (1 + ratio^2))`` and
+``a_attn = ratio * a_mlp``. Branch ``i`` then gets the share
+``tau_i = w_i^2 / (n / 2 + sum_{j <= i} w_j^2)`` at its residual add
+(``sqrt(1 - tau) * skip + sqrt(tau) * branch``), so every branch contributes a
+``1 / sqrt(n)``-sized part of the final stream, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .errors import UnitScaleError
+
+log = logging.getLogger(__name__)
+
+Role = Literal["hidden", "input", "embedding", "readout", "bias", "norm_gain", "other"]
+
+#: Roles, in the order reports list them.
+ROLES: tuple[str, ...] = ("embedding", "input", "hidden", "readout", "bias", "norm_gain", "other")
+
+
+@dataclass(frozen=True)
+class MupConfig:
+    """The u-μP hyperparameters (all multipliers; 1.0 is the u-μP default).
+
+    Attributes:
+        attn_softmax: attention logits are ``attn_softmax * q.k / d_head``.
+        ffn_act: pointwise nonlinearities see ``ffn_act * x``.
+        residual_mult: size of residual branches relative to the embedding
+            stream (see the module docstring for the exact rule).
+        residual_attn_ratio: size of attention branches relative to MLP ones.
+        loss_softmax: the loss sees ``loss_softmax * logits``.
+    """
+
+    attn_softmax: float = 1.0
+    ffn_act: float = 1.0
+    residual_mult: float = 1.0
+    residual_attn_ratio: float = 1.0
+    loss_softmax: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("attn_softmax", "ffn_act", "residual_mult", "residual_attn_ratio", "loss_softmax"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise UnitScaleError(
+                    f"MupConfig.{name}={v!r} must be a finite positive number",
+                    where="MupConfig",
+                    fix=f"pass {name}=1.0 (the u-μP default) or another positive multiplier",
+                )
+
+    def branch_weights(self) -> tuple[float, float]:
+        """``(a_attn, a_mlp)``: the branch weights of the depth rule."""
+        a_mlp = self.residual_mult * math.sqrt(2.0 / (1.0 + self.residual_attn_ratio ** 2))
+        return self.residual_attn_ratio * a_mlp, a_mlp
+
+
+def depth_taus(kinds: list[str], mup: MupConfig) -> list[float]:
+    """Residual shares ``tau_i`` for a stream whose branches have these kinds, in order.
+
+    ``kinds[i]`` is ``"attn"`` or anything else (an MLP-like branch).
+    """
+    a_attn, a_mlp = mup.branch_weights()
+    total = len(kinds) / 2.0
+    taus = []
+    for kind in kinds:
+        w2 = (a_attn if kind == "attn" else a_mlp) ** 2
+        total += w2
+        taus.append(w2 / total)
+    return taus
+
+
+# --------------------------------------------------------------------------------------------
+# parameter roles
+
+
+@dataclass
+class ParamRole:
+    """What one parameter is, from the graph.
+
+    Attributes:
+        name: qualified parameter name (as in ``state_dict``).
+        role: ``"hidden"``, ``"input"``, ``"embedding"``, ``"readout"``, ``"bias"``,
+            ``"norm_gain"`` or ``"other"``.
+        shape: the parameter's shape.
+        fan_in: size of the dimension a matmul sums over (weights); for an
+            embedding, the vocabulary size.
+        fan_out: size of the output features (for an embedding, its width).
+        depth: the number of residual branches on the stream when the parameter
+            is used inside a residual branch, else ``None``.
+        consumers: names of the graph nodes that use the parameter.
+    """
+
+    name: str
+    role: str
+    shape: tuple[int, ...]
+    fan_in: Optional[int] = None
+    fan_out: Optional[int] = None
+    depth: Optional[int] = None
+    consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoleAnalysis:
+    """The result of :func:`analyse_roles` (stored on the planned module)."""
+
+    params: dict[str, ParamRole]
+    readouts: dict[str, int]  # readout matmul node name -> its fan_in
+    residual_streams: list[list[str]]  # residual add node names, stream by stream, in order
+
+
+_PRIORITY = {"embedding": 6, "readout": 5, "hidden": 4, "input": 3, "norm_gain": 2, "bias": 1, "other": 0}
+
+
+def _users_through_preserve(node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """``(consumer, operand)`` pairs: users of ``node``, looking through views and scales."""
+    from .rules.registry import float_tensor_inputs, lookup
+
+    out: list[tuple[fx.Node, fx.Node]] = []
+    stack = [node]
+    seen = set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            rule = lookup(u, gm)
+            if rule is not None and rule.preserves_scale and len(float_tensor_inputs(u)) == 1:
+                stack.append(u)
+            else:
+                out.append((u, n))
+    return out
+
+
+def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tuple[str, Optional[int], Optional[int], Optional[fx.Node]]:
+    """``(slot, fan_in, fan_out, activation_input)`` of ``operand`` in ``consumer``.
+
+    slot is ``"weight"``, ``"bias"``, ``"embedding"``, ``"gain"``, ``"add"``, ``"mul"`` or ``"other"``.
+    """
+    from .rules.matmul import LAYOUTS, MatmulRule
+    from .rules.registry import OpView, lookup, resolve_target
+
+    rule = lookup(consumer, gm)
+    if rule is None:
+        return "other", None, None, None
+    shape = OpView.shape(operand)
+    if rule.name == "embedding":
+        return "embedding", (shape[0] if shape else None), (shape[-1] if shape else None), None
+    if rule.kind == "norm":
+        roles = rule.param_roles(consumer)
+        return ("gain" if roles.get(operand) == "one" else "bias"), None, None, None
+    if isinstance(rule, MatmulRule):
+        lay = LAYOUTS[resolve_target(consumer, None)]
+        view = OpView(consumer, [], {})
+        _, left, right, bias = rule._operands(view)
+        if operand is bias:
+            return "bias", None, None, None
+        if shape is None:
+            return "weight", None, None, None
+        if operand is right:
+            if len(shape) == 1:
+                k, n = shape[0], 1
+            elif lay.right_nk:
+                n, k = shape[0], shape[-1]
+            else:
+                k, n = shape[-2], shape[-1]
+            act = left
+        else:  # the parameter is the left operand: [.., m, k] with the activation on the right
+            k, n = shape[-1], shape[-2] if len(shape) > 1 else 1
+            act = right
+        return "weight", k, n, act if isinstance(act, fx.Node) else None
+    if rule.kind == "add":
+        return "add", None, (shape[-1] if shape else None), None
+    if rule.kind == "mul":
+        return "mul", None, None, None
+    return "other", None, None, None
+
+
+def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dict[fx.Node, int]]:
+    """Group the residual adds into streams: each add's skip comes from the previous add,
+    through views, dropout or a norm (post-norm blocks ``x = norm(x + f(x))`` form one stream)."""
+    from .rules.registry import lookup
+
+    prev: dict[fx.Node, Optional[fx.Node]] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for add, r in topo.residuals.items():
+        n: Optional[fx.Node] = r.skip
+        found = None
+        for _ in range(64):  # walk back through views / dropout / inserted scales
+            if n is None:
+                break
+            if n in topo.residuals:
+                found = n
+                break
+            rule = lookup(n, gm)
+            ins = n.all_input_nodes
+            passes = rule is not None and (rule.preserves_scale or rule.kind == "norm")  # post-norm streams too
+            if (passes or n.meta.get("unit_scale_inserted")) and len(ins) >= 1:
+                n = ins[0]
+            else:
+                break
+        prev[add] = found
+    streams: list[list[fx.Node]] = []
+    stream_of: dict[fx.Node, int] = {}
+    for add in sorted(topo.residuals, key=order.__getitem__):
+        p = prev[add]
+        if p is not None and p in stream_of and streams[stream_of[p]][-1] is p:
+            stream_of[add] = stream_of[p]
+            streams[stream_of[p]].append(add)
+        else:
+            stream_of[add] = len(streams)
+            streams.append([add])
+    return streams, stream_of
+
+
+def branch_regions(topo) -> dict[fx.Node, set[fx.Node]]:
+    """``residual add -> nodes of its branch`` (downstream of the skip, upstream of the branch output)."""
+    g: nx.DiGraph = topo.graph
+    out: dict[fx.Node, set[fx.Node]] = {}
+    for add, r in topo.residuals.items():
+        if r.skip in g and r.branch in g:
+            out[add] = (nx.descendants(g, r.skip) & nx.ancestors(g, r.branch)) | {r.branch}
+    return out
+
+
+def weighted_ops(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that consume a parameter as a matmul weight or an embedding table."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    out: set[fx.Node] = set()
+    for p in gm.graph.nodes:
+        if p.op == "get_attr" and str(p.target) in params:
+            for c, opnd in _users_through_preserve(p, gm):
+                if _operand_slot(c, opnd, gm)[0] in ("weight", "embedding"):
+                    out.add(c)
+    return out
+
+
+def analyse_roles(gm: fx.GraphModule, topo) -> RoleAnalysis:
+    """Give every parameter a role, from the graph's structure and the rules of its consumers.
+
+    * a matmul operand that is a parameter is a weight: ``readout`` when no
+      residual add and no other weighted op lies downstream of that matmul,
+      ``input`` when no weighted op lies upstream of its activation operand,
+      ``hidden`` otherwise;
+    * the table of an embedding lookup (or a parameter added to activations,
+      such as a learned position table) is an ``embedding``;
+    * a matmul's bias, a norm's bias and a 1-d parameter added to activations
+      are ``bias``; a norm's weight or a parameter multiplied into activations
+      is a ``norm_gain``;
+    * anything else is ``other``.
+
+    A parameter used in several places takes the highest of its roles in the
+    order embedding > readout > hidden > input > norm gain > bias > other (so a
+    tied embedding / readout matrix is an embedding).
+
+    Needs shape propagation (``node.meta["val"]``) and the topology pass.
+    """
+    g: nx.DiGraph = topo.graph
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    attrs = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) in params]
+
+    consumers_of: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {
+        p: _users_through_preserve(p, gm) for p in attrs
+    }
+    weighted = weighted_ops(gm)
+
+    streams, stream_of = residual_streams(topo, gm)
+    residual_adds = set(topo.residuals)
+    # which consumer nodes lie inside which residual branch
+    branch_depth: dict[fx.Node, int] = {}
+    for add, region in branch_regions(topo).items():
+        depth = len(streams[stream_of[add]])
+        for n in region:
+            branch_depth[n] = max(branch_depth.get(n, 0), depth)
+
+    readouts: dict[str, int] = {}
+    result: dict[str, ParamRole] = {}
+    for p in attrs:
+        name = str(p.target)
+        t = params[name]
+        best: Optional[ParamRole] = None
+        for c, opnd in consumers_of[p]:
+            slot, fan_in, fan_out, act = _operand_slot(c, opnd, gm)
+            if slot == "weight":
+                down = nx.descendants(g, c) if c in g else set()
+                if not (down & residual_adds) and not (down & weighted):
+                    role = "readout"
+                    if fan_in is not None:
+                        readouts[c.name] = fan_in
+                elif act is not None and act in g and not (nx.ancestors(g, act) & weighted):
+                    role = "input"
+                else:
+                    role = "hidden"
+            elif slot == "embedding":
+                role = "embedding"
+            elif slot == "add":
+                role = "bias" if t.dim() <= 1 else "embedding"
+            elif slot == "gain" or slot == "mul":
+                role = "norm_gain"
+            elif slot == "bias":
+                role = "bias"
+            else:
+                role = "other"
+            cand = ParamRole(name, role, tuple(t.shape), fan_in, fan_out, branch_depth.get(c))
+            depth = cand.depth if best is None or best.depth is None else best.depth
+            if best is None or _PRIORITY[role] > _PRIORITY[best.role]:
+                best = cand
+            best.depth = depth if depth is not None else cand.depth
+        if best is None:
+            best = ParamRole(name, "other", tuple(t.shape))
+            log.info("roles: parameter %s has no consumer in the graph; role 'other'", name)
+        best.consumers = sorted({c.name for c, _ in consumers_of[p]})
+        result[name] = best
+        log.debug("roles: %s -> %s (fan_in=%s fan_out=%s depth=%s)", name, best.role, best.fan_in,
+                  best.fan_out, best.depth)
+    return RoleAnalysis(result, readouts, [[a.name for a in s] for s in streams])
+
+
+def roles_of(model: torch.nn.Module) -> RoleAnalysis:
+    """The role analysis of a planned unit-scaled module."""
+    meta = getattr(model, "meta", None)
+    analysis = meta.get(ROLES_META_KEY) if isinstance(meta, dict) else None
+    if analysis is None:
+        raise UnitScaleError(
+            f"{type(model).__name__} has no parameter-role analysis",
+            where="unit_scale_fx.mup.roles_of",
+            fix="pass a model returned by unit_scale(...) and plan it first (example_inputs=... or one call)",
+        )
+    return analysis
+
+
+#: Where the planned module keeps its :class:`RoleAnalysis` (``gm.meta``).
+ROLES_META_KEY = "unit_scale_param_roles"

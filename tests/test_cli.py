@@ -1,0 +1,241 @@
+"""The unit-scale-fx command line, run as users run it (subprocess), plus in-process checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pydot
+import pytest
+
+from unit_scale_fx.cli import main
+
+GPT_SMALL = ["-s", "vocab=32", "-s", "d=16", "-s", "layers=1", "-s", "heads=2", "-s", "seq=8", "-s", "batch=2"]
+MLP_SMALL = ["-s", "d_in=8", "-s", "d=16", "-s", "layers=2", "-s", "batch=16"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, module: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if module:
+        cmd = [sys.executable, "-m", "unit_scale_fx", *args]
+    else:
+        cmd = [str(Path(sys.executable).with_name("unit-scale-fx")), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("targets") / "targets.py"
+    path.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x):
+                for _ in range(int((x > 0).sum().item()) % 3 + 1):  # data-dependent: untraceable
+                    x = self.fc(x)
+                return x.sum()
+
+        def untraceable():
+            return Branchy(), (torch.randn(2, 4),)
+
+        def boom(size=3):
+            raise ValueError("boom at size %d" % size)
+
+        def model_only():
+            return nn.Linear(3, 3)
+
+        class ShapeBranch(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+            def forward(self, x):
+                if x.shape[0] > 2:  # fx cannot trace this; torch.export specialises on it
+                    x = x * 2
+                return self.b(torch.relu(self.a(x)))
+
+        def export_only():
+            torch.manual_seed(0)
+            return ShapeBranch(), (torch.randn(32, 8),)
+
+        def tiny(width=8):
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(4, width), nn.GELU(), nn.Linear(width, 2)), (torch.randn(16, 4),)
+    """))
+    return path
+
+
+def one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("unit-scale-fx: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# -- subprocess: every subcommand and format ------------------------------------
+def test_dump_diff_text() -> None:
+    p = run_cli("dump", "gpt", *GPT_SMALL, "--stage", "diff", "--format", "text")
+    assert p.returncode == 0, p.stderr
+    head, *rest = p.stdout.splitlines()
+    assert head.startswith("# ") and "nodes added" in head
+    added = int(head.split()[1])
+    assert added > 10 and sum(l.startswith("+scale") and " = scale(" in l for l in rest) == added
+
+
+def test_dump_before_python_via_console_script() -> None:
+    p = run_cli("dump", "mlp", *MLP_SMALL, "--stage", "before", "--format", "python", module=False)
+    assert p.returncode == 0, p.stderr
+    assert "def forward" in p.stdout and "unit_scale_fx_scale" not in p.stdout
+    compile(p.stdout, "<before>", "exec")
+
+
+def test_dump_after_dot_file(tmp_path: Path) -> None:
+    out = tmp_path / "after.dot"
+    p = run_cli("dump", "gpt", *GPT_SMALL, "--stage", "after", "--format", "dot", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    (g,) = pydot.graph_from_dot_data(out.read_text())
+    shapes = [n.get_shape() for n in g.get_nodes()]
+    assert shapes.count("diamond") > 10 and len(g.get_edges()) > 40
+
+
+def test_dump_diff_svg_file(tmp_path: Path) -> None:
+    out = tmp_path / "diff.svg"
+    p = run_cli("dump", "mlp", *MLP_SMALL, "--stage", "diff", "--format", "svg", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    root = ET.fromstring(out.read_text())
+    assert root.tag.endswith("svg")
+    assert "nodes added" in out.read_text()
+
+
+def test_report_png_and_json(tmp_path: Path) -> None:
+    png, js = tmp_path / "plot.png", tmp_path / "r.json"
+    p = run_cli("report", "gpt", *GPT_SMALL, "--png", str(png), "--json", str(js))
+    assert p.returncode == 0, p.stderr
+    header = p.stdout.splitlines()[1].split()
+    assert header[:4] == ["node", "op", "mm", "fwd"]
+    assert "before" in p.stdout and "after" in p.stdout
+    data = png.read_bytes()
+    assert len(data) > 10_000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(js.read_text())
+    assert payload["after"]["unit_scaled"] and not payload["before"]["unit_scaled"]
+    names = {r["name"] for r in payload["after"]["rows"]}
+    assert {"linear", "scaled_dot_product_attention", "cross_entropy"} <= names
+
+
+def test_demo_trains() -> None:
+    p = run_cli("demo", "--steps", "8", "-s", "d=32", "-s", "layers=1", "-s", "seq=16", "-s", "vocab=64")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "matmul operand" in p.stdout and "in [1/2, 2]: before" in p.stdout
+    last = p.stdout.strip().splitlines()[-1]
+    first, final = (float(v) for v in last.split()[1:4:2])
+    assert final < first
+
+
+def test_bad_targets_subprocess(factories: Path) -> None:
+    one_line_error(run_cli("dump", "nonsense"), "unknown target 'nonsense'")
+    one_line_error(run_cli("dump", f"{factories}:untraceable"), "could capture")
+
+
+# -- in process: the remaining combinations and error paths ----------------------
+@pytest.mark.parametrize("stage,fmt", [("before", "text"), ("before", "dot"), ("after", "text"),
+                                       ("after", "python"), ("after", "svg"), ("diff", "python"), ("diff", "dot")])
+def test_dump_combinations(stage: str, fmt: str, factories: Path, capsys) -> None:
+    assert main(["dump", f"{factories}:tiny", "--stage", stage, "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    if fmt == "dot":
+        assert pydot.graph_from_dot_data(out)
+    elif fmt == "svg":
+        assert ET.fromstring(out).tag.endswith("svg")
+    elif fmt == "python" and stage == "after":
+        assert "unit_scale_fx_scale_scale(" in out
+    elif fmt == "python":
+        assert out.startswith("# ") and "+++ after.py" in out
+    else:
+        assert out.splitlines()[0].split()[:3] == ["node", "op", "shape"]
+        assert any(l.split()[1] == "scale" for l in out.splitlines()[2:]) == (stage == "after")
+
+
+def test_report_on_user_factory_with_options(factories: Path, capsys) -> None:
+    assert main(["report", f"{factories}:tiny", "-s", "width=12", "--only", "matmul"]) == 0
+    out = capsys.readouterr().out
+    rows = out.splitlines()[3:-2]
+    assert rows and all(r.split()[2] in ("in", "out", "in,out") for r in rows)
+    assert "12" in out  # the width option reached the factory (12 in shapes)
+
+
+def test_report_lines_up_an_export_captured_model(factories: Path, capsys) -> None:
+    assert main(["report", f"{factories}:export_only"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:-2]}
+    assert set(rows) == {"mul", "linear", "relu", "linear_1"}
+    # the original weights (std ~ 1/sqrt(fan_in)): linear_1's output is far from unit before, near it after
+    before, after = float(rows["linear_1"][3]), float(rows["linear_1"][4])
+    assert before < 0.7 and 0.7 < after < 1.4
+
+
+def test_report_measures_on_a_fresh_batch(capsys) -> None:
+    assert main(["report", "mlp", *MLP_SMALL, "--measure-seed", "3"]) == 0
+    out = capsys.readouterr().out
+    after = float(out.strip().splitlines()[-2].split("after ")[1].rstrip("%")) / 100
+    assert after > 0.8  # measured RMS in [1/2, 2] on a batch the plan did not see
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["report", "{f}:tiny", "--measure-seed", "1"], "does not take these options"),
+    (["dump", "nonsense"], "unknown target"),
+    (["dump", "no/such/file.py:f"], "file not found: no/such/file.py"),
+    (["dump", "no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
+    (["dump", "{f}:boom"], "raised ValueError: boom at size 3"),
+    (["dump", "{f}:boom", "-s", "nosuch=1"], "does not take these options"),
+    (["dump", "{f}:missing"], "has no callable 'missing'"),
+    (["dump", "{f}:model_only"], "no example inputs"),
+    (["dump", "{f}:untraceable"], "could capture"),
+])
+def test_errors_are_one_line_exit_2(args: list[str], needle: str, factories: Path, capsys) -> None:
+    args = [a.replace("{f}", str(factories)) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unit-scale-fx: error:") and needle in err[0], err
+
+
+def test_debug_shows_the_traceback(factories: Path) -> None:
+    with pytest.raises(Exception, match="boom"):
+        main(["--debug", "dump", f"{factories}:boom"])
+
+
+def test_missing_matplotlib_is_one_line(factories: Path) -> None:
+    code = ("import sys; sys.modules['matplotlib'] = None; from unit_scale_fx.cli import main; "
+            f"sys.exit(main(['report', {str(factories) + ':tiny'!r}, '--png', 'never.png']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    one_line_error(p, "plotting needs matplotlib")
+    assert "unit-scale-fx[plot]" in p.stderr
+
+
+def test_debug_after_the_subcommand_too(factories: Path) -> None:
+    with pytest.raises(Exception, match="boom"):
+        main(["dump", f"{factories}:boom", "--debug"])
+
+
+def test_progress_bar_is_quiet_off_a_terminal() -> None:
+    import io
+
+    from unit_scale_fx.analysis.progress import Progress
+
+    quiet = io.StringIO()
+    with Progress(5, "work", stream=quiet) as bar:  # StringIO is not a TTY
+        for _ in range(5):
+            bar.update()
+    assert quiet.getvalue() == ""
+    loud = io.StringIO()
+    with Progress(4, "work", enabled=True, stream=loud) as bar:
+        bar.update(4)
+    assert loud.getvalue().rstrip().endswith("4/4") and "\r" in loud.getvalue()
