@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
@@ -38,13 +39,6 @@ class UnitScaledModule(fx.GraphModule):
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
 
-    def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
-        res = super().__deepcopy__(memo)
-        for key, value in self.__dict__.items():
-            if key.startswith("us_"):
-                object.__setattr__(res, key, copy.deepcopy(value, memo))
-        return res
-
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
         if self.us_planned:
@@ -53,6 +47,7 @@ class UnitScaledModule(fx.GraphModule):
         from .passes.init_weights import parameter_roles
 
         ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
+        _check_input_devices(self, args, kwargs)
         run_passes(self, ctx, ANALYSE + TRANSFORM)
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
@@ -73,8 +68,57 @@ class UnitScaledModule(fx.GraphModule):
                     where=type(self).__name__,
                     fix="pass example_inputs=(...) to unit_scale, or call the module once before torch.compile",
                 )
+            if _distributed_world() > 1:
+                warnings.warn(
+                    "planning the scales lazily inside a distributed job: every rank plans on its own batch and "
+                    "the ranks may get different scales; plan before wrapping (unit_scale(model, "
+                    "example_inputs=...)) and call unit_scale_fx.distributed.sync_plan(model)",
+                    UserWarning, stacklevel=2)
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; warns when the scales are not planned yet.
+
+        Planning measures the model on the example batch, so planning *after*
+        loading trained weights gives other scales than the saved model used:
+        plan first (``unit_scale(model, example_inputs=...)``), then load.
+        """
+        if not self.us_planned:
+            msg = ("loading weights into a unit-scaled module whose scales are not planned yet: the first call "
+                   "will plan them on the loaded weights, which differs from the plan the saved model trained "
+                   "with; pass example_inputs=(...) to unit_scale before load_state_dict")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- copying and pickling ---------------------------------------------
+    # fx.GraphModule rebuilds copies through ``GraphModule.__init__`` (dropping
+    # parameters the graph does not use and buffer persistence, so state_dict
+    # keys change) and pickles by re-tracing its generated code (which fails on
+    # string annotations, would inline ``scale`` and loses the plan). A
+    # UnitScaledModule instead copies its whole ``__dict__`` and re-attaches the
+    # graph, so a copy is the same module: same state, same plan, same config.
+    def __deepcopy__(self, memo: dict) -> "UnitScaledModule":
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        state = copy.deepcopy(self.__dict__, memo)
+        _restore_state(res, state)
+        return res
+
+    def __reduce__(self) -> tuple:
+        if getattr(self, "us_capture", "") == "torch.export":
+            # torch.export's unlifted module holds a guard closure and aten overloads,
+            # neither of which pickle (torch's own ep.module() does not pickle either).
+            raise UnitScaleError(
+                "a unit-scaled module captured with torch.export cannot be pickled",
+                where=f"pickle / torch.save of {type(self).__name__}",
+                fix="save its state_dict and rebuild with unit_scale(Model(...), example_inputs=...) before "
+                "loading it; copy.deepcopy works",
+            )
+        state = self.__dict__.copy()
+        state["_graph"] = _portable_graph(self._graph)
+        state["us_source_graph"] = _portable_graph(self.us_source_graph)
+        return (_rebuild_unit_scaled, (state,))
 
     # -- introspection ----------------------------------------------------
     def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
@@ -111,11 +155,63 @@ class UnitScaledModule(fx.GraphModule):
         return "\n".join(lines)
 
 
+def _portable_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` without node metadata that cannot be pickled (fake tensors, symbolic shapes)."""
+    import pickle
+
+    out = copy.deepcopy(graph)
+    for node in out.nodes:
+        for key in list(node.meta):
+            try:
+                pickle.dumps(node.meta[key])
+            except Exception:  # fake tensors, SymInts, local classes: analysis by-products only
+                del node.meta[key]
+    return out
+
+
+def _restore_state(res: "UnitScaledModule", state: dict) -> None:
+    graph = state.pop("_graph")
+    res.__dict__.update(state)
+    res.graph = graph  # binds the graph to ``res`` and regenerates ``forward``
+
+
+def _rebuild_unit_scaled(state: dict) -> "UnitScaledModule":
+    """Unpickle a :class:`UnitScaledModule` (see ``UnitScaledModule.__reduce__``)."""
+    res = UnitScaledModule.__new__(UnitScaledModule)
+    _restore_state(res, dict(state))
+    return res
+
+
 def _short_op(op: str) -> str:
     parts = op.split(".")
     if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
         parts = parts[:-1]
     return parts[-1]
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in list(model.parameters()) + list(model.buffers())}
+
+
+def _check_input_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A model on the meta device can only be planned on meta inputs (shapes only), and vice versa."""
+    on_meta = {d.type == "meta" for d in _devices(model)}
+    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    in_meta = {t.device.type == "meta" for t in inputs}
+    if on_meta == {True} and False in in_meta or on_meta == {False} and True in in_meta:
+        what = ("the model is on the meta device but the example inputs are not" if True in on_meta
+                else "the example inputs are on the meta device but the model is not")
+        raise UnitScaleError(
+            what,
+            where=f"{type(model).__name__} planning",
+            fix="plan a meta model with meta inputs (shapes only: analysis without memory), or materialise "
+            "it first (model.to_empty(device=...) and initialise) and plan with real inputs",
+        )
 
 
 def _check_model(model: Any) -> None:
@@ -132,6 +228,15 @@ def _check_model(model: Any) -> None:
             fix="wrap the function in an nn.Module whose forward calls it",
         )
     params = [p for p in model.parameters()]
+    kinds = {d.type == "meta" for d in _devices(model)}
+    if len(kinds) > 1:
+        raise UnitScaleError(
+            f"{type(model).__name__} has tensors both on the meta device and on real devices "
+            f"({', '.join(sorted(str(d) for d in _devices(model)))})",
+            where="unit_scale(model)",
+            fix="materialise every submodule (module.to_empty(device=...) and initialise) or keep the whole "
+            "model on meta for a shapes-only analysis",
+        )
     if params and not any(p.is_floating_point() for p in params):
         raise UnitScaleError(
             f"{type(model).__name__} has no floating-point parameters",

@@ -20,6 +20,14 @@ import torch.fx as fx
 from .registry import OpView, Rule, Scales, aten, register, tensor_method
 
 
+def _broadcast(op: OpView, x: fx.Node) -> float:
+    """How many times ``x`` is repeated by broadcasting into the output."""
+    xs, os_ = op.shape(x), op.out_shape
+    if not xs or not os_:
+        return 1.0
+    return max(1.0, math.prod(os_) / max(1, math.prod(xs)))
+
+
 def _const(op: OpView) -> float:
     """The product of non-tensor numeric arguments (and ``alpha=``)."""
     c = 1.0
@@ -61,7 +69,9 @@ class AddRule(Rule):
             return Scales(out_rms=0.0, note="both operands zero")
         s = Scales(fwd=1.0 / total, note="independent add")
         for n in (a, b):
-            s.bwd[n], s.grad_gain[n] = 1.0 / total, total
+            # an operand broadcast over k copies receives the sum of k gradients
+            gain = total * math.sqrt(_broadcast(op, n))
+            s.bwd[n], s.grad_gain[n] = 1.0 / gain, gain
         return s
 
 

@@ -1,0 +1,116 @@
+"""DDP and FSDP2 (gloo, 2 CPU processes) against one process on the combined batch.
+
+The worker runs in a subprocess with a timeout, so a hung collective fails the
+test instead of hanging CI. All set-ups share one worker run (~20 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unit_scale_fx import unit_scale
+from unit_scale_fx.distributed import plan_fingerprint
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+from dp_common import LR, WORLD, batches, local, make_model, make_opt  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "dp_worker.py"), str(out)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {f[:-3]: torch.load(os.path.join(out, f), weights_only=False) for f in os.listdir(out) if f.endswith(".pt")}
+
+
+def _single(opt_name: str, lr_factor: float = 1.0) -> dict:
+    """One process, with rank 0's plan, trained on the combined batches."""
+    us = unit_scale(make_model(), local(batches()[0], 0))
+    opt = make_opt(us.parameters(), opt_name, LR, lr_factor)
+    first, losses = None, []
+    for b in batches():
+        opt.zero_grad()
+        loss = us(*b)
+        loss.backward()
+        if first is None:
+            first = {n: p.grad.detach().clone() for n, p in us.named_parameters()}
+        opt.step()
+        losses.append(float(loss.detach()))
+    return {"params": {n: p.detach().clone() for n, p in us.named_parameters()}, "grads": first, "losses": losses,
+            "fingerprint": plan_fingerprint(us)}
+
+
+def _close(a: dict, b: dict, factor: float = 1.0, rtol: float = 1e-4, atol: float = 1e-5, mask=None) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k] * factor, b[k]
+        if mask is not None:
+            x, y = x[mask[k]], y[mask[k]]
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _ok(res: dict) -> dict:
+    assert "error" not in res, res.get("error")
+    return res
+
+
+def test_ranks_planning_on_their_own_batches_are_caught(results):
+    res = _ok(results["unsynced"])
+    differ = len(set(res["fingerprints"])) > 1
+    assert bool(res["raised"]) == differ
+    if differ:
+        assert "sync_plan" in res["raised"]
+
+
+def test_lazy_planning_in_a_distributed_job_warns(results):
+    assert _ok(results["lazy"])["warned"]
+
+
+def test_mean_reduction_equals_one_process_with_the_same_plan(results):
+    """DDP (mean) with the shared plan == one process, same plan, combined batch, SGD: grads and 3 steps."""
+    res = _ok(results["ddp_mean_sgd"])
+    single = _single("sgd")
+    assert res["fingerprint"] == single["fingerprint"]
+    _close(res["grads"], single["grads"])
+    _close(res["params"], single["params"])
+
+
+@pytest.mark.parametrize("setup", ["ddp_hook_sgd", "fsdp2_hook_sgd"])
+def test_unit_scaled_reduction_is_sqrt_world_times_the_mean(results, setup):
+    """sum * world**-0.5 == sqrt(world) x the one-process gradient; SGD then equals lr * sqrt(world)."""
+    res = _ok(results[setup])
+    single = _single("sgd", lr_factor=math.sqrt(WORLD))
+    assert res["fingerprint"] == single["fingerprint"]
+    _close(res["grads"], single["grads"], factor=1 / math.sqrt(WORLD))
+    _close(res["params"], single["params"])
+
+
+def test_unit_scaled_reduction_with_adam_matches_the_mean(results):
+    """Adam is invariant to a constant gradient factor (up to eps): hook or mean train alike.
+
+    Gradients that are rounding noise (the attention key bias: softmax ignores it)
+    are excluded: Adam turns noise into steps of size lr whatever its scale.
+    """
+    res = _ok(results["ddp_hook_adam"])
+    single = _single("adam")
+    mask = {k: g.abs() > 1e-6 * max(float(g.abs().max()), 1e-30) for k, g in single["grads"].items()}
+    _close(res["params"], single["params"], rtol=1e-3, atol=1e-4, mask=mask)
+
+
+def test_unit_scaled_reduction_keeps_gradients_unit(results):
+    """The point of the hook: the reduced weight gradients keep the RMS of one rank's, not world**-0.5 of it."""
+    mean, hook = _ok(results["ddp_mean_sgd"]), _ok(results["ddp_hook_sgd"])
+    ratios = [float(hook["grads"][k].pow(2).mean().sqrt() / mean["grads"][k].pow(2).mean().sqrt())
+              for k in mean["grads"] if mean["grads"][k].abs().max() > 0]
+    assert all(abs(r - math.sqrt(WORLD)) < 1e-3 for r in ratios)

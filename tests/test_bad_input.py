@@ -1,0 +1,272 @@
+"""Bad or unusual input: a clear ``UnitScaleError`` or a documented behaviour, and the user's model unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unit_scale_fx import UnitScaleError, unit_scale
+from unit_scale_fx.analysis.validity import gradient_cosines
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.a = nn.Linear(d, 16)
+        self.b = nn.Linear(16, d)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.b(F.gelu(self.a(x))) + x, y)
+
+
+class Snapshot:
+    """Everything about a model that unit_scale must leave alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = {k: (v.clone() if v.device.type != "meta" else v) for k, v in model.state_dict().items()}
+        self.flags = [(n, p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters()]
+        self.modes = [(n, m.training) for n, m in model.named_modules()]
+
+    def assert_unchanged(self) -> None:
+        m = self.model
+        assert list(m.state_dict()) == list(self.state)
+        for k, v in m.state_dict().items():
+            if v.device.type != "meta":
+                assert torch.equal(v, self.state[k]), k
+        assert [(n, p.requires_grad, p.dtype, p.device) for n, p in m.named_parameters()] == self.flags
+        assert [(n, mod.training) for n, mod in m.named_modules()] == self.modes
+        assert all(p.grad is None for p in m.parameters())
+
+
+def _xy(d: int = 8, n: int = 8, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+
+
+def _assert_clear(err: UnitScaleError) -> None:
+    assert err.what and err.where and err.fix
+
+
+def _valid(us, *inputs) -> None:
+    cos = gradient_cosines(us, *inputs)
+    assert cos and min(cos.values()) > 0.999, cos
+
+
+# -- refused, with a clear error -------------------------------------------------------------
+
+@pytest.mark.parametrize("obj", [lambda x: x, torch.randn(3), "model", None])
+def test_not_a_module(obj):
+    with pytest.raises(UnitScaleError) as e:
+        unit_scale(obj)
+    _assert_clear(e.value)
+    assert "nn.Module" in e.value.what
+
+
+def test_no_floating_point_parameters():
+    class IntModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.arange(4), requires_grad=False)
+
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            return self.table[i]
+
+    m = IntModel()
+    snap = Snapshot(m)
+    with pytest.raises(UnitScaleError) as e:
+        unit_scale(m)
+    _assert_clear(e.value)
+    assert "floating-point" in e.value.what
+    snap.assert_unchanged()
+
+
+def test_already_unit_scaled():
+    x, y = _xy()
+    us = unit_scale(MLP(), (x, y))
+    snap = Snapshot(us)
+    with pytest.raises(UnitScaleError) as e:
+        unit_scale(us)
+    _assert_clear(e.value)
+    assert "already unit-scaled" in e.value.what and "replan" in e.value.fix
+    snap.assert_unchanged()
+
+
+def test_mixed_meta_and_real_devices():
+    m = MLP()
+    m.b.to("meta")
+    snap = Snapshot(m)
+    with pytest.raises(UnitScaleError) as e:
+        unit_scale(m, _xy())
+    _assert_clear(e.value)
+    assert "meta" in e.value.what
+    snap.assert_unchanged()
+
+
+def test_meta_model_with_real_inputs():
+    with torch.device("meta"):
+        m = MLP()
+    with pytest.raises(UnitScaleError) as e:
+        unit_scale(m, _xy())
+    _assert_clear(e.value)
+    assert "meta" in e.value.what and "to_empty" in e.value.fix
+
+
+# -- accepted, with documented behaviour -----------------------------------------------------
+
+def test_meta_model_with_meta_inputs_is_analysed_without_memory():
+    """Shapes-only analysis: a plan on the meta device, nothing allocated."""
+    with torch.device("meta"):
+        m = MLP()
+    snap = Snapshot(m)
+    x, y = (t.to("meta") for t in _xy())
+    us = unit_scale(m, (x, y))
+    assert all(p.device.type == "meta" for p in us.parameters())
+    assert us.scale_plan() and {r.rule for r in us.scale_plan().values()} >= {"matmul"}
+    snap.assert_unchanged()
+
+
+def test_integer_and_boolean_inputs():
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            h = self.fc(self.emb(idx)) * mask.unsqueeze(-1)
+            return h.pow(2).mean()
+
+    m = Masked()
+    snap = Snapshot(m)
+    idx, mask = torch.randint(0, 10, (4, 6)), torch.rand(4, 6) > 0.5
+    us = unit_scale(m, (idx, mask))
+    assert torch.isfinite(us(idx, mask))
+    _valid(us, idx, mask)
+    snap.assert_unchanged()
+
+
+def test_integer_input_cast_to_float():
+    class Cast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.float()).pow(2).mean()
+
+    x = torch.randint(0, 5, (6, 3))
+    us = unit_scale(Cast(), (x,))
+    _valid(us, x)
+
+
+def test_in_place_ops_are_made_out_of_place():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.a(x), inplace=True)
+            h += x
+            h.mul_(2.0)
+            return F.mse_loss(self.b(h), y)
+
+    m = InPlace()
+    snap = Snapshot(m)
+    x, y = _xy()
+    x0 = x.clone()
+    us = unit_scale(m, (x, y))
+    assert not any(str(n.target).endswith("_") and n.op == "call_method" for n in us.graph.nodes)
+    out = us(x, y)
+    assert torch.isfinite(out)
+    assert torch.equal(x, x0)  # the caller's input is not modified either
+    _valid(us, x, y)
+    snap.assert_unchanged()
+
+
+def test_frozen_parameters_stay_frozen():
+    """requires_grad=False is kept (no gradient); like every weight, the frozen one is re-initialised to
+    unit RMS in the copy unless init_weights=False, which keeps its values."""
+    m = MLP()
+    m.a.weight.requires_grad_(False)
+    snap = Snapshot(m)
+    x, y = _xy()
+    us = unit_scale(m, (x, y))
+    assert not us.a.weight.requires_grad
+    us(x, y).backward()
+    assert us.a.weight.grad is None and us.b.weight.grad is not None
+    assert float(us.a.weight.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
+    _valid(us, x, y)
+    kept = unit_scale(m, (x, y), init_weights=False)
+    assert torch.equal(kept.a.weight, m.a.weight) and kept.a.weight is not m.a.weight
+    snap.assert_unchanged()
+
+
+def test_eval_mode_is_kept():
+    m = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.GELU(), nn.Linear(16, 8)).eval()
+    snap = Snapshot(m)
+    x = torch.randn(8, 8)
+    us = unit_scale(m, (x,))
+    assert not us.training and not any(mod.training for mod in us.modules())
+    torch.testing.assert_close(us(x), us(x))  # dropout off
+    _valid(us, x)
+    us.train()
+    assert us.training
+    snap.assert_unchanged()
+
+
+def test_batchnorm_running_stats_are_not_touched_by_planning():
+    class BN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(self.b(self.bn(self.a(x))), y)
+
+    m = BN()
+    snap = Snapshot(m)
+    x, y = _xy()
+    us = unit_scale(m, (x, y))
+    assert int(us.bn.num_batches_tracked) == 0 and torch.equal(us.bn.running_mean, torch.zeros(8))
+    us(x, y)  # a training step updates them, as in the original model
+    assert int(us.bn.num_batches_tracked) == 1 and us.bn.running_mean.abs().sum() > 0
+    stats = {k: v.clone() for k, v in us.state_dict().items() if k.startswith("bn.")}
+    us.replan(x, y)  # replanning neither
+    for k, v in stats.items():
+        assert torch.equal(us.state_dict()[k], v), k
+    _valid(us, x, y)
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_parameters(dtype):
+    """Parameters and activations keep their dtype; planning measures in float32."""
+    m = MLP().to(dtype)
+    snap = Snapshot(m)
+    x, y = _xy(dtype=dtype)
+    us = unit_scale(m, (x, y))
+    assert all(p.dtype == dtype for p in us.parameters())
+    out = us(x, y)
+    assert out.dtype == dtype and torch.isfinite(out)
+    out.backward()
+    assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in us.parameters())
+    cos = gradient_cosines(us, x, y)
+    assert min(cos.values()) > (0.999 if dtype == torch.float16 else 0.99), cos  # bf16: 8-bit mantissa
+    snap.assert_unchanged()
+
+
+def test_model_without_parameters():
+    """Nothing to re-initialise; activations are still scaled."""
+    class Fn(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(x).sum()
+
+    x = torch.randn(4, 8)
+    us = unit_scale(Fn(), (x,))
+    assert torch.isfinite(us(x))
