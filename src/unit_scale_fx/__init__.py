@@ -2,6 +2,7 @@
 
 from .analysis.track import ScaleReport, track_scales
 from .api import UnitScaledModule, unit_scale
+from .backend import UnitScaleBackend, backend
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .fp8_linear import use_fp8_linear
@@ -10,11 +11,13 @@ from .passes.simulate_format import FormatSimulation, format_counts, simulate_fo
 from .precision import MasterWeights, half_precision
 from .record import ScaleRecord
 from .scale import scale
+from .weights import init_weights
 
 __all__ = [
     "MupConfig", "ScaleRecord", "ScaleReport", "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "scale",
     "track_scales", "unit_scale",
     "FormatSimulation", "simulate_format", "track_formats", "format_counts", "half_precision", "MasterWeights",
     "use_fp8_linear",
+    "UnitScaleBackend", "backend", "init_weights",
 ]
 __version__ = "0.1.0"

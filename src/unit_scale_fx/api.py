@@ -16,7 +16,7 @@ from .capture import _mirror_state, capture
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
-from .pipeline import ANALYSE, PREPARE, TRANSFORM, run_passes
+from .pipeline import ANALYSE, PREPARE, TRANSFORM, gc_paused, run_passes
 from .record import META_KEY, ScaleRecord
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,9 @@ def unit_scale(
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs) if example_inputs is not None else None
-    work = model if cfg.inplace else copy.deepcopy(model)
-    gm = capture(work, args, example_kwargs, cfg.leaf_modules)
+    with gc_paused():
+        work = model if cfg.inplace else copy.deepcopy(model)
+        gm = capture(work, args, example_kwargs, cfg.leaf_modules)
     ctx = PassContext(config=cfg)
     run_passes(gm, ctx, PREPARE)
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)

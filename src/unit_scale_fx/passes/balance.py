@@ -73,7 +73,8 @@ def _needs_grad(u: fx.Node, gm: fx.GraphModule) -> bool:
 
 def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: list[int]) -> np.ndarray:
     """Least squares for ``x[i] - x[j] = c`` (weight w) and ``x[a] = 0``: the normal equations."""
-    lap = np.zeros((n, n)) if n <= 6000 else None
+    # dense solve for small systems; above that the sparse CG below (a 48-layer GPT: 0.02 s vs 0.5 s dense)
+    lap = np.zeros((n, n)) if n <= 256 else None
     rhs = np.zeros(n)
     if lap is not None:
         for i, j, c, w in rows:
@@ -128,6 +129,7 @@ class Potentials:
         self.uf = _UnionFind()
         self.free: list[tuple[fx.Node, fx.Node]] = []
         self.gm = gm
+        self.boundary_names = set(ctx.boundary)
         for u, v in self.g.edges:
             rec = self.recs.get(v)
             if rec is None or rec.kind in FIXED_KINDS or u.name not in rec.ideal_bwd:
@@ -137,6 +139,14 @@ class Potentials:
         roots = {self.uf.find(n) for n in self.g}
         self.index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
         self.log_phi = np.zeros(len(self.index))
+
+    def boundary(self) -> set[int]:
+        """Classes of values linked to code outside the graph (``ctx.boundary``): their potential is 1.
+
+        The other side (another graph of a model dynamo split) cannot know this graph's
+        potentials; with the true gradient at every crossing, both sides agree.
+        """
+        return {self.cls(n) for n in self.g if n.name in self.boundary_names}
 
     def cls(self, n: fx.Node) -> int:
         return self.index[self.uf.find(n)]
@@ -157,9 +167,11 @@ class Potentials:
             rec = self.recs[v]
             c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
             rows.append((i, j, c, 1.0))
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"})
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | self.boundary())
         if rows:
             self.log_phi = solve_laplacian(len(self.index), rows, anchors)
+        for c in self.boundary():  # exactly 1, not only near it (any potentials are valid)
+            self.log_phi[c] = 0.0
         return len(rows)
 
     def assign(self) -> None:

@@ -30,7 +30,15 @@ class PassContext:
     topology: Any = None
     unsupported: list[UnsupportedOp] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)
+    #: RMS of floating-point placeholders by name; shape_prop measures the ones not given here.
     input_rms: dict[str, float] = field(default_factory=dict)
+    #: placeholders that are parameters, by name -> the parameter (graphs captured by dynamo take
+    #: parameters as inputs instead of ``get_attr``); init and planning treat them like ``get_attr``.
+    param_inputs: dict[str, Any] = field(default_factory=dict)
+    #: names of values connected through code outside this graph (inputs that carry a gradient in from
+    #: earlier graphs, outputs read by later ones); topology joins them through one virtual node, so an
+    #: edge is called a cut edge only if it is one whatever the outside does.
+    boundary: set[str] = field(default_factory=set)
     #: the placeholders' real values (None when inputs are fake or on the meta device)
     real_values: Optional[list] = None
 

@@ -108,6 +108,8 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
     if losses:
         new -= np.mean([new[c] for c in losses])
+    for c in pots.boundary():  # values shared with other graphs keep the true gradient
+        new[c] = 0.0
     pots.log_phi = new
     pots.assign()
     # what the gradients will measure with the new potentials

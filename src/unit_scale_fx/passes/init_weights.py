@@ -10,6 +10,7 @@ re-sampled from N(0, 1), and the log says so.
 from __future__ import annotations
 
 import logging
+from typing import Collection
 
 import torch
 import torch.fx as fx
@@ -22,21 +23,34 @@ log = logging.getLogger(__name__)
 _PRIORITY = {"unit": 2, "one": 1, "zero": 0}
 
 
-def _source_param(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """Follow scale-preserving ops (``.t()``, views) back to a ``get_attr``."""
+def _is_param(node: fx.Node, params: Collection[str]) -> bool:
+    return node.op == "get_attr" or (node.op == "placeholder" and node.name in params)
+
+
+def param_key(node: fx.Node) -> str:
+    """How roles name a parameter: the qualified name of a ``get_attr``, the name of a placeholder."""
+    return str(node.target) if node.op == "get_attr" else node.name
+
+
+def _source_param(node: fx.Node, gm: fx.GraphModule, params: Collection[str] = ()) -> fx.Node | None:
+    """Follow scale-preserving ops (``.t()``, views) back to a ``get_attr`` or parameter placeholder."""
     seen = 0
-    while node.op != "get_attr" and seen < 8:
+    while not _is_param(node, params) and seen < 8:
         rule = lookup(node, gm)
         ins = [n for n in node.all_input_nodes]
         if rule is None or not rule.preserves_scale or len(ins) != 1:
             return None
         node = ins[0]
         seen += 1
-    return node if node.op == "get_attr" else None
+    return node if _is_param(node, params) else None
 
 
-def parameter_roles(gm: fx.GraphModule) -> dict[str, str]:
-    """``qualified parameter name -> role`` from the rules of the consuming ops."""
+def parameter_roles(gm: fx.GraphModule, params: Collection[str] = ()) -> dict[str, str]:
+    """``parameter -> role`` from the rules of the consuming ops.
+
+    Parameters are ``get_attr`` nodes (keyed by qualified name) and the
+    placeholders named in ``params`` (keyed by placeholder name).
+    """
     roles: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
@@ -45,9 +59,9 @@ def parameter_roles(gm: fx.GraphModule) -> dict[str, str]:
         if rule is None:
             continue
         for arg, role in rule.param_roles(node).items():
-            src = _source_param(arg, gm)
+            src = _source_param(arg, gm, params)
             if src is not None:
-                roles_set(roles, str(src.target), role)
+                roles_set(roles, param_key(src), role)
     return roles
 
 
@@ -56,33 +70,42 @@ def roles_set(roles: dict[str, str], name: str, role: str) -> None:
         roles[name] = role
 
 
+def init_parameter(t: torch.Tensor, role: str, name: str) -> bool:
+    """Initialise one parameter in place for its role; False if it was left alone (meta, integer)."""
+    if not t.is_floating_point() or t.device.type == "meta":
+        return False
+    with torch.no_grad():
+        if role == "unit":
+            rms = t.float().pow(2).mean().sqrt()
+            if not torch.isfinite(rms) or rms == 0:
+                t.normal_()
+                log.warning("init: weight %s was all zero; re-sampled from N(0, 1)", name)
+            else:
+                t.div_(rms.to(t.dtype))
+                log.debug("init: weight %s divided by its RMS %.4g", name, float(rms))
+        elif role == "zero":
+            t.zero_()
+            log.debug("init: bias %s set to zero", name)
+        elif role == "one":
+            t.fill_(1.0)
+            log.debug("init: gain %s set to one", name)
+        else:
+            return False
+    return True
+
+
 def init_weights(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.config.init_weights:
         return PassResult(False, "disabled")
-    roles = parameter_roles(gm)
+    roles = parameter_roles(gm, ctx.param_inputs)
     changed = 0
-    with torch.no_grad():
-        for name, role in roles.items():
+    for name, role in roles.items():
+        t = ctx.param_inputs.get(name)
+        if t is None:
             try:
                 t = gm.get_parameter(name)
             except AttributeError:
                 continue  # a buffer: not ours to initialise
-            if not t.is_floating_point() or t.device.type == "meta":
-                continue
-            if role == "unit":
-                rms = t.float().pow(2).mean().sqrt()
-                if not torch.isfinite(rms) or rms == 0:
-                    t.normal_()
-                    log.warning("init: weight %s was all zero; re-sampled from N(0, 1)", name)
-                else:
-                    t.div_(rms.to(t.dtype))
-                    log.debug("init: weight %s divided by its RMS %.4g", name, float(rms))
-            elif role == "zero":
-                t.zero_()
-                log.debug("init: bias %s set to zero", name)
-            elif role == "one":
-                t.fill_(1.0)
-                log.debug("init: gain %s set to one", name)
-            changed += 1
+        changed += init_parameter(t, role, name)
     ctx.param_roles = roles  # type: ignore[attr-defined]
     return PassResult(changed > 0, f"{changed} parameters initialised")

@@ -94,7 +94,8 @@ class _Planner:
                 node.meta[META_KEY] = ScaleRecord("unsupported", "unsupported", op_name, _shape(node),
                                                   fwd_rms=passthrough, note="no rule; left unscaled")
             return None
-        context: dict = {"params": {i for i in inputs if _source_param(i, self.gm) is not None}}
+        context: dict = {"params": {i for i in inputs
+                                   if _source_param(i, self.gm, self.ctx.param_inputs) is not None}}
         res = self.topo.residuals.get(node)
         if res is not None:
             context["residual"] = (res.skip, res.branch, res.tau)

@@ -2,7 +2,7 @@
 
 Runs the graph under a FakeTensorMode (meta-backed tensors). Where an op cannot
 run on fake tensors, the graph is run for real under ``no_grad`` instead.
-Also records the RMS of real floating-point example inputs.
+Also records the RMS of real floating-point example inputs (unless ``ctx.input_rms`` already has one).
 """
 
 from __future__ import annotations
@@ -54,6 +54,58 @@ class _RealProp(fx.Interpreter):
         return result
 
 
+_Key = tuple
+
+
+def _meta_key(x: Any) -> Any:
+    """A hashable description of an argument's metadata (raises TypeError when there is none)."""
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, tuple(x.stride()), x.storage_offset())
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__,) + tuple(_meta_key(v) for v in x)
+    if isinstance(x, dict):
+        return ("dict",) + tuple((k, _meta_key(v)) for k, v in x.items())
+    hash(x)
+    return x
+
+
+class _MetaProp(fx.Interpreter):
+    """Runs a graph whose tensors are all on the meta device, storing ``meta["val"]``.
+
+    On meta tensors an op's result depends only on its inputs' metadata and its
+    other arguments, so results are memoised by that key: the repeated blocks of
+    a deep model are computed once (a 48-layer GPT: ~40 ops computed, not ~2,000).
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.memo: dict[_Key, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        key = None
+        if n.op in ("call_function", "call_method"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            try:
+                key = (n.op, n.target, _meta_key(args), _meta_key(kwargs))
+            except TypeError:  # an unhashable argument: compute it
+                key = None
+            if key is not None and key in self.memo:
+                result = self.memo[key]
+                n.meta["val"] = result
+                return result
+        result = super().run_node(n)
+        if key is not None:
+            self.memo[key] = result
+        n.meta["val"] = result
+        return result
+
+
+def _all_meta(gm: fx.GraphModule, values: list[Any]) -> bool:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    tensors += list(gm.parameters()) + list(gm.buffers())
+    return bool(tensors) and all(t.device.type == "meta" for t in tensors)
+
+
 def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.example_args is None and ctx.example_kwargs is None:
         raise UnitScaleError(
@@ -67,7 +119,17 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.real_values = values
     for node, v in zip(gm.graph.find_nodes(op="placeholder"), values):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and v.numel():
-            ctx.input_rms[node.name] = float(v.detach().float().pow(2).mean().sqrt())
+            ctx.input_rms.setdefault(node.name, float(v.detach().float().pow(2).mean().sqrt()))
+    if _all_meta(gm, values):
+        # A model built on the meta device: meta tensors already carry no data, and running the
+        # graph on them directly is ~3x faster than fake-tensor propagation.
+        try:
+            prop = _MetaProp(gm)
+            with torch.no_grad():
+                prop.run(*values)
+            return PassResult(False, f"meta propagation ({len(prop.memo)} distinct ops)")
+        except Exception as exc:
+            log.info("meta shape propagation failed (%s: %s); trying fake tensors", type(exc).__name__, exc)
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 

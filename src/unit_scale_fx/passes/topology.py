@@ -68,6 +68,12 @@ def _flatten(xs) -> list:
     return out
 
 
+class _Outside:
+    """The virtual node standing for everything outside the graph."""
+
+    name = "<outside>"
+
+
 def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
     for n in region:
         rule = lookup(n, gm)
@@ -105,6 +111,13 @@ def _region(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, order: dict[fx.Node, 
 def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     g, multi = dataflow_graph(gm)
     und = g.to_undirected(as_view=True)
+    if ctx.boundary:
+        # Values linked through code outside this graph (other graphs of a model split by dynamo) are
+        # joined through one virtual node: contracting the unseen rest of the model to a point only
+        # adds cycles, so every bridge found here is a bridge of the whole model.
+        und = nx.Graph(und)
+        outside = _Outside()
+        und.add_edges_from((outside, n) for n in g if n.name in ctx.boundary)
     bridges: set[tuple[fx.Node, fx.Node]] = set()
     for u, v in nx.bridges(und):
         for a, b in ((u, v), (v, u)):

@@ -1,0 +1,399 @@
+"""A ``torch.compile`` backend that unit-scales every graph dynamo captures.
+
+::
+
+    compiled = torch.compile(model, backend="unit_scale")      # by name, no import needed
+    be = unit_scale_fx.backend(config=UnitScaleConfig(...), inner="inductor")
+    compiled = torch.compile(model, backend=be)                # be.graphs: what it rewrote
+
+Stages for each captured graph (the same passes as :func:`unit_scale_fx.unit_scale`):
+
+1. find the placeholders that are parameters (dynamo passes parameters as graph
+   inputs) and tell the passes (``PassContext.param_inputs``);
+2. ``normalize``; initialise the parameters not initialised before (see below);
+3. ``shape_prop -> topology -> plan -> rewrite -> recompile`` (``ANALYSE + TRANSFORM``);
+4. hand the rewritten graph to the inner compiler (``"inductor"``, ``"aot_eager"``,
+   ``"eager"`` or any dynamo backend callable).
+
+**Graph breaks.** A model dynamo splits into several graphs is planned graph by
+graph, consistently with the unbroken model:
+
+* inputs that carry a gradient in from outside, and non-scalar outputs, form
+  ``PassContext.boundary``: topology joins them through one virtual node when it
+  finds cut edges, and ``balance`` / ``calibrate_grads`` pin their gradient
+  potential to 1 (the true gradient crosses every break), so both sides of a
+  break agree without knowing each other's scales and every parameter still gets
+  a positive multiple of its true gradient. Scalar outputs are taken to be losses;
+* forward scales come from the RMS measured on dynamo's real example inputs (as
+  in ``unit_scale``); on fake or meta inputs, a tensor that crosses a break keeps
+  the RMS the planner predicted for it in the earlier graph (the backend
+  remembers the outputs of each graph's first run).
+
+**Weight initialisation contract.** Unit scaling wants unit-RMS weights, zero
+biases and unit norm gains. With ``UnitScaleConfig(init_weights=True)`` (the
+default) the backend re-initialises, *once per parameter*, every parameter that
+reaches a graph it compiled, before that graph runs with it, i.e. during the first
+forward call and so before the first optimizer step. It says so in the log
+(a WARNING with the count). A parameter is marked when initialised (by the backend
+or by :func:`unit_scale_fx.init_weights`) and is never initialised again, so
+recompiles (new shapes, other graphs) leave trained weights alone. To keep weights
+you loaded, either call :func:`unit_scale_fx.init_weights` *before* loading them,
+or compile with ``UnitScaleConfig(init_weights=False)``.
+
+Nothing in torch is patched. The only torch internal used is
+``torch._dynamo.lookup_backend`` (to find the inner compiler by name); see
+:func:`_lookup_inner`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .config import UnitScaleConfig
+from .errors import UnitScaleError
+from .passes import PassContext, PassResult, normalize
+from .passes.init_weights import init_parameter, parameter_roles
+from .pipeline import ANALYSE, TRANSFORM, run_passes
+from .record import META_KEY, ScaleRecord
+from .weights import INIT_MARK, is_initialised, mark_initialised
+
+log = logging.getLogger(__name__)
+
+CompilerFn = Callable[[fx.GraphModule, list], Callable[..., Any]]
+Inner = Union[str, CompilerFn]
+
+
+@dataclass
+class CapturedGraph:
+    """One graph the backend rewrote, kept for inspection.
+
+    Attributes:
+        index: order of capture (0 = first graph this backend compiled).
+        source: dynamo's graph, before any change.
+        gm: the rewritten GraphModule (what the inner compiler received).
+        params: placeholder name -> parameter shape, for the placeholders that are parameters.
+        boundary: names of the values joined to the outside (see the module docstring).
+        input_rms: RMS assumed for each floating-point input (predicted across a break, else measured).
+        inherited: inputs whose RMS was the earlier graph's prediction.
+        initialised: how many parameters this graph initialised.
+        timings: ``(pass, seconds)`` per pass.
+        unsupported: float ops with no rule.
+    """
+
+    index: int
+    source: fx.Graph
+    gm: fx.GraphModule
+    params: dict[str, tuple[int, ...]]
+    boundary: set[str]
+    input_rms: dict[str, float]
+    inherited: set[str]
+    initialised: int
+    timings: list[tuple[str, float]]
+    unsupported: list = field(default_factory=list)
+
+    def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
+        """``node name -> ScaleRecord`` of this graph (by default only nodes that are scaled)."""
+        out = {}
+        for n in self.gm.graph.nodes:
+            rec = n.meta.get(META_KEY)
+            if rec is not None and (all_nodes or rec.changes_anything or rec.rule == "unsupported"):
+                out[n.name] = rec
+        return out
+
+
+def _lookup_inner(inner: Inner) -> CompilerFn:
+    """The inner compiler: a callable as is, ``"eager"`` directly, other names through dynamo's registry.
+
+    ``torch._dynamo.lookup_backend`` is the one torch internal this module uses; it has
+    been stable since torch 2.0. If it moves, the error says so and how to get past it.
+    """
+    if callable(inner):
+        return inner
+    if inner == "eager":
+        return lambda gm, example_inputs: gm.forward
+    try:
+        from torch._dynamo import lookup_backend
+    except ImportError as exc:  # pragma: no cover - depends on the torch version
+        raise UnitScaleError(
+            f"torch {torch.__version__} has no torch._dynamo.lookup_backend to find the inner compiler {inner!r}",
+            where="unit_scale_fx.backend",
+            fix="pass the inner compiler as a callable, e.g. inner=torch._inductor.compile_fx.compile_fx",
+        ) from exc
+    try:
+        return lookup_backend(inner)
+    except Exception as exc:
+        raise UnitScaleError(
+            f"unknown inner compiler {inner!r}",
+            where="unit_scale_fx.backend(inner=...)",
+            fix=f"use one of torch._dynamo.list_backends() (e.g. 'inductor', 'aot_eager') or 'eager', "
+            f"or pass a callable ({type(exc).__name__}: {exc})",
+        ) from exc
+
+
+def _source_of(node: fx.Node) -> fx.Node:
+    """The planned node behind scale nodes the rewrite inserted."""
+    while node.meta.get("unit_scale_inserted") and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _output_nodes(gm: fx.GraphModule) -> list[Any]:
+    out = gm.graph.find_nodes(op="output")[0]
+    return list(torch.utils._pytree.tree_leaves(out.args[0]))
+
+
+class _Tracked:
+    """Tensors some graph produced, with the RMS the planner predicted for them (weak references)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref, float]] = {}
+
+    def add(self, t: Any, rms: Optional[float]) -> None:
+        if isinstance(t, torch.Tensor) and rms is not None:
+            self._by_id[id(t)] = (weakref.ref(t), rms)
+
+    def get(self, t: Any) -> Optional[float]:
+        hit = self._by_id.get(id(t))
+        if hit is None or hit[0]() is not t:
+            return None
+        return hit[1]
+
+    def prune(self) -> None:
+        self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
+
+
+class _Compiled:
+    """The callable dynamo runs: initialises unseen parameters, runs the inner code, remembers outputs."""
+
+    def __init__(self, fn: Callable, backend: "UnitScaleBackend", entry: CapturedGraph,
+                 param_pos: list[int], roles: dict[int, tuple[str, str]], out_rms: list[Optional[float]]) -> None:
+        self.fn = fn
+        self.backend = backend
+        self.entry = entry
+        self.param_pos = param_pos if backend.config.init_weights else []
+        self.roles = roles
+        self.out_rms = out_rms
+        self.first = True
+
+    def __call__(self, *args: Any) -> Any:
+        for i in self.param_pos:  # a graph dynamo reuses for another module of the same structure
+            p = args[i]
+            if not getattr(p, INIT_MARK, False):
+                role, name = self.roles[i]
+                self.backend._init_one(p, role, name)
+        out = self.fn(*args)  # dynamo calls what a backend returns with positional args
+        if self.first:
+            self.first = False
+            tracked = self.backend._tracked
+            tracked.prune()
+            for t, r in zip(torch.utils._pytree.tree_leaves(out), self.out_rms):
+                tracked.add(t, r)
+        return out
+
+
+class UnitScaleBackend:
+    """A dynamo backend that unit-scales each captured graph, then compiles it with ``inner``.
+
+    Keeps every graph it rewrote in :attr:`graphs` (a :class:`CapturedGraph` each).
+    See the module docstring for graph breaks and the weight-initialisation contract.
+    """
+
+    def __init__(self, config: Optional[UnitScaleConfig] = None, inner: Inner = "inductor",
+                 keep: bool = True, **overrides: Any) -> None:
+        cfg = config or UnitScaleConfig()
+        if overrides:
+            try:
+                cfg = replace(cfg, **overrides)
+            except TypeError as exc:
+                raise UnitScaleError(f"unknown option: {exc}", where="unit_scale_fx.backend(**overrides)",
+                                     fix="see UnitScaleConfig for the options") from exc
+        if cfg.inplace:
+            log.debug("UnitScaleConfig.inplace has no meaning for the backend (it always acts on the model)")
+        self.config = cfg
+        self.inner = inner
+        self._inner_fn: Optional[CompilerFn] = None if isinstance(inner, str) else inner
+        self.keep = keep
+        self.graphs: list[CapturedGraph] = []
+        self._count = 0
+        self._tracked = _Tracked()
+        self.initialised: int = 0
+
+    def __repr__(self) -> str:
+        return f"UnitScaleBackend(inner={self.inner!r}, graphs={len(self.graphs)})"
+
+    # -- the dynamo entry ---------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        t0 = time.perf_counter()
+        source = copy.deepcopy(gm.graph)
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        if len(placeholders) != len(example_inputs):
+            raise UnitScaleError(
+                f"dynamo passed {len(example_inputs)} example inputs for {len(placeholders)} placeholders",
+                where="unit_scale_fx.backend", fix="report this with the torch version")
+        params = {n.name: v for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
+        # The passes may run the graph forward and backward on the example inputs (measured
+        # planning, gradient calibration): give them detached aliases (same memory, no copy) so
+        # that run never adds to the parameters' .grad nor reaches into an earlier graph's autograd.
+        # Parameters go in without requires_grad, as calibrate_grads sees get_attr parameters in
+        # eager unit_scale (their gradients are not measured there), so both plan the same scales.
+        detached = tuple(v.detach().requires_grad_(v.requires_grad and not isinstance(v, nn.Parameter))
+                         if isinstance(v, torch.Tensor) else v for v in example_inputs)
+        ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params)
+        inherited = set()
+        for n, v in zip(placeholders, example_inputs):
+            if n.name in params or not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                continue
+            r = self._tracked.get(v)
+            if r is not None:
+                ctx.input_rms[n.name] = r
+                inherited.add(n.name)
+            if v.requires_grad:
+                ctx.boundary.add(n.name)
+        run_passes(gm, ctx, [("normalize", normalize), ("init_weights", self._init_pass)])
+        run_passes(gm, ctx, _analyse_with_boundary() + TRANSFORM)
+        roles = getattr(ctx, "param_roles", {})
+        entry = CapturedGraph(
+            index=self._count, source=source, gm=gm,
+            params={k: tuple(v.shape) for k, v in params.items()}, boundary=set(ctx.boundary),
+            input_rms=dict(ctx.input_rms), inherited=inherited, initialised=getattr(ctx, "n_initialised", 0),
+            timings=list(ctx.timings), unsupported=list(ctx.unsupported))
+        self._count += 1
+        if self.keep:
+            self.graphs.append(entry)
+        out_rms = [_predicted_rms(n, ctx) if isinstance(n, fx.Node) else None for n in _output_nodes(gm)]
+        pos_roles = {i: (roles[n.name], n.name) for i, n in enumerate(placeholders) if n.name in roles}
+        param_pos = [i for i in pos_roles if placeholders[i].name in params]
+        n_scaled = len(entry.scale_plan())
+        log.info("unit_scale backend: graph %d: %d nodes, %d parameters, %d scaled nodes, %d inputs from earlier "
+                 "graphs (%.0f ms)", entry.index, len(gm.graph.nodes), len(params), n_scaled, len(inherited),
+                 (time.perf_counter() - t0) * 1e3)
+        if self._inner_fn is None:
+            self._inner_fn = _lookup_inner(self.inner)
+        compiled = self._inner_fn(gm, list(example_inputs))
+        return _Compiled(compiled, self, entry, param_pos, pos_roles, out_rms)
+
+    # -- weights ------------------------------------------------------------
+    def _init_one(self, p: torch.Tensor, role: str, name: str) -> bool:
+        done = init_parameter(p, role, name)
+        mark_initialised(p)
+        self.initialised += done
+        return done
+
+    def _init_pass(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        roles = parameter_roles(gm, ctx.param_inputs)
+        ctx.param_roles = roles  # type: ignore[attr-defined]
+        if not self.config.init_weights:
+            return PassResult(False, "disabled")
+        n = 0
+        for name, role in roles.items():
+            p = ctx.param_inputs.get(name)
+            if p is not None and not is_initialised(p):
+                n += self._init_one(p, role, name)
+        ctx.n_initialised = n  # type: ignore[attr-defined]
+        if n:
+            log.warning("unit_scale backend: re-initialised %d parameters for unit scaling (unit-RMS weights, zero "
+                        "biases, unit gains) before their first use; compile with UnitScaleConfig(init_weights=False) "
+                        "or call unit_scale_fx.init_weights(model) before loading weights to keep yours", n)
+        return PassResult(n > 0, f"{n} parameters initialised")
+
+    # -- inspection ---------------------------------------------------------
+    def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
+        """Records of every kept graph, keyed ``"g<index>.<node>"``."""
+        return {f"g{g.index}.{k}": v for g in self.graphs for k, v in g.scale_plan(all_nodes).items()}
+
+    def summary(self) -> str:
+        lines = []
+        for g in self.graphs:
+            lines.append(f"graph {g.index}: {len(g.gm.graph.nodes)} nodes, {len(g.params)} parameter inputs, "
+                         f"{len(g.scale_plan())} scaled nodes, boundary={sorted(g.boundary)}, "
+                         f"inherited={sorted(g.inherited)}")
+        return "\n".join(lines) or "(no graph compiled yet)"
+
+    def clear(self) -> None:
+        """Forget the kept graphs (compiled code keeps working)."""
+        self.graphs.clear()
+
+
+def _boundary_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Non-scalar floating-point outputs join ``ctx.boundary`` (they may feed later graphs).
+
+    Runs right after ``shape_prop`` (it needs the output shapes) and before ``topology``.
+    """
+    added = 0
+    for n in _output_nodes(gm):
+        if isinstance(n, fx.Node) and n.name not in ctx.boundary:
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() > 0:
+                ctx.boundary.add(n.name)
+                added += 1
+    return PassResult(False, f"{added} boundary outputs")
+
+
+def _analyse_with_boundary() -> list:
+    """``ANALYSE`` with the boundary pass right after ``shape_prop``."""
+    out = []
+    for name, fn in ANALYSE:
+        out.append((name, fn))
+        if name == "shape_prop":
+            out.append(("boundary_outputs", _boundary_outputs))
+    return out
+
+
+def _predicted_rms(node: fx.Node, ctx: PassContext) -> Optional[float]:
+    src = _source_of(node)
+    if src.op == "placeholder":
+        return ctx.input_rms.get(src.name)
+    rec = src.meta.get(META_KEY)
+    return rec.fwd_rms if rec is not None else None
+
+
+def backend(config: Optional[UnitScaleConfig] = None, inner: Inner = "inductor", **overrides: Any) -> UnitScaleBackend:
+    """A new :class:`UnitScaleBackend`: ``torch.compile(model, backend=backend(config, inner="inductor"))``.
+
+    Raises:
+        UnitScaleError: ``inner`` names no known compiler.
+    """
+    be = UnitScaleBackend(config, inner, **overrides)
+    be._inner_fn = _lookup_inner(inner)
+    return be
+
+
+#: The backend ``torch.compile(model, backend="unit_scale")`` resolves to (through the
+#: ``torch_dynamo_backends`` entry point). One object, because dynamo's registry maps a
+#: name to one callable; its ``graphs`` grow with every graph compiled by name (``clear()``).
+default_backend = UnitScaleBackend()
+_VARIANTS: dict[str, UnitScaleBackend] = {}
+
+
+def named_backend(options: Optional[dict] = None) -> UnitScaleBackend:
+    """The backend object ``backend="unit_scale"`` uses for these ``torch.compile(options=...)``."""
+    if not options:
+        return default_backend
+    key = repr(sorted(options.items()))
+    if key not in _VARIANTS:
+        opts = dict(options)
+        inner = opts.pop("inner", "inductor")
+        _VARIANTS[key] = UnitScaleBackend(inner=inner, **opts)
+    return _VARIANTS[key]
+
+
+def unit_scale_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                       mode: Optional[str] = None) -> Callable[..., Any]:
+    """The named backend ``"unit_scale"``.
+
+    ``torch.compile(model, backend="unit_scale", options={"inner": "aot_eager", "attn_tau": 0.3})``:
+    ``inner`` picks the inner compiler, other keys are :class:`UnitScaleConfig` fields.
+    The backend objects are :data:`default_backend` (no options) and :func:`named_backend` (options).
+    """
+    if mode is not None:
+        log.info("unit_scale backend: torch.compile(mode=%r) is not forwarded to the inner compiler", mode)
+    return named_backend(options)(gm, example_inputs)
