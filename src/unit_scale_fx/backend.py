@@ -243,9 +243,9 @@ class UnitScaleBackend:
         # The passes may run the graph forward and backward on the example inputs (measured
         # planning, gradient calibration): give them detached aliases (same memory, no copy) so
         # that run never adds to the parameters' .grad nor reaches into an earlier graph's autograd.
-        # Parameters go in without requires_grad, as calibrate_grads sees get_attr parameters in
-        # eager unit_scale (their gradients are not measured there), so both plan the same scales.
-        detached = tuple(v.detach().requires_grad_(v.requires_grad and not isinstance(v, nn.Parameter))
+        # Parameters keep requires_grad, so calibrate_grads measures their gradients as it does
+        # for get_attr parameters in eager unit_scale, and both plan the same scales.
+        detached = tuple(v.detach().requires_grad_(v.requires_grad)
                          if isinstance(v, torch.Tensor) else v for v in example_inputs)
         ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params)
         inherited = set()

@@ -35,8 +35,17 @@ def results(tmp_path_factory):
 
 
 def _single(opt_name: str, lr_factor: float = 1.0) -> dict:
-    """One process, with rank 0's plan, trained on the combined batches."""
-    us = unit_scale(make_model(), local(batches()[0], 0))
+    """One process, with rank 0's plan, trained on the combined batches.
+
+    Planning measures on real data, so it runs with the worker's thread count
+    (reductions in another order would change the last bits of the scales).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        us = unit_scale(make_model(), local(batches()[0], 0))
+    finally:
+        torch.set_num_threads(threads)
     opt = make_opt(us.parameters(), opt_name, LR, lr_factor)
     first, losses = None, []
     for b in batches():

@@ -76,6 +76,12 @@ def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
     return total
 
 
+#: measured gradients this far below the typical one are rounding noise, not signal
+_NO_SIGNAL = 1e-4
+#: calibration moves a potential by at most this (log) factor from the analytic fit
+_MAX_STEP = math.log(2.0 ** 10)
+
+
 def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = getattr(ctx, "potentials", None)
     if pots is None or ctx.real_values is None or not ctx.config.measure:
@@ -88,22 +94,28 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         except RuntimeError as exc:
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
+        # read now: leaving preserved_state clears the parameters' .grad
+        grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
+                 for n, v in run.exposed.items() if v.grad is not None}
+        sizes = {n: v.numel() for n, v in run.exposed.items()}
     new = pots.log_phi.copy()
     old = pots.log_phi
-    updated = 0
-    grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
-             for n, v in run.exposed.items() if v.grad is not None}
+    true_rms: dict[int, float] = {}
     for cls, members in pots.members().items():
-        measured = [(n, run.exposed[n]) for n in members if n in run.exposed and run.exposed[n].grad is not None]
-        if not measured:
-            continue
-        node, value = max(measured, key=lambda nv: nv[1].numel())  # the fullest view of the class
-        g = float(value.grad.detach().float().pow(2).mean().sqrt())
-        if not (g > 0 and math.isfinite(g)):
-            continue
-        true_rms = g / math.exp(pots.log_phi[cls])
-        new[cls] = -math.log(true_rms)
-        updated += 1
+        measured = [n for n in members if n in grads]
+        if measured:
+            node = max(measured, key=sizes.__getitem__)  # the fullest view of the class
+            g = grads[node] / math.exp(old[cls])
+            if g > 0 and math.isfinite(g):
+                true_rms[cls] = g
+    updated = 0
+    if true_rms:
+        typical = float(np.median(list(true_rms.values())))
+        for cls, g in true_rms.items():
+            if g < _NO_SIGNAL * typical:
+                continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
+            new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
+            updated += 1
     # keep the loss as the reference: the forward value of the loss is never rescaled
     losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
     if losses:
