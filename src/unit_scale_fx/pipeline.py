@@ -3,7 +3,7 @@
     capture -> normalize -> init_weights              (at unit_scale time)
             -> shape_prop -> topology -> roles -> mup -> plan -> mup_readout
             -> balance -> calibrate_grads -> predict_grads
-            -> rewrite -> [simulate_format] -> recompile
+            -> rewrite -> fold_scales -> [simulate_format] -> recompile
                                                       (once example inputs are known)
 """
 
@@ -22,6 +22,7 @@ from .errors import UnitScaleError
 from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
 from .passes.balance import balance
 from .passes.calibrate_grads import calibrate_grads
+from .passes.fold_scales import fold_scales
 from .passes.plan import predict_grads
 from .passes.base import Pass
 from .passes.calibrate import calibrate
@@ -62,6 +63,7 @@ ANALYSE: list[tuple[str, Pass]] = [
 
 TRANSFORM: list[tuple[str, Pass]] = [
     ("rewrite", rewrite),
+    ("fold_scales", fold_scales),
     ("simulate_format", simulate_formats),  # only when config.simulate_format is set
     ("recompile", recompile),
 ]

@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
+from ..passes.fold_scales import FOLDED
 from ..passes.rewrite import INSERTED, ROLE  # the meta keys the rewrite puts on the scale nodes it inserts
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import is_float, lookup, node_op_name
@@ -365,6 +366,10 @@ def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted:
         if eff not in values:
             continue
         t, g = values[eff], grads.get(eff)
+        if not inserted and FOLDED in eff.meta:  # undo the consumer's input scale folded into eff
+            a2, b2 = eff.meta[FOLDED]
+            t = t / a2 if a2 != 1.0 else t
+            g = g * b2 if (g is not None and b2 != 1.0) else g
         rec: Optional[ScaleRecord] = node.meta.get(META_KEY)
         op = {"placeholder": "input", "get_attr": "parameter"}.get(node.op) or node_op_name(node, gm)
         row = NodeScale(
