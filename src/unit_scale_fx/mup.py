@@ -249,12 +249,28 @@ def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dic
 
 def branch_regions(topo) -> dict[fx.Node, set[fx.Node]]:
     """``residual add -> nodes of its branch`` (downstream of the skip, upstream of the branch output)."""
+    from .passes.topology import _region
+
     g: nx.DiGraph = topo.graph
+    order = {n: i for i, n in enumerate(nx.topological_sort(g))}
     out: dict[fx.Node, set[fx.Node]] = {}
     for add, r in topo.residuals.items():
         if r.skip in g and r.branch in g:
-            out[add] = (nx.descendants(g, r.skip) & nx.ancestors(g, r.branch)) | {r.branch}
+            out[add] = _region(g, r.skip, r.branch, order)
     return out
+
+
+def _reaches(g: nx.DiGraph, targets: set[fx.Node], downstream: bool) -> set[fx.Node]:
+    """Nodes with a node of ``targets`` strictly downstream (or upstream) of them: one linear sweep."""
+    nodes = list(nx.topological_sort(g))
+    if downstream:
+        nodes.reverse()
+    nxt = g.successors if downstream else g.predecessors
+    hit: set[fx.Node] = set()
+    for n in nodes:
+        if any(m in targets or m in hit for m in nxt(n)):
+            hit.add(n)
+    return hit
 
 
 def weighted_ops(gm: fx.GraphModule) -> set[fx.Node]:
@@ -309,6 +325,8 @@ def analyse_roles(gm: fx.GraphModule, topo) -> RoleAnalysis:
 
     readouts: dict[str, int] = {}
     result: dict[str, ParamRole] = {}
+    feeds_later = _reaches(g, residual_adds | weighted, downstream=True)
+    fed_by_weighted = _reaches(g, weighted, downstream=False)
     for p in attrs:
         name = str(p.target)
         t = params[name]
@@ -316,12 +334,11 @@ def analyse_roles(gm: fx.GraphModule, topo) -> RoleAnalysis:
         for c, opnd in consumers_of[p]:
             slot, fan_in, fan_out, act = _operand_slot(c, opnd, gm)
             if slot == "weight":
-                down = nx.descendants(g, c) if c in g else set()
-                if not (down & residual_adds) and not (down & weighted):
+                if c not in feeds_later:
                     role = "readout"
                     if fan_in is not None:
                         readouts[c.name] = fan_in
-                elif act is not None and act in g and not (nx.ancestors(g, act) & weighted):
+                elif act is not None and act in g and act not in fed_by_weighted:
                     role = "input"
                 else:
                     role = "hidden"
