@@ -1,10 +1,13 @@
 """The ordered list of passes, and the driver that runs them.
 
-    capture -> normalize -> init_weights              (at unit_scale time)
-            -> shape_prop -> topology -> roles -> mup -> plan -> mup_readout
-            -> balance -> calibrate_grads -> predict_grads
+    capture -> strip_asserts -> normalize -> init_weights               (at unit_scale time)
+            -> shape_prop -> constants -> fuse -> topology -> roles -> [mup] -> [calibrate]
+            -> plan -> [mup_readout] -> balance -> calibrate_grads -> predict_grads
             -> rewrite -> fold_scales -> [simulate_format] -> recompile
-                                                      (once example inputs are known)
+                                                    (once example inputs are known)
+
+Bracketed passes do nothing unless their option is set (u-muP, calibrate=True,
+simulate_format).
 """
 
 from __future__ import annotations
