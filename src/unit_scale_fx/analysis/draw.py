@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import node_op_name
+from ..rules.registry import has_float_value, node_op_name
 from .track import INSERTED, Measured, short_op
 
 #: log2 |RMS| thresholds and the edge colour up to each; beyond the last: red.
@@ -72,14 +72,7 @@ def _shape(node: fx.Node, measured: Mapping[str, Measured]) -> Optional[tuple[in
 def _is_float_node(node: fx.Node, measured: Mapping[str, Measured]) -> bool:
     if node.op in ("placeholder", "output"):
         return True
-    if node.name in measured:
-        return True
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.is_floating_point()
-    if isinstance(val, (tuple, list)):
-        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
-    return False
+    return node.name in measured or has_float_value(node)
 
 
 def _info(node: fx.Node, root: Optional[nn.Module], measured: Mapping[str, Measured]) -> _Info:

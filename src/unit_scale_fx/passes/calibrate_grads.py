@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs, is_float
+from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult, preserved_state

@@ -27,20 +27,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS
+from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS, has_float_value
 from .base import PassContext, PassResult, preserved_state
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
 
 
-def _float_val(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.is_floating_point()
-    if isinstance(val, (tuple, list)):
-        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
-    return False
 
 
 def _is_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -55,7 +48,7 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes reached from a parameter or float placeholder through floating-point values."""
     live: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if not _float_val(node):
+        if not has_float_value(node):
             continue
         if node.op == "placeholder" or (node.op == "get_attr" and _is_parameter(gm, node)):
             live.add(node)
@@ -127,7 +120,7 @@ def mark_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     live = live_nodes(gm)
     consts = {
         n for n in gm.graph.nodes
-        if n.op in ("call_function", "call_method", "call_module", "get_attr") and _float_val(n) and n not in live
+        if n.op in ("call_function", "call_method", "call_module", "get_attr") and has_float_value(n) and n not in live
     }
     for n in gm.graph.nodes:
         for key in (CONSTANT, CONSTANT_RMS, MASK_KEYS):

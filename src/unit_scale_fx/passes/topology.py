@@ -10,7 +10,6 @@ the forward one there only rescales those gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import networkx as nx
 import torch.fx as fx

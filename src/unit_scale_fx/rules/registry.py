@@ -241,16 +241,19 @@ def constant_value(x: Any) -> Optional[float]:
     return None
 
 
-def is_float(node: fx.Node) -> bool:
-    """A floating-point tensor (or tuple of them) that parameters or float inputs reach."""
-    if node.meta.get(CONSTANT):
-        return False
+def has_float_value(node: fx.Node) -> bool:
+    """The node's propagated value is a floating-point tensor (or a tuple holding one)."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return val.is_floating_point()
     if isinstance(val, (tuple, list)):
         return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
     return False
+
+
+def is_float(node: fx.Node) -> bool:
+    """A floating-point tensor (or tuple of them) that parameters or float inputs reach."""
+    return not node.meta.get(CONSTANT) and has_float_value(node)
 
 
 def many(targets: Iterable[Any]) -> list[Any]:
