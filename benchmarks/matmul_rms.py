@@ -52,6 +52,8 @@ def main(argv=None) -> int:
         rows = summarise("original", record_matmul_operands(model, *test_batch))
         rows += summarise("unit-scaled, analytic", record_matmul_operands(
             unit_scale(model, plan_batch, measure=False), *test_batch))
+        rows += summarise("unit-scaled, local cut-edge rule", record_matmul_operands(
+            unit_scale(model, plan_batch, constraint="gmean"), *test_batch))
         rows += summarise("unit-scaled (default)", record_matmul_operands(
             unit_scale(model, plan_batch), *test_batch))
         results.append((name, rows))
