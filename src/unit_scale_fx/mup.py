@@ -192,12 +192,7 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
         if shape is None:
             return "weight", None, None, None
         if operand is right:
-            if len(shape) == 1:
-                k, n = shape[0], 1
-            elif lay.right_nk:
-                n, k = shape[0], shape[-1]
-            else:
-                k, n = shape[-2], shape[-1]
+            k, n = lay.fan(shape)
             act = left
         else:  # the parameter is the left operand: [.., m, k] with the activation on the right
             k, n = shape[-1], shape[-2] if len(shape) > 1 else 1

@@ -257,18 +257,23 @@ class _Recorder(fx.Interpreter):
         return out
 
 
+def _loss_terms(out: Any, loss_fn: Optional[Callable[[Any], torch.Tensor]]):
+    """``(tensors, grad_outputs, scalar loss or None)`` to differentiate a model output."""
+    if loss_fn is not None:
+        loss = loss_fn(out)
+        return [loss], [None], loss
+    tensors, grads = _default_loss(out)
+    loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+    return tensors, grads, loss
+
+
 def _run_and_differentiate(
     gm: fx.GraphModule, inputs: tuple, loss_fn: Optional[Callable[[Any], torch.Tensor]], progress: Progress
 ) -> tuple[dict[fx.Node, torch.Tensor], dict[fx.Node, Optional[torch.Tensor]], Optional[float]]:
     rec = _Recorder(gm, progress)
     with torch.enable_grad():
         out = rec.run(*inputs)
-        if loss_fn is not None:
-            loss = loss_fn(out)
-            tensors, grads = [loss], [None]
-        else:
-            tensors, grads = _default_loss(out)
-            loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+        tensors, grads, loss = _loss_terms(out, loss_fn)
         track = {n: t for n, t in rec.values.items() if t.requires_grad}
         uniq: dict[int, torch.Tensor] = {}
         for t in track.values():
@@ -405,12 +410,7 @@ def _module_rows(model: nn.Module, inputs: tuple, loss_fn: Optional[Callable], p
     try:
         with torch.enable_grad():
             out = model(*inputs)
-            if loss_fn is not None:
-                loss = loss_fn(out)
-                tensors, grads = [loss], [None]
-            else:
-                tensors, grads = _default_loss(out)
-                loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+            tensors, grads, loss = _loss_terms(out, loss_fn)
             track = [(n, op, t) for n, op, t in outs if t.requires_grad]
             got = torch.autograd.grad(tensors, [t for _, _, t in track], grad_outputs=grads, allow_unused=True)
     finally:

@@ -27,6 +27,14 @@ class MatmulLayout:
     right_nk: bool  # right operand stored as [n, k] (linear weights)
     bias: Optional[int] = None  # argument position of an added bias
 
+    def fan(self, right_shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(k, n)``: contraction size and output features, from the right operand's shape."""
+        if len(right_shape) == 1:
+            return right_shape[0], 1
+        if self.right_nk:
+            return right_shape[-1], right_shape[0]
+        return right_shape[-2], right_shape[-1]
+
 
 _LINEAR = MatmulLayout(0, 1, True, 2)
 _MATMUL = MatmulLayout(0, 1, False)
@@ -61,12 +69,7 @@ class MatmulRule(Rule):
         ls, rs, os_ = op.shape(left), op.shape(right), op.out_shape
         if ls is None or rs is None or os_ is None:
             return Scales(note="shapes unknown; left unscaled")
-        if len(rs) == 1:
-            k, n = rs[0], 1
-        elif lay.right_nk:
-            n, k = rs[0], rs[-1]
-        else:
-            k, n = rs[-2], rs[-1]
+        k, n = lay.fan(rs)
         batch_r = _prod(rs[:-2]) if len(rs) > 2 else 1
         rows = max(1, _prod(ls[:-1]) // max(1, batch_r)) if len(ls) > 1 else 1
         rl, rr = op.rms(left), op.rms(right)
