@@ -180,9 +180,53 @@ def test_untraceable_model_with_example_inputs_is_captured_by_export():
     assert {r.rule for r in us.scale_plan().values()} >= {"matmul", "pointwise"}
 
 
-def test_uncapturable_model_names_both_attempts():
+class DataDependentResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 64)
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        h = self.inp(x)
+        if h.mean() > 0:  # data-dependent: a graph break for dynamo, a failure for fx and export
+            h = h + self.fc2(torch.relu(self.fc1(h)))
+        else:
+            h = h - self.fc2(torch.relu(self.fc1(h)))
+        return F.mse_loss(self.out(h), y)
+
+
+def test_data_dependent_model_is_unit_scaled_through_dynamo():
+    model = DataDependentResidual()
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    us = unit_scale(model, (x, y))
+    assert type(us._orig_mod if hasattr(us, "_orig_mod") else us) is DataDependentResidual
+    assert us.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert us.us_backend.graphs and us.us_backend.scale_plan()
+    loss = us(*mlp_batch(16, 4, 64, seed=3))
+    loss.backward()
+    # after the graph break (the graph holding the loss) gradients are unit-scaled; the break itself
+    # passes the true gradient back, so the first graph's weight gets a true-size gradient
+    for name in ("fc1.weight", "fc2.weight", "out.weight"):
+        assert 0.25 <= rms(us.get_parameter(name).grad) <= 4, name
+    assert torch.isfinite(us.get_parameter("inp.weight").grad).all()
+    recs = record_matmul_operands(us, x, y)
+    assert band_fractions(recs)["fwd"] >= 0.9
+    with pytest.raises(UnitScaleError, match="already unit-scaled"):
+        unit_scale(us, (x, y))
+
+
+def test_uncapturable_model_without_fallback_names_both_attempts():
     with pytest.raises(UnitScaleError, match="neither torch.fx nor torch.export"):
-        unit_scale(DataDependent(), (torch.ones(4, 8),))
+        unit_scale(DataDependent(), (torch.ones(4, 8),), dynamo_fallback=False)
+
+
+def test_uncapturable_model_without_inputs_names_the_way_out():
+    with pytest.raises(UnitScaleError, match="example_inputs"):
+        unit_scale(DataDependent())
 
 
 def test_node_filter_leaves_parts_alone():

@@ -215,7 +215,7 @@ def _check_input_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _check_model(model: Any) -> None:
-    if isinstance(model, UnitScaledModule):
+    if isinstance(model, UnitScaledModule) or hasattr(model, "us_backend"):
         raise UnitScaleError(
             "this model is already unit-scaled",
             where=type(model).__name__,
@@ -245,6 +245,36 @@ def _check_model(model: Any) -> None:
         )
 
 
+def _dynamo_fallback(work: nn.Module, model: nn.Module, args: tuple, kwargs: dict, cfg: UnitScaleConfig,
+                     cause: UnitScaleError) -> nn.Module:
+    """Unit-scale through dynamo when neither torch.fx nor torch.export can capture the model.
+
+    Dynamo splits the forward at whatever it cannot trace (data-dependent control flow)
+    and the ``unit_scale`` backend rewrites each piece; gradients crossing a graph break
+    stay true gradients. The model is compiled in place (``nn.Module.compile``), so it
+    keeps its class and its state_dict keys; the backend that planned it is ``us_backend``.
+    """
+    from .backend import UnitScaleBackend
+
+    log.warning("unit_scale: %s could not be captured as one graph (%s); unit-scaling it through dynamo "
+                "(torch.compile with the 'unit_scale' backend, inner compiler 'eager')",
+                type(model).__name__, cause.what.splitlines()[0])
+    backend = UnitScaleBackend(cfg, inner="eager")
+    try:
+        work.compile(backend=backend)
+        work.train(model.training)
+        work(*args, **kwargs)  # dynamo captures, the backend plans, on the example inputs
+    except Exception as exc:
+        raise UnitScaleError(
+            f"{cause.what}; dynamo could not capture it either: {type(exc).__name__}: {exc}",
+            where=cause.where, fix=cause.fix) from exc
+    work.zero_grad(set_to_none=True)
+    if not backend.graphs:
+        raise UnitScaleError(f"{cause.what}; dynamo captured no graph", where=cause.where, fix=cause.fix)
+    object.__setattr__(work, "us_backend", backend)
+    return work
+
+
 def unit_scale(
     model: nn.Module,
     example_inputs: Optional[Sequence[Any]] = None,
@@ -268,7 +298,11 @@ def unit_scale(
         mup: shorthand for ``parametrization="u-mup"`` (see :mod:`unit_scale_fx.mup`).
 
     Returns:
-        a :class:`UnitScaledModule` with the same state_dict keys as ``model``.
+        a :class:`UnitScaledModule` with the same state_dict keys as ``model``. When
+        neither torch.fx nor torch.export can capture the model (data-dependent
+        control flow) and example inputs are given, a copy of ``model`` compiled with
+        the ``unit_scale`` dynamo backend (inner compiler ``eager``) instead: same
+        class, same state_dict keys, its plan in ``.us_backend``.
 
     Raises:
         UnitScaleError: the model cannot be captured or has unsupported ops under
@@ -292,7 +326,12 @@ def unit_scale(
     args = tuple(example_inputs) if example_inputs is not None else None
     with gc_paused():
         work = model if cfg.inplace else copy.deepcopy(model)
-        gm = capture(work, args, example_kwargs, cfg.leaf_modules)
+        try:
+            gm = capture(work, args, example_kwargs, cfg.leaf_modules)
+        except UnitScaleError as exc:
+            if (args is None and not example_kwargs) or not cfg.dynamo_fallback:
+                raise
+            return _dynamo_fallback(work, model, args or (), example_kwargs or {}, cfg, exc)
     ctx = PassContext(config=cfg)
     run_passes(gm, ctx, PREPARE)
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)

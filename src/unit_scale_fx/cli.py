@@ -74,7 +74,7 @@ def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with contextlib.redirect_stderr(sys.stderr if debug else noise):
-            us = unit_scale(target.model, inputs)
+            us = unit_scale(target.model, inputs, dynamo_fallback=False)  # dump/report need one graph
     sys.stderr.write(noise.getvalue())
     for w in caught:  # ours, one line each (torch's own deprecation notices are not the user's business)
         if "unit_scale_fx" in str(w.filename).replace("\\", "/"):

@@ -45,6 +45,9 @@ class UnitScaleConfig:
             graph once on them: rules see measured input RMS, and ops whose scale
             depends on the data (attention, softmax, products of activations) are
             calibrated on it. With False, or on the meta device, planning is analytic.
+        dynamo_fallback: when neither torch.fx nor torch.export captures the model and
+            example inputs are given, unit-scale it through dynamo (see
+            :func:`unit_scale_fx.unit_scale`); False raises :class:`UnitScaleError` instead.
         init_weights: re-initialise parameters for unit scaling (unit-RMS
             weights, zero biases, unit norm gains).
         inplace: transform the given model's own parameters instead of a copy.
@@ -73,6 +76,7 @@ class UnitScaleConfig:
     node_filter: Optional[NodeFilter] = None
     unsupported: UnsupportedPolicy = "warn"
     measure: bool = True
+    dynamo_fallback: bool = True
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
