@@ -312,12 +312,7 @@ def unit_scale(
     cfg = config or UnitScaleConfig()
     if mup:
         overrides.setdefault("parametrization", "u-mup")
-    if overrides:
-        try:
-            cfg = replace(cfg, **overrides)
-        except TypeError as exc:
-            raise UnitScaleError(f"unknown option: {exc}", where="unit_scale(**overrides)",
-                                 fix="see UnitScaleConfig for the options") from exc
+    cfg = cfg.with_overrides("unit_scale(**overrides)", **overrides)
     fmt = getattr(model, "us_format", None)
     if fmt is not None:  # simulate_format(model): scale the plain graph, round after the scales
         model, cfg = model.without_format(), replace(cfg, simulate_format=fmt)

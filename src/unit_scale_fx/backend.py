@@ -51,7 +51,6 @@ import copy
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -209,13 +208,7 @@ class UnitScaleBackend:
 
     def __init__(self, config: Optional[UnitScaleConfig] = None, inner: Inner = "inductor",
                  keep: bool = True, **overrides: Any) -> None:
-        cfg = config or UnitScaleConfig()
-        if overrides:
-            try:
-                cfg = replace(cfg, **overrides)
-            except TypeError as exc:
-                raise UnitScaleError(f"unknown option: {exc}", where="unit_scale_fx.backend(**overrides)",
-                                     fix="see UnitScaleConfig for the options") from exc
+        cfg = (config or UnitScaleConfig()).with_overrides("unit_scale_fx.backend(**overrides)", **overrides)
         if cfg.inplace:
             log.debug("UnitScaleConfig.inplace has no meaning for the backend (it always acts on the model)")
         self.config = cfg

@@ -86,6 +86,20 @@ class UnitScaleConfig:
     parametrization: Parametrization = "unit"
     mup: MupConfig = field(default_factory=MupConfig)
 
+    def with_overrides(self, where: str, **overrides: object) -> "UnitScaleConfig":
+        """A copy with the given fields replaced; an unknown field is a :class:`UnitScaleError`."""
+        if not overrides:
+            return self
+        from dataclasses import replace
+
+        from .errors import UnitScaleError
+
+        try:
+            return replace(self, **overrides)
+        except TypeError as exc:
+            raise UnitScaleError(f"unknown option: {exc}", where=where,
+                                 fix="see UnitScaleConfig for the options") from exc
+
     def __post_init__(self) -> None:
         from .errors import UnitScaleError
 
