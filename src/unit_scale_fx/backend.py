@@ -51,6 +51,7 @@ import copy
 import logging
 import time
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
