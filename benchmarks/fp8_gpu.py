@@ -2,7 +2,7 @@
 
 One self-contained run (< 4 minutes on an H200) that writes a markdown report to ``--out``:
 
-1. linear-layer micro-benchmark: ``F.linear`` in bf16 vs :func:`unit_scale_fx.fp8_linear.fp8_linear`,
+1. linear-layer micro-benchmark: ``F.linear`` in bf16 vs :func:`unit_scale_fx.lowp.fp8_linear.fp8_linear`,
    forward + backward, a few square shapes: ms per call and speed-up;
 2. training: the character-level GPT of ``fp8_training.py`` (Python stdlib sources), unit-scaled,
    parameters and activations in bf16 (fp32 master weights), once with bf16 linears and once with
@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fp8_training import VOCAB, load_corpus  # noqa: E402  (same corpus as the CPU benchmark)
 
 from unit_scale_fx import unit_scale  # noqa: E402
-from unit_scale_fx.fp8_linear import fp8_linear, fp8_supported, use_fp8_linear  # noqa: E402
-from unit_scale_fx.models import GPT  # noqa: E402
-from unit_scale_fx.precision import MasterWeights, half_precision  # noqa: E402
+from unit_scale_fx.lowp.fp8_linear import fp8_linear, fp8_supported, use_fp8_linear  # noqa: E402
+from unit_scale_fx.examples import GPT  # noqa: E402
+from unit_scale_fx.lowp.precision import MasterWeights, half_precision  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:

@@ -22,7 +22,7 @@ and E5M2 in backward, counted on the training steps at which validation is measu
     python benchmarks/fp8_training.py --quick     # a few minutes on 2 cores
     python benchmarks/fp8_training.py             # the longer run; results in benchmarks/results/
 
-Half precision: :func:`unit_scale_fx.precision.half_precision` keeps losses, norms and
+Half precision: :func:`unit_scale_fx.lowp.precision.half_precision` keeps losses, norms and
 softmax in float32; the optimizer holds float32 master weights (update precision,
 not range). CPU training calls ``torch.set_flush_denormal(True)`` to avoid slow
 float32 denormals in Adam's state.
@@ -45,10 +45,10 @@ import torch
 import torch.nn as nn
 
 from unit_scale_fx import unit_scale
-from unit_scale_fx.formats import FormatCounter
-from unit_scale_fx.models import GPT
-from unit_scale_fx.passes.simulate_format import format_counts, simulate_format, track_formats
-from unit_scale_fx.precision import MasterWeights, half_precision
+from unit_scale_fx.lowp.formats import FormatCounter
+from unit_scale_fx.examples import GPT
+from unit_scale_fx.lowp.simulate import format_counts, simulate_format, track_formats
+from unit_scale_fx.lowp.precision import MasterWeights, half_precision
 
 #: The corpus: these files of the standard library, in this order (missing ones are skipped and listed).
 STDLIB_FILES = (

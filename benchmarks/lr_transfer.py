@@ -1,11 +1,11 @@
 """Learning-rate transfer across width and depth: standard parametrization vs u-μP.
 
-A character-level GPT (``unit_scale_fx.models.GPT``, data: ``benchmarks/data.py``)
+A character-level GPT (``unit_scale_fx.examples.GPT``, data: ``benchmarks/data.py``)
 is trained for 150 steps (60 with --quick) at several widths (and depths) over a
 learning-rate grid with factor-2 steps, in two parametrizations:
 
 * ``sp``: the model as written (GPT-2 init, std 0.02), one Adam learning rate;
-* ``u-mup``: ``unit_scale(model, mup=True)`` with ``unit_scale_fx.optim.Adam``
+* ``u-mup``: ``unit_scale(model, mup=True)`` with ``unit_scale_fx.training.optim.Adam``
   (per-role learning-rate multipliers derived from the graph).
 
 The script prints the table of final validation losses, the best learning rate
@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import VOCAB, char_data  # noqa: E402
 
-from unit_scale_fx import optim, unit_scale  # noqa: E402
-from unit_scale_fx.models import GPT  # noqa: E402
+from unit_scale_fx import unit_scale  # noqa: E402
+from unit_scale_fx.training import optim  # noqa: E402
+from unit_scale_fx.examples import GPT  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -20,7 +20,7 @@ import torch
 
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import record_matmul_operands
-from unit_scale_fx.models import GPT, gpt_batch
+from unit_scale_fx.examples import GPT, gpt_batch
 
 
 def summarise(label: str, records) -> list[str]:

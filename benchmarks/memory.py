@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from _common import table, write_result
 from unit_scale_fx import backend, unit_scale
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 
 
 def tensor_bytes(m: nn.Module) -> tuple[int, int, int, int]:

@@ -2,7 +2,7 @@
 
     python benchmarks/model_families.py [--families gpt2,llama,...] [--extra] [--out benchmarks/results/model_families.md]
 
-Each family is built tiny with random init (``unit_scale_fx.families``). Operands are
+Each family is built tiny with random init (``tests/fixtures/families.py``). Operands are
 recorded at the aten level (mm/bmm/addmm and attention kernels) by a dispatch mode
 that knows nothing of our plan, on a batch *other* than the one planning saw. Rows:
 the original model; unit-scaled with analytic planning only (``measure=False``); and
@@ -24,7 +24,8 @@ import torch
 
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import MatmulRecorder
-from unit_scale_fx.families import EXTRA_FAMILIES, FAMILIES
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from fixtures.families import EXTRA_FAMILIES, FAMILIES  # noqa: E402  (test-only model builders)
 
 
 def record(model, fam, args, kwargs):

@@ -23,7 +23,7 @@ import torch
 
 from _common import median, table, write_result
 from unit_scale_fx import backend, unit_scale
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 
 
 def make_models(name: str):

@@ -15,7 +15,7 @@ import torch
 from unit_scale_fx import track_scales, unit_scale
 from unit_scale_fx.analysis.draw import graph_dot, graph_text
 from unit_scale_fx.analysis.track import measure_nodes
-from unit_scale_fx.models import GPT, gpt_batch
+from unit_scale_fx.examples import GPT, gpt_batch
 
 SIZES = [(64, 2), (128, 4), (256, 8)]
 

@@ -20,7 +20,7 @@ import torch
 
 from _common import median, table, write_result
 from unit_scale_fx import unit_scale
-from unit_scale_fx.models import GPT
+from unit_scale_fx.examples import GPT
 
 SHAPES = [(2, 768), (4, 768), (8, 768), (12, 768), (24, 1024), (36, 1280), (48, 1600), (72, 1600), (96, 1600)]
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import band_fractions, gradient_cosines, rms, true_gradient_copy
 from unit_scale_fx import UnitScaleConfig, UnitScaledModule, UnitScaleError, unit_scale
 from unit_scale_fx.analysis.recorder import record_matmul_operands
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 from unit_scale_fx.scale import scale
 
 MODELS = {

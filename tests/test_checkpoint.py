@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unit_scale_fx import UnitScaledModule, UnitScaleError, unit_scale
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 
 
 class Extras(nn.Module):

@@ -14,6 +14,7 @@ import pydot
 import pytest
 
 from unit_scale_fx.cli import main
+from conftest import needs_dot
 
 GPT_SMALL = ["-s", "vocab=32", "-s", "d=16", "-s", "layers=1", "-s", "heads=2", "-s", "seq=8", "-s", "batch=2"]
 MLP_SMALL = ["-s", "d_in=8", "-s", "d=16", "-s", "layers=2", "-s", "batch=16"]
@@ -108,6 +109,7 @@ def test_dump_after_dot_file(tmp_path: Path) -> None:
     assert shapes.count("diamond") > 10 and len(g.get_edges()) > 40
 
 
+@needs_dot
 def test_dump_diff_svg_file(tmp_path: Path) -> None:
     out = tmp_path / "diff.svg"
     p = run_cli("dump", "mlp", *MLP_SMALL, "--stage", "diff", "--format", "svg", "-o", str(out))
@@ -148,7 +150,7 @@ def test_bad_targets_subprocess(factories: Path) -> None:
 
 # -- in process: the remaining combinations and error paths ----------------------
 @pytest.mark.parametrize("stage,fmt", [("before", "text"), ("before", "dot"), ("after", "text"),
-                                       ("after", "python"), ("after", "svg"), ("diff", "python"), ("diff", "dot")])
+                                       ("after", "python"), pytest.param("after", "svg", marks=needs_dot), ("diff", "python"), ("diff", "dot")])
 def test_dump_combinations(stage: str, fmt: str, factories: Path, capsys) -> None:
     assert main(["dump", f"{factories}:tiny", "--stage", stage, "--format", fmt]) == 0
     out = capsys.readouterr().out

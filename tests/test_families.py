@@ -17,7 +17,7 @@ import torch
 from helpers import band_fractions
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import MatmulRecorder
-from unit_scale_fx.families import FAMILIES
+from fixtures.families import FAMILIES
 
 
 def _records(model, fam, args, kwargs):

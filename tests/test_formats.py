@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unit_scale_fx import UnitScaleError
-from unit_scale_fx.formats import FORMATS, Quantise, get_format, round_to_format
+from unit_scale_fx.lowp.formats import FORMATS, Quantise, get_format, round_to_format
 
 NAMES = ["e4m3", "e5m2", "fp16", "bf16"]
 

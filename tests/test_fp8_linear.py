@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from unit_scale_fx import unit_scale
-from unit_scale_fx.fp8_linear import fp8_linear, fp8_supported, use_fp8_linear
-from unit_scale_fx.models import GPT, gpt_batch
+from unit_scale_fx.lowp.fp8_linear import fp8_linear, fp8_supported, use_fp8_linear
+from unit_scale_fx.examples import GPT, gpt_batch
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -55,7 +55,7 @@ def test_use_fp8_linear_swaps_linears_only():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not fp8_supported("cuda"), reason="needs a CUDA GPU with FP8")
 def test_unit_scaled_gpt_trains_in_real_fp8_cuda():
-    from unit_scale_fx.precision import MasterWeights, half_precision
+    from unit_scale_fx.lowp.precision import MasterWeights, half_precision
 
     torch.manual_seed(0)
     x, y = (t.cuda() for t in gpt_batch(64, 8, 64))

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from unit_scale_fx import MupConfig, UnitScaleConfig, UnitScaleError, unit_scale
 from unit_scale_fx.analysis.recorder import fraction_in_band, record_matmul_operands
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
-from unit_scale_fx.mup import depth_taus, roles_of
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.passes.mup import depth_taus
+from unit_scale_fx.passes.roles import roles_of
 from unit_scale_fx.record import META_KEY
 from unit_scale_fx.scale import scale
 
@@ -194,7 +195,7 @@ def test_rms_bands_at_init():
 
 
 def test_tiny_training_run_reduces_loss():
-    from unit_scale_fx import optim
+    from unit_scale_fx.training import optim
 
     torch.manual_seed(0)
     x, y = gpt_batch(VOCAB, 2, SEQ)

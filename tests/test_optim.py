@@ -1,4 +1,4 @@
-"""unit_scale_fx.optim: parameter groups whose multipliers follow the documented formulas."""
+"""unit_scale_fx.training.optim: parameter groups whose multipliers follow the documented formulas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from unit_scale_fx import UnitScaleError, optim, unit_scale
-from unit_scale_fx.models import GPT, gpt_batch
+from unit_scale_fx import UnitScaleError, unit_scale
+from unit_scale_fx.training import optim
+from unit_scale_fx.examples import GPT, gpt_batch
 
 VOCAB, D, LAYERS, SEQ = 64, 32, 3, 8
 

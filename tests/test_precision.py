@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from unit_scale_fx import UnitScaleError, unit_scale
-from unit_scale_fx.models import GPT, gpt_batch
-from unit_scale_fx.precision import MasterWeights, cast_like, half_precision, to_float32
+from unit_scale_fx.examples import GPT, gpt_batch
+from unit_scale_fx.lowp.precision import MasterWeights, cast_like, half_precision, to_float32
 from unit_scale_fx.rules.registry import lookup
 
 

@@ -13,8 +13,8 @@ import torch
 
 from helpers import gradient_cosines, true_gradient_copy
 from unit_scale_fx import unit_scale
-from unit_scale_fx.families import FAMILIES
-from unit_scale_fx.models import GPT, gpt_batch
+from fixtures.families import FAMILIES
+from unit_scale_fx.examples import GPT, gpt_batch
 from unit_scale_fx.passes import PassContext, shape_prop, topology
 from unit_scale_fx.passes.constants import mark_constants
 

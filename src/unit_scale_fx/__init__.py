@@ -3,12 +3,11 @@
 from .analysis.track import ScaleReport, track_scales
 from .api import UnitScaledModule, unit_scale
 from .backend import UnitScaleBackend, backend
-from .config import UnitScaleConfig
+from .config import MupConfig, UnitScaleConfig
 from .errors import UnitScaleError
-from .fp8_linear import use_fp8_linear
-from .mup import MupConfig
-from .passes.simulate_format import FormatSimulation, format_counts, simulate_format, track_formats
-from .precision import MasterWeights, half_precision
+from .lowp.fp8_linear import use_fp8_linear
+from .lowp.precision import MasterWeights, half_precision
+from .lowp.simulate import FormatSimulation, format_counts, simulate_format, track_formats
 from .record import ScaleRecord
 from .scale import scale
 from .weights import init_weights

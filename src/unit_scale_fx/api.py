@@ -16,7 +16,8 @@ from .capture import _mirror_state, capture
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
-from .pipeline import ANALYSE, PREPARE, TRANSFORM, gc_paused, run_passes
+from .passes.init_weights import parameter_roles
+from .pipeline import build_pipeline, gc_paused, run_passes
 from .record import META_KEY, ScaleRecord
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,9 @@ class UnitScaledModule(fx.GraphModule):
         if self.us_planned:
             self.graph = copy.deepcopy(self.us_source_graph)
         ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs)
-        from .passes.init_weights import parameter_roles
-
-        ctx.param_roles = parameter_roles(self)  # type: ignore[attr-defined]
+        ctx.give("param_roles", parameter_roles(self))
         _check_input_devices(self, args, kwargs)
-        run_passes(self, ctx, ANALYSE + TRANSFORM)
+        run_passes(self, ctx, build_pipeline(self.us_config, ("plan", "transform")))
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
         self.us_planned = True
@@ -72,7 +71,7 @@ class UnitScaledModule(fx.GraphModule):
                 warnings.warn(
                     "planning the scales lazily inside a distributed job: every rank plans on its own batch and "
                     "the ranks may get different scales; plan before wrapping (unit_scale(model, "
-                    "example_inputs=...)) and call unit_scale_fx.distributed.sync_plan(model)",
+                    "example_inputs=...)) and call unit_scale_fx.training.distributed.sync_plan(model)",
                     UserWarning, stacklevel=2)
             self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
@@ -295,7 +294,7 @@ def unit_scale(
         example_inputs: positional inputs of one forward call; plans the scales now.
         config: a :class:`UnitScaleConfig`; keyword ``overrides`` replace its fields.
         example_kwargs: keyword inputs of that call.
-        mup: shorthand for ``parametrization="u-mup"`` (see :mod:`unit_scale_fx.mup`).
+        mup: shorthand for ``parametrization="u-mup"`` (see :mod:`unit_scale_fx.passes.mup`).
 
     Returns:
         a :class:`UnitScaledModule` with the same state_dict keys as ``model``. When
@@ -328,7 +327,7 @@ def unit_scale(
                 raise
             return _dynamo_fallback(work, model, args or (), example_kwargs or {}, cfg, exc)
     ctx = PassContext(config=cfg)
-    run_passes(gm, ctx, PREPARE)
+    run_passes(gm, ctx, build_pipeline(cfg, ("prepare",)))
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
     _mirror_state(work, us)
     us.train(model.training)

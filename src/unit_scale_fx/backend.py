@@ -11,7 +11,7 @@ Stages for each captured graph (the same passes as :func:`unit_scale_fx.unit_sca
 1. find the placeholders that are parameters (dynamo passes parameters as graph
    inputs) and tell the passes (``PassContext.param_inputs``);
 2. ``normalize``; initialise the parameters not initialised before (see below);
-3. ``shape_prop -> topology -> plan -> rewrite -> recompile`` (``ANALYSE + TRANSFORM``);
+3. ``shape_prop -> topology -> plan -> rewrite -> recompile`` (``build_pipeline(..., boundary=True)``);
 4. hand the rewritten graph to the inner compiler (``"inductor"``, ``"aot_eager"``,
    ``"eager"`` or any dynamo backend callable).
 
@@ -60,9 +60,11 @@ import torch.nn as nn
 
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
-from .passes import PassContext, PassResult, normalize
+from .passes import PassContext, PassResult
+from .passes.base import Pass
+from .passes.boundary import output_leaves
 from .passes.init_weights import init_parameter, parameter_roles
-from .pipeline import ANALYSE, TRANSFORM, run_passes
+from .pipeline import build_pipeline, run_passes
 from .record import META_KEY, ScaleRecord
 from .weights import INIT_MARK, is_initialised, mark_initialised
 
@@ -144,11 +146,6 @@ def _source_of(node: fx.Node) -> fx.Node:
     while node.meta.get("unit_scale_inserted") and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
-
-
-def _output_nodes(gm: fx.GraphModule) -> list[Any]:
-    out = gm.graph.find_nodes(op="output")[0]
-    return list(torch.utils._pytree.tree_leaves(out.args[0]))
 
 
 class _Tracked:
@@ -252,18 +249,18 @@ class UnitScaleBackend:
                 inherited.add(n.name)
             if v.requires_grad:
                 ctx.boundary.add(n.name)
-        run_passes(gm, ctx, [("normalize", normalize), ("init_weights", self._init_pass)])
-        run_passes(gm, ctx, _analyse_with_boundary() + TRANSFORM)
-        roles = getattr(ctx, "param_roles", {})
+        init = Pass("init_weights", self._init_pass, produces=frozenset({"param_roles", "n_initialised"}))
+        run_passes(gm, ctx, build_pipeline(self.config, ("prepare", "plan", "transform"), boundary=True, init=init))
+        roles = ctx.param_roles
         entry = CapturedGraph(
             index=self._count, source=source, gm=gm,
             params={k: tuple(v.shape) for k, v in params.items()}, boundary=set(ctx.boundary),
-            input_rms=dict(ctx.input_rms), inherited=inherited, initialised=getattr(ctx, "n_initialised", 0),
+            input_rms=dict(ctx.input_rms), inherited=inherited, initialised=ctx.n_initialised,
             timings=list(ctx.timings), unsupported=list(ctx.unsupported))
         self._count += 1
         if self.keep:
             self.graphs.append(entry)
-        out_rms = [_predicted_rms(n, ctx) if isinstance(n, fx.Node) else None for n in _output_nodes(gm)]
+        out_rms = [_predicted_rms(n, ctx) if isinstance(n, fx.Node) else None for n in output_leaves(gm)]
         pos_roles = {i: (roles[n.name], n.name) for i, n in enumerate(placeholders) if n.name in roles}
         param_pos = [i for i in pos_roles if placeholders[i].name in params]
         n_scaled = len(entry.scale_plan())
@@ -284,7 +281,7 @@ class UnitScaleBackend:
 
     def _init_pass(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         roles = parameter_roles(gm, ctx.param_inputs)
-        ctx.param_roles = roles  # type: ignore[attr-defined]
+        ctx.param_roles = roles
         if not self.config.init_weights:
             return PassResult(False, "disabled")
         n = 0
@@ -292,7 +289,7 @@ class UnitScaleBackend:
             p = ctx.param_inputs.get(name)
             if p is not None and not is_initialised(p):
                 n += self._init_one(p, role, name)
-        ctx.n_initialised = n  # type: ignore[attr-defined]
+        ctx.n_initialised = n
         if n:
             log.warning("unit_scale backend: re-initialised %d parameters for unit scaling (unit-RMS weights, zero "
                         "biases, unit gains) before their first use; compile with UnitScaleConfig(init_weights=False) "
@@ -315,31 +312,6 @@ class UnitScaleBackend:
     def clear(self) -> None:
         """Forget the kept graphs (compiled code keeps working)."""
         self.graphs.clear()
-
-
-def _boundary_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Non-scalar floating-point outputs join ``ctx.boundary`` (they may feed later graphs).
-
-    Runs right after ``shape_prop`` (it needs the output shapes) and before ``topology``.
-    """
-    added = 0
-    for n in _output_nodes(gm):
-        if isinstance(n, fx.Node) and n.name not in ctx.boundary:
-            val = n.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() > 0:
-                ctx.boundary.add(n.name)
-                added += 1
-    return PassResult(False, f"{added} boundary outputs")
-
-
-def _analyse_with_boundary() -> list:
-    """``ANALYSE`` with the boundary pass right after ``shape_prop``."""
-    out = []
-    for name, fn in ANALYSE:
-        out.append((name, fn))
-        if name == "shape_prop":
-            out.append(("boundary_outputs", _boundary_outputs))
-    return out
 
 
 def _predicted_rms(node: fx.Node, ctx: PassContext) -> Optional[float]:

@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Optional
 
-from .mup import MupConfig
+from .errors import UnitScaleError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.fx
 
-    from .passes.simulate_format import FormatSimulation
+    from .lowp.formats import FormatSimulation
+
+@dataclass(frozen=True)
+class MupConfig:
+    """The u-μP hyperparameters (Blake et al. 2024, arXiv 2407.17465; all multipliers, 1.0 is the
+    u-μP default). The depth rule that uses them is :func:`unit_scale_fx.passes.mup.depth_taus`.
+
+    Attributes:
+        attn_softmax: attention logits are ``attn_softmax * q.k / d_head``.
+        ffn_act: pointwise nonlinearities see ``ffn_act * x``.
+        residual_mult: size of residual branches relative to the embedding
+            stream (see the module docstring for the exact rule).
+        residual_attn_ratio: size of attention branches relative to MLP ones.
+        loss_softmax: the loss sees ``loss_softmax * logits``.
+    """
+
+    attn_softmax: float = 1.0
+    ffn_act: float = 1.0
+    residual_mult: float = 1.0
+    residual_attn_ratio: float = 1.0
+    loss_softmax: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("attn_softmax", "ffn_act", "residual_mult", "residual_attn_ratio", "loss_softmax"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise UnitScaleError(
+                    f"MupConfig.{name}={v!r} must be a finite positive number",
+                    where="MupConfig",
+                    fix=f"pass {name}=1.0 (the u-μP default) or another positive multiplier",
+                )
+
+    def branch_weights(self) -> tuple[float, float]:
+        """``(a_attn, a_mlp)``: the branch weights of the depth rule."""
+        a_mlp = self.residual_mult * math.sqrt(2.0 / (1.0 + self.residual_attn_ratio ** 2))
+        return self.residual_attn_ratio * a_mlp, a_mlp
+
 
 #: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
 NodeFilter = Callable[[str, "torch.fx.Node"], bool]
@@ -57,14 +94,14 @@ class UnitScaleConfig:
             (:mod:`unit_scale_fx.passes.calibrate`); needs real example inputs.
         calibrate_rounds: trial runs for calibration (more rounds refine gradient
             gains that depend on the scales planned upstream).
-        simulate_format: a :class:`~unit_scale_fx.passes.simulate_format.FormatSimulation`;
+        simulate_format: a :class:`~unit_scale_fx.lowp.simulate.FormatSimulation`;
             after scaling, round the operands of matmul-class ops (and the gradients
             at their outputs) to low-precision formats. ``None``: no simulation.
         parametrization: ``"unit"`` (unit scaling) or ``"u-mup"`` (unit scaling
             plus μP: readout ``1 / fan_in``, attention logits ``1 / d_head``,
-            residual shares tied to depth; see :mod:`unit_scale_fx.mup`).
+            residual shares tied to depth; see :mod:`unit_scale_fx.passes.mup`).
             ``unit_scale(model, mup=True)`` is a shorthand for ``"u-mup"``.
-        mup: the u-μP hyperparameters (:class:`unit_scale_fx.mup.MupConfig`);
+        mup: the u-μP hyperparameters (:class:`unit_scale_fx.config.MupConfig`);
             read only under ``parametrization="u-mup"``. Under u-μP, the
             residual shares come from ``mup`` and ``attn_tau`` / ``mlp_tau``
             are not used.

@@ -1,122 +1,110 @@
-"""The ordered list of passes, and the driver that runs them.
+"""The passes in order, built from a config, and the driver that runs them.
 
-    capture -> strip_asserts -> normalize -> init_weights               (at unit_scale time)
-            -> shape_prop -> constants -> fuse -> topology -> roles -> [mup] -> [calibrate]
-            -> plan -> [mup_readout] -> balance -> calibrate_grads -> predict_grads
-            -> rewrite -> fold_scales -> [simulate_format] -> recompile
-                                                    (once example inputs are known)
+    capture -> strip_asserts -> normalize -> init_weights                  (stage "prepare")
+            -> shape_prop -> [boundary_outputs] -> constants -> fuse -> topology -> roles
+            -> [mup] -> [calibrate] -> plan -> [mup_readout] -> balance -> calibrate_grads
+            -> predict_grads                                               (stage "plan")
+            -> rewrite -> fold_scales -> [simulate_format] -> recompile    (stage "transform")
 
-Bracketed passes do nothing unless their option is set (u-muP, calibrate=True,
-simulate_format).
+Bracketed passes are in the list only when the config asks for them (u-muP, calibrate=True,
+simulate_format) or the caller does (``boundary=True``: the graph is one piece of a larger
+program, as in the torch.compile backend). :func:`build_pipeline` is the one way to get a pass
+list; :func:`~unit_scale_fx.passes.base.run_passes` checks that each pass finds the context
+fields it needs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import logging
-import time
-from typing import Iterator
+from typing import Literal, Optional, Sequence
 
 import torch.fx as fx
 
 from . import rules  # noqa: F401  (fills the registry)
-from .errors import UnitScaleError
-from .passes import PassContext, PassResult, init_weights, normalize, plan, rewrite, shape_prop, topology
+from .config import UnitScaleConfig
 from .passes.balance import balance
+from .passes.base import Pass, PassContext, PassResult, declare, gc_paused, run_passes
+from .passes.boundary import boundary_outputs
+from .passes.calibrate import make_calibrate
 from .passes.calibrate_grads import calibrate_grads
-from .passes.fold_scales import fold_scales
-from .passes.plan import predict_grads
-from .passes.base import Pass
-from .passes.calibrate import calibrate
 from .passes.constants import mark_constants
+from .passes.fold_scales import fold_scales
 from .passes.fuse import fuse
+from .passes.init_weights import init_weights
+from .passes.mup import mup, mup_readout
+from .passes.normalize import normalize
+from .passes.plan import plan, predict_grads
+from .passes.rewrite import rewrite
+from .passes.roles import roles
+from .passes.shape_prop import shape_prop
 from .passes.simulate_format import simulate_formats
-from .passes.mup import mup, mup_readout, roles
 from .passes.strip_asserts import strip_asserts
+from .passes.topology import topology
 
-log = logging.getLogger(__name__)
+__all__ = ["Stage", "build_pipeline", "gc_paused", "run_passes", "PassContext", "recompile"]
+
+Stage = Literal["prepare", "plan", "transform"]
 
 
+@declare("recompile")
 def recompile(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.recompile()
     return PassResult(True, "recompiled")
 
 
-PREPARE: list[tuple[str, Pass]] = [
-    ("strip_asserts", strip_asserts),
-    ("normalize", normalize),
-    ("init_weights", init_weights),
-]
-
-ANALYSE: list[tuple[str, Pass]] = [
-    ("shape_prop", shape_prop),
-    ("constants", mark_constants),
-    ("fuse", fuse),
-    ("topology", topology),
-    ("roles", roles),
-    ("mup", mup),  # u-mup only
-    ("calibrate", calibrate),  # calibrate=True only
-    ("plan", plan),
-    ("mup_readout", mup_readout),  # u-mup only: before balance, which derives backward scales from it
-    ("balance", balance),
-    ("calibrate_grads", calibrate_grads),
-    ("predict_grads", predict_grads),
-]
-
-TRANSFORM: list[tuple[str, Pass]] = [
-    ("rewrite", rewrite),
-    ("fold_scales", fold_scales),
-    ("simulate_format", simulate_formats),  # only when config.simulate_format is set
-    ("recompile", recompile),
-]
+def _prepare(cfg: UnitScaleConfig, init: Optional[Pass]) -> list[Pass]:
+    return [strip_asserts, normalize, init if init is not None else init_weights]
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for a transform, then restore it.
+def _plan(cfg: UnitScaleConfig, boundary: bool, after_calibrate: bool = False) -> list[Pass]:
+    """The planning passes; ``after_calibrate``: only those a calibration trial re-runs."""
+    mup_on = cfg.parametrization == "u-mup"
+    head: list[Pass] = [shape_prop]
+    if boundary:
+        head.append(boundary_outputs)
+    head += [mark_constants, fuse, topology, roles]
+    if mup_on:
+        head.append(mup)
+    if cfg.calibrate:
+        head.append(make_calibrate(_calibration_trial))
+    tail: list[Pass] = [plan]
+    if mup_on:
+        tail.append(mup_readout)  # before balance, which derives backward scales from it
+    tail += [balance, calibrate_grads, predict_grads]
+    return tail if after_calibrate else head + tail
 
-    Passes allocate many small objects (fx nodes, networkx dicts); on a 48-layer
-    model the collector's full sweeps over them cost about 40% of the transform.
-    Nothing cyclic is freed later than it would be by the next collection.
+
+def _transform(cfg: UnitScaleConfig) -> list[Pass]:
+    passes: list[Pass] = [rewrite, fold_scales]
+    if cfg.simulate_format is not None:
+        passes.append(simulate_formats)
+    return passes + [recompile]
+
+
+def _calibration_trial(cfg: UnitScaleConfig) -> list[Pass]:
+    """What one calibration trial runs on its copy: topology again, then everything after calibrate."""
+    return [topology] + _plan(cfg, boundary=False, after_calibrate=True) + _transform(cfg)
+
+
+def build_pipeline(config: UnitScaleConfig, stages: Sequence[Stage], *, boundary: bool = False,
+                   init: Optional[Pass] = None) -> list[Pass]:
+    """The passes of ``stages`` (in the order given) for ``config``.
+
+    Args:
+        config: decides the optional passes (u-muP, calibration, format simulation).
+        stages: any of ``"prepare"`` (at ``unit_scale`` time), ``"plan"`` and ``"transform"``
+            (once example inputs are known).
+        boundary: the graph is one piece of a larger program (its outputs may feed later graphs).
+        init: a replacement for the ``init_weights`` pass (the backend initialises each parameter
+            once across graphs).
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]]) -> fx.GraphModule:
-    """Run ``passes`` in order (collector paused); lint after each that changed the graph.
-
-    A failure names the pass and the ones that ran before it.
-    """
-    with gc_paused():
-        return _run_passes(gm, ctx, passes)
-
-
-def _run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]]) -> fx.GraphModule:
-    done: list[str] = []
-    for name, fn in passes:
-        t0 = time.perf_counter()
-        try:
-            result = fn(gm, ctx)
-            if result.modified:
-                gm.graph.lint()
-        except UnitScaleError:
-            raise
-        except Exception as exc:
-            raise UnitScaleError(
-                f"pass {name!r} failed: {type(exc).__name__}: {exc}",
-                where=f"pass {name} (after: {', '.join(done) or 'none'})",
-                fix="this is a bug or an unsupported construct; report it with the model, or exclude the part "
-                "with UnitScaleConfig(node_filter=...)",
-            ) from exc
-        dt = time.perf_counter() - t0
-        ctx.timings.append((name, dt))
-        log.debug("pass %s: %s (%.1f ms)", name, result.info, dt * 1e3)
-        done.append(name)
-    return gm
+    out: list[Pass] = []
+    for stage in stages:
+        if stage == "prepare":
+            out += _prepare(config, init)
+        elif stage == "plan":
+            out += _plan(config, boundary)
+        elif stage == "transform":
+            out += _transform(config)
+        else:
+            raise ValueError(f"unknown stage {stage!r}; use 'prepare', 'plan' or 'transform'")
+    return out

@@ -57,3 +57,7 @@ class ScaleRecord:
         d = asdict(self)
         d["shape"] = list(self.shape) if self.shape is not None else None
         return d
+
+
+#: Where the planned module keeps its parameter-role analysis (``gm.meta``).
+ROLES_META_KEY = "unit_scale_param_roles"

@@ -13,7 +13,8 @@ from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.draw import (FAR, PALETTE, dot_to_svg, graph_diff, graph_dot, graph_python, graph_text,
                                          rms_colour)
 from unit_scale_fx.analysis.track import measure_nodes
-from unit_scale_fx.models import ResidualMLP, mlp_batch
+from unit_scale_fx.examples import ResidualMLP, mlp_batch
+from conftest import needs_dot
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,7 @@ def test_diff_counts_what_the_rewrite_added(scaled) -> None:
     assert str(d).startswith(f"# {len(d.added)} nodes added")
 
 
+@needs_dot
 def test_svg_is_valid_xml(scaled) -> None:
     us, measured = scaled
     svg = dot_to_svg(graph_dot(us.graph, us, measured))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import record_matmul_operands
 from unit_scale_fx.analysis.track import ScaleReport, track_scales
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 
 
 def rms(t: torch.Tensor) -> float:

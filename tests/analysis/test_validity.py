@@ -4,7 +4,7 @@ import torch
 
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.validity import gradient_cosines, true_gradient_copy
-from unit_scale_fx.models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 from unit_scale_fx.scale import scale
 
 

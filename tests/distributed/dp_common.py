@@ -2,7 +2,7 @@
 
 import torch
 
-from unit_scale_fx.models import GPT, gpt_batch
+from unit_scale_fx.examples import GPT, gpt_batch
 
 WORLD = 2
 STEPS = 3

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unit_scale_fx import UnitScaleError, unit_scale
-from unit_scale_fx.distributed import (allreduce_hook, check_plan_consistent, plan_fingerprint,
+from unit_scale_fx.training.distributed import (allreduce_hook, check_plan_consistent, plan_fingerprint,
                                       set_fsdp_unit_scaled_reduction, sync_plan)
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from unit_scale_fx import unit_scale
-from unit_scale_fx.distributed import plan_fingerprint
+from unit_scale_fx.training.distributed import plan_fingerprint
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)

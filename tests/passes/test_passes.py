@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from unit_scale_fx.capture import capture
 from unit_scale_fx.config import UnitScaleConfig
-from unit_scale_fx.models import GPT, gpt_batch
+from unit_scale_fx.examples import GPT, gpt_batch
 from unit_scale_fx.passes import PassContext, init_weights, normalize, plan, rewrite, shape_prop, topology
 from unit_scale_fx.passes.balance import balance
 from unit_scale_fx.record import META_KEY

@@ -13,13 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unit_scale_fx import UnitScaleError, unit_scale
-from unit_scale_fx.formats import Quantise
-from unit_scale_fx.models import GPT, gpt_batch
-from unit_scale_fx.passes.simulate_format import (
+from unit_scale_fx.lowp.formats import Quantise
+from unit_scale_fx.examples import GPT, gpt_batch
+from unit_scale_fx.lowp.simulate import (
     FormatSimulatedModule, FormatSimulation, format_counts, format_sites, simulate_format, track_formats,
 )
 from unit_scale_fx.scale import scale
-from unit_scale_fx.simulated_attention import SimulatedAttention
+from unit_scale_fx.lowp.simulated_attention import SimulatedAttention
 
 torch.manual_seed(0)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,12 @@ class Potentials:
             rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3 for k, b in bwd.items())
 
 
+@declare('balance', needs=('topology', 'scales'), produces=('potentials',))
 def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.config.constraint != "potential":
         return PassResult(False, f"local constraint {ctx.config.constraint!r}: nothing to do")
     pots = Potentials(gm, ctx)
     n_rows = pots.fit_ideal()
     pots.assign()
-    ctx.potentials = pots  # type: ignore[attr-defined]
+    ctx.potentials = pots
     return PassResult(False, f"{len(pots.index)} potentials from {n_rows} edges")

@@ -27,15 +27,17 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from ..config import UnitScaleConfig
 from ..errors import UnitScaleError
 from ..record import META_KEY
 from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
-from .base import PassContext, PassResult, preserved_state
+
+from .base import Pass, PassContext, PassResult, preserved_state, run_passes
 from .rewrite import original
 from .shape_prop import placeholder_values
 
@@ -170,41 +172,47 @@ def _needs_calibration(node: fx.Node, scales: dict) -> bool:
     return s is not None and s.out_rms is None and rec.kind not in ("loss", "excluded")
 
 
-def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]) -> tuple[fx.GraphModule, dict]:
-    """A planned and rewritten copy of ``gm`` (sharing its parameters) with ``pins`` applied."""
-    from ..pipeline import ANALYSE, TRANSFORM, run_passes
-    from .topology import topology
+#: builds the passes a calibration trial runs (topology, planning after calibrate, rewrite) for a config
+TrialBuilder = Callable[[UnitScaleConfig], Sequence[Pass]]
 
+
+def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule],
+           build: TrialBuilder) -> tuple[fx.GraphModule, dict]:
+    """A planned and rewritten copy of ``gm`` (sharing its parameters) with ``pins`` applied."""
     trial = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     trial.meta.update(gm.meta)  # e.g. the parameter roles that later passes read
     for n in trial.graph.nodes:
         if n.name in pins:
             n.meta[RULE_OVERRIDE] = pins[n.name]
-    trial_cfg = replace(ctx.config, calibrate=False, unsupported="ignore")
-    if getattr(trial_cfg, "simulate_format", None) is not None:  # measure in full precision
-        trial_cfg = replace(trial_cfg, simulate_format=None)
+    # measure in full precision, without recursing into calibration
+    trial_cfg = replace(ctx.config, calibrate=False, unsupported="ignore", simulate_format=None)
     tctx = PassContext(config=trial_cfg,
                        example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
-                       input_rms=dict(ctx.input_rms), real_values=ctx.real_values)
-    tctx.param_roles = getattr(ctx, "param_roles", {})  # type: ignore[attr-defined]
+                       input_rms=dict(ctx.input_rms), real_values=ctx.real_values,
+                       param_roles=dict(ctx.param_roles))
     # the passes before this one (fuse, roles, u-muP graph edits) already shaped the copied graph;
     # the trial re-derives the topology of the copy and runs everything after calibrate
-    names = [name for name, _ in ANALYSE]
-    after = ANALYSE[names.index("calibrate") + 1:] if "calibrate" in names else []
-    run_passes(trial, tctx, [("topology", topology)] + after)
-    scales = dict(getattr(tctx, "scales", {}) or {})
-    run_passes(trial, tctx, TRANSFORM)
-    return trial, scales
+    run_passes(trial, tctx, build(trial_cfg))
+    return trial, dict(tctx.scales)
 
 
-def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+def make_calibrate(build: TrialBuilder) -> Pass:
+    """The ``calibrate`` pass; ``build`` gives the passes of one trial (the pipeline injects it)."""
+
+    def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return _calibrate(gm, ctx, build)
+
+    return Pass("calibrate", calibrate, needs=frozenset({"topology", "param_roles"}))
+
+
+def _calibrate(gm: fx.GraphModule, ctx: PassContext, build: TrialBuilder) -> PassResult:
     cfg = ctx.config
-    if not getattr(cfg, "calibrate", False):
+    if not cfg.calibrate:
         return PassResult(False, "off")
     pins: dict[str, CalibratedRule] = {}
     targets: set[str] = set()
-    for _ in range(max(1, int(getattr(cfg, "calibrate_rounds", 1)))):
-        trial, scales = _trial(gm, ctx, pins)
+    for _ in range(max(1, int(cfg.calibrate_rounds))):
+        trial, scales = _trial(gm, ctx, pins, build)
         targets |= {n.name for n in trial.graph.nodes if _needs_calibration(n, scales)}
         if not targets:
             break

@@ -25,7 +25,7 @@ from ..record import META_KEY, ScaleRecord
 from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from .balance import FIXED_KINDS
-from .base import PassContext, PassResult, preserved_state
+from .base import PassContext, PassResult, declare, preserved_state
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ _NO_SIGNAL = 1e-4
 _MAX_STEP = math.log(2.0 ** 10)
 
 
+@declare('calibrate_grads', needs=('potentials',), produces=('measured_grads',))
 def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    pots = getattr(ctx, "potentials", None)
+    pots = ctx.potentials
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
     with preserved_state(gm), torch.enable_grad():
@@ -125,7 +126,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots.log_phi = new
     pots.assign()
     # what the gradients will measure with the new potentials
-    ctx.measured_grads = {n: g * math.exp(new[pots.cls(n)] - old[pots.cls(n)])  # type: ignore[attr-defined]
+    ctx.measured_grads = {n: g * math.exp(new[pots.cls(n)] - old[pots.cls(n)])
                           for n, g in grads.items() if n in pots.g}
     for rec in pots.recs.values():
         if rec.kind not in FIXED_KINDS:

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS, has_float_value
-from .base import PassContext, PassResult, preserved_state
+from .base import PassContext, PassResult, declare, preserved_state
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+@declare('constants')
 def mark_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     live = live_nodes(gm)
     consts = {

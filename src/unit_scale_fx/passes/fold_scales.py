@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..scale import scale
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 from .rewrite import INSERTED, ROLE
 
 #: ``(a2, b2)``: the factors of the consumer's input scale folded into this node
@@ -24,6 +24,7 @@ def _is_scale(n: object) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target is scale and bool(n.meta.get(INSERTED))
 
 
+@declare('fold_scales')
 def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     folded = 0
     for node in list(gm.graph.nodes):

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from ..rules.fused import FUSED_RULE, FusedRegion
 from ..rules.registry import RULE_OVERRIDE, is_float, lookup
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def _op_name(n: fx.Node) -> str:
     return str(getattr(t, "__name__", None) or t)
 
 
+@declare('fuse')
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name, _ in list(gm.named_children()):
         if name.startswith(_PREFIX):

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.registry import lookup
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def init_parameter(t: torch.Tensor, role: str, name: str) -> bool:
     return True
 
 
+@declare('init_weights', produces=('param_roles',))
 def init_weights(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.config.init_weights:
         return PassResult(False, "disabled")
@@ -107,5 +108,5 @@ def init_weights(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             except AttributeError:
                 continue  # a buffer: not ours to initialise
         changed += init_parameter(t, role, name)
-    ctx.param_roles = roles  # type: ignore[attr-defined]
+    ctx.param_roles = roles
     return PassResult(changed > 0, f"{changed} parameters initialised")

@@ -1,12 +1,12 @@
 """Parameter roles and the u-μP parametrization, as three small passes.
 
-* ``roles`` (always, after topology): :func:`unit_scale_fx.mup.analyse_roles`;
+* ``roles`` (always, after topology): :func:`unit_scale_fx.passes.roles.analyse_roles`;
   the result is kept in ``gm.meta["unit_scale_param_roles"]`` for
-  :mod:`unit_scale_fx.optim`.
+  :mod:`unit_scale_fx.training.optim`.
 * ``mup`` (``parametrization="u-mup"`` only, after topology, before plan): edits
   the graph and the residual plan so that the planned scales follow u-μP:
 
-  - residual shares tied to depth (:func:`unit_scale_fx.mup.depth_taus`);
+  - residual shares tied to depth (:func:`depth_taus`);
   - attention logits scaled by ``attn_softmax / d_head``: the scale of each
     ``scaled_dot_product_attention`` (and the input of each softmax inside an
     attention branch) is multiplied by ``attn_softmax / sqrt(d_head)`` on top of
@@ -33,35 +33,35 @@ import networkx as nx
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..mup import ROLES_META_KEY, analyse_roles, branch_regions, depth_taus, residual_streams, weighted_ops
-from ..record import META_KEY
+from ..config import MupConfig
+from ..record import META_KEY, ROLES_META_KEY
 from ..rules.registry import OpView, aten, float_tensor_inputs, lookup
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
+from .roles import branch_regions, residual_streams, weighted_ops
 
 log = logging.getLogger(__name__)
+
+def depth_taus(kinds: list[str], mup: MupConfig) -> list[float]:
+    """Residual shares ``tau_i`` for a stream whose branches have these kinds, in order.
+
+    ``kinds[i]`` is ``"attn"`` or anything else (an MLP-like branch).
+    """
+    a_attn, a_mlp = mup.branch_weights()
+    total = len(kinds) / 2.0
+    taus = []
+    for kind in kinds:
+        w2 = (a_attn if kind == "attn" else a_mlp) ** 2
+        total += w2
+        taus.append(w2 / total)
+    return taus
+
+
 
 _SDPA = {F.scaled_dot_product_attention, aten("scaled_dot_product_attention")} - {None}
 
 
-def roles(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    try:
-        analysis = analyse_roles(gm, ctx.topology)
-    except Exception as exc:  # only the optimizer helpers need roles under plain unit scaling
-        if _is_mup(ctx):
-            raise
-        gm.meta.pop(ROLES_META_KEY, None)
-        log.warning("roles: parameter-role analysis failed (%s: %s); unit_scale_fx.optim will refuse this model",
-                    type(exc).__name__, exc)
-        return PassResult(False, "role analysis failed")
-    gm.meta[ROLES_META_KEY] = analysis
-    counts: dict[str, int] = {}
-    for r in analysis.params.values():
-        counts[r.role] = counts.get(r.role, 0) + 1
-    return PassResult(False, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-
-
 def _is_mup(ctx: PassContext) -> bool:
-    return getattr(ctx.config, "parametrization", "unit") == "u-mup"
+    return ctx.config.parametrization == "u-mup"
 
 
 def _insert_mul(gm: fx.GraphModule, topo, node: fx.Node, inp: fx.Node, factor: float) -> fx.Node:
@@ -99,6 +99,7 @@ def _logit_dim(softmax: fx.Node, gm: fx.GraphModule) -> int | None:
     return None
 
 
+@declare('mup', needs=('topology',))
 def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not _is_mup(ctx):
         return PassResult(False, "parametrization 'unit': nothing to do")
@@ -153,6 +154,7 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                       f"{n_act} activation multipliers")
 
 
+@declare('mup_readout', needs=('topology', 'scales'))
 def mup_readout(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not _is_mup(ctx):
         return PassResult(False, "parametrization 'unit': nothing to do")

@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def _out_of_place_overload(target: object) -> object | None:
     return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
+@declare('normalize')
 def normalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     changed = 0
     for node in list(gm.graph.nodes):

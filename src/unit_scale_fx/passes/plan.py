@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
-from .base import PassContext, PassResult, UnsupportedOp, module_path, preserved_state
+from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class _Planner:
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
-        self.roles = getattr(ctx, "param_roles", {}) or {}
+        self.roles = ctx.param_roles
         self.rms: dict[fx.Node, Optional[float]] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
@@ -185,6 +185,7 @@ class _MeasuringPlanner(fx.Interpreter):
         return value
 
 
+@declare('plan', needs=('topology', 'param_roles'), produces=('scales',))
 def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.topology is None:
         raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
@@ -204,7 +205,7 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             s = planner.scales_for(node)
             if s is not None:
                 planner.finalize(node, s)
-    ctx.scales = planner.scales  # type: ignore[attr-defined]
+    ctx.scales = planner.scales
     _apply_policy(ctx)
     n_rec = sum(1 for n in gm.graph.nodes if META_KEY in n.meta)
     how = "measured on the example batch" if real else "analytic"
@@ -228,13 +229,14 @@ def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> 
     rec.bwd = {n.name: b for n, b in bwd.items()}
 
 
+@declare('predict_grads', needs=('scales',))
 def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Predict the RMS of every gradient from the chosen scales (reverse sweep).
 
     Where ``calibrate_grads`` measured a gradient, the measurement is used.
     """
-    scales_of: dict[fx.Node, Scales] = getattr(ctx, "scales", {})
-    measured: dict[fx.Node, float] = getattr(ctx, "measured_grads", {}) or {}
+    scales_of: dict[fx.Node, Scales] = ctx.scales
+    measured: dict[fx.Node, float] = ctx.measured_grads
     grad: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
 from ..scale import scale
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def _inputs_by_original_name(node: fx.Node) -> dict[str, fx.Node]:
     return {original(n).name: n for n in node.all_input_nodes}
 
 
+@declare('rewrite', needs=('scales',))
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     count = 0
     # Last node first: an op's inputs are still (close to) the original nodes when it is rewritten.

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnitScaleError
-from .base import PassContext, PassResult, preserved_state
+from .base import PassContext, PassResult, declare, preserved_state
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def _all_meta(gm: fx.GraphModule, values: list[Any]) -> bool:
     return bool(tensors) and all(t.device.type == "meta" for t in tensors)
 
 
+@declare('shape_prop', produces=('real_values', 'input_rms'))
 def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.example_args is None and ctx.example_kwargs is None:
         raise UnitScaleError(

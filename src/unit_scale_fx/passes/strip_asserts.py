@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 #: side-effect-only checks with no output that are safe to drop.
 ASSERTS = tuple(
@@ -18,6 +18,7 @@ ASSERTS = tuple(
 )
 
 
+@declare('strip_asserts')
 def strip_asserts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     dropped = 0
     for node in list(gm.graph.nodes):

@@ -15,7 +15,7 @@ import networkx as nx
 import torch.fx as fx
 
 from ..rules.registry import float_tensor_inputs, is_float, lookup
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 
 @dataclass
@@ -107,6 +107,7 @@ def _region(g: nx.DiGraph, skip: fx.Node, branch: fx.Node, order: dict[fx.Node, 
     return region | {branch}
 
 
+@declare('topology', produces=('topology',))
 def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     g, multi = dataflow_graph(gm)
     und = g.to_undirected(as_view=True)

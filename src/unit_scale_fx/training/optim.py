@@ -1,7 +1,7 @@
 """Optimizer parameter groups for unit-scaled and u-μP models.
 
 The groups come from the role analysis of the planned graph
-(:func:`unit_scale_fx.mup.analyse_roles`): which op consumes each parameter and
+(:func:`unit_scale_fx.passes.roles.analyse_roles`): which op consumes each parameter and
 where that op sits, never parameter names.
 
 Learning-rate multipliers under ``parametrization="u-mup"`` (Adam, AdamW and SGD
@@ -31,8 +31,8 @@ from typing import Any, Iterable, Union
 import torch
 import torch.nn as nn
 
-from .errors import UnitScaleError
-from .mup import ROLES, ParamRole, roles_of
+from ..errors import UnitScaleError
+from ..passes.roles import ROLES, ParamRole, roles_of
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def param_groups(
     """
     if not (math.isfinite(lr) and lr >= 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise UnitScaleError(f"lr={lr!r}, weight_decay={weight_decay!r}: both must be finite and >= 0",
-                             where="unit_scale_fx.optim.param_groups", fix="pass finite non-negative numbers")
+                             where="unit_scale_fx.training.optim.param_groups", fix="pass finite non-negative numbers")
     analysis = roles_of(model)
     parametrization = getattr(getattr(model, "us_config", None), "parametrization", "unit")
     by_id: dict[int, tuple[str, nn.Parameter]] = {}
@@ -137,7 +137,7 @@ def _groups(params: _Params, lr: float, weight_decay: float, independent_weight_
         return params
     raise UnitScaleError(
         f"expected a unit-scaled model or a list of parameter groups, got {type(params).__name__}",
-        where="unit_scale_fx.optim",
+        where="unit_scale_fx.training.optim",
         fix="pass the model returned by unit_scale(...) (planned), or param_groups(model, lr)",
     )
 

@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UnitScaleError
+from ..errors import UnitScaleError
 from .formats import FORMATS
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def use_fp8_linear(model: fx.GraphModule) -> int:
     are unit, which is what makes scale factors of one right. Re-planning the model
     (``replan``) rebuilds the graph without the swap.
     """
-    from .api import UnitScaledModule
+    from ..api import UnitScaledModule
 
     if isinstance(model, UnitScaledModule) and not model.us_planned:
         raise UnitScaleError("the unit-scaled model has no plan yet", where="use_fp8_linear(model)",

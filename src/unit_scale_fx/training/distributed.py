@@ -49,8 +49,8 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import UnitScaleError
-from .scale import scale
+from ..errors import UnitScaleError
+from ..scale import scale
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
     inner = getattr(model, "module", model)  # DDP wraps ``.module``
     if not isinstance(inner, fx.GraphModule):
         raise UnitScaleError(f"expected a unit-scaled module, got {type(model).__name__}",
-                             where="unit_scale_fx.distributed", fix="pass the module unit_scale returned")
+                             where="unit_scale_fx.training.distributed", fix="pass the module unit_scale returned")
     return inner
 
 
@@ -114,7 +114,7 @@ def sync_plan(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup]
     and before training. Only rank ``src`` needs to have planned. Weights are not
     touched (DDP broadcasts them when it wraps the model).
     """
-    from .api import _portable_graph
+    from ..api import _portable_graph
 
     gm = _graph_module(model)
     rank = dist.get_rank(group)
@@ -145,6 +145,6 @@ def check_plan_consistent(model: nn.Module, group: Optional[dist.ProcessGroup] =
             f"ranks use different scales (plan fingerprints {prints})",
             where=f"rank {dist.get_rank(group)}",
             fix="plan once and share it: unit_scale(model, example_inputs=local_batch) then "
-            "unit_scale_fx.distributed.sync_plan(model) on every rank, before wrapping with DDP/FSDP",
+            "unit_scale_fx.training.distributed.sync_plan(model) on every rank, before wrapping with DDP/FSDP",
         )
     return mine

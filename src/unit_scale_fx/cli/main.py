@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import UnitScaleError
+from ..errors import UnitScaleError
 
 log = logging.getLogger("unit_scale_fx.cli")
 
@@ -67,7 +67,7 @@ def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
     import io
     import warnings
 
-    from .api import unit_scale
+    from ..api import unit_scale
 
     inputs = target.require_inputs(command)
     noise = io.StringIO()
@@ -119,8 +119,8 @@ def captured_original(model: Any, us: Any) -> Optional[fx.GraphModule]:
 
 # -- dump ---------------------------------------------------------------------
 def cmd_dump(args: argparse.Namespace) -> int:
-    from .analysis.draw import dot_to_svg, graph_diff, graph_dot, graph_python, graph_text
-    from .analysis.track import traced_graph, measure_nodes
+    from ..analysis.draw import dot_to_svg, graph_diff, graph_dot, graph_python, graph_text
+    from ..analysis.track import traced_graph, measure_nodes
 
     target = _load(args)
     inputs = target.require_inputs("dump")
@@ -165,7 +165,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 # -- report -------------------------------------------------------------------
 def compare_table(before: Any, after: Any) -> str:
     """Ops of the unit-scaled model beside the same nodes of the original: forward and gradient RMS."""
-    from .analysis.track import short_op
+    from ..analysis.track import short_op
 
     b = {r.name: r for r in before.rows}
     rows = [("node", "op", "mm", "fwd before", "fwd after", "grad before", "grad after", "pred fwd", "pred grad")]
@@ -185,12 +185,12 @@ def band_summary(before: Any, after: Any) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .analysis.track import track_scales
+    from ..analysis.track import track_scales
 
     target = _load(args)
     inputs = target.require_inputs("report")
     if args.png:  # fail before the work, not after it
-        from .analysis.plot import _matplotlib
+        from ..analysis.plot import _matplotlib
 
         _matplotlib()
     t0 = time.perf_counter()
@@ -220,7 +220,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         payload = {"target": args.target, "before": before.to_dict(), "after": after.to_dict()}
         _write(json.dumps(payload, indent=2, default=str), args.json)
     if args.png:
-        from .analysis.plot import plot_reports
+        from ..analysis.plot import plot_reports
 
         plot_reports(before, after, args.png, title=f"{args.target}: log2 RMS per op, before vs after unit scaling")
         print(f"wrote {args.png}", file=sys.stderr)
@@ -252,10 +252,10 @@ def _operand_table(before: list, after: list) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .analysis.progress import Progress
-    from .analysis.recorder import fraction_in_band, record_matmul_operands
-    from .analysis.track import track_scales
-    from .api import unit_scale
+    from ..analysis.progress import Progress
+    from ..analysis.recorder import fraction_in_band, record_matmul_operands
+    from ..analysis.track import track_scales
+    from ..api import unit_scale
     from .targets import gpt, parse_params
 
     params = {"vocab": 256, "d": args.width, "layers": args.layers, "heads": 4, "seq": 64, "batch": 8,

@@ -28,8 +28,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from .errors import UnitScaleError
-from .rules.registry import float_tensor_inputs, lookup
+from ..errors import UnitScaleError
+from ..rules.registry import float_tensor_inputs, lookup
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def half_precision(model: fx.GraphModule, dtype: torch.dtype = torch.float16,
     Returns:
         ``model``. Inputs that are floating-point must be given in ``dtype``.
     """
-    from .api import UnitScaledModule
+    from ..api import UnitScaledModule
 
     if dtype not in (torch.float16, torch.bfloat16):
         raise UnitScaleError(f"half_precision expects float16 or bfloat16, got {dtype}",

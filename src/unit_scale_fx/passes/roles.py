@@ -1,35 +1,10 @@
-"""u-μP (Blake et al. 2024, arXiv 2407.17465): hyperparameters and parameter roles.
+"""Parameter roles from the graph alone, and the ``roles`` pass that stores them.
 
-Two things live here:
-
-* :class:`MupConfig`, the u-μP hyperparameters (a frozen dataclass). Every one is
-  a multiplier whose default, 1.0, is the u-μP default; each has one meaning:
-
-  ========================  =====================================================
-  ``attn_softmax``          multiplies attention logits: ``softmax(a * q.k / d_head)``
-                            (u-μP's ``1 / d_head`` instead of ``1 / sqrt(d_head)``)
-  ``ffn_act``               multiplies the input of every pointwise nonlinearity:
-                            ``f(a * x)`` (GELU, SiLU, ...)
-  ``residual_mult``         weight of all residual branches relative to the input
-                            (embedding) stream
-  ``residual_attn_ratio``   weight of attention branches relative to the others
-  ``loss_softmax``          multiplies the logits given to the loss:
-                            ``cross_entropy(a * logits)``
-  ========================  =====================================================
-
-* :func:`analyse_roles`, which gives each parameter the role a human would give
-  it (hidden weight, input weight, embedding, readout, bias, norm gain) from the
-  graph alone: the rule kind of the op that consumes the parameter, which operand
-  it is, and where that op sits relative to the residual adds. No names are read.
-
-Residual weights tied to depth (the rule of the paper's appendix G, written for
-any stream of residual adds): a stream with ``n`` residual adds gives its input a
-weight ``n / 2`` (in variance), each attention branch ``a_attn^2`` and each other
-branch ``a_mlp^2``, with ``a_mlp = residual_mult * sqrt(2 / (1 + ratio^2))`` and
-``a_attn = ratio * a_mlp``. Branch ``i`` then gets the share
-``tau_i = w_i^2 / (n / 2 + sum_{j <= i} w_j^2)`` at its residual add
-(``sqrt(1 - tau) * skip + sqrt(tau) * branch``), so every branch contributes a
-``1 / sqrt(n)``-sized part of the final stream, whatever the depth.
+:func:`analyse_roles` gives each parameter the role a human would give it (hidden
+weight, input weight, embedding, readout, bias, norm gain) from the graph alone:
+the rule kind of the op that consumes the parameter, which operand it is, and where
+that op sits relative to the residual adds. No names are read. The u-μP passes
+(:mod:`.mup`) and the optimiser groups (:mod:`unit_scale_fx.training.optim`) read it.
 """
 
 from __future__ import annotations
@@ -43,7 +18,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .errors import UnitScaleError
+from ..errors import UnitScaleError
+from ..record import ROLES_META_KEY
+from .base import PassContext, PassResult, declare
+from .topology import _region
 
 log = logging.getLogger(__name__)
 
@@ -51,56 +29,6 @@ Role = Literal["hidden", "input", "embedding", "readout", "bias", "norm_gain", "
 
 #: Roles, in the order reports list them.
 ROLES: tuple[str, ...] = ("embedding", "input", "hidden", "readout", "bias", "norm_gain", "other")
-
-
-@dataclass(frozen=True)
-class MupConfig:
-    """The u-μP hyperparameters (all multipliers; 1.0 is the u-μP default).
-
-    Attributes:
-        attn_softmax: attention logits are ``attn_softmax * q.k / d_head``.
-        ffn_act: pointwise nonlinearities see ``ffn_act * x``.
-        residual_mult: size of residual branches relative to the embedding
-            stream (see the module docstring for the exact rule).
-        residual_attn_ratio: size of attention branches relative to MLP ones.
-        loss_softmax: the loss sees ``loss_softmax * logits``.
-    """
-
-    attn_softmax: float = 1.0
-    ffn_act: float = 1.0
-    residual_mult: float = 1.0
-    residual_attn_ratio: float = 1.0
-    loss_softmax: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("attn_softmax", "ffn_act", "residual_mult", "residual_attn_ratio", "loss_softmax"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise UnitScaleError(
-                    f"MupConfig.{name}={v!r} must be a finite positive number",
-                    where="MupConfig",
-                    fix=f"pass {name}=1.0 (the u-μP default) or another positive multiplier",
-                )
-
-    def branch_weights(self) -> tuple[float, float]:
-        """``(a_attn, a_mlp)``: the branch weights of the depth rule."""
-        a_mlp = self.residual_mult * math.sqrt(2.0 / (1.0 + self.residual_attn_ratio ** 2))
-        return self.residual_attn_ratio * a_mlp, a_mlp
-
-
-def depth_taus(kinds: list[str], mup: MupConfig) -> list[float]:
-    """Residual shares ``tau_i`` for a stream whose branches have these kinds, in order.
-
-    ``kinds[i]`` is ``"attn"`` or anything else (an MLP-like branch).
-    """
-    a_attn, a_mlp = mup.branch_weights()
-    total = len(kinds) / 2.0
-    taus = []
-    for kind in kinds:
-        w2 = (a_attn if kind == "attn" else a_mlp) ** 2
-        total += w2
-        taus.append(w2 / total)
-    return taus
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +75,7 @@ _PRIORITY = {"embedding": 6, "readout": 5, "hidden": 4, "input": 3, "norm_gain":
 
 def _users_through_preserve(node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     """``(consumer, operand)`` pairs: users of ``node``, looking through views and scales."""
-    from .rules.registry import float_tensor_inputs, lookup
+    from ..rules.registry import float_tensor_inputs, lookup
 
     out: list[tuple[fx.Node, fx.Node]] = []
     stack = [node]
@@ -171,8 +99,8 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
 
     slot is ``"weight"``, ``"bias"``, ``"embedding"``, ``"gain"``, ``"add"``, ``"mul"`` or ``"other"``.
     """
-    from .rules.matmul import LAYOUTS, MatmulRule
-    from .rules.registry import OpView, lookup, resolve_target
+    from ..rules.matmul import LAYOUTS, MatmulRule
+    from ..rules.registry import OpView, lookup, resolve_target
 
     rule = lookup(consumer, gm)
     if rule is None:
@@ -208,7 +136,7 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
 def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dict[fx.Node, int]]:
     """Group the residual adds into streams: each add's skip comes from the previous add,
     through views, dropout or a norm (post-norm blocks ``x = norm(x + f(x))`` form one stream)."""
-    from .rules.registry import lookup
+    from ..rules.registry import lookup
 
     prev: dict[fx.Node, Optional[fx.Node]] = {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -244,7 +172,6 @@ def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dic
 
 def branch_regions(topo) -> dict[fx.Node, set[fx.Node]]:
     """``residual add -> nodes of its branch`` (downstream of the skip, upstream of the branch output)."""
-    from .passes.topology import _region
 
     g: nx.DiGraph = topo.graph
     order = {n: i for i, n in enumerate(nx.topological_sort(g))}
@@ -369,11 +296,25 @@ def roles_of(model: torch.nn.Module) -> RoleAnalysis:
     if analysis is None:
         raise UnitScaleError(
             f"{type(model).__name__} has no parameter-role analysis",
-            where="unit_scale_fx.mup.roles_of",
+            where="unit_scale_fx.passes.roles.roles_of",
             fix="pass a model returned by unit_scale(...) and plan it first (example_inputs=... or one call)",
         )
     return analysis
 
 
-#: Where the planned module keeps its :class:`RoleAnalysis` (``gm.meta``).
-ROLES_META_KEY = "unit_scale_param_roles"
+@declare('roles', needs=('topology',))
+def roles(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    try:
+        analysis = analyse_roles(gm, ctx.topology)
+    except Exception as exc:  # only the optimizer helpers need roles under plain unit scaling
+        if ctx.config.parametrization == "u-mup":
+            raise
+        gm.meta.pop(ROLES_META_KEY, None)
+        log.warning("roles: parameter-role analysis failed (%s: %s); unit_scale_fx.training.optim will refuse this model",
+                    type(exc).__name__, exc)
+        return PassResult(False, "role analysis failed")
+    gm.meta[ROLES_META_KEY] = analysis
+    counts: dict[str, int] = {}
+    for r in analysis.params.values():
+        counts[r.role] = counts.get(r.role, 0) + 1
+    return PassResult(False, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))

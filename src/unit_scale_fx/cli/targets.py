@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .errors import UnitScaleError
-from .models import GPT, ResidualMLP, gpt_batch, mlp_batch
+from ..errors import UnitScaleError
+from ..examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 
 
 def gpt(vocab: int = 256, d: int = 64, layers: int = 2, heads: int = 4, seq: int = 64, batch: int = 4,

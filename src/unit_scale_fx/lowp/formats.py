@@ -14,7 +14,7 @@ which has none (a value overflows when it rounds above ``max``, i.e. from
 saturation flag gives NaN, so the E4M3 overflow is applied here explicitly
 rather than left to the cast.
 
-:class:`Quantise` is the module the :func:`~unit_scale_fx.passes.simulate_format.simulate_format`
+:class:`Quantise` is the module the :func:`~unit_scale_fx.lowp.simulate.simulate_format`
 pass inserts: it rounds its input to a forward format and the gradient passing back
 through it to a backward format, and can count the values that underflow to zero
 or overflow.
@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import UnitScaleError
+from ..errors import UnitScaleError
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def get_format(fmt: FormatLike) -> Optional[FormatSpec]:
             return FORMATS[key]
     raise UnitScaleError(
         f"unknown number format {fmt!r}",
-        where="unit_scale_fx.formats.get_format",
+        where="unit_scale_fx.lowp.formats.get_format",
         fix=f"use one of {sorted({s.name for s in FORMATS.values()})}, a matching torch dtype, or None (no rounding)",
     )
 
@@ -222,3 +222,35 @@ class Quantise(nn.Module):
 def quantise(x: Tensor, fwd: FormatLike = None, bwd: FormatLike = None, saturate: bool = True) -> Tensor:
     """Functional form of :class:`Quantise` (no statistics)."""
     return Quantise(fwd, bwd, saturate)(x)
+
+
+@dataclass(frozen=True)
+class FormatSimulation:
+    """What :func:`unit_scale_fx.lowp.simulate.simulate_format` rounds, and to which format.
+
+    Attributes:
+        fwd: format of matmul operands in forward (``"e4m3"``, ``"e5m2"``,
+            ``"fp16"``, ``"bf16"``, a torch dtype, or ``None`` for no rounding).
+        bwd: format of the gradients arriving at matmul outputs in backward.
+        saturate: clamp values beyond the format's largest finite value to it
+            (``True``), or let them overflow to ``inf`` (NaN in E4M3, which has no
+            infinity) as a cast without saturation does (``False``).
+        attention: also round the matmuls inside scaled-dot-product attention.
+        passthrough: round nothing; only count (with :func:`unit_scale_fx.lowp.simulate.track_formats`) what
+            rounding would flush to zero or saturate.
+    """
+
+    fwd: FormatLike = "e4m3"
+    bwd: FormatLike = "e5m2"
+    saturate: bool = True
+    attention: bool = True
+    passthrough: bool = False
+
+    def __post_init__(self) -> None:
+        get_format(self.fwd)  # raises UnitScaleError on unknown names
+        get_format(self.bwd)
+
+    def describe(self) -> str:
+        f, b = get_format(self.fwd), get_format(self.bwd)
+        return (f"fwd={f.name if f else 'fp32'} bwd={b.name if b else 'fp32'} saturate={self.saturate}"
+                + (" passthrough" if self.passthrough else ""))
