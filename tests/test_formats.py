@@ -109,3 +109,29 @@ def test_quantise_one_direction_and_passthrough_counts():
     out.backward(torch.full_like(x2, 1e-9))
     torch.testing.assert_close(x2.grad, torch.full_like(x2, 1e-9), rtol=0, atol=0)
     assert probe.stats.fwd.underflow == 1 and probe.stats.bwd.underflow == 4
+
+
+def test_counter_rms_is_the_rms_of_the_finite_values_seen():
+    x = torch.tensor([3.0, -4.0, 0.0, float("inf")])
+    q = Quantise("e4m3", None)
+    q.track()
+    q(x)
+    q(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    c = q.stats.fwd
+    assert c.finite == 7 and c.total == 8
+    assert math.isclose(c.rms, math.sqrt((9 + 16) / 7))
+
+
+def test_format_simulation_policy_validates_and_routes():
+    from unit_scale_fx.lowp.formats import FP8_POLICY, FormatSimulation
+
+    sim = FormatSimulation("e4m3", "e5m2", high_precision=FP8_POLICY)
+    assert sim.formats_for("matmul") == ("e4m3", "e5m2")
+    assert sim.formats_for("readout") == ("bf16", "bf16")
+    assert sim.formats_for("attention") == ("bf16", "bf16")
+    assert "readout" in sim.describe()
+    assert FormatSimulation(high_precision="readout").high_precision == ("readout",)
+    with pytest.raises(UnitScaleError, match="unknown op kind"):
+        FormatSimulation(high_precision=("embedding",))
+    with pytest.raises(UnitScaleError, match="unknown number format"):
+        FormatSimulation(high_format="fp7")

@@ -229,3 +229,32 @@ def test_fp8_simulated_unit_scaled_training_loss_goes_down():
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert last < math.log(96)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_policy_keeps_readout_and_attention_in_high_precision(scaled):
+    from unit_scale_fx.lowp.formats import FP8_POLICY
+
+    x, y = gpt_batch(64, 2, 32)
+    model = unit_scale(small_gpt(), (x, y)) if scaled else small_gpt()
+    sim = simulate_format(model, high_precision=FP8_POLICY)
+    lins = _linears(sim)
+    readout = lins[-1]  # the LM head: no matmul after it
+    for n in lins:
+        fmt = "bf16" if n is readout else "e4m3"
+        for operand in n.args[:2]:
+            site = _targets(sim, operand)
+            assert site.fwd.name == fmt and site.role == ("readout operand" if n is readout else "matmul operand")
+        grad_site = _targets(sim, next(iter(n.users)))
+        assert grad_site.bwd.name == ("bf16" if n is readout else "e5m2")
+    (attn,) = [m_ for m_ in sim.modules() if isinstance(m_, SimulatedAttention)]
+    assert {q.fwd.name for q in (attn.q, attn.k, attn.v, attn.p)} == {"bf16"}
+    assert attn.logits_grad.bwd.name == "bf16" and attn.out_grad.bwd.name == "bf16"
+    # the policy changes numerics only at the kept ops: the readout's bf16 operands differ from e4m3 ones
+    full = simulate_format(unit_scale(small_gpt(), (x, y)) if scaled else small_gpt())
+    assert not torch.equal(sim(x, y), full(x, y))
+    track_formats(sim)
+    sim(x, y).backward()
+    keys = set(format_counts(sim, by_role=True))
+    assert "fwd:bf16:readout operand" in keys and "bwd:bf16:readout grad" in keys and "fwd:bf16:p" in keys
+    assert "fwd:e4m3:matmul operand" in keys and not any(k.startswith("fwd:e4m3:p") for k in keys)

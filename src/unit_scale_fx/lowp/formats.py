@@ -128,20 +128,32 @@ class FormatCounter:
     nonzero: int = 0
     underflow: int = 0  # nonzero values that became zero
     overflow: int = 0  # finite values beyond max (saturated or overflowed)
+    sumsq: float = 0.0  # sum of squares of the finite values seen (before rounding)
+    finite: int = 0  # number of finite values seen
 
     def add(self, x: Tensor, y: Tensor, spec: FormatSpec) -> None:
         with torch.no_grad():
             nz = x != 0
+            fin = torch.isfinite(x)
             self.total += x.numel()
             self.nonzero += int(nz.sum())
             self.underflow += int((nz & (y == 0)).sum())
-            self.overflow += int((torch.isfinite(x) & (x.abs() > spec.max)).sum())
+            self.overflow += int((fin & (x.abs() > spec.max)).sum())
+            self.finite += int(fin.sum())
+            self.sumsq += float(torch.where(fin, x, torch.zeros_like(x)).double().square().sum())
 
     def merge(self, other: "FormatCounter") -> None:
         self.total += other.total
         self.nonzero += other.nonzero
         self.underflow += other.underflow
         self.overflow += other.overflow
+        self.sumsq += other.sumsq
+        self.finite += other.finite
+
+    @property
+    def rms(self) -> float:
+        """Root mean square of the finite values seen (before rounding); 0 if none."""
+        return math.sqrt(self.sumsq / self.finite) if self.finite else 0.0
 
     @property
     def underflow_fraction(self) -> float:
@@ -238,6 +250,14 @@ class FormatSimulation:
         attention: also round the matmuls inside scaled-dot-product attention.
         passthrough: round nothing; only count (with :func:`unit_scale_fx.lowp.simulate.track_formats`) what
             rounding would flush to zero or saturate.
+        high_precision: op kinds kept in ``high_format`` instead of ``fwd`` / ``bwd``
+            (a per-op-kind format policy): ``"attention"`` (the two matmuls inside
+            attention: ``Q Kᵀ`` and ``P V``) and ``"readout"`` (a matmul-class op with
+            no other matmul-class op downstream of it: the LM head, a classifier).
+            :data:`FP8_POLICY` keeps both, as FP8 recipes do; ``()`` rounds every
+            matmul-class op to ``fwd`` / ``bwd``.
+        high_format: the format of the ops in ``high_precision`` (both directions;
+            ``None``: no rounding).
     """
 
     fwd: FormatLike = "e4m3"
@@ -245,12 +265,44 @@ class FormatSimulation:
     saturate: bool = True
     attention: bool = True
     passthrough: bool = False
+    high_precision: tuple[str, ...] = ()
+    high_format: FormatLike = "bf16"
 
     def __post_init__(self) -> None:
         get_format(self.fwd)  # raises UnitScaleError on unknown names
         get_format(self.bwd)
+        get_format(self.high_format)
+        if isinstance(self.high_precision, str):
+            object.__setattr__(self, "high_precision", (self.high_precision,))
+        object.__setattr__(self, "high_precision", tuple(self.high_precision))
+        bad = [k for k in self.high_precision if k not in OP_KINDS]
+        if bad:
+            raise UnitScaleError(
+                f"unknown op kind(s) {bad} in high_precision",
+                where="FormatSimulation.high_precision",
+                fix=f"use a subset of {OP_KINDS}, e.g. FP8_POLICY = {FP8_POLICY}",
+            )
+
+    def formats_for(self, kind: str) -> tuple[FormatLike, FormatLike]:
+        """``(fwd, bwd)`` formats of an op of ``kind`` (``"matmul"``, ``"conv"``, ``"attention"``, ``"readout"``)."""
+        if kind in self.high_precision:
+            return self.high_format, self.high_format
+        return self.fwd, self.bwd
 
     def describe(self) -> str:
         f, b = get_format(self.fwd), get_format(self.bwd)
-        return (f"fwd={f.name if f else 'fp32'} bwd={b.name if b else 'fp32'} saturate={self.saturate}"
-                + (" passthrough" if self.passthrough else ""))
+        out = (f"fwd={f.name if f else 'fp32'} bwd={b.name if b else 'fp32'} saturate={self.saturate}"
+               + (" passthrough" if self.passthrough else ""))
+        if self.high_precision:
+            h = get_format(self.high_format)
+            out += f" {'+'.join(self.high_precision)}={h.name if h else 'fp32'}"
+        return out
+
+
+#: Op kinds a :class:`FormatSimulation` can keep in higher precision.
+OP_KINDS = ("attention", "readout")
+
+#: The recommended FP8 format policy: every matmul-class op in FP8 except the two matmuls inside
+#: attention and the readout (the last matmul before the loss), which stay in ``high_format`` (BF16).
+#: See docs/low-precision.md ("Which ops stay in higher precision") for why.
+FP8_POLICY = ("attention", "readout")

@@ -23,10 +23,10 @@ from ..passes.base import PassContext
 from ..passes.normalize import normalize
 from ..passes.shape_prop import shape_prop
 from ..passes.simulate_format import _ORIG_META, _SITE_META, SITES_ATTR, apply_format_simulation
-from .formats import FormatCounter, FormatLike, FormatSimulation, Quantise
+from .formats import FP8_POLICY, FormatCounter, FormatLike, FormatSimulation, Quantise
 
-__all__ = ["FormatSimulatedModule", "FormatSimulation", "simulate_format", "format_sites", "track_formats",
-           "format_counts"]
+__all__ = ["FormatSimulatedModule", "FormatSimulation", "FP8_POLICY", "simulate_format", "format_sites",
+           "track_formats", "format_counts"]
 
 
 class FormatSimulatedModule(fx.GraphModule):
@@ -66,6 +66,8 @@ def simulate_format(
     saturate: bool = True,
     attention: bool = True,
     passthrough: bool = False,
+    high_precision: Sequence[str] = (),
+    high_format: FormatLike = "bf16",
     example_inputs: Optional[Sequence[Any]] = None,
 ) -> nn.Module:
     """Simulate a low-precision format for the matmul-class ops of ``model``.
@@ -85,6 +87,9 @@ def simulate_format(
         saturate: see :class:`FormatSimulation`.
         attention: also round the matmuls inside scaled-dot-product attention.
         passthrough: measure only (see :class:`FormatSimulation`).
+        high_precision: op kinds kept in ``high_format``: ``"attention"``,
+            ``"readout"``; ``FP8_POLICY`` (both) is the recommended FP8 policy.
+        high_format: the format of those ops (default ``"bf16"``).
         example_inputs: for models that symbolic tracing cannot capture.
 
     Returns:
@@ -92,7 +97,7 @@ def simulate_format(
         :class:`FormatSimulatedModule` too: the result is the same as
         ``simulate_format(unit_scale(model), ...)``.
     """
-    sim = FormatSimulation(fwd, bwd, saturate, attention, passthrough)
+    sim = FormatSimulation(fwd, bwd, saturate, attention, passthrough, tuple(high_precision), high_format)
     if isinstance(model, UnitScaledModule):
         if getattr(model.us_config, "simulate_format", None) is not None:
             raise UnitScaleError(

@@ -20,6 +20,12 @@ matmuls consume.
 
 Embedding lookups are left alone: a row gather does no arithmetic and FP8 training
 recipes keep embedding tables in higher precision.
+
+Per-op-kind formats (``FormatSimulation.high_precision``): a matmul-class op with no
+other matmul-class op downstream of it is a *readout* (the LM head, a classifier);
+its quantisers carry the role ``"readout operand"`` / ``"readout grad"``. Readouts and
+attention's inner matmuls can be kept in ``high_format`` while the rest is rounded to
+``fwd`` / ``bwd``.
 """
 
 from __future__ import annotations
@@ -87,6 +93,18 @@ def matmul_class(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
+def readout_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The matmul-class (non-attention) nodes with no matmul-class node downstream of them."""
+    below: dict[fx.Node, bool] = {}  # node -> a matmul-class node lies downstream (node excluded)
+    out: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        below[node] = any(below.get(u, False) or matmul_class(u, gm) is not None for u in node.users)
+        klass = matmul_class(node, gm)
+        if klass in ("matmul", "conv") and not below[node]:
+            out.add(node)
+    return out
+
+
 def _operands(node: fx.Node, target: Any) -> list[fx.Node]:
     bias = _bias_arg(node, target)
     out: list[fx.Node] = []
@@ -128,6 +146,7 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             fix="apply simulate_format once; call it on the model without simulation to change the formats",
         )
     count = 0
+    readouts = readout_nodes(gm)
     for node in list(gm.graph.nodes):
         klass = matmul_class(node, gm)
         if klass is None:
@@ -135,7 +154,8 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
         if klass == "attention":
             if not sim.attention:
                 continue
-            name = _add_site(gm, node.name, SimulatedAttention(sim.fwd, sim.bwd, sim.saturate, sim.passthrough))
+            a_fwd, a_bwd = sim.formats_for("attention")
+            name = _add_site(gm, node.name, SimulatedAttention(a_fwd, a_bwd, sim.saturate, sim.passthrough))
             node.meta[_ORIG_META] = (node.op, node.target)
             node.op, node.target = "call_module", name
             node.meta[_SITE_META] = True
@@ -143,19 +163,22 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             log.debug("simulate_format: %s -> SimulatedAttention", node.name)
             continue
         target = resolve_target(node, gm)
+        if node in readouts:
+            klass = "readout"
+        fwd, bwd = sim.formats_for(klass)
         for i, inp in enumerate(_operands(node, target)):
             site = _add_site(gm, f"{node.name}_in{i}",
-                             Quantise(sim.fwd, None, sim.saturate, f"{klass} operand", sim.passthrough))
+                             Quantise(fwd, None, sim.saturate, f"{klass} operand", sim.passthrough))
             with gm.graph.inserting_before(node):
                 q = _new_call(gm, site, inp)
             node.replace_input_with(inp, q)
         site = _add_site(gm, f"{node.name}_grad",
-                         Quantise(None, sim.bwd, sim.saturate, f"{klass} grad", sim.passthrough))
+                         Quantise(None, bwd, sim.saturate, f"{klass} grad", sim.passthrough))
         with gm.graph.inserting_after(node):
             q = _new_call(gm, site, node)
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
         count += 1
-        log.debug("simulate_format: %s (%s) operands -> %s, grad -> %s", node.name, klass, sim.fwd, sim.bwd)
+        log.debug("simulate_format: %s (%s) operands -> %s, grad -> %s", node.name, klass, fwd, bwd)
     log.info("simulate_format: %d matmul-class ops simulated (%s)", count, sim.describe())
     return count
 
