@@ -135,6 +135,26 @@ def test_init_weights_roles():
     torch.testing.assert_close(gm.lin.weight / gm.lin.weight.norm(), m.lin.weight / m.lin.weight.norm())
 
 
+def test_init_weights_added_tables_are_unit_vectors_and_zero_tables_kept():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.pos = nn.Parameter(torch.randn(5, 16) * 0.02)  # a learned position table
+            self.shift = nn.Parameter(torch.full((16,), 0.3))  # a vector added: a bias, left alone
+            self.zero_table = nn.Parameter(torch.zeros(5, 16))  # zeroed on purpose: left alone
+
+        def forward(self, x):
+            return self.lin(x) + self.pos + self.shift + self.zero_table
+
+    m = M()
+    gm, ctx = _prepared(m, torch.randn(2, 5, 16))
+    init_weights(gm, ctx)
+    assert abs(float(gm.pos.detach().pow(2).mean().sqrt()) - 1.0) < 1e-5
+    torch.testing.assert_close(gm.pos / gm.pos.norm(), m.pos / m.pos.norm())  # direction kept
+    assert torch.all(gm.shift == 0.3) and torch.count_nonzero(gm.zero_table) == 0
+
+
 def _planned(model, *inputs, **cfg):
     gm, ctx = _prepared(model, *inputs, **cfg)
     init_weights(gm, ctx)

@@ -1,5 +1,9 @@
 """init_weights: unit-RMS weights, zero biases, unit norm gains.
 
+A parameter table (two or more dims) added to activations, such as a learned position
+embedding, is a weight too: unit RMS (a vector added is a bias and a table that is all
+zero was zeroed on purpose; both are left as they are).
+
 Roles come from the rules of the ops that consume each parameter (a weight of a
 matmul, the gain of a norm, ...), never from parameter names. Weights are
 divided by their RMS, which keeps the user's initialiser's shape (and zero
@@ -20,7 +24,7 @@ from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
-_PRIORITY = {"unit": 2, "one": 1, "zero": 0}
+_PRIORITY = {"unit": 2, "one": 1, "zero": 0, "added": -1}
 
 
 def _is_param(node: fx.Node, params: Collection[str]) -> bool:
@@ -74,6 +78,10 @@ def init_parameter(t: torch.Tensor, role: str, name: str) -> bool:
     """Initialise one parameter in place for its role; False if it was left alone (meta, integer)."""
     if not t.is_floating_point() or t.device.type == "meta":
         return False
+    if role == "added":  # a parameter added to activations: a table (positions) is a weight, a vector a bias
+        if t.dim() < 2 or not bool((t != 0).any()):
+            return False  # a vector, or a table the user set to zero on purpose: left as it is
+        role = "unit"
     with torch.no_grad():
         if role == "unit":
             rms = t.float().pow(2).mean().sqrt()

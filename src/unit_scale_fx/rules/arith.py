@@ -45,6 +45,10 @@ class AddRule(Rule):
     name = "add"
     kind = "add"
 
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        # a parameter matrix added to activations (a learned position table) is an embedding: unit RMS
+        return {a: "added" for a in node.args[:2] if isinstance(a, fx.Node)}
+
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) < 2:
             r = op.rms(op.inputs[0]) if op.inputs else None
