@@ -51,9 +51,9 @@ from unit_scale_fx.lowp.simulated_attention import SimulatedAttention  # noqa: E
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-#: log2 learning-rate grids per parametrization (Adam): SP around its usual 1e-3..1e-2, u-μP around 2^-2
-#: (lr_transfer.py's optimum at these widths), plain unit scaling around the README's 1e-1.
-GRIDS = {"sp": (-9, -8, -7, -6), "us": (-4, -3, -2, -1), "unit": (-5, -4, -3, -2)}
+#: log2 learning-rate grids per parametrization (Adam), factor 2 apart, centred on single-seed pilots of
+#: both tasks (SP: 2^-8 on both; u-μP: 2^-2 char, 2^-1 image); plain unit scaling around the README's 1e-1.
+GRIDS = {"sp": (-10, -9, -8, -7), "us": (-3, -2, -1, 0), "unit": (-5, -4, -3, -2)}
 
 
 def _strip(name: str) -> str:
@@ -361,10 +361,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--tasks", default="char,image")
     ap.add_argument("--recipes", default="sp-fp32,sp-fp8-dynamic,us-fp32,us-fp8")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps-char", type=int, default=600)
+    ap.add_argument("--steps-char", type=int, default=500)
     ap.add_argument("--steps-image", type=int, default=400)
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--evals", type=int, default=8, help="tracked points per run")
+    ap.add_argument("--evals", type=int, default=6, help="tracked points per run")
     ap.add_argument("--policy", default="fp8", choices=sorted(fp8_tasks.POLICIES))
     ap.add_argument("--grid", action="append", default=[],
                     help="override a grid: sp=-9,-8,-7,-6 (log2 learning rates); repeatable")
@@ -372,12 +372,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tens of steps, one seed, two learning rates: a smoke run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="STEM",
+                    help="merge the runs of these result stems (e.g. one per task) into --out and render")
     args = ap.parse_args(argv)
     stem = args.out or os.path.join(RESULTS, "fp8_gap_quick" if args.quick else "fp8_gap")
-    if args.report_only:
-        with open(stem + ".json") as f:
-            blob = json.load(f)
-        write(blob["runs"], blob["meta"], stem)
+    if args.report_only or args.combine:
+        runs, meta = [], None
+        for s in args.combine or [stem]:
+            with open(s + ".json") as f:
+                blob = json.load(f)
+            runs += blob["runs"]
+            if meta is None:
+                meta = blob["meta"]
+            else:
+                meta["tasks"].update(blob["meta"]["tasks"])
+                meta["command"] += " ; " + blob["meta"]["command"]
+                meta["wall_min"] += blob["meta"]["wall_min"]
+        write(runs, meta, stem)
         return
     grids = dict(GRIDS)
     for g in args.grid:

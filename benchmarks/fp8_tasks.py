@@ -6,7 +6,7 @@ Tasks (no downloads; both are rebuilt bit-identically from a seed):
   sources (``benchmarks/data.py``), next-character cross-entropy;
 * ``image``: a small ViT (patch linear, learned positions, non-causal pre-LN blocks, mean pool,
   classifier) on a generated 10-class image set: each class is a fixed random pattern of Gaussian
-  blobs and stripes; a sample is its class pattern shifted by up to ±2 pixels, with random contrast,
+  blobs and stripes; a sample is its class pattern shifted by up to ±1 pixel, with random contrast,
   a weaker pattern of another class on top and Gaussian noise. Classification cross-entropy.
 
 Recipes (what ``build`` makes of a task's plain model):
@@ -130,7 +130,7 @@ def make_images(n: int, seed: int, classes: int = 10, size: int = 16) -> tuple[t
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
     other = (y + torch.randint(1, classes, (n,), generator=g)) % classes
-    shifts = torch.randint(-2, 3, (n, 2), generator=g)
+    shifts = torch.randint(-1, 2, (n, 2), generator=g)
     contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, generator=g)
     imgs = torch.empty(n, size, size)
     for i in range(n):
