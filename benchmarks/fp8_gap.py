@@ -343,10 +343,10 @@ def plot(runs: list[dict], path: str) -> Optional[str]:
             keys = sorted(run["diag"][0]["weight_drift"])
             for i, k in enumerate(keys):
                 pts = [(d["step"], d["weight_drift"][k]) for d in run["diag"]]
-                ax.plot(*zip(*pts), ["-", "--", ":"][j % 3], color=f"C{i % 10}", lw=1,
+                ax.plot(*zip(*pts), {"us": "-", "sp": "--"}.get(r.split("-")[0], ":"), color=f"C{i % 10}", lw=1,
                         label=f"{k}" if r.startswith("us") else None)
         ax.set_yscale("log", base=2)
-        ax.set_title(f"{task}: weight RMS / initial RMS\n(solid: u-μP FP32, dashed/dotted: other FP32 recipes)")
+        ax.set_title(f"{task}: weight RMS / initial RMS\n(solid: u-μP FP32, dashed: standard FP32, dotted: plain unit scaling)")
         ax.set_xlabel("step")
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
