@@ -57,6 +57,7 @@ def test_plain_model_structure():
     attn = [m_ for m_ in sim.modules() if isinstance(m_, SimulatedAttention)]
     assert len(attn) == 1
     # embeddings are lookups: not rounded
+    assert sum(n.target is F.embedding for n in sim.graph.nodes) == 2  # token and position tables
     for n in sim.graph.nodes:
         if n.target is F.embedding:
             assert all(not isinstance(_targets(sim, a), Quantise) for a in n.all_input_nodes if a.op == "call_module")
