@@ -34,6 +34,7 @@ def test_text_has_one_line_per_float_node_with_scales(scaled) -> None:
     us, measured = scaled
     text = graph_text(us.graph, us, measured)
     lines = {line.split()[0]: line for line in text.splitlines()[2:]}
+    assert inserted(us)
     for n in inserted(us):
         assert n.name in lines and f"x{float(n.args[1]):.4g} / grad x{float(n.args[2]):.4g}" in lines[n.name]
     rec = us.scale_plan()["linear_1"]

@@ -94,7 +94,9 @@ def test_rewrite_inserts_scale_nodes_and_lints():
     # the gelu gets one combined output scale; each linear an output scale and input-side gradient scales
     gelu = next(n for n in gm.graph.nodes if n.target is F.gelu)
     assert [u.target for u in gelu.users] == [scale]
-    for lin in (n for n in gm.graph.nodes if n.target is F.linear):
+    linears = [n for n in gm.graph.nodes if n.target is F.linear]
+    assert len(linears) == 2
+    for lin in linears:
         assert [u.target for u in lin.users] == [scale]
         assert all(a.target is scale for a in lin.args[:2])
     with torch.no_grad():

@@ -67,6 +67,7 @@ def test_plain_model_structure():
 def test_unit_scaled_quantises_after_the_scales():
     x, y = gpt_batch(64, 2, 32)
     us = simulate_format(unit_scale(small_gpt(), (x, y)))
+    assert len(_linears(us)) == 5
     for n in _linears(us):
         for operand in n.args[:2]:
             assert isinstance(_targets(us, operand), Quantise)
