@@ -99,13 +99,20 @@ def pipeline_until(model, inputs: tuple, name: str, *, kwargs=None, boundary: bo
     return gm, ctx, passes[i]
 
 
-def run_pass(gm, ctx, p) -> "object":
-    """Run one pass through the checked driver and recompile; returns what the pass reported."""
-    from unit_scale_fx.passes.base import run_passes
+def run_pass(gm, ctx, p):
+    """Run one pass through the checked driver (needs checked, graph linted) and recompile.
+
+    Returns the :class:`PassResult` the pass reported.
+    """
+    from unit_scale_fx.passes.base import Pass, run_passes
 
     results = []
-    run_passes(gm, ctx, [type(p)(p.name, lambda g, c: results.append(p.fn(g, c)) or results[-1],
-                                p.needs, p.produces)])
+
+    def fn(g, c):
+        results.append(p.fn(g, c))
+        return results[-1]
+
+    run_passes(gm, ctx, [Pass(p.name, fn, p.needs, p.produces)])
     gm.recompile()
     return results[0]
 

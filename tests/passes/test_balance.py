@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import graph_code, pipeline_until, run_pass, true_gradient_copy
-from unit_scale_fx.passes.balance import FIXED_KINDS, solve_laplacian
+from unit_scale_fx.passes.balance import solve_laplacian
 from unit_scale_fx.record import META_KEY
 
 
