@@ -19,6 +19,7 @@ from .passes import PassContext
 from .passes.init_weights import parameter_roles
 from .pipeline import build_pipeline, gc_paused, run_passes
 from .record import META_KEY, ScaleRecord
+from .table import format_table
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,7 @@ class UnitScaledModule(fx.GraphModule):
                 "x".join(map(str, r.shape)) if r.shape else "-", fwd, bwd,
                 "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
             ))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(rows).splitlines()
         lines.append("(* = backward scales moved from the ideal to keep gradients valid; "
                      "rms: measured on the planning batch, or predicted when planning was analytic)")
         return "\n".join(lines)

@@ -32,6 +32,8 @@ from ..passes.fold_scales import FOLDED
 from ..passes.rewrite import INSERTED, ROLE  # the meta keys the rewrite puts on the scale nodes it inserts
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import is_float, lookup, node_op_name
+from ..tensor_stats import loss_outputs, rms
+from ..table import format_table
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -199,10 +201,7 @@ class ScaleReport:
         return rows
 
     def __str__(self) -> str:
-        rows = self._table()
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(self._table()).splitlines()
         title = f"{self.model}: {len(self.rows)} nodes" + (f", loss {self.loss:.4g}" if self.loss is not None else "")
         foot = "mm: in = matmul operand in forward, out = matmul output (its gradient is a backward operand)"
         if self.unit_scaled:
@@ -219,26 +218,8 @@ class ScaleReport:
 # ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
-def _rms(t: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
-
-
 def _float_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
-
-
-def _default_loss(out: Any) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
-    """Scalar outputs are differentiated as they are; other float outputs get a unit-RMS
-    random gradient (seeded), which is what unit scaling assumes arrives at the output."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if _float_tensor(t) and t.requires_grad]
-    if not leaves:
-        raise UnitScaleError("the model's output has no floating-point tensor that requires grad",
-                             where="track_scales", fix="pass loss_fn=... mapping the output to a scalar loss")
-    g = torch.Generator().manual_seed(0)
-    grads = [None if t.dim() == 0 else torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-             for t in leaves]
-    return leaves, grads
 
 
 class _Recorder(fx.Interpreter):
@@ -262,8 +243,8 @@ def _loss_terms(out: Any, loss_fn: Optional[Callable[[Any], torch.Tensor]]):
     if loss_fn is not None:
         loss = loss_fn(out)
         return [loss], [None], loss
-    tensors, grads = _default_loss(out)
-    loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+    tensors, grads = loss_outputs(out, where="track_scales")  # scalar outputs, else unit random gradients
+    loss = None if grads[0] is not None else tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum()
     return tensors, grads, loss
 
 
@@ -299,7 +280,7 @@ def measure_nodes(
 ) -> dict[str, Measured]:
     """``node name -> Measured`` for every float tensor node, each measured at its own output."""
     values, grads, _ = _run_and_differentiate(gm, tuple(inputs), loss_fn, Progress(1, enabled=False))
-    return {n.name: Measured(tuple(t.shape), _rms(t), None if grads.get(n) is None else _rms(grads[n]))
+    return {n.name: Measured(tuple(t.shape), rms(t), None if grads.get(n) is None else rms(grads[n]))
             for n, t in values.items()}
 
 
@@ -378,8 +359,8 @@ def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted:
         rec: Optional[ScaleRecord] = node.meta.get(META_KEY)
         op = {"placeholder": "input", "get_attr": "parameter"}.get(node.op) or node_op_name(node, gm)
         row = NodeScale(
-            name=node.name, op="scale" if inserted else op, shape=tuple(t.shape), fwd_rms=_rms(t),
-            grad_rms=None if g is None else _rms(g), inserted=inserted, measured_at=eff.name,
+            name=node.name, op="scale" if inserted else op, shape=tuple(t.shape), fwd_rms=rms(t),
+            grad_rms=None if g is None else rms(g), inserted=inserted, measured_at=eff.name,
             matmul="" if inserted else _matmul_role(node, gm, eff, floats),
         )
         rule = lookup(node, gm)
@@ -417,8 +398,8 @@ def _module_rows(model: nn.Module, inputs: tuple, loss_fn: Optional[Callable], p
         for h in handles:
             h.remove()
     gmap = {id(t): g for (_, _, t), g in zip(track, got)}
-    rows = [NodeScale(name=n, op=op, shape=tuple(t.shape), fwd_rms=_rms(t),
-                      grad_rms=None if gmap.get(id(t)) is None else _rms(gmap[id(t)]), measured_at=n)
+    rows = [NodeScale(name=n, op=op, shape=tuple(t.shape), fwd_rms=rms(t),
+                      grad_rms=None if gmap.get(id(t)) is None else rms(gmap[id(t)]), measured_at=n)
             for n, op, t in outs]
     loss_val = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
     return rows, loss_val

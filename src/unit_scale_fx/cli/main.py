@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
+from ..table import format_table
 
 log = logging.getLogger("unit_scale_fx.cli")
 
@@ -45,11 +46,7 @@ def _write(text: str, path: Optional[str]) -> None:
 
 def _table(rows: list[tuple[str, ...]], left: int = 1) -> str:
     """Aligned columns: the first ``left`` left-aligned, the rest (numbers) right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if k < left else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows, left=left)
 
 
 def _g(v: Optional[float]) -> str:

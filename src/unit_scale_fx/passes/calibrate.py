@@ -36,6 +36,7 @@ from ..config import UnitScaleConfig
 from ..errors import UnitScaleError
 from ..record import META_KEY
 from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
+from ..tensor_stats import loss_outputs, rms
 
 from .base import Pass, PassContext, PassResult, preserved_state, run_passes
 from .rewrite import original
@@ -76,10 +77,6 @@ class CalibratedRule(Rule):
         return s
 
 
-def _rms(t: torch.Tensor) -> float:
-    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
-
-
 def _real_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     values = placeholder_values(gm, args, kwargs)
     for t in torch.utils._pytree.tree_leaves(values):
@@ -98,9 +95,9 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
 
     Runs in the module's own mode; buffers and the RNG state are restored
     (:class:`~unit_scale_fx.passes.base.preserved_state`).
-    Backward starts from the first scalar float output (a loss) if there is one,
-    else from unit-Gaussian cotangents on all float outputs. Buffers and parameter
-    gradients are left as they were.
+    Backward starts from the model's loss as :func:`~unit_scale_fx.tensor_stats.loss_outputs`
+    defines it (the scalar outputs, else unit-Gaussian gradients on every float output).
+    Buffers and parameter gradients are left as they were.
     """
     wanted = set(names)
     values = _real_values(gm, args, kwargs or {})
@@ -121,10 +118,10 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             def alias(t: Any) -> Any:
                 if isinstance(t, torch.Tensor) and id(t) in owners and t.is_floating_point():
                     name = owners[id(t)]
-                    m.in_rms[name] = _rms(t)
+                    m.in_rms[name] = rms(t)
                     if t.requires_grad:
                         a = t.view_as(t)
-                        a.register_hook(lambda g, k=name: grads.setdefault(k, []).append(_rms(g)))
+                        a.register_hook(lambda g, k=name: grads.setdefault(k, []).append(rms(g)))
                         return a
                 return t
 
@@ -132,28 +129,26 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             kwargs_ = torch.utils._pytree.tree_map(alias, kwargs_)
             result = getattr(self, n.op)(n.target, args_, kwargs_)
             if isinstance(result, torch.Tensor) and result.is_floating_point():
-                m.out_rms = _rms(result)
+                m.out_rms = rms(result)
                 if result.requires_grad:
-                    result.register_hook(lambda g: setattr(m, "grad_out_rms", _rms(g)))
+                    result.register_hook(lambda g: setattr(m, "grad_out_rms", rms(g)))
             out[n.name] = m
             hooks_in[n.name] = grads
             return result
 
     params = [p for p in gm.parameters()]
     saved_grads = [p.grad for p in params]
-    gen = torch.Generator().manual_seed(seed)
     try:
         for p in params:
             p.grad = None
         with preserved_state(gm), torch.enable_grad():
             result = _Probe(gm).run(*values)
-            leaves = [t for t in torch.utils._pytree.tree_leaves(result)
-                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
-            scalars = [t for t in leaves if t.dim() == 0]
-            if scalars:
-                scalars[0].backward()
-            elif leaves:
-                torch.autograd.backward(leaves, [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in leaves])
+            try:
+                tensors, grads = loss_outputs(result, seed, where="calibrate")
+            except UnitScaleError:  # nothing to differentiate: forward measurements only
+                tensors, grads = [], []
+            if tensors:
+                torch.autograd.backward(tensors, grads)
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g

@@ -10,12 +10,14 @@ re-sampled from N(0, 1), and the log says so.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Collection
 
 import torch
 import torch.fx as fx
 
 from ..rules.registry import lookup
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
@@ -76,13 +78,13 @@ def init_parameter(t: torch.Tensor, role: str, name: str) -> bool:
         return False
     with torch.no_grad():
         if role == "unit":
-            rms = t.float().pow(2).mean().sqrt()
-            if not torch.isfinite(rms) or rms == 0:
+            r = rms(t)
+            if not math.isfinite(r) or r == 0:
                 t.normal_()
                 log.warning("init: weight %s was all zero; re-sampled from N(0, 1)", name)
             else:
-                t.div_(rms.to(t.dtype))
-                log.debug("init: weight %s divided by its RMS %.4g", name, float(rms))
+                t.div_(torch.tensor(r, dtype=torch.float32).to(t.dtype))
+                log.debug("init: weight %s divided by its RMS %.4g", name, r)
         elif role == "zero":
             t.zero_()
             log.debug("init: bias %s set to zero", name)

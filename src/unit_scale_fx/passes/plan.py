@@ -18,6 +18,7 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
 
@@ -32,8 +33,7 @@ def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
 def _tensor_rms(t: torch.Tensor) -> Optional[float]:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
         return None
-    with torch.no_grad():
-        return float(t.detach().float().pow(2).mean().sqrt())
+    return rms(t)
 
 
 def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:

@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..tensor_stats import mean_square
 from .registry import OpView, Rule, Scales, aten, register
 
 
@@ -49,8 +50,7 @@ class BatchNormRule(Rule):
         if op.module is not None:
             wt, bt = getattr(op.module, "weight", None), getattr(op.module, "bias", None)
             if isinstance(wt, torch.Tensor) and wt.device.type != "meta":
-                out2 = float(wt.detach().float().pow(2).mean()) + (
-                    float(bt.detach().float().pow(2).mean()) if isinstance(bt, torch.Tensor) else 0.0)
+                out2 = mean_square(wt) + (mean_square(bt) if isinstance(bt, torch.Tensor) else 0.0)
         else:
             if isinstance(w, fx.Node):
                 out2 = op.rms(w) ** 2
