@@ -18,7 +18,7 @@ from .errors import UnitScaleError
 from .passes import PassContext
 from .passes.init_weights import parameter_roles
 from .pipeline import build_pipeline, gc_paused, run_passes
-from .record import META_KEY, ScaleRecord
+from .record import CAPTURE, META_KEY, ScaleRecord
 from .table import format_table
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def unit_scale(
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
     _mirror_state(work, us)
     us.train(model.training)
-    us.us_capture = gm.meta.get("capture", "")
+    us.us_capture = gm.meta.get(CAPTURE, "")
     if args is not None or example_kwargs:
         us._plan(args or (), example_kwargs or {})
     return us

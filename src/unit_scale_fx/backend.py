@@ -65,7 +65,7 @@ from .passes.base import Pass
 from .passes.boundary import output_leaves
 from .passes.init_weights import init_parameter, parameter_roles
 from .pipeline import build_pipeline, run_passes
-from .record import META_KEY, ScaleRecord
+from .record import META_KEY, ScaleRecord, original
 from .weights import INIT_MARK, is_initialised, mark_initialised
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,6 @@ def _lookup_inner(inner: Inner) -> CompilerFn:
             fix=f"use one of torch._dynamo.list_backends() (e.g. 'inductor', 'aot_eager') or 'eager', "
             f"or pass a callable ({type(exc).__name__}: {exc})",
         ) from exc
-
-
-def _source_of(node: fx.Node) -> fx.Node:
-    """The planned node behind scale nodes the rewrite inserted."""
-    while node.meta.get("unit_scale_inserted") and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 class _Tracked:
@@ -315,7 +308,7 @@ class UnitScaleBackend:
 
 
 def _predicted_rms(node: fx.Node, ctx: PassContext) -> Optional[float]:
-    src = _source_of(node)
+    src = original(node)
     if src.op == "placeholder":
         return ctx.input_rms.get(src.name)
     rec = src.meta.get(META_KEY)

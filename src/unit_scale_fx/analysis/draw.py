@@ -21,10 +21,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..record import META_KEY, ScaleRecord
+from ..record import INSERTED, META_KEY, ScaleRecord
 from ..rules.registry import has_float_value, node_op_name
 from ..table import format_table
-from .track import INSERTED, Measured, short_op
+from .track import Measured, short_op
 
 #: log2 |RMS| thresholds and the edge colour up to each; beyond the last: red.
 PALETTE: tuple[tuple[float, str], ...] = ((1.0, "#2ca02c"), (2.0, "#9acd32"), (4.0, "#ff7f0e"))

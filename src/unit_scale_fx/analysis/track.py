@@ -28,9 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..passes.fold_scales import FOLDED
-from ..passes.rewrite import INSERTED, ROLE  # the meta keys the rewrite puts on the scale nodes it inserts
-from ..record import META_KEY, ScaleRecord
+from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
 from ..rules.registry import is_float, lookup, node_op_name
 from ..tensor_stats import loss_outputs, rms
 from ..table import format_table
@@ -289,15 +287,9 @@ def _effective(node: fx.Node) -> fx.Node:
     users = list(node.users)
     if len(users) == 1:
         u = users[0]
-        role = u.meta.get(ROLE)
+        role = u.meta.get(SCALE_ROLE)
         if u.meta.get(INSERTED) and u.args and u.args[0] is node and role is not None and role[0] == "output":
             return u
-    return node
-
-
-def _original(node: fx.Node) -> fx.Node:
-    while node.meta.get(INSERTED) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
     return node
 
 
@@ -366,7 +358,7 @@ def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted:
         rule = lookup(node, gm)
         row.kind = rule.kind if rule is not None else ""
         if inserted:
-            row.fwd_scale, row.bwd_scales = float(node.args[1]), {_original(node).name: float(node.args[2])}
+            row.fwd_scale, row.bwd_scales = float(node.args[1]), {original(node).name: float(node.args[2])}
         if rec is not None:
             row.kind, row.rule, row.constrained = rec.kind, rec.rule, rec.constrained
             row.pred_fwd_rms, row.pred_grad_rms = rec.fwd_rms, rec.bwd_rms

@@ -34,12 +34,11 @@ import torch.fx as fx
 
 from ..config import UnitScaleConfig
 from ..errors import UnitScaleError
-from ..record import META_KEY
-from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
+from ..record import META_KEY, RULE_OVERRIDE, original
+from ..rules.registry import OpView, Rule, Scales, is_float
 from ..tensor_stats import loss_outputs, rms
 
 from .base import Pass, PassContext, PassResult, preserved_state, run_passes
-from .rewrite import original
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)

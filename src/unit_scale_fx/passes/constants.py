@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS, has_float_value
+from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS
+from ..rules.registry import has_float_value
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
 from .shape_prop import placeholder_values

@@ -27,7 +27,8 @@ import torch
 import torch.fx as fx
 
 from ..rules.fused import FUSED_RULE, FusedRegion
-from ..rules.registry import RULE_OVERRIDE, is_float, lookup
+from ..record import RULE_OVERRIDE
+from ..rules.registry import is_float, lookup
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
-from ..record import META_KEY, ScaleRecord
+from ..record import INSERTED, META_KEY, ScaleRecord
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
@@ -80,7 +80,7 @@ class _Planner:
         known = [self.rms[i] for i in inputs if self.rms.get(i) is not None and math.isfinite(self.rms[i])]
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
-        if node.meta.get("unit_scale_inserted"):
+        if node.meta.get(INSERTED):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
         if self.cfg.node_filter is not None and not self.cfg.node_filter(qual, node):

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
-from ..record import ROLES_META_KEY
+from ..record import INSERTED, ROLES_META_KEY
 from .base import PassContext, PassResult, declare
 from .topology import _region
 
@@ -152,7 +152,7 @@ def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dic
             rule = lookup(n, gm)
             ins = n.all_input_nodes
             passes = rule is not None and (rule.preserves_scale or rule.kind == "norm")  # post-norm streams too
-            if (passes or n.meta.get("unit_scale_inserted")) and len(ins) >= 1:
+            if (passes or n.meta.get(INSERTED)) and len(ins) >= 1:
                 n = ins[0]
             else:
                 break

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnitScaleError
+from ..record import FORMAT_REPLACED, FORMAT_SITE
 from ..lowp.formats import FormatSimulation, Quantise
 from ..lowp.simulated_attention import SimulatedAttention
 from ..rules.matmul import LAYOUTS
@@ -52,8 +53,6 @@ CONV_TARGETS = frozenset(many([
 
 #: Where the container of quantisers lives in the GraphModule.
 SITES_ATTR = "us_formats"
-_SITE_META = "unit_scale_format_site"
-_ORIG_META = "unit_scale_format_replaced"
 
 
 def _bias_arg(node: fx.Node, target: Any) -> Any:
@@ -71,7 +70,7 @@ def _bias_arg(node: fx.Node, target: Any) -> Any:
 
 def matmul_class(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     """``"matmul"``, ``"attention"`` or ``"conv"`` for matmul-class nodes, else None."""
-    if node.op not in ("call_function", "call_method", "call_module") or node.meta.get(_SITE_META):
+    if node.op not in ("call_function", "call_method", "call_module") or node.meta.get(FORMAT_SITE):
         return None
     target = resolve_target(node, gm)
     try:
@@ -109,7 +108,7 @@ def _add_site(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
 
 def _new_call(gm: fx.GraphModule, target: str, arg: fx.Node) -> fx.Node:
     new = gm.graph.call_module(target, (arg,))
-    new.meta[_SITE_META] = True
+    new.meta[FORMAT_SITE] = True
     for key in ("val", "nn_module_stack", "tensor_meta"):
         if key in arg.meta:
             new.meta[key] = arg.meta[key]
@@ -136,9 +135,9 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             if not sim.attention:
                 continue
             name = _add_site(gm, node.name, SimulatedAttention(sim.fwd, sim.bwd, sim.saturate, sim.passthrough))
-            node.meta[_ORIG_META] = (node.op, node.target)
+            node.meta[FORMAT_REPLACED] = (node.op, node.target)
             node.op, node.target = "call_module", name
-            node.meta[_SITE_META] = True
+            node.meta[FORMAT_SITE] = True
             count += 1
             log.debug("simulate_format: %s -> SimulatedAttention", node.name)
             continue

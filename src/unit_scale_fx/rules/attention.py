@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import MASK_KEYS, OpView, Rule, Scales, aten, register, tensor_method
+from ..record import MASK_KEYS
+from .registry import OpView, Rule, Scales, aten, register, tensor_method
 
 
 def mean_sq_weight(logit_std: float, n_keys: list[int] | int) -> float:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
+from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS, RULE_OVERRIDE  # noqa: F401 - importable from here too
 
 #: Parameter roles an init-aware rule may declare.
 ROLES = ("unit", "zero", "one")
@@ -161,17 +162,6 @@ def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any
         except AttributeError:
             return None
     return None
-
-
-#: ``node.meta`` key under which a pass may pin a rule for one node (calibration, fusion).
-RULE_OVERRIDE = "unit_scale_rule"
-#: ``node.meta`` key marking a floating-point value that no parameter or float input reaches
-#: (rotary tables, masks, constants): data, not part of the scaled dataflow.
-CONSTANT = "unit_scale_constant"
-#: ``node.meta`` key holding a constant's measured RMS (when example inputs are real).
-CONSTANT_RMS = "unit_scale_constant_rms"
-#: ``node.meta`` key on an attention mask: the number of visible keys per query row.
-MASK_KEYS = "unit_scale_mask_keys"
 
 
 def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Rule]:
