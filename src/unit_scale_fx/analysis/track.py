@@ -29,15 +29,13 @@ import torch.nn as nn
 
 from ..errors import UnitScaleError
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
+from ..rules.matmul import matmul_operands
 from ..rules.registry import is_float, lookup, node_op_name
 from ..tensor_stats import loss_outputs, rms
 from ..table import format_table
 from .progress import Progress
 
 log = logging.getLogger(__name__)
-
-#: rule kinds whose ops multiply two floating-point operands.
-MATMUL_KINDS = ("matmul", "attention")
 
 
 @dataclass
@@ -293,22 +291,6 @@ def _effective(node: fx.Node) -> fx.Node:
     return node
 
 
-#: how many leading arguments of a matmul-class op are its operands (the rest: bias, mask, ...).
-_N_OPERANDS = {"matmul": 2, "attention": 3}
-_OPERAND_KWARGS = ("input", "weight", "other", "mat2", "query", "key", "value")
-
-
-def _matmul_operands(node: fx.Node, gm: fx.GraphModule,
-                     floats: Callable[[fx.Node], bool] = is_float) -> list[fx.Node]:
-    """The float operands of a matmul-class op (not its bias or mask); [] for other ops."""
-    rule = lookup(node, gm)
-    if rule is None or rule.kind not in _N_OPERANDS:
-        return []
-    cand = list(node.args[: _N_OPERANDS[rule.kind]]) + [node.kwargs[k] for k in _OPERAND_KWARGS if k in node.kwargs]
-    ops = [a for a in cand if isinstance(a, fx.Node) and floats(a)]
-    return ops if len(ops) >= 2 else []  # a lookup (embedding) has one float operand: not a matmul
-
-
 def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node, floats: Callable[[fx.Node], bool]) -> str:
     """``in`` if ``eff`` (possibly through inserted input scales) is a matmul operand; ``out`` for matmul outputs."""
     roles = []
@@ -321,11 +303,11 @@ def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node, floats: Callab
             seen.add(u)
             if u.meta.get(INSERTED):
                 frontier.append(u)
-            elif r in _matmul_operands(u, gm, floats):
+            elif r in matmul_operands(u, gm, floats):
                 ins = True
     if ins:
         roles.append("in")
-    if _matmul_operands(node, gm, floats):
+    if matmul_operands(node, gm, floats):
         roles.append("out")
     return ",".join(roles)
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 from ..config import UnitScaleConfig
 from ..errors import UnitScaleError
 from ..record import META_KEY, RULE_OVERRIDE, original
-from ..rules.registry import OpView, Rule, Scales, is_float
+from ..rules.registry import Kind, OpView, Rule, Scales, is_float
 from ..tensor_stats import loss_outputs, rms
 
 from .base import Pass, PassContext, PassResult, preserved_state, run_passes
@@ -58,7 +58,7 @@ class CalibratedRule(Rule):
     """Static scales measured on a sample batch (pinned on one node)."""
 
     name = "calibrated"
-    kind = "calibrated"
+    kind = Kind.CALIBRATED
 
     def __init__(self, fwd: float, gains: dict[str, float], note: str) -> None:
         self.fwd = fwd
@@ -163,7 +163,7 @@ def _needs_calibration(node: fx.Node, scales: dict) -> bool:
     if rec.rule in ("unsupported", "calibrated"):
         return True
     s = scales.get(node)
-    return s is not None and s.out_rms is None and rec.kind not in ("loss", "excluded")
+    return s is not None and s.out_rms is None and rec.kind not in (Kind.LOSS, Kind.EXCLUDED)
 
 
 #: builds the passes a calibration trial runs (topology, planning after calibrate, rewrite) for a config

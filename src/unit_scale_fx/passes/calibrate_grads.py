@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs
+from ..rules.registry import Kind, float_tensor_inputs
 from ..scale import scale
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
@@ -102,7 +102,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
     # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
+    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == Kind.LOSS]
     if losses:
         new -= np.mean([new[c] for c in losses])
     for c in pots.boundary():  # values shared with other graphs keep the true gradient

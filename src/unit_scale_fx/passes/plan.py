@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..errors import UnitScaleError
 from ..record import INSERTED, META_KEY, ScaleRecord
-from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
+from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
@@ -84,14 +84,14 @@ class _Planner:
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
         if self.cfg.node_filter is not None and not self.cfg.node_filter(qual, node):
-            node.meta[META_KEY] = ScaleRecord("excluded", "excluded", op_name, _shape(node), fwd_rms=passthrough,
+            node.meta[META_KEY] = ScaleRecord("excluded", Kind.EXCLUDED, op_name, _shape(node), fwd_rms=passthrough,
                                               note="left alone by node_filter")
             return None
         rule = lookup(node, self.gm)
         if rule is None:
             if inputs:
                 self.ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>"))
-                node.meta[META_KEY] = ScaleRecord("unsupported", "unsupported", op_name, _shape(node),
+                node.meta[META_KEY] = ScaleRecord("unsupported", Kind.UNSUPPORTED, op_name, _shape(node),
                                                   fwd_rms=passthrough, note="no rule; left unscaled")
             return None
         context: dict = {"params": {i for i in inputs
@@ -247,7 +247,7 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
-            g = 1.0 if rec is not None and rec.kind == "loss" else grad[user]
+            g = 1.0 if rec is not None and rec.kind == Kind.LOSS else grad[user]
             if s is None or rec is None:
                 contribs.append(g)
                 continue
@@ -263,7 +263,7 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
         rec = node.meta.get(META_KEY)
         if rec is not None:
-            rec.bwd_rms = None if rec.kind == "loss" else grad[node]
+            rec.bwd_rms = None if rec.kind == Kind.LOSS else grad[node]
     return PassResult(False, "gradient RMS predicted")
 
 

@@ -14,6 +14,7 @@ import logging
 import torch.fx as fx
 
 from ..record import INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
+from ..rules.registry import Kind
 from ..scale import scale
 from .base import PassContext, PassResult, declare
 
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 #: the meta key's former name (it is :data:`~unit_scale_fx.record.SCALE_ROLE`)
 ROLE = SCALE_ROLE
 
-#: Op kinds whose backward is itself a matmul: their backward scales go on the inputs.
-INPUT_SIDE_KINDS = frozenset({"matmul", "attention"})
+#: Op kinds whose backward scales go on the inputs: matmul-class ops, whose backward is itself
+#: a matmul, and embedding lookups (kind matmul too), whose backward scatter-adds the output gradient.
+INPUT_SIDE_KINDS = frozenset({Kind.MATMUL, Kind.ATTENTION})
 
 
 def _snap(x: float) -> float:

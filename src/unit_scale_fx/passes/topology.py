@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch.fx as fx
 
-from ..rules.registry import float_tensor_inputs, is_float, lookup
+from ..rules.registry import Kind, float_tensor_inputs, is_float, lookup
 from .base import PassContext, PassResult, declare
 
 
@@ -76,7 +76,7 @@ class _Outside:
 def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
     for n in region:
         rule = lookup(n, gm)
-        if rule is not None and rule.kind in ("softmax", "attention"):
+        if rule is not None and rule.kind in (Kind.SOFTMAX, Kind.ATTENTION):
             return "attn"
     return "mlp"
 
@@ -130,7 +130,7 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if node not in g:
             continue
         rule = lookup(node, gm)
-        if rule is None or rule.kind != "add":
+        if rule is None or rule.kind != Kind.ADD:
             continue
         ins = float_tensor_inputs(node)
         if len(ins) != 2:

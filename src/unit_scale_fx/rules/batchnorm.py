@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..tensor_stats import mean_square
-from .registry import OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 
 def _args(node: fx.Node) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def _args(node: fx.Node) -> dict[str, Any]:
 
 class BatchNormRule(Rule):
     name = "batch_norm"
-    kind = "norm"
+    kind = Kind.NORM
 
     def scales(self, op: OpView) -> Scales:
         a = _args(op.node)

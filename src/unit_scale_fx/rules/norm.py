@@ -7,11 +7,11 @@ import math
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 
 class NormRule(Rule):
-    kind = "norm"
+    kind = Kind.NORM
 
     def __init__(self, name: str, weight_pos: int, bias_pos: int | None) -> None:
         self.name = name

@@ -22,6 +22,28 @@ from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS, RULE_OVERRIDE  # noqa: F
 ROLES = ("unit", "zero", "one")
 
 
+class Kind:
+    """The op kinds: :attr:`Rule.kind` and :attr:`ScaleRecord.kind <unit_scale_fx.record.ScaleRecord>`.
+
+    Plain strings (records stay JSON-friendly); compare against these names, never against literals.
+    """
+
+    MATMUL = "matmul"  # linear, matmul / mm / bmm / addmm, conv, einsum, embedding (a one-hot matmul)
+    ATTENTION = "attention"  # scaled-dot-product attention
+    SOFTMAX = "softmax"
+    POINTWISE = "pointwise"  # one function of one tensor (activations, fused elementwise chains)
+    NORM = "norm"  # layer / RMS / group / batch norm
+    ADD = "add"
+    MUL = "mul"  # products and quotients
+    REDUCE = "reduce"
+    POOL = "pool"
+    LOSS = "loss"
+    PRESERVE = "preserve"  # views, reshapes, dropout, ...: the scale passes through
+    CALIBRATED = "calibrated"  # no rule: scales measured (passes/calibrate.py)
+    UNSUPPORTED = "unsupported"  # a float op with no rule (records only)
+    EXCLUDED = "excluded"  # left out by the config's filter (records only)
+
+
 @dataclass
 class Scales:
     """What a rule computes for one node (ideal values, before constraints).
