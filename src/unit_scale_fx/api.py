@@ -16,7 +16,7 @@ from .capture import _mirror_state, capture
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
-from .passes.init_weights import parameter_roles
+from .passes.init_weights import parameter_init_kinds
 from .pipeline import build_pipeline, gc_paused, run_passes
 from .record import CAPTURE, META_KEY, ScaleRecord
 from .table import format_table
@@ -46,7 +46,7 @@ class UnitScaledModule(fx.GraphModule):
         if self.us_planned:
             self.graph = copy.deepcopy(self.us_source_graph)
         ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs)
-        ctx.give("param_roles", parameter_roles(self))
+        ctx.give("init_kinds", parameter_init_kinds(self))
         _check_input_devices(self, args, kwargs)
         run_passes(self, ctx, build_pipeline(self.us_config, ("plan", "transform")))
         self.us_timings = list(ctx.timings)

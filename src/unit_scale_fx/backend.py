@@ -63,7 +63,7 @@ from .errors import UnitScaleError
 from .passes import PassContext, PassResult
 from .passes.base import Pass
 from .passes.boundary import output_leaves
-from .passes.init_weights import init_parameter, parameter_roles
+from .passes.init_weights import init_parameter, parameter_init_kinds
 from .pipeline import build_pipeline, run_passes
 from .record import META_KEY, ScaleRecord, original
 from .weights import INIT_MARK, is_initialised, mark_initialised
@@ -242,9 +242,9 @@ class UnitScaleBackend:
                 inherited.add(n.name)
             if v.requires_grad:
                 ctx.boundary.add(n.name)
-        init = Pass("init_weights", self._init_pass, produces=frozenset({"param_roles", "n_initialised"}))
+        init = Pass("init_weights", self._init_pass, produces=frozenset({"init_kinds", "n_initialised"}))
         run_passes(gm, ctx, build_pipeline(self.config, ("prepare", "plan", "transform"), boundary=True, init=init))
-        roles = ctx.param_roles
+        roles = ctx.init_kinds
         entry = CapturedGraph(
             index=self._count, source=source, gm=gm,
             params={k: tuple(v.shape) for k, v in params.items()}, boundary=set(ctx.boundary),
@@ -273,8 +273,8 @@ class UnitScaleBackend:
         return done
 
     def _init_pass(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        roles = parameter_roles(gm, ctx.param_inputs)
-        ctx.param_roles = roles
+        roles = parameter_init_kinds(gm, ctx.param_inputs)
+        ctx.init_kinds = roles
         if not self.config.init_weights:
             return PassResult(False, "disabled")
         n = 0

@@ -183,7 +183,7 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]
     tctx = PassContext(config=trial_cfg,
                        example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
                        input_rms=dict(ctx.input_rms), real_values=ctx.real_values,
-                       param_roles=dict(ctx.param_roles))
+                       init_kinds=dict(ctx.init_kinds))
     # the passes before this one (fuse, roles, u-muP graph edits) already shaped the copied graph;
     # the trial re-derives the topology of the copy and runs everything after calibrate
     run_passes(trial, tctx, build(trial_cfg))
@@ -196,7 +196,7 @@ def make_calibrate(build: TrialBuilder) -> Pass:
     def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return _calibrate(gm, ctx, build)
 
-    return Pass("calibrate", calibrate, needs=frozenset({"topology", "param_roles"}))
+    return Pass("calibrate", calibrate, needs=frozenset({"topology", "init_kinds"}))
 
 
 def _calibrate(gm: fx.GraphModule, ctx: PassContext, build: TrialBuilder) -> PassResult:

@@ -43,7 +43,7 @@ def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> floa
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
 
-def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Optional[float]:
+def _param_rms(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -> Optional[float]:
     try:
         t = gm.get_parameter(str(node.target))
     except AttributeError:
@@ -53,7 +53,7 @@ def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Opti
             return None
     r = _tensor_rms(t)
     if r is None and t.device.type == "meta":
-        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(roles.get(str(node.target), "unit"), 1.0)
+        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(init_kinds.get(str(node.target), "unit"), 1.0)
     return r
 
 
@@ -62,7 +62,7 @@ class _Planner:
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
-        self.roles = ctx.param_roles
+        self.init_kinds = ctx.init_kinds
         self.rms: dict[fx.Node, Optional[float]] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
@@ -71,7 +71,7 @@ class _Planner:
         if node.op == "placeholder":
             self.rms[node] = self.ctx.input_rms.get(node.name, 1.0)
         elif node.op == "get_attr":
-            self.rms[node] = _param_rms(self.gm, node, self.roles)
+            self.rms[node] = _param_rms(self.gm, node, self.init_kinds)
 
     def scales_for(self, node: fx.Node) -> Optional[Scales]:
         """Ideal scales of ``node`` (None: no scale: unsupported, excluded, inserted)."""
@@ -185,7 +185,7 @@ class _MeasuringPlanner(fx.Interpreter):
         return value
 
 
-@declare('plan', needs=('topology', 'param_roles'), produces=('scales',))
+@declare('plan', needs=('topology', 'init_kinds'), produces=('scales',))
 def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.topology is None:
         raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",

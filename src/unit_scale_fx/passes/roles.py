@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 Role = Literal["hidden", "input", "embedding", "readout", "bias", "norm_gain", "other"]
 
-#: Roles, in the order reports list them.
-ROLES: tuple[str, ...] = ("embedding", "input", "hidden", "readout", "bias", "norm_gain", "other")
+#: u-μP parameter roles, in the order reports list them. (Not to be confused with a parameter's
+#: init kind, :data:`~unit_scale_fx.rules.registry.INIT_KINDS`, or an inserted scale's
+#: :data:`~unit_scale_fx.record.SCALE_ROLE`.)
+PARAM_ROLES: tuple[str, ...] = ("embedding", "input", "hidden", "readout", "bias", "norm_gain", "other")
+#: the former name of :data:`PARAM_ROLES`
+ROLES = PARAM_ROLES
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
     if rule.name == "embedding":
         return "embedding", (shape[0] if shape else None), (shape[-1] if shape else None), None
     if rule.kind == Kind.NORM:
-        roles = rule.param_roles(consumer)
+        roles = rule.init_kinds(consumer)
         return ("gain" if roles.get(operand) == "one" else "bias"), None, None, None
     if isinstance(rule, MatmulRule):
         lay = LAYOUTS[resolve_target(consumer, None)]

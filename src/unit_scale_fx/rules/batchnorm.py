@@ -62,7 +62,7 @@ class BatchNormRule(Rule):
         s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         a = _args(node)
         roles: dict[fx.Node, str] = {}
         if isinstance(a.get("weight"), fx.Node):

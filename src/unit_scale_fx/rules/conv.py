@@ -68,7 +68,7 @@ class ConvRule(Rule):
         s.out_rms = math.sqrt(out2)
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         a = self._args(node)
         roles: dict[fx.Node, str] = {}
         if isinstance(a.get("weight"), fx.Node):

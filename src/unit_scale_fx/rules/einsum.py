@@ -77,7 +77,7 @@ class EinsumRule(Rule):
                 s.bwd[x], s.grad_gain[x] = 1.0 / gain, gain
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         _, ops = _operands(node)
         return {x: "unit" for x in ops if isinstance(x, fx.Node)}
 

@@ -96,7 +96,7 @@ class MatmulRule(Rule):
         s.calibrate = left not in params and right not in params
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         from .registry import resolve_target
 
         lay = LAYOUTS.get(resolve_target(node, None))
@@ -160,7 +160,7 @@ class EmbeddingRule(Rule):
         return Scales(fwd=1.0 / op.rms(w), bwd={w: 1.0 / gain}, grad_gain={w: gain},
                       note=f"vocab={vocab} lookups={lookups}")
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         return {a: "unit" for a in node.all_input_nodes}
 
 

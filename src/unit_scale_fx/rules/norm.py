@@ -46,7 +46,7 @@ class NormRule(Rule):
         s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         w, b = self._affine(node)
         roles = {}
         if isinstance(w, fx.Node):

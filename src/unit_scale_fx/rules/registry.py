@@ -18,8 +18,10 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS, RULE_OVERRIDE  # noqa: F401 - importable from here too
 
-#: Parameter roles an init-aware rule may declare.
-ROLES = ("unit", "zero", "one")
+#: How a parameter is initialised (a rule's :meth:`Rule.init_kinds`): divided by its RMS, zeroed, or set to one.
+INIT_KINDS = ("unit", "zero", "one")
+#: the former name of :data:`INIT_KINDS`
+ROLES = INIT_KINDS
 
 
 class Kind:
@@ -118,7 +120,7 @@ class Rule:
 
     Subclasses set ``name`` and ``kind`` and implement :meth:`scales`; rules that
     know what their parameters are (weights, biases, gains) implement
-    :meth:`param_roles` so weight init can act on them.
+    :meth:`init_kinds` so weight init can act on them.
     """
 
     name: str = "rule"
@@ -129,8 +131,15 @@ class Rule:
     def scales(self, op: OpView) -> Scales:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
+        """``input node -> init kind`` (:data:`INIT_KINDS`) of the parameters this op consumes."""
+        if type(self).param_roles is not Rule.param_roles:  # a rule written against the former name
+            return self.param_roles(node)
         return {}
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        """The former name of :meth:`init_kinds`."""
+        return self.init_kinds(node)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..passes.roles import ROLES, ParamRole, roles_of
+from ..passes.roles import PARAM_ROLES, ParamRole, roles_of
 from ..table import format_table
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def param_groups(
                            "lr_mult": lm, "wd_mult": wm, "names": []}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
-    order = {r: i for i, r in enumerate(ROLES)}
+    order = {r: i for i, r in enumerate(PARAM_ROLES)}
     return sorted(groups.values(), key=lambda g: (order.get(g["role"], 99), -g["lr_mult"]))
 
 
