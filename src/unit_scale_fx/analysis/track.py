@@ -409,8 +409,9 @@ def track_scales(
         model: any ``nn.Module``; a :class:`~unit_scale_fx.UnitScaledModule` adds the
             plan's predictions and scale factors to each row.
         inputs: positional inputs of one forward call.
-        loss_fn: maps the output to a scalar loss. Without it a scalar output is the
-            loss; other outputs receive a seeded unit-RMS random gradient.
+        loss_fn: maps the output to a scalar loss. Without it the scalar outputs are the
+            loss (outputs beside them get no gradient of their own); without a scalar
+            output, every output receives a seeded unit-RMS random gradient.
         include_inserted: also give the rewrite's ``scale`` nodes rows of their own.
         progress: show a progress bar on stderr (default: only on a terminal).
 

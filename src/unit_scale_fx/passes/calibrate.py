@@ -3,8 +3,8 @@
 Rules cover the known ops; the long tail is measured. On the example batch:
 
 1. plan and rewrite a trial copy of the graph (with the scales calibrated so far);
-2. run it forward and backward (the scalar loss if the model returns one, else a
-   unit-Gaussian cotangent on every float output), recording at each op to
+2. run it forward and backward (from the scalar outputs, the loss, if the model returns
+   any, else a unit-Gaussian cotangent on every float output), recording at each op to
    calibrate the RMS of its raw output ``y``, of the gradient arriving at ``y`` and
    of the gradient it sends to each input (each input is read through an alias, so
    only this op's share of the gradient is seen);

@@ -2,8 +2,8 @@
 
 After ``balance``, every node ``u`` receives ``phi_u`` times its true gradient.
 When real example inputs are known, this pass runs the planned model once,
-forward and backward (from the loss, or from a unit random gradient at
-non-scalar outputs), and measures the gradient RMS ``m_u`` at every class of
+forward and backward (from the loss as :func:`~unit_scale_fx.tensor_stats.loss_outputs`
+defines it: the scalar outputs, else a unit random gradient at every output), and measures the gradient RMS ``m_u`` at every class of
 nodes that shares a potential. The true gradient's RMS is ``m_u / phi_u``; the new
 potential ``phi_u = 1 / (m_u / phi_u)`` makes the measured gradient exactly unit.
 Any positive potentials give valid gradients, so this only changes their size.
