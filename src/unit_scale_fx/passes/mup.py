@@ -39,19 +39,20 @@ from ..rules.matmul import matmul_operands
 from ..rules.registry import Kind, OpView, aten, float_tensor_inputs, lookup
 from .base import PassContext, PassResult, declare
 from .roles import branch_regions, residual_streams, weighted_ops
+from .topology import ATTN_BRANCH
 
 log = logging.getLogger(__name__)
 
 def depth_taus(kinds: list[str], mup: MupConfig) -> list[float]:
     """Residual shares ``tau_i`` for a stream whose branches have these kinds, in order.
 
-    ``kinds[i]`` is ``"attn"`` or anything else (an MLP-like branch).
+    ``kinds[i]`` is ``ATTN_BRANCH`` or anything else (an MLP-like branch).
     """
     a_attn, a_mlp = mup.branch_weights()
     total = len(kinds) / 2.0
     taus = []
     for kind in kinds:
-        w2 = (a_attn if kind == "attn" else a_mlp) ** 2
+        w2 = (a_attn if kind == ATTN_BRANCH else a_mlp) ** 2
         total += w2
         taus.append(w2 / total)
     return taus
@@ -114,7 +115,7 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     regions = branch_regions(topo)
     attn_nodes: set[fx.Node] = set()
     for add, region in regions.items():
-        if topo.residuals[add].kind == "attn":
+        if topo.residuals[add].kind == ATTN_BRANCH:
             attn_nodes |= region
     weighted = weighted_ops(gm)
     n_attn = n_act = 0

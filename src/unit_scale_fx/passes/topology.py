@@ -18,13 +18,18 @@ from ..rules.registry import Kind, float_tensor_inputs, is_float, lookup
 from .base import PassContext, PassResult, declare
 
 
+#: What a residual branch is (:attr:`Residual.kind`): it holds attention, or not (an MLP-like branch).
+ATTN_BRANCH = "attn"
+MLP_BRANCH = "mlp"
+
+
 @dataclass
 class Residual:
     """A residual add ``skip + branch`` (``skip`` is an ancestor of ``branch``, or the stream)."""
 
     skip: fx.Node
     branch: fx.Node
-    kind: str  # "attn" or "mlp"
+    kind: str  # ATTN_BRANCH or MLP_BRANCH
     tau: float
 
 
@@ -77,8 +82,8 @@ def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
     for n in region:
         rule = lookup(n, gm)
         if rule is not None and rule.kind in (Kind.SOFTMAX, Kind.ATTENTION):
-            return "attn"
-    return "mlp"
+            return ATTN_BRANCH
+    return MLP_BRANCH
 
 
 def _between(g: nx.DiGraph, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -152,7 +157,7 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:  # parallel branches: no region of their own
             region = {branch}
         kind = _branch_kind(region, gm)
-        tau = cfg.attn_tau if kind == "attn" else cfg.mlp_tau
+        tau = cfg.attn_tau if kind == ATTN_BRANCH else cfg.mlp_tau
         topo.residuals[node] = Residual(skip, branch, kind, tau)
     ctx.topology = topo
     return PassResult(False, f"{len(bridges)} cut edges, {len(topo.residuals)} residual adds")
