@@ -1,7 +1,8 @@
 """A dispatch-level recorder of matmul operands, independent of our own bookkeeping.
 
 It sees the aten ops that actually run (``mm``, ``bmm``, ``addmm``, attention
-kernels, convolutions) in forward and backward, and records the RMS of their operands: both
+kernels, convolutions: what the graph-level matmul-class ops of
+:func:`~unit_scale_fx.rules.matmul.matmul_operands` run as, einsum included) in forward and backward, and records the RMS of their operands: both
 inputs in forward; in backward, the incoming gradient (the operand that is not a
 tensor saved from forward).
 """
