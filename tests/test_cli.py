@@ -96,6 +96,23 @@ def factories(tmp_path_factory) -> Path:
         def not_inputs():
             return 3
 
+        def bad_name():
+            return (torch.randint(0, 32, (2, 3)),), {"labels); import os; (": torch.zeros(1)}
+
+        class VarKw(nn.Module):  # keyword inputs through **kwargs
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x, **kw):
+                return self.fc(x) * kw["gain"]
+
+        def varkw_inputs():
+            return (torch.randn(2, 4),), {"gain": torch.full((1,), 3.0)}
+
+        def varkw_bad_inputs():
+            return (torch.randn(2, 4),), {"a b": torch.full((1,), 3.0)}
+
         class Lit(nn.Module):  # PyTorch Lightning's convention
             def __init__(self):
                 super().__init__()
@@ -321,6 +338,14 @@ def test_inputs_factory_gets_the_measure_seed(factories: Path, capsys) -> None:
     assert "cross_entropy" in capsys.readouterr().out
 
 
+def test_keyword_inputs_through_var_kwargs(factories: Path, capsys) -> None:
+    assert main(["dump", f"{factories}:VarKw", "--inputs", f"{factories}:varkw_inputs"]) == 0
+    rows = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()[2:]}
+    assert "gain" in rows and "placeholder" in rows["gain"] and "rms 3/" in rows["gain"]
+    assert main(["dump", f"{factories}:VarKw", "--inputs", f"{factories}:varkw_bad_inputs"]) == 2
+    assert "'a b' is not a plain Python name" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cls,shape", [("Lit", "5x4"), ("LitDict", "9x4")])
 def test_lightning_example_input_array(cls: str, shape: str, factories: Path, capsys) -> None:
     assert main(["dump", f"{factories}:{cls}"]) == 0
@@ -346,6 +371,7 @@ def test_command_line_inputs_replace_example_input_array(factories: Path, capsys
     (["--input-shape", "2,5:int64:32", "--kwarg-shape", "input_ids=2,5:int64:32"], "also given by position"),
     (["--inputs", "{f}:not_inputs"], "gave int, not example inputs"),
     (["--inputs", "{f}:nosuch"], "has no callable 'nosuch'"),
+    (["--inputs", "{f}:bad_name"], "has no parameter 'labels); import os; ('"),
     (["--inputs", "{f}:tok_batch", "--input-shape", "2"], "both give example inputs"),
     ([], "no example inputs"),
 ])

@@ -13,6 +13,7 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import keyword
 import logging
 import sys
 from dataclasses import dataclass
@@ -293,7 +294,14 @@ class KeywordInputs(nn.Module):
 
 
 def _keyword_module(model: nn.Module, n_args: int, names: tuple[str, ...]) -> nn.Module:
-    params = [f"arg{i}" for i in range(n_args)] + list(names)
+    positional = [f"arg{i}" for i in range(n_args)]
+    bad = [k for k in names if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k)
+           or k == "self" or k in positional]
+    if bad:
+        raise UnitScaleError(f"keyword input name {bad[0]!r} is not a plain Python name (or clashes with "
+                             f"{', '.join(positional) or 'self'})", where="--inputs",
+                             fix="use forward's parameter names as the keys")
+    params = positional + list(names)
     call = ", ".join([f"arg{i}" for i in range(n_args)] + [f"{k}={k}" for k in names])
     code = f"def forward(self, {', '.join(params)}):\n    return self.model({call})\n"
     scope: dict[str, Any] = {}
