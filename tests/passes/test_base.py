@@ -23,11 +23,11 @@ def _gm():
 def test_a_pass_whose_needs_are_missing_is_refused_before_it_runs():
     gm, args = _gm()
     ctx = PassContext(example_args=args)
-    with pytest.raises(UnitScaleError, match="'plan' needs param_roles, topology") as info:
+    with pytest.raises(UnitScaleError, match="'plan' needs init_kinds, topology") as info:
         run_passes(gm, ctx, [plan])
     assert "after: none" in str(info.value) and "build_pipeline" in str(info.value)
     # topology produces one of the two; the other is still missing, and the error names what ran
-    with pytest.raises(UnitScaleError, match="'plan' needs param_roles,") as info:
+    with pytest.raises(UnitScaleError, match="'plan' needs init_kinds,") as info:
         run_passes(gm, ctx, [shape_prop, topology, plan])
     assert "after: shape_prop, topology" in str(info.value)
     assert not any(n.meta.get("unit_scale") for n in gm.graph.nodes)  # plan never ran
@@ -35,10 +35,10 @@ def test_a_pass_whose_needs_are_missing_is_refused_before_it_runs():
 
 def test_what_a_pass_produces_or_the_caller_gives_is_available():
     gm, args = _gm()
-    ctx = PassContext(example_args=args, param_roles={"0.weight": "unit"})  # given at construction
-    assert ctx.available == {"param_roles"}
+    ctx = PassContext(example_args=args, init_kinds={"0.weight": "unit"})  # given at construction
+    assert ctx.available == {"init_kinds"}
     run_passes(gm, ctx, [shape_prop, topology, plan])
-    assert {"real_values", "input_rms", "topology", "scales", "param_roles"} <= ctx.available
+    assert {"real_values", "input_rms", "topology", "scales", "init_kinds"} <= ctx.available
     assert [name for name, _ in ctx.timings] == ["shape_prop", "topology", "plan"]
     ctx2 = PassContext(example_args=args)
     ctx2.give("potentials", object())

@@ -85,7 +85,7 @@ def test_the_pass_pins_measured_rules_and_leaves_the_graph_alone():
     from helpers import graph_code, pipeline_until, rms, run_pass
 
     from unit_scale_fx.passes.calibrate import CalibratedRule
-    from unit_scale_fx.rules.registry import RULE_OVERRIDE
+    from unit_scale_fx.record import RULE_OVERRIDE
 
     x, y = _batch()
     gm, ctx, p = pipeline_until(Tail(), (x, y), "calibrate", calibrate=True)

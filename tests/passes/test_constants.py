@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from helpers import graph_code, pipeline_until, rms, run_pass
 from unit_scale_fx.passes.constants import keys_per_row, live_nodes
-from unit_scale_fx.rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS
+from unit_scale_fx.record import CONSTANT, CONSTANT_RMS, MASK_KEYS
 
 T, D = 4, 8
 

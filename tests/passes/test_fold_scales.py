@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from helpers import golden, graph_code, hand_planned_small, pipeline_until, run_pass
 from unit_scale_fx.passes import PassContext, rewrite
-from unit_scale_fx.passes.fold_scales import FOLDED, fold_scales
-from unit_scale_fx.passes.rewrite import ROLE
+from unit_scale_fx.passes.fold_scales import fold_scales
+from unit_scale_fx.record import FOLDED, SCALE_ROLE
 from unit_scale_fx.scale import scale
 
 
@@ -41,7 +41,7 @@ def test_golden_code_one_pair_folded():
         return add
     """)
     folded = next(n for n in gm.graph.nodes if n.name == "scale_1")
-    assert folded.meta[ROLE] == ("output", "gelu") and folded.meta[FOLDED] == (0.8, 0.9)
+    assert folded.meta[SCALE_ROLE] == ("output", "gelu") and folded.meta[FOLDED] == (0.8, 0.9)
     assert not fold_scales(gm, PassContext()).modified  # nothing left to fold
 
 

@@ -29,7 +29,7 @@ def test_init_weights_roles():
     result = run_pass(gm, ctx, p)
     assert result.info == "5 parameters initialised"
     assert graph_code(gm) == before  # parameters change, the graph does not
-    assert ctx.param_roles == {"lin.weight": "unit", "lin.bias": "zero", "ln.weight": "one", "ln.bias": "zero",
+    assert ctx.init_kinds == {"lin.weight": "unit", "lin.bias": "zero", "ln.weight": "one", "ln.bias": "zero",
                                "w": "unit"}
     assert abs(rms(gm.lin.weight) - 1.0) < 1e-5
     assert torch.count_nonzero(gm.lin.bias) == 0
@@ -53,6 +53,6 @@ def test_an_embedding_table_keeps_its_zero_padding_row():
     emb = nn.Embedding(10, 8, padding_idx=0)
     gm, ctx, p = pipeline_until(emb, (torch.tensor([[1, 2, 0]]),), "init_weights")
     run_pass(gm, ctx, p)
-    assert ctx.param_roles == {"weight": "unit"}
+    assert ctx.init_kinds == {"weight": "unit"}
     assert torch.count_nonzero(gm.weight[0]) == 0  # divided by its RMS, the zero row stays zero
     assert abs(rms(gm.weight) - 1.0) < 1e-5

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from helpers import graph_code, pipeline_until, rms, run_pass
 from unit_scale_fx import UnitScaleError
-from unit_scale_fx.passes.rewrite import ROLE
-from unit_scale_fx.record import META_KEY
+from unit_scale_fx.record import META_KEY, SCALE_ROLE
 
 
 class Res(nn.Module):
@@ -121,7 +120,7 @@ def _measured_grad_rms(gm: fx.GraphModule, *inputs) -> dict[str, float]:
     """RMS of the gradient at each planned node's value as its readers see it (after its output scale)."""
     run = _Grads(gm)
     run.run(*inputs).backward()
-    seen = {n.meta[ROLE][1]: n for n in gm.graph.nodes if (n.meta.get(ROLE) or ("",))[0] == "output"}
+    seen = {n.meta[SCALE_ROLE][1]: n for n in gm.graph.nodes if (n.meta.get(SCALE_ROLE) or ("",))[0] == "output"}
     out = {}
     for n in gm.graph.nodes:
         v = run.values.get(seen.get(n.name, n))

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from helpers import golden, graph_code, hand_planned_small, pipeline_until, rms, run_pass
 from unit_scale_fx.passes import PassContext, rewrite
-from unit_scale_fx.passes.rewrite import INSERTED, ROLE
-from unit_scale_fx.record import META_KEY, ScaleRecord
+from unit_scale_fx.record import INSERTED, META_KEY, SCALE_ROLE, ScaleRecord
 from unit_scale_fx.scale import scale
 
 
@@ -40,7 +39,7 @@ def test_golden_code_from_hand_written_records():
     """)
     inserted = [n for n in gm.graph.nodes if n.target is scale]
     assert all(n.meta[INSERTED] for n in inserted)
-    assert sorted(n.meta[ROLE] for n in inserted) == [
+    assert sorted(n.meta[SCALE_ROLE] for n in inserted) == [
         ("input", "add"), ("input", "add"), ("input", "linear"), ("input", "linear"),
         ("output", "gelu"), ("output", "linear")]
 
