@@ -2,8 +2,10 @@
 
 For each task (``char``: character-level GPT; ``image``: ViT on generated images; see ``fp8_tasks.py``)
 and each recipe (``sp-fp32``, ``sp-fp8-dynamic``, ``us-fp32``, ``us-fp8``, optionally ``unit-fp32`` /
-``unit-fp8``), every learning rate of the recipe's grid is trained with every seed. A recipe's
-result is its best learning rate by the mean over seeds of the final validation loss.
+``unit-fp8``), every learning rate of the recipe's grid (4 points, factor 2: ``GRIDS``) is trained with
+every seed (default 0 and 1; the seed sets the weight init and the data order) for 500 (char) / 400
+(image) Adam steps at width 64. A recipe's result is its best learning rate by the mean over seeds of
+the final validation loss.
 
 Diagnostics: every run carries quantisers at every matmul operand and output gradient (rounding in the
 FP8 recipes, counting only in the FP32 ones). At ``--evals`` points during training the script records,
