@@ -23,7 +23,8 @@ recipes keep embedding tables in higher precision.
 
 Per-op-kind formats (``FormatSimulation.high_precision``): a matmul-class op with no
 other matmul-class op downstream of it is a *readout* (the LM head, a classifier);
-its quantisers carry the role ``"readout operand"`` / ``"readout grad"``. Readouts and
+when the policy keeps readouts in ``high_format``, their quantisers carry the role
+``"readout operand"`` / ``"readout grad"`` (otherwise the usual ``"matmul ..."``). Readouts and
 attention's inner matmuls can be kept in ``high_format`` while the rest is rounded to
 ``fwd`` / ``bwd``.
 """
@@ -145,7 +146,7 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             log.debug("simulate_format: %s -> SimulatedAttention", node.name)
             continue
         target = resolve_target(node, gm)
-        if node in readouts:
+        if node in readouts and "readout" in sim.high_precision:
             klass = "readout"
         fwd, bwd = sim.formats_for(klass)
         for i, inp in enumerate(_operands(node, target)):
