@@ -61,3 +61,9 @@ class ScaleRecord:
 
 #: Where the planned module keeps its parameter-role analysis (``gm.meta``).
 ROLES_META_KEY = "unit_scale_param_roles"
+
+#: On a node whose arguments a pass rescaled (u-μP: ``mul`` nodes it inserted, the ``scale=`` of attention):
+#: ``{"bypass": True}`` for an inserted multiplication (erasing it means reading its first argument), or
+#: ``{"kwarg": (name, position, original value)}`` for a rescaled argument. ``analysis.equivalence`` reads
+#: it to erase every scale the rewrite put into the model.
+ARG_SCALE_KEY = "unit_scale_arg_scale"
