@@ -19,52 +19,12 @@ import torch.nn.functional as F
 from unit_scale_fx import UnitScaleError, unit_scale
 from unit_scale_fx.analysis import check_equivalence, gradient_cosines
 from unit_scale_fx.rules.inplace import write_through_view
+from fixtures.writes import EXTRA_COLUMNS, WRITES, narrow_mul
 
 MIN_COS = 1 - 1e-6
 
 
-def _narrow_mul(h, x):
-    h.narrow(1, 0, 1).mul_(0)
-    return h
-
-
-def _setitem(h, x):
-    h[:, 3] = x[:, 0]
-    h[:, 0] = 0
-    return h
-
-
-def _index_put_view(h, x):
-    idx = torch.arange(2) * 2
-    h.narrow(0, 0, 4).index_put_((idx,), x[:2, :1] * 3.0)
-    return h
-
-
-def _masked_fill_view(h, x):
-    v = h[:, 1:3]
-    v.masked_fill_(v > 0, 0.5)
-    return h
-
-
-def _relu_inplace_view(h, x):
-    F.relu(h[:, :4], inplace=True)
-    return h
-
-
-def _alias_read_after_write(h, x):
-    v = h[:, :2]
-    h.mul_(2.0)
-    h.narrow(1, 1, 2).add_(x[:, :2])
-    return torch.cat([h, v * v], dim=1)
-
-
-def _written_view_is_read(h, x):
-    w = h.narrow(1, 2, 3).mul_(-1.0)
-    return h + w.sum(-1, keepdim=True)
-
-
-CASES = {f.__name__[1:]: f for f in (_narrow_mul, _setitem, _index_put_view, _masked_fill_view,
-                                      _relu_inplace_view, _alias_read_after_write, _written_view_is_read)}
+CASES = WRITES
 
 
 class Writer(nn.Module):
@@ -72,7 +32,7 @@ class Writer(nn.Module):
         super().__init__()
         self.write, self.export = write, export
         self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8 if write is not _alias_read_after_write else 10, 3)
+        self.b = nn.Linear(8 + EXTRA_COLUMNS.get(write.__name__, 0), 3)
 
     def forward(self, x):
         if self.export and x.shape[0] > 0:  # Python control flow on a shape: torch.fx cannot trace it
@@ -104,7 +64,7 @@ def test_writes_through_views_are_kept(case, export):
 def test_dropped_write_is_caught_by_equivalence_not_by_validity():
     """Negative control: the failure this issue found (a write whose result nobody reads)."""
     torch.manual_seed(0)
-    model, x = Writer(_narrow_mul, False), torch.randn(6, 4)
+    model, x = Writer(narrow_mul, False), torch.randn(6, 4)
     us = unit_scale(model, (x,))
     (write,) = [n for n in us.graph.nodes if n.target is write_through_view]
     for u in list(write.users):  # drop the write: readers of the new value read the old one

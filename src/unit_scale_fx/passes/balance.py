@@ -25,6 +25,7 @@ import logging
 import math
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
@@ -132,13 +133,31 @@ class Potentials:
         self.boundary_names = set(ctx.boundary)
         for u, v in self.g.edges:
             rec = self.recs.get(v)
-            if rec is None or rec.kind in FIXED_KINDS or u.name not in rec.ideal_bwd:
+            if rec is None or rec.kind in FIXED_KINDS:
                 self.uf.union(u, v)  # no scale op here: the true gradient passes
             elif _needs_grad(u, gm):
+                # every float input of a scaled op has its own backward scale, listed by the rule or not
+                # (a soft target the model computes itself): an unlisted one ideally gets the forward factor
                 self.free.append((u, v))
         roots = {self.uf.find(n) for n in self.g}
         self.index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
         self.log_phi = np.zeros(len(self.index))
+
+    def outputs(self) -> set[int]:
+        """Classes of the graph's float outputs: every one is pinned to potential 1.
+
+        Then the gradient the caller sends into each output arrives as the true gradient times
+        the same factor, so outputs combined outside the graph (a sum of returned losses, a loss on
+        ``(logits, hidden)``, an aux loss) keep their relative weights and every parameter gets a
+        positive multiple of its true gradient.
+        """
+        out = self.gm.graph.find_nodes(op="output")
+        leaves = torch.utils._pytree.tree_leaves(out[0].args[0]) if out else []
+        return {self.cls(n) for n in leaves if isinstance(n, fx.Node) and n in self.g}
+
+    def pinned(self) -> set[int]:
+        """Classes whose potential is exactly 1: outputs and values shared with other graphs."""
+        return self.outputs() | self.boundary()
 
     def boundary(self) -> set[int]:
         """Classes of values linked to code outside the graph (``ctx.boundary``): their potential is 1.
@@ -165,12 +184,14 @@ class Potentials:
             if i == j:
                 continue
             rec = self.recs[v]
-            c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
+            f = _forward_factor(rec, u.name)
+            c = math.log(rec.ideal_bwd.get(u.name, f)) - math.log(f)
             rows.append((i, j, c, 1.0))
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | self.boundary())
+        pinned = self.pinned()
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | pinned)
         if rows:
             self.log_phi = solve_laplacian(len(self.index), rows, anchors)
-        for c in self.boundary():  # exactly 1, not only near it (any potentials are valid)
+        for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)
             self.log_phi[c] = 0.0
         return len(rows)
 
@@ -181,16 +202,15 @@ class Potentials:
             if rec.kind in FIXED_KINDS:
                 continue
             bwd: dict[str, float] = {}
-            for u in self.g.predecessors(v):
-                if u.name not in rec.ideal_bwd:
-                    continue
+            for u in self.g.predecessors(v):  # every float input, listed by the rule or not
                 f = _forward_factor(rec, u.name)
                 if (u, v) in free:
                     bwd[u.name] = f * math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
                 else:
                     bwd[u.name] = f
             rec.bwd = bwd
-            rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3 for k, b in bwd.items())
+            rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3
+                                  for k, b in bwd.items() if k in rec.ideal_bwd)
 
 
 @declare('balance', needs=('topology', 'scales'), produces=('potentials',))

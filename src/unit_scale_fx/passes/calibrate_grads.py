@@ -117,11 +117,13 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
-    # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
-    if losses:
-        new -= np.mean([new[c] for c in losses])
-    for c in pots.boundary():  # values shared with other graphs keep the true gradient
+    # every output (and every value shared with other graphs) keeps potential 1 exactly: gradients that the
+    # caller sends into several outputs keep their relative weights. First shift all potentials by one
+    # factor (valid) so that the outputs' mean is 1, then pin each.
+    pinned = pots.pinned()
+    if pinned:
+        new -= np.mean([new[c] for c in pinned])
+    for c in pinned:
         new[c] = 0.0
     pots.log_phi = new
     pots.assign()

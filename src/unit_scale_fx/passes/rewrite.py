@@ -87,7 +87,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             bwd = {inputs[k]: _snap(v) for k, v in rec.bwd.items() if k in inputs}
             shared = set(bwd.values())
-            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1:
+            tuple_out = isinstance(node.meta.get("val"), (tuple, list))  # a scale op cannot sit on a tuple
+            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1 and not tuple_out:
                 out_bwd = shared.pop() if shared else 1.0
             else:
                 out_bwd = 1.0
