@@ -141,23 +141,28 @@ class Potentials:
                 self.free.append((u, v))
         roots = {self.uf.find(n) for n in self.g}
         self.index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
-        self.log_phi = np.zeros(len(self.index))
-
-    def outputs(self) -> set[int]:
-        """Classes of the graph's float outputs: every one is pinned to potential 1.
-
-        Then the gradient the caller sends into each output arrives as the true gradient times
-        the same factor, so outputs combined outside the graph (a sum of returned losses, a loss on
-        ``(logits, hidden)``, an aux loss) keep their relative weights and every parameter gets a
-        positive multiple of its true gradient.
-        """
-        out = self.gm.graph.find_nodes(op="output")
+        # The graph's outputs: one class of their own (the caller's side of every returned value),
+        # pinned to potential 1. Each returned float value ``n`` reaches it through a backward-only
+        # scale ``phi_n`` (see :meth:`output_bwd`), so ``n`` keeps whatever potential fits inside.
+        out = gm.graph.find_nodes(op="output")
         leaves = torch.utils._pytree.tree_leaves(out[0].args[0]) if out else []
-        return {self.cls(n) for n in leaves if isinstance(n, fx.Node) and n in self.g}
+        self.output_leaves = list(dict.fromkeys(n for n in leaves if isinstance(n, fx.Node) and n in self.g))
+        self.output_cls = len(self.index)
+        self.log_phi = np.zeros(len(self.index) + 1)
 
     def pinned(self) -> set[int]:
-        """Classes whose potential is exactly 1: outputs and values shared with other graphs."""
-        return self.outputs() | self.boundary()
+        """Classes whose potential is exactly 1: the outputs' class and values shared with other graphs.
+
+        With every returned value at one potential, the gradients the caller sends into the outputs
+        (a sum of returned losses, a loss on ``(logits, hidden)``, an aux loss) keep their relative
+        weights, and every parameter gets a positive multiple of its true gradient.
+        """
+        return {self.output_cls} | self.boundary()
+
+    def output_bwd(self) -> dict[str, float]:
+        """Backward factor of the edge from each returned float value ``n`` to the caller: ``phi_n / 1``."""
+        return {n.name: math.exp(self.log_phi[self.cls(n)] - self.log_phi[self.output_cls])
+                for n in self.output_leaves}
 
     def boundary(self) -> set[int]:
         """Classes of values linked to code outside the graph (``ctx.boundary``): their potential is 1.
@@ -187,10 +192,11 @@ class Potentials:
             f = _forward_factor(rec, u.name)
             c = math.log(rec.ideal_bwd.get(u.name, f)) - math.log(f)
             rows.append((i, j, c, 1.0))
+        rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
         pinned = self.pinned()
         anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | pinned)
         if rows:
-            self.log_phi = solve_laplacian(len(self.index), rows, anchors)
+            self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
         for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)
             self.log_phi[c] = 0.0
         return len(rows)

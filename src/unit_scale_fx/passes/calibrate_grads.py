@@ -33,12 +33,19 @@ log = logging.getLogger(__name__)
 class _ScaledRun(fx.Interpreter):
     """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float]) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.exposed: dict[fx.Node, torch.Tensor] = {}
+        self.output_bwd = output_bwd
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
+        if n.op == "output":  # the backward scales between the returned values and the caller
+            for u in n.all_input_nodes:
+                b = self.output_bwd.get(u.name, 1.0)
+                if b != 1.0 and isinstance(self.env.get(u), torch.Tensor):
+                    self.env[u] = scale(self.env[u], 1.0, b)
+            return super().run_node(n)
         if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
             value = super().run_node(n)
         else:
@@ -60,11 +67,15 @@ class _ScaledRun(fx.Interpreter):
 
 
 def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
+    """What the caller will backpropagate: the scalar outputs (losses) if there are any, else a unit
+    random gradient into every output."""
     gen = torch.Generator().manual_seed(seed)
     total = None
-    for t in torch.utils._pytree.tree_leaves(out):
-        if not (isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()):
-            continue
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out)
+              if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+    if any(t.dim() == 0 for t in leaves):
+        leaves = [t for t in leaves if t.dim() == 0]
+    for t in leaves:
         if t.dim() == 0:
             term = t
         else:
@@ -88,7 +99,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
     with preserved_state(gm), torch.enable_grad():
-        run = _ScaledRun(gm)
+        run = _ScaledRun(gm, pots.output_bwd())
         out = run.run(*ctx.real_values)
         try:
             _output_loss(out).backward()

@@ -99,4 +99,10 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 scale_output(gm, node, _snap(rec.fwd), out_bwd)
         log.debug("rewrite: %s %s fwd=%.4g bwd=%s weights=%s", rec.rule, node.name, rec.fwd, rec.bwd, rec.weights)
         count += 1
+    if ctx.potentials is not None:  # each returned value: the gradient from the caller, times its potential
+        out = gm.graph.find_nodes(op="output")[0]
+        inputs = _inputs_by_original_name(out)
+        for name, b in ctx.potentials.output_bwd().items():
+            if _snap(b) != 1.0 and name in inputs:
+                scale_input(gm, out, inputs[name], 1.0, _snap(b))
     return PassResult(count > 0, f"{count} nodes scaled")
