@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from unit_scale_fx import UnitScaleError, unit_scale
 from unit_scale_fx.analysis import check_equivalence, gradient_cosines, scale_erased_copy
 from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
+from unit_scale_fx.lowp.formats import FormatSimulation
 from unit_scale_fx.passes.rewrite import INSERTED
 from unit_scale_fx.record import ARG_SCALE_KEY
 from unit_scale_fx.scale import scale
@@ -132,6 +133,6 @@ def test_simulated_format_is_refused():
     torch.manual_seed(0)
     x, y = mlp_batch(batch=16)
     model = ResidualMLP(layers=1)
-    us = unit_scale(model, (x, y), simulate_format="e4m3")
+    us = unit_scale(model, (x, y), simulate_format=FormatSimulation())
     with pytest.raises(UnitScaleError, match="simulate"):
         check_equivalence(model, us, x, y)
