@@ -46,7 +46,14 @@ class UnitScaleTracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:  # type: ignore[override]
         self._names: Optional[tuple[dict[int, str], dict[int, str]]] = None
+        self.lost_types: list[str] = []
         return super().trace(root, concrete_args)
+
+    def create_arg(self, a: Any) -> Any:
+        """``fx.Tracer`` turns a dict subclass (a ``ModelOutput``) into a plain dict: note which were lost."""
+        if isinstance(a, dict) and type(a) is not dict:
+            self.lost_types.append(type(a).__qualname__)
+        return super().create_arg(a)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """Parameters and buffers become ``get_attr`` nodes, as in ``fx.Tracer``.
@@ -128,6 +135,7 @@ def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _mirror_state(model, gm)
     gm.meta["capture"] = "symbolic_trace"
+    gm.meta["lost_types"] = sorted(set(tracer.lost_types))
     return gm
 
 
@@ -148,6 +156,12 @@ def capture(
     """Capture ``model`` as a GraphModule; see the module docstring for the order of attempts."""
     try:
         gm = symbolic_capture(model, leaf_modules)
+        lost = gm.meta.get("lost_types")
+        if lost and example_inputs is not None:  # torch.export keeps them (pytree nodes)
+            raise TypeError(f"torch.fx would return {', '.join(lost)} as a plain dict")
+        if lost:
+            log.warning("unit_scale: torch.fx returns %s as a plain dict; pass example_inputs=(...) to capture "
+                        "%s with torch.export, which keeps the output type", ", ".join(lost), type(model).__name__)
         log.info("captured %s with torch.fx symbolic tracing (%d nodes)", type(model).__name__, len(gm.graph.nodes))
         return gm
     except Exception as exc:  # tracing raises many kinds of errors

@@ -8,10 +8,14 @@ re-creates one failure that used to be silent and shows which check catches it.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 from unit_scale_fx import UnitScaleError, unit_scale
 from unit_scale_fx.analysis import check_equivalence, gradient_cosines, scale_erased_copy
@@ -136,3 +140,38 @@ def test_simulated_format_is_refused():
     us = unit_scale(model, (x, y), simulate_format=FormatSimulation())
     with pytest.raises(UnitScaleError, match="simulate"):
         check_equivalence(model, us, x, y)
+
+
+@dataclasses.dataclass
+class Out(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    aux: Optional[torch.Tensor] = None
+
+
+class ReturnsModelOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, y):
+        h = F.gelu(self.a(x))
+        logits = self.b(h)
+        return Out(loss=F.cross_entropy(logits, y), logits=logits, aux=h.pow(2).mean())
+
+
+def test_model_output_keeps_its_type_and_gradients_are_valid():
+    """torch.fx turns a ModelOutput into a dict: with example inputs such a model is exported instead."""
+    torch.manual_seed(0)
+    model = ReturnsModelOutput().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    us = unit_scale(model, (x, y))
+    assert type(us(x, y)) is Out
+    user_loss = lambda o: o.loss + 0.1 * o.aux + o.logits.pow(2).mean()  # noqa: E731
+    assert check_equivalence(model, us, x, y, loss_fn=user_loss).ok
+    assert min(gradient_cosines(us, x, y, loss_fn=user_loss).values()) >= MIN_COS
+    # negative control: planned lazily (symbolic tracing only), the output is a dict, and the check says so
+    lazy = unit_scale(model)
+    lazy(x, y)
+    report = check_equivalence(model, lazy, x, y, loss_fn=lambda o: o["loss"])
+    assert not report.ok and "structure differs" in report.failures[0]

@@ -156,7 +156,8 @@ def check_equivalence(original: nn.Module, unit_scaled: nn.Module, *inputs: Any,
     """Compare the scale-erased ``unit_scaled`` (on ``original``'s weights) with ``original``.
 
     Both run ``model(*inputs, **kwargs)`` from the same RNG state, on copies (neither
-    model, nor its ``.grad`` or buffers, is changed). Compared: every output leaf
+    model, nor its ``.grad`` or buffers, is changed). Compared: the output's structure
+    (container types included: a ``ModelOutput`` must stay one), every output leaf
     (floats: relative error of the norm; everything else: equality) and every
     parameter's gradient of ``loss_fn(output)`` (default: the output if it is one
     scalar, else a fixed random projection of every float output, so every output
@@ -191,10 +192,11 @@ def check_equivalence(original: nn.Module, unit_scaled: nn.Module, *inputs: Any,
     finally:
         torch.set_rng_state(rng)
     report = Equivalence(tolerance=tol)
-    leaves_ref = torch.utils._pytree.tree_leaves(out_ref)
-    leaves_us = torch.utils._pytree.tree_leaves(out_us)
-    if len(leaves_ref) != len(leaves_us):
-        report.failures.append(f"the output has {len(leaves_us)} leaves, the original's {len(leaves_ref)}")
+    leaves_ref, spec_ref = torch.utils._pytree.tree_flatten(out_ref)
+    leaves_us, spec_us = torch.utils._pytree.tree_flatten(out_us)
+    if spec_ref != spec_us or type(out_ref) is not type(out_us):
+        report.failures.append(f"the output's structure differs: {type(out_us).__name__} {spec_us} instead of "
+                               f"{type(out_ref).__name__} {spec_ref}")
     for i, (a, b) in enumerate(zip(leaves_us, leaves_ref)):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
             err = _rel(a if isinstance(a, torch.Tensor) else None, b, 0.0) if isinstance(a, torch.Tensor) \
