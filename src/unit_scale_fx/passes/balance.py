@@ -212,6 +212,8 @@ class Potentials:
                 f = _forward_factor(rec, u.name)
                 if (u, v) in free:
                     bwd[u.name] = f * math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
+                    if u.name not in rec.ideal_bwd and abs(bwd[u.name] / f - 1.0) < 1e-6:
+                        bwd[u.name] = f  # an input the rule does not list: exactly the forward factor if that fits
                 else:
                     bwd[u.name] = f
             rec.bwd = bwd

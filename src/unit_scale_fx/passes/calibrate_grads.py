@@ -66,14 +66,14 @@ class _ScaledRun(fx.Interpreter):
         return value
 
 
-def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
-    """What the caller will backpropagate: the scalar outputs (losses) if there are any, else a unit
-    random gradient into every output."""
+def _output_loss(out: Any, seed: int = 0, scalars_first: bool = True) -> torch.Tensor:
+    """What the caller will backpropagate: the scalar outputs (losses) if there are any (and
+    ``scalars_first``), else a unit random gradient into every output."""
     gen = torch.Generator().manual_seed(seed)
     total = None
     leaves = [t for t in torch.utils._pytree.tree_leaves(out)
               if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
-    if any(t.dim() == 0 for t in leaves):
+    if scalars_first and any(t.dim() == 0 for t in leaves):
         leaves = [t for t in leaves if t.dim() == 0]
     for t in leaves:
         if t.dim() == 0:
@@ -102,7 +102,8 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         run = _ScaledRun(gm, pots.output_bwd())
         out = run.run(*ctx.real_values)
         try:
-            _output_loss(out).backward()
+            # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
+            _output_loss(out, scalars_first=not ctx.boundary).backward()
         except RuntimeError as exc:
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
@@ -128,13 +129,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
-    # every output (and every value shared with other graphs) keeps potential 1 exactly: gradients that the
-    # caller sends into several outputs keep their relative weights. First shift all potentials by one
-    # factor (valid) so that the outputs' mean is 1, then pin each.
-    pinned = pots.pinned()
-    if pinned:
-        new -= np.mean([new[c] for c in pinned])
-    for c in pinned:
+    # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
+    # that the caller sends into several outputs keep their relative weights. The measured potentials are
+    # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
+    for c in pots.pinned():
         new[c] = 0.0
     pots.log_phi = new
     pots.assign()
