@@ -41,11 +41,16 @@ def resolve(name: str) -> Any:
     if name.startswith("aten."):
         _, packet, overload = name.split(".")
         return getattr(getattr(torch.ops.aten, packet), overload)
-    module, _, attr = name.rpartition(".")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest importable prefix, then attributes
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(f"cannot resolve {name!r}")
 
 
 def _apply(step: Step, x: Any) -> Any:
