@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unit_scale_fx import UnitScaleError, unit_scale
-from unit_scale_fx.analysis import check_equivalence, gradient_cosines
+from unit_scale_fx.analysis import all_outputs_loss, check_equivalence, gradient_cosines
 from fixtures.writes import EXTRA_COLUMNS, WRITES, none
 
 #: validity: every parameter's gradient cosine with the true gradient (float64)
@@ -146,7 +146,7 @@ def test_random_models(spec):
     assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
     eq = check_equivalence(model, us, x, y)
     assert eq.ok, eq
-    cos = gradient_cosines(us, x, y)
+    cos = gradient_cosines(us, x, y, loss_fn=all_outputs_loss)
     assert cos and all(c >= MIN_COS for c in cos.values()), cos
     plan = _plan(us)
     us.replan(x, y)
@@ -253,7 +253,7 @@ def test_output_structures(spec):
         us = unit_scale(model, (x, y))
     except UnitScaleError:
         return  # a clear refusal is allowed; anything else fails the test
-    for fn in (None, loss_fn):  # every output (random projection), and the user's own combination
+    for fn in (all_outputs_loss, loss_fn):  # every output (random projection), and the user's own combination
         eq = check_equivalence(model, us, x, y, loss_fn=fn)
         assert eq.ok, eq
         cos = gradient_cosines(us, x, y, loss_fn=fn)

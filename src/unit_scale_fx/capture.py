@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnitScaleError
+from .record import CAPTURE, LOST_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _mirror_state(model, gm)
-    gm.meta["capture"] = "symbolic_trace"
-    gm.meta["lost_types"] = sorted(set(tracer.lost_types))
+    gm.meta[CAPTURE] = "symbolic_trace"
+    gm.meta[LOST_TYPES] = sorted(set(tracer.lost_types))
     return gm
 
 
@@ -143,7 +144,7 @@ def export_capture(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
     ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False)
     gm = ep.module()
     _mirror_state(model, gm)
-    gm.meta["capture"] = "torch.export"
+    gm.meta[CAPTURE] = "torch.export"
     return gm
 
 
@@ -156,7 +157,7 @@ def capture(
     """Capture ``model`` as a GraphModule; see the module docstring for the order of attempts."""
     try:
         gm = symbolic_capture(model, leaf_modules)
-        lost = gm.meta.get("lost_types")
+        lost = gm.meta.get(LOST_TYPES)
         if lost and example_inputs is not None:  # torch.export keeps them (pytree nodes)
             raise TypeError(f"torch.fx would return {', '.join(lost)} as a plain dict")
         if lost:

@@ -31,12 +31,18 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..passes.rewrite import INSERTED
-from ..record import ARG_SCALE_KEY
+from ..record import ARG_SCALE_KEY, INSERTED
 from ..scale import scale
-from .validity import VANISHING, _default_loss, _graph_module
+from ..tensor_stats import output_loss
+from .validity import VANISHING, _graph_module
 
 LossFn = Callable[[Any], torch.Tensor]
+
+
+def all_outputs_loss(out: Any) -> torch.Tensor:
+    """A scalar every float output contributes to: the scalar outputs themselves plus a fixed random
+    projection of every other output. Use it as ``loss_fn`` to check every output at once."""
+    return output_loss(out, seed=1234, where="all_outputs_loss", scalars_first=False)
 
 
 def _erase(graph: fx.Graph) -> int:
@@ -159,14 +165,13 @@ def check_equivalence(original: nn.Module, unit_scaled: nn.Module, *inputs: Any,
     model, nor its ``.grad`` or buffers, is changed). Compared: the output's structure
     (container types included: a ``ModelOutput`` must stay one), every output leaf
     (floats: relative error of the norm; everything else: equality) and every
-    parameter's gradient of ``loss_fn(output)`` (default: the output if it is one
-    scalar, else a fixed random projection of every float output, so every output
-    counts). ``dtype=torch.float64`` runs both in double precision (float inputs
+    parameter's gradient of ``loss_fn(output)`` (default: :func:`all_outputs_loss`, so
+    every output counts). ``dtype=torch.float64`` runs both in double precision (float inputs
     cast too) for a tight check. ``tolerance`` defaults to 1e-4 (float32) or 1e-9
     (float64). Returns an :class:`Equivalence`; ``.ok`` says whether it holds.
     """
     kwargs = dict(kwargs or {})
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or all_outputs_loss
     ref = copy.deepcopy(original)
     erased = scale_erased_copy(unit_scaled)
     # strict=False: a torch.export capture may add constants of its own (``lifted_tensor_0``)

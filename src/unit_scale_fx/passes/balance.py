@@ -29,12 +29,13 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
+from ..rules.registry import Kind
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
 #: Record kinds with no scale op of their own: their edges keep the true gradient.
-FIXED_KINDS = frozenset({"preserve", "unsupported", "excluded"})
+FIXED_KINDS = frozenset({Kind.PRESERVE, Kind.UNSUPPORTED, Kind.EXCLUDED})
 
 _EPS = 1e-9  # ties down potentials not reached by any equation
 
@@ -194,7 +195,7 @@ class Potentials:
             rows.append((i, j, c, 1.0))
         rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
         pinned = self.pinned()
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | pinned)
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | pinned)
         if rows:
             self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
         for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)
