@@ -61,6 +61,25 @@ def test_writes_through_views_are_kept(case, export):
     assert not {t for t in targets if isinstance(t, str) and t.endswith("_") and not t.startswith("_")}
 
 
+class AddIntoView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = self.a(x).view(-1, 2, 4)
+        h += self.b(x).view(-1, 2, 4)  # nothing reads a(x) again: a plain add, planned by its rule
+        return h.sum(1)
+
+
+def test_in_place_op_on_a_view_nobody_reads_through_is_a_plain_op():
+    torch.manual_seed(0)
+    model, x = AddIntoView(), torch.randn(6, 4)
+    us = _check(model, x)
+    assert not [n for n in us.graph.nodes if n.target is write_through_view]
+    assert any(r.rule == "add" for r in us.scale_plan().values())
+
+
 def test_dropped_write_is_caught_by_equivalence_not_by_validity():
     """Negative control: the failure this issue found (a write whose result nobody reads)."""
     torch.manual_seed(0)

@@ -164,6 +164,18 @@ class _Functionalize:
                     todo.append(u)
         return out
 
+    def read_later(self, root: fx.Node, node: fx.Node, views: list[fx.Node]) -> bool:
+        """Is ``root``, or a view of it other than the written one, read after the in-place ``node``?"""
+        order = self.order()
+        after = order[node]
+        chain = set(views) | {node}
+        for a in [root, *self.aliases(root)]:
+            if a is views[-1]:
+                continue  # readers of the written view read the op's result
+            if any(u not in chain and order.get(u, -1) > after for u in a.users):
+                return True
+        return False
+
     def redirect(self, root: fx.Node, new_root: fx.Node, anchor: fx.Node) -> None:
         """Readers of ``root`` after ``anchor`` read ``new_root``; readers of earlier views of ``root`` read new views.
 
@@ -229,6 +241,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not isinstance(mutated, fx.Node):
             continue
         root, views = fz.chain(mutated)
+        if views and form[0] != "setitem" and not fz.read_later(root, node, views):
+            views = []  # nothing reads the base again: an out-of-place op on the view is the same (rules apply)
         if views:
             if root.op == "get_attr":
                 continue  # a write into a buffer through a view: kept in place, the buffer keeps its update
