@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import Kind, float_tensor_inputs
+from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
