@@ -3,7 +3,8 @@
 For every model hypothesis draws (widths, depths, parallel branches, residuals,
 shared weights, norms, activations, loss heads):
 
-* ``unit_scale`` succeeds or raises ``UnitScaleError``, never anything else;
+* ``unit_scale`` accepts it (every op in these models has a rule: a refusal, or an op left
+  unscaled, is a bug) and leaves the user's model unchanged;
 * the forward output is finite;
 * with every inserted scale erased, the rewritten model computes the original model's outputs and
   gradients on the original's weights (float64, relative error <= 1e-9, :func:`check_equivalence`);
@@ -25,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -135,13 +137,10 @@ def test_random_models(spec):
     x = torch.randn(spec["batch"], spec["d_in"], dtype=torch.float64)
     y = torch.randn(spec["batch"], d_y, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        us = unit_scale(model, (x, y))
-    except UnitScaleError:
-        return  # a clear refusal is allowed; anything else fails the test
-    finally:
-        for k, v in model.state_dict().items():  # the user's model is never changed
-            assert torch.equal(v, before[k]), k
+    us = unit_scale(model, (x, y), unsupported="error")  # any refusal fails the test, with its reason
+    for k, v in model.state_dict().items():  # the user's model is never changed
+        assert torch.equal(v, before[k]), k
+    assert not us.us_unsupported
     out = us(x, y)
     assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
     eq = check_equivalence(model, us, x, y)
@@ -249,10 +248,8 @@ def test_output_structures(spec):
                       spec["tied"]).double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 5, (8,))
     loss_fn = outside_loss(spec["output"], y, spec["weights"])
-    try:
-        us = unit_scale(model, (x, y))
-    except UnitScaleError:
-        return  # a clear refusal is allowed; anything else fails the test
+    us = unit_scale(model, (x, y), unsupported="error")  # any refusal fails the test, with its reason
+    assert not us.us_unsupported
     for fn in (all_outputs_loss, loss_fn):  # every output (random projection), and the user's own combination
         eq = check_equivalence(model, us, x, y, loss_fn=fn)
         assert eq.ok, eq
@@ -263,3 +260,24 @@ def test_output_structures(spec):
         for a, b in zip(_grads(us, x, y, loss_fn), _grads(back, x, y, loss_fn)):
             assert (a is None and b is None) or torch.equal(a, b)
         assert check_equivalence(model, back, x, y, loss_fn=loss_fn).ok
+
+
+class HypotBlock(Block):
+    """A block with an op of two tensors that no rule covers (hypot): outside the supported set."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.down(torch.hypot(self.up(h), self.other(h)))
+
+
+def test_negative_control_an_unsupported_op_is_refused_by_name():
+    """The property test above fails on a model it should fail on: here, with the reason it names."""
+    torch.manual_seed(0)
+    model = RandomNet(8, 16, 3, [(16, "branches", "relu", "layer")], "mse", False)
+    model.blocks[0] = HypotBlock(16, 16, "branches", "relu", "layer")
+    x, y = torch.randn(4, 8), torch.randn(4, 3)
+    with pytest.raises(UnitScaleError, match=r"no unit-scaling rule(.|\n)*hypot"):
+        unit_scale(model, (x, y), unsupported="error")
+    with pytest.warns(UserWarning, match="no unit-scaling rule"):
+        us = unit_scale(model, (x, y))  # the default policy: scaled around, and reported
+    assert [u.node for u in us.us_unsupported] == ["hypot"]

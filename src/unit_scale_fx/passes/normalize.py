@@ -271,9 +271,12 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         changed += 1
     changed_targets = _picklable_targets(gm)
     _check_picklable(gm)
-    return PassResult(changed + viewed + changed_targets > 0,
-                      f"{changed} in-place ops made out-of-place, {viewed} writes through views functionalised, "
-                      f"{changed_targets} targets made picklable")
+    info = f"{changed} in-place ops made out-of-place"
+    if viewed:
+        info += f", {viewed} writes through views kept (write_through_view)"
+    if changed_targets:
+        info += f", {changed_targets} targets made picklable"
+    return PassResult(changed + viewed + changed_targets > 0, info)
 
 
 def _dispatch_target(node: fx.Node) -> Any:
