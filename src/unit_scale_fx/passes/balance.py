@@ -193,6 +193,7 @@ class Potentials:
             f = _forward_factor(rec, u.name)
             c = math.log(rec.ideal_bwd.get(u.name, f)) - math.log(f)
             rows.append((i, j, c, 1.0))
+        n_edges = len(rows)
         rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
         pinned = self.pinned()
         anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | pinned)
@@ -200,7 +201,7 @@ class Potentials:
             self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
         for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)
             self.log_phi[c] = 0.0
-        return len(rows)
+        return n_edges
 
     def assign(self) -> None:
         """Write ``b_uv = f_uv * phi_u / phi_v`` into every record."""
