@@ -186,7 +186,7 @@ class StructNet(nn.Module):
         if self.output == "loss":
             return loss
         if self.output == "two_losses":  # two returned losses, summed by the user
-            return loss, F.mse_loss(self.aux(h), torch.zeros_like(h))
+            return loss, F.mse_loss(self.aux(h), h.detach())
         if self.output == "aux_inside":  # an auxiliary loss added inside the model
             return loss + 0.01 * h.pow(2).mean()
         if self.output == "loss_and_aux":  # (loss, aux) returned, as mixture-of-experts models do
