@@ -26,16 +26,25 @@ from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult, declare, preserved_state
+from .plan import tensor_rms
 
 log = logging.getLogger(__name__)
 
 
 class _ScaledRun(fx.Interpreter):
-    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
+    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will.
+
+    Costs what a training step costs: values are freed once their last reader ran (what
+    autograd saves for backward stays, as in training), and the gradient of each node is
+    measured by a hook the moment backward computes it, and then dropped.
+    """
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.exposed: dict[fx.Node, torch.Tensor] = {}
+        super().__init__(gm, garbage_collect_values=True)
+        #: node -> RMS of its gradient (filled during backward)
+        self.grads: dict[fx.Node, float] = {}
+        #: node -> number of elements of its value
+        self.sizes: dict[fx.Node, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
@@ -51,13 +60,19 @@ class _ScaledRun(fx.Interpreter):
                     self.env[u] = scale(saved[u], f, b)
             value = super().run_node(n)
             self.env.update(saved)
+            saved.clear()
             if not rec.weights and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
                 value = scale(value, rec.fwd, 1.0)
         if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
-            value.retain_grad()
-            self.exposed[n] = value
+            self.sizes[n] = value.numel()
+            value.register_hook(self._measure(n))
         return value
 
+    def _measure(self, n: fx.Node):
+        def hook(g: torch.Tensor) -> None:
+            self.grads[n] = tensor_rms(g) if g.numel() else 0.0
+
+        return hook
 
 def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -91,14 +106,14 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         run = _ScaledRun(gm)
         out = run.run(*ctx.real_values)
         try:
-            _output_loss(out).backward()
+            loss = _output_loss(out)
+            del out
+            loss.backward()
         except RuntimeError as exc:
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
-        # read now: leaving preserved_state clears the parameters' .grad
-        grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
-                 for n, v in run.exposed.items() if v.grad is not None}
-        sizes = {n: v.numel() for n, v in run.exposed.items()}
+        del loss
+        grads, sizes = run.grads, run.sizes
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}

@@ -29,11 +29,25 @@ def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
+#: elements per piece when a low-precision tensor is measured in float32
+_CHUNK = 1 << 20
+
+
+def tensor_rms(t: torch.Tensor) -> float:
+    """RMS of a float tensor without a full-size temporary (float32 accumulation, in chunks below float32)."""
+    with torch.no_grad():
+        t = t.detach()
+        if t.dtype in (torch.float32, torch.float64):
+            return float(torch.linalg.vector_norm(t)) / math.sqrt(t.numel())
+        flat = t.reshape(-1)
+        total = sum(float(torch.linalg.vector_norm(c, dtype=torch.float32)) ** 2 for c in flat.split(_CHUNK))
+        return math.sqrt(total / t.numel())
+
+
 def _tensor_rms(t: torch.Tensor) -> Optional[float]:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
         return None
-    with torch.no_grad():
-        return float(t.detach().float().pow(2).mean().sqrt())
+    return tensor_rms(t)
 
 
 def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:
