@@ -22,9 +22,10 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs
+from ..rules.registry import float_tensor_inputs, resolve_target
 from ..scale import scale
 from .balance import FIXED_KINDS
+from .fold_scales import SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 from .plan import tensor_rms
 
@@ -52,8 +53,11 @@ class _ScaledRun(fx.Interpreter):
             value = super().run_node(n)
         else:
             saved = {}
-            for u in float_tensor_inputs(n):
-                f = rec.weights.get(u.name, 1.0) if rec.weights else 1.0
+            inputs = float_tensor_inputs(n)
+            # relu(a x) = a relu(x): scale the input, so backward keeps relu's output once (as fold_scales does)
+            before = not rec.weights and rec.fwd > 0 and len(inputs) == 1 and _target(n) in SAVES_OUTPUT
+            for u in inputs:
+                f = rec.weights.get(u.name, 1.0) if rec.weights else (rec.fwd if before else 1.0)
                 b = rec.bwd.get(u.name, f)
                 if (f, b) != (1.0, 1.0) and isinstance(self.env.get(u), torch.Tensor):
                     saved[u] = self.env[u]
@@ -61,7 +65,7 @@ class _ScaledRun(fx.Interpreter):
             value = super().run_node(n)
             self.env.update(saved)
             saved.clear()
-            if not rec.weights and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
+            if not rec.weights and not before and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
                 value = scale(value, rec.fwd, 1.0)
         if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
             self.sizes[n] = value.numel()
@@ -73,6 +77,13 @@ class _ScaledRun(fx.Interpreter):
             self.grads[n] = tensor_rms(g) if g.numel() else 0.0
 
         return hook
+
+def _target(n: fx.Node) -> Any:
+    try:
+        return resolve_target(n)
+    except Exception:
+        return None
+
 
 def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)

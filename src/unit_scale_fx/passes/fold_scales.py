@@ -1,45 +1,164 @@
-"""fold_scales: one scale node where the rewrite left two in a row.
+"""fold_scales: fewer scale nodes, and no scaled copy that backward keeps twice.
 
-An op's output scale ``scale(y, a1, b1)`` read only by the next op's input scale
-``scale(., a2, b2)`` is the same as ``scale(y, a1 * a2, b1 * b2)``: the product of
-two linear maps, forward and backward. Folding halves the elementwise kernels and
-autograd nodes between ops in eager mode. The folded node keeps the output role,
-and records the consumer's part under ``FOLDED`` so reports can still show the
-value and gradient as the producer's readers see them.
+Two exact rewrites, repeated until neither applies:
+
+* **Merge.** An op's output scale ``scale(y, a1, b1)`` read only by the next op's input
+  scale ``scale(., a2, b2)`` is the same as ``scale(y, a1 * a2, b1 * b2)``: the product of
+  two linear maps, forward and backward.
+* **Hoist through positively homogeneous ops.** For ``f`` with ``f(a x) = a f(x)`` when
+  ``a > 0`` (relu, leaky relu, max and average pooling, dropout, views, reshapes,
+  transposes), ``f``'s Jacobian at ``a x`` equals the one at ``x``, so
+  ``scale(f(x), a, b)`` and ``f(scale(x, a, b))`` compute the same value and send the same
+  gradient to ``x``. A scale below a chain of such ops moves above the chain when it
+  merges there with the scale of the chain's producer (one elementwise kernel fewer), or
+  when the chain contains an op that keeps its *output* for backward (relu): the scaled
+  copy of relu's output that the next matmul would save is then relu's output itself, and
+  backward keeps one tensor instead of two. relu, max-pooling and views of ``fl(a x)`` are
+  bit-identical to ``fl(a f(x))``.
+
+The merged node keeps the producer's output role and records the consumer's part under
+``FOLDED`` (also on ops whose value now includes a moved scale), so reports can still show
+each value and gradient as the readers of the original op see them. ``dump`` shows every
+factor: they are the arguments of the remaining ``scale`` nodes.
 """
 
 from __future__ import annotations
 
-import torch.fx as fx
+import operator
+from typing import Any, Optional
 
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..scale import scale
 from .base import PassContext, PassResult, declare
 from .rewrite import INSERTED, ROLE
 
-#: ``(a2, b2)``: the factors of the consumer's input scale folded into this node
+#: ``(a2, b2)``: the factors of a consumer's input scale folded into this node (or moved through it)
 FOLDED = "unit_scale_folded"
+
+_VIEW_METHODS = ("view", "reshape", "transpose", "permute", "flatten", "unflatten", "unsqueeze", "squeeze",
+                 "contiguous", "t", "expand", "movedim", "swapaxes")
+#: ops whose backward reads their output (a scaled copy of the output would be kept a second time)
+SAVES_OUTPUT = frozenset(many([torch.relu, F.relu, tensor_method("relu"), aten("relu")]))
+#: ops positively homogeneous of degree 1 in their first argument (the only float tensor they read)
+HOMOGENEOUS = SAVES_OUTPUT | frozenset(many(
+    [F.leaky_relu, aten("leaky_relu"), tensor_method("leaky_relu"),
+     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+     aten("max_pool2d"), aten("avg_pool2d"), aten("adaptive_avg_pool2d"), aten("_adaptive_avg_pool2d"),
+     F.dropout, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+     torch.t, torch.movedim, torch.swapaxes]
+    + [tensor_method(m) for m in _VIEW_METHODS]
+    + [aten(m) for m in ("view", "_unsafe_view", "reshape", "permute", "t", "expand", "unsqueeze", "squeeze",
+                         "clone", "alias", "flatten")]
+    + [aten("transpose", "int"), aten("squeeze", "dim")]
+))
 
 
 def _is_scale(n: object) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target is scale and bool(n.meta.get(INSERTED))
 
 
+def _role(n: fx.Node) -> str:
+    return (n.meta.get(ROLE) or ("",))[0]
+
+
+def _compose(meta: dict, a: float, b: float) -> None:
+    """Record that this node's value now carries ``a`` more and its gradient ``b`` less."""
+    a0, b0 = meta.get(FOLDED, (1.0, 1.0))
+    meta[FOLDED] = (float(a0) * a, float(b0) * b)
+
+
+def _homogeneous(n: Any) -> bool:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or n.meta.get(INSERTED):
+        return False
+    try:
+        target = resolve_target(n)
+        if target not in HOMOGENEOUS:
+            return False
+    except TypeError:  # unhashable target
+        return False
+    x = n.args[0] if n.args else None
+    return isinstance(x, fx.Node) and float_tensor_inputs(n) == [x] and len(n.users) == 1
+
+
+def _merge(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``scale(scale(y, a1, b1), a2, b2)`` with an output scale inside -> ``scale(y, a1 a2, b1 b2)``."""
+    inner = node.args[0]
+    if not _is_scale(inner) or len(inner.users) != 1 or FOLDED in inner.meta:
+        return False
+    if _role(inner) != "output" or _role(node) != "input":
+        return False
+    x, a1, b1 = inner.args
+    _, a2, b2 = node.args
+    node.args = (x, float(a1) * float(a2), float(b1) * float(b2))
+    node.meta[ROLE] = inner.meta[ROLE]
+    node.meta[FOLDED] = (float(a2), float(b2))
+    gm.graph.erase_node(inner)
+    return True
+
+
+def _hoist(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Move ``node`` (a scale) above the chain of homogeneous ops that produces its input."""
+    _, a, b = node.args
+    a, b = float(a), float(b)
+    if not a > 0:
+        return False
+    chain: list[fx.Node] = []
+    top: Optional[fx.Node] = node.args[0]  # type: ignore[assignment]
+    while _homogeneous(top):
+        chain.append(top)  # type: ignore[arg-type]
+        top = top.args[0]  # type: ignore[union-attr]
+    if not chain:
+        return False
+    mergeable = _is_scale(top) and len(top.users) == 1 and _role(top) == "output"
+    if not mergeable and not any(resolve_target(f) in SAVES_OUTPUT for f in chain):
+        return False
+    first = chain[-1]  # the op that reads ``top``
+    own = _role(node) == "output" and node.meta[ROLE][1] == chain[0].name
+    for f in chain:
+        if f is chain[0] and own:
+            # the op's value now includes its own output scale (as reports show it); only a
+            # consumer's part folded into ``node`` is carried
+            if FOLDED in node.meta:
+                _compose(f.meta, *node.meta[FOLDED])
+        else:
+            _compose(f.meta, a, b)
+    if mergeable:
+        x, a1, b1 = top.args
+        top.args = (x, float(a1) * a, float(b1) * b)
+        _compose(top.meta, a, b)
+    else:
+        with gm.graph.inserting_before(first):
+            new = gm.graph.call_function(scale, (top, a, b))
+        new.meta.update({k: node.meta[k] for k in (INSERTED, "nn_module_stack") if k in node.meta})
+        if "val" in top.meta:
+            new.meta["val"] = top.meta["val"]
+        new.meta[ROLE] = ("input", first.name)
+        new.meta[FOLDED] = (a, b)
+        first.replace_input_with(top, new)
+    node.replace_all_uses_with(chain[0])
+    gm.graph.erase_node(node)
+    return True
+
+
 @declare('fold_scales')
 def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if not _is_scale(node):
-            continue
-        inner = node.args[0]
-        if not _is_scale(inner) or len(inner.users) != 1 or FOLDED in inner.meta:
-            continue
-        if (inner.meta.get(ROLE) or ("",))[0] != "output" or (node.meta.get(ROLE) or ("",))[0] != "input":
-            continue
-        x, a1, b1 = inner.args
-        _, a2, b2 = node.args
-        node.args = (x, float(a1) * float(a2), float(b1) * float(b2))
-        node.meta[ROLE] = inner.meta[ROLE]
-        node.meta[FOLDED] = (float(a2), float(b2))
-        gm.graph.erase_node(inner)
-        folded += 1
-    return PassResult(folded > 0, f"{folded} scale pairs folded")
+    merged = hoisted = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False) or not _is_scale(node):
+                continue
+            if _merge(gm, node):
+                merged += 1
+                changed = True
+            elif _hoist(gm, node):
+                hoisted += 1
+                changed = True
+    return PassResult(merged + hoisted > 0, f"{merged} scale pairs merged, {hoisted} scales moved up through "
+                      "homogeneous ops")
