@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
-from ..scale import scale
+from ..scale import scale, scaled_linear
 from .base import PassContext, PassResult, declare
 from .rewrite import INSERTED, ROLE
 
@@ -145,6 +145,104 @@ def _hoist(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+#: linear layers whose scales run inside the op in the generated code (:func:`~unit_scale_fx.scale.scaled_linear`)
+LINEARS = frozenset(many([F.linear, torch._C._nn.linear, aten("linear")]))
+
+
+def _lone_scale(n: Any) -> bool:
+    return _is_scale(n) and len(n.users) == 1
+
+
+def _factors(n: fx.Node) -> tuple[float, float]:
+    return float(n.args[1]), float(n.args[2])
+
+
+def fuse_linears(graph: fx.Graph) -> int:
+    """Replace each ``linear`` and the scale nodes around it by one ``scaled_linear`` call.
+
+    Absorbed: a scale read only by the linear's input (also through a chain of
+    positively homogeneous ops, which then run on the unscaled tensor), weight and bias
+    scales, and the output scale. Forward and backward are unchanged; the scaled copies
+    are not made. Used on a copy of the graph when code is generated (:class:`FusedCodeGen`).
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in LINEARS or set(n.kwargs) - {"bias"}:
+            continue
+        x, w = n.args[0], n.args[1] if len(n.args) > 1 else None
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            continue
+        absorbed: list[fx.Node] = []
+        sx = sw = sb = so = (1.0, 1.0)
+        chain, cur = [], x
+        while _homogeneous(cur):
+            chain.append(cur)
+            cur = cur.args[0]
+        if _lone_scale(cur) and (not chain or _factors(cur)[0] > 0):
+            sx, src = _factors(cur), cur.args[0]
+            if chain:
+                chain[-1].replace_input_with(cur, src)
+            else:
+                x = src
+            absorbed.append(cur)
+        if _lone_scale(w):
+            sw, w = _factors(w), w.args[0]
+            absorbed.append(n.args[1])
+        if isinstance(b, fx.Node) and _lone_scale(b):
+            absorbed.append(b)
+            sb, b = _factors(b), b.args[0]
+        users = list(n.users)
+        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        if out is not None:
+            so = _factors(out)
+        if (sx, sw, sb, so) == ((1.0, 1.0),) * 4:
+            continue
+        kwargs = {k: v for k, v in (("x_scale", sx), ("weight_scale", sw), ("bias_scale", sb), ("out_scale", so))
+                  if v != (1.0, 1.0)}
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_linear, (x, w, b), kwargs)
+        new.meta.update(n.meta)
+        if out is not None:
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        for a in absorbed:
+            graph.erase_node(a)
+        fused += 1
+    return fused
+
+
+class FusedCodeGen:
+    """Generates a graph's code with its linears fused with their scales (:func:`fuse_linears`).
+
+    The graph itself keeps every ``scale`` node (what passes, reports, validity checks
+    and ``dump`` read); only the code that runs computes each linear and its scales as
+    one op. Everything else is the graph's own code generator (``inner``).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _gen_python_code(self, nodes: Any, root_module: str, namespace: Any, **kwargs: Any) -> Any:
+        graph = next(iter(nodes)).graph
+        fused = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+        fused.set_codegen(self.inner)
+        out, out_node = fused.graph_copy(graph, {}, return_output_node=True)
+        new_out = fused.output(out, type_expr=out_node.type)
+        new_out.meta = out_node.meta
+        fuse_linears(fused)
+        for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
+            node._repr_fn = lambda n: namespace.create_name(n.name, n)
+        return self.inner._gen_python_code(fused.nodes, root_module, namespace, **kwargs)
+
+
 @declare('fold_scales')
 def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     merged = hoisted = 0
@@ -160,5 +258,7 @@ def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             elif _hoist(gm, node):
                 hoisted += 1
                 changed = True
+    if not isinstance(gm.graph._codegen, FusedCodeGen):
+        gm.graph.set_codegen(FusedCodeGen(gm.graph._codegen))
     return PassResult(merged + hoisted > 0, f"{merged} scale pairs merged, {hoisted} scales moved up through "
-                      "homogeneous ops")
+                      "homogeneous ops; linears fused with their scales in the generated code")
