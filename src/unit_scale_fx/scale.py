@@ -7,6 +7,8 @@ floats, so torch.compile folds them into the surrounding kernels.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -114,3 +116,137 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     k = (float(fo * fx * fw), float(fo * fb))
     c = (float(go), float(gx * fw), float(gw * fx), float(gb))
     return _ScaledLinearFn.apply(x, weight, bias, k, c)
+
+
+class _ScaledLayerNormFn(torch.autograd.Function):
+    """``fo * layer_norm(x, w, b)``; backward: with ``d = go * g``, each input's gradient times its factor."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shape: list, w: Tensor | None, b: Tensor | None, eps: float,  # type: ignore[override]
+                fo: float, c: tuple) -> Tensor:
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, w, b, eps)
+        if fo != 1.0:
+            out.mul_(fo)
+        ctx.save_for_backward(x, w, b, mean, rstd)
+        ctx.shape, ctx.c = shape, c
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, w, b, mean, rstd = ctx.saved_tensors
+        go, gx, gw, gb = ctx.c
+        if go != 1.0:
+            g = g * go
+        need = ctx.needs_input_grad
+        mask = [need[0], w is not None and need[2], b is not None and need[3]]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, w, b, mask)
+        for t, f in ((dx, gx), (dw, gw), (db, gb)):
+            if t is not None and f != 1.0:
+                t.mul_(f)
+        return dx, None, dw, db, None, None, None
+
+
+def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None,
+                      eps: float = 1e-5, *, x_scale: tuple = _ONE, weight_scale: tuple = _ONE,
+                      bias_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
+    """``layer_norm`` with ``scale`` on its inputs and output, computed as one op.
+
+    The same as ``scale(layer_norm(scale(x, *x_scale), shape, scale(weight, *weight_scale),
+    scale(bias, *bias_scale), eps), *out_scale)`` forward and backward. Inputs' forward
+    factors other than 1 (which change what is normalised) run as separate scales.
+    """
+    (fx, gx), (fw, gw), (fb, gb), (fo, go) = x_scale, weight_scale, bias_scale, out_scale
+    if (fx, fw, fb) != (1.0, 1.0, 1.0):
+        return scale(torch.nn.functional.layer_norm(
+            scale(x, fx, gx), normalized_shape, None if weight is None else scale(weight, fw, gw),
+            None if bias is None else scale(bias, fb, gb), eps), fo, go)
+    if (gx, gw, gb, fo, go) == (1.0,) * 5:
+        return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+    shape = [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
+    return _ScaledLayerNormFn.apply(x, shape, weight, bias, float(eps), float(fo),
+                                    (float(go), float(gx), float(gw), float(gb)))
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.untyped_storage().nbytes() > 0
+
+
+class _ScaledOutputFn(torch.autograd.Function):
+    """``fo * fn(*inputs)``, where ``fn`` saves its output for backward: backward keeps the scaled output once.
+
+    ``fn`` runs on detached inputs with its own autograd record; the output it saves is
+    swapped for the scaled output this op returns (unscaled again when backward needs it),
+    and the unscaled output's memory is released. Backward: ``go`` on the incoming
+    gradient, then ``fn``'s own backward, then each input's factor ``gin[i]``.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, args: tuple, kwargs: dict, gin: tuple, fo: float, go: float,  # type: ignore[override]
+                *inputs: Tensor) -> Tensor:
+        det = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        # hooks the caller set (offloading, checkpointing, measurement) still see every saved tensor
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        boxes: list[list] = []
+
+        def pack(t: Tensor) -> list:
+            boxes.append([t])
+            return boxes[-1]
+
+        def unpack(box: list) -> Tensor:
+            factor, packed = box[0]
+            t = outer[1](packed) if outer is not None else packed
+            return t * factor if factor != 1.0 else t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = fn(*det, *args, **kwargs)
+        y = out.detach() * fo
+        keeps_out = False
+        for box in boxes:
+            t, factor = box[0], 1.0
+            if _same_storage(t, out) and t.shape == out.shape and t.stride() == out.stride():
+                t, factor = y, 1.0 / fo
+            elif _same_storage(t, out):
+                keeps_out = True
+            box[0] = (factor, outer[0](t) if outer is not None else t)
+        ctx.inner, ctx.gin, ctx.go = (out, det), gin, go
+        if not keeps_out:
+            out.untyped_storage().resize_(0)  # only its metadata is needed (the root of the inner backward)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        out, det = ctx.inner
+        if ctx.go != 1.0:
+            g = g * ctx.go
+        want = [i for i, d in enumerate(det) if d.requires_grad]
+        got = torch.autograd.grad(out, [det[i] for i in want], g, allow_unused=True)
+        grads: list = [None] * len(det)
+        for i, t in zip(want, got):
+            f = ctx.gin[i]
+            grads[i] = t * f if (t is not None and f != 1.0) else t
+        ctx.inner = None
+        return (None,) * 6 + tuple(grads)
+
+
+def _plain_tensors(*ts: Tensor) -> bool:
+    """Real tensors (not fake, functional or other subclasses seen while tracing)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in ts)
+
+
+def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple = _ONE, k_scale: tuple = _ONE,
+                     v_scale: tuple = _ONE, out_scale: tuple = _ONE, **kwargs: Any) -> Tensor:
+    """``scaled_dot_product_attention`` with ``scale`` on query, key, value and output, as one op.
+
+    The same as ``scale(sdpa(scale(q, *q_scale), scale(k, *k_scale), scale(v, *v_scale), ...),
+    *out_scale)`` forward and backward. In eager autograd, backward keeps the scaled output
+    instead of a second, unscaled copy (:class:`_ScaledOutputFn`); while compiling or
+    tracing, and for forward input factors other than 1, it is that chain of scales.
+    """
+    (fq, gq), (fk, gk), (fv, gv), (fo, go) = q_scale, k_scale, v_scale, out_scale
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if ((fq, fk, fv) != (1.0, 1.0, 1.0) or not fo > 0 or torch.compiler.is_compiling()
+            or not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v))
+            or not _plain_tensors(q, k, v)):
+        return scale(sdpa(scale(q, fq, gq), scale(k, fk, gk), scale(v, fv, gv), *args, **kwargs), fo, go)
+    return _ScaledOutputFn.apply(sdpa, args, kwargs, (float(gq), float(gk), float(gv)), float(fo), float(go),
+                                 q, k, v)

@@ -19,7 +19,7 @@ from unit_scale_fx.passes.base import PassContext
 from unit_scale_fx.passes.fold_scales import FOLDED, fold_scales, fuse_linears
 from unit_scale_fx.passes.rewrite import INSERTED, ROLE
 from unit_scale_fx.record import META_KEY
-from unit_scale_fx.scale import scale, scaled_linear
+from unit_scale_fx.scale import scale, scaled_layer_norm, scaled_linear
 
 from fixtures.families import TinyResNet
 
@@ -199,10 +199,10 @@ def test_scaled_linear_saves_what_linear_saves():
 
 
 def test_fuse_linears_absorbs_a_scale_through_views():
-    """A scale below an op whose output goes through views into a linear runs inside the linear."""
+    """A backward-only scale whose output goes through views into a linear runs inside the linear."""
     g = fx.Graph()
     x, w = g.placeholder("x"), g.get_attr("w")
-    s = g.call_function(scale, (x, 2.0, 0.5))
+    s = g.call_function(scale, (x, 1.0, 0.5))
     s.meta[INSERTED], s.meta[ROLE] = True, ("output", "x")
     t = g.call_method("transpose", (s, 0, 1))
     g.output(g.call_function(F.linear, (t, w)))
@@ -211,5 +211,39 @@ def test_fuse_linears_absorbs_a_scale_through_views():
             n.meta["val"] = torch.empty(2)
     assert fuse_linears(g) == 1
     (lin,) = [n for n in g.nodes if n.target is scaled_linear]
-    assert lin.kwargs == {"x_scale": (2.0, 0.5)} and lin.args[0].target == "transpose"
+    assert lin.kwargs == {"x_scale": (1.0, 0.5)} and lin.args[0].target == "transpose"
     assert not [n for n in g.nodes if n.target is scale]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_scaled_layer_norm_is_the_chain_of_scales(affine):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True) if affine else None
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True) if affine else None
+    s = dict(x_scale=(1.0, 0.3), weight_scale=(1.0, 0.7), bias_scale=(1.0, 0.2), out_scale=(0.25, 1.7))
+    ref = scale(F.layer_norm(scale(x, *s["x_scale"]), (8,), None if w is None else scale(w, *s["weight_scale"]),
+                             None if b is None else scale(b, *s["bias_scale"])), *s["out_scale"])
+    out = scaled_layer_norm(x, (8,), w, b, 1e-5, **s)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(ref)
+    ins = [t for t in (x, w, b) if t is not None]
+    for u, v in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+    n_ref, _ = saved_tensor_bytes(lambda: F.layer_norm(x, (8,), w, b))
+    n, _ = saved_tensor_bytes(lambda: scaled_layer_norm(x, (8,), w, b, **s))
+    assert n == n_ref
+
+
+def test_a_forward_factor_on_a_gemm_operand_is_not_folded_into_alpha():
+    """The GEMM must read the unit (scaled) operand: forward input factors stay separate scales."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.get_attr("w")
+    s = g.call_function(scale, (x, 2.0, 0.5))
+    s.meta[INSERTED], s.meta[ROLE] = True, ("output", "x")
+    g.output(g.call_function(F.linear, (s, w)))
+    for n in g.nodes:
+        if n.op != "output":
+            n.meta["val"] = torch.empty(2)
+    assert fuse_linears(g) == 0
+    assert [n for n in g.nodes if n.target is scale]

@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
-from ..scale import scale, scaled_linear
+from ..scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
 from .base import PassContext, PassResult, declare
 from .rewrite import INSERTED, ROLE
 
@@ -160,10 +160,12 @@ def _factors(n: fx.Node) -> tuple[float, float]:
 def fuse_linears(graph: fx.Graph) -> int:
     """Replace each ``linear`` and the scale nodes around it by one ``scaled_linear`` call.
 
-    Absorbed: a scale read only by the linear's input (also through a chain of
-    positively homogeneous ops, which then run on the unscaled tensor), weight and bias
-    scales, and the output scale. Forward and backward are unchanged; the scaled copies
-    are not made. Used on a copy of the graph when code is generated (:class:`FusedCodeGen`).
+    Absorbed: input, weight and bias scales read only by the linear whose forward factor
+    is 1 (their backward factors act inside the backward GEMMs; an input scale also through
+    a chain of positively homogeneous ops such as views), and the output scale (its forward
+    factor is the forward GEMM's ``alpha``). What each GEMM reads stays what the plan made
+    unit. Forward and backward are unchanged. Used on a copy of the graph when code is
+    generated (:class:`FusedCodeGen`).
     """
     fused = 0
     for n in list(graph.nodes):
@@ -179,17 +181,19 @@ def fuse_linears(graph: fx.Graph) -> int:
         while _homogeneous(cur):
             chain.append(cur)
             cur = cur.args[0]
-        if _lone_scale(cur) and (not chain or _factors(cur)[0] > 0):
+        # only a backward factor: a forward factor folded into the GEMM's alpha would make the GEMM
+        # read the unscaled tensor, and matmul operands must stay unit (DESIGN.md, section 4.5)
+        if _lone_scale(cur) and _factors(cur)[0] == 1.0:
             sx, src = _factors(cur), cur.args[0]
             if chain:
                 chain[-1].replace_input_with(cur, src)
             else:
                 x = src
             absorbed.append(cur)
-        if _lone_scale(w):
+        if _lone_scale(w) and _factors(w)[0] == 1.0:
             sw, w = _factors(w), w.args[0]
             absorbed.append(n.args[1])
-        if isinstance(b, fx.Node) and _lone_scale(b):
+        if isinstance(b, fx.Node) and _lone_scale(b) and _factors(b)[0] == 1.0:
             absorbed.append(b)
             sb, b = _factors(b), b.args[0]
         users = list(n.users)
@@ -214,8 +218,107 @@ def fuse_linears(graph: fx.Graph) -> int:
     return fused
 
 
+LAYER_NORMS = frozenset(many([F.layer_norm]))
+_LN_PARAMS = ("input", "normalized_shape", "weight", "bias", "eps")
+
+
+def fuse_layer_norms(graph: fx.Graph) -> int:
+    """Replace each ``layer_norm`` and the scales around it by one ``scaled_layer_norm`` call.
+
+    Absorbed: input, weight and bias scales whose forward factor is 1 (only their backward
+    factor acts), and the output scale.
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in LAYER_NORMS:
+            continue
+        bound = dict(zip(_LN_PARAMS, n.args))
+        if set(n.kwargs) - set(_LN_PARAMS) or set(bound) & set(n.kwargs):
+            continue
+        bound.update(n.kwargs)
+        absorbed: list[fx.Node] = []
+        kwargs: dict[str, Any] = {}
+        for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
+            a = bound.get(arg)
+            if _lone_scale(a) and _factors(a)[0] == 1.0:
+                kwargs[key] = _factors(a)
+                bound[arg] = a.args[0]
+                absorbed.append(a)
+        users = list(n.users)
+        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        if out is not None:
+            kwargs["out_scale"] = _factors(out)
+        kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
+        if not kwargs:
+            continue
+        args = (bound["input"], bound["normalized_shape"], bound.get("weight"), bound.get("bias"),
+                bound.get("eps", 1e-5))
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_layer_norm, args, kwargs)
+        new.meta.update(n.meta)
+        if out is not None:
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        for a in absorbed:
+            graph.erase_node(a)
+        fused += 1
+    return fused
+
+
+ATTENTIONS = frozenset(many([F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention]))
+
+
+def fuse_attention(graph: fx.Graph) -> int:
+    """Replace each ``scaled_dot_product_attention`` and the scales around it by one ``scaled_attention``.
+
+    Absorbed: query, key and value scales whose forward factor is 1, and the output scale.
+    In eager autograd, backward then keeps the scaled output only (attention saves its output).
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in ATTENTIONS or len(n.args) < 3:
+            continue
+        if {"q_scale", "k_scale", "v_scale", "out_scale"} & set(n.kwargs):
+            continue
+        args = list(n.args)
+        absorbed: list[fx.Node] = []
+        kwargs: dict[str, Any] = dict(n.kwargs)
+        for i, key in enumerate(("q_scale", "k_scale", "v_scale")):
+            a = args[i]
+            if _lone_scale(a) and _factors(a)[0] == 1.0 and _factors(a) != (1.0, 1.0):
+                kwargs[key] = _factors(a)
+                args[i] = a.args[0]
+                absorbed.append(a)
+        users = list(n.users)
+        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        if out is not None:
+            kwargs["out_scale"] = _factors(out)
+        if not absorbed and out is None:
+            continue
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_attention, tuple(args), kwargs)
+        new.meta.update(n.meta)
+        if out is not None:
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        for a in absorbed:
+            graph.erase_node(a)
+        fused += 1
+    return fused
+
+
+def fuse_ops(graph: fx.Graph) -> int:
+    """Linears, layer norms and attention fused with their scales (:func:`fuse_linears`,
+    :func:`fuse_layer_norms`, :func:`fuse_attention`)."""
+    return fuse_linears(graph) + fuse_layer_norms(graph) + fuse_attention(graph)
+
+
 class FusedCodeGen:
-    """Generates a graph's code with its linears fused with their scales (:func:`fuse_linears`).
+    """Generates a graph's code with linears, layer norms and attention fused with their scales (:func:`fuse_ops`).
 
     The graph itself keeps every ``scale`` node (what passes, reports, validity checks
     and ``dump`` read); only the code that runs computes each linear and its scales as
@@ -237,7 +340,7 @@ class FusedCodeGen:
         out, out_node = fused.graph_copy(graph, {}, return_output_node=True)
         new_out = fused.output(out, type_expr=out_node.type)
         new_out.meta = out_node.meta
-        fuse_linears(fused)
+        fuse_ops(fused)
         for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
             node._repr_fn = lambda n: namespace.create_name(n.name, n)
         return self.inner._gen_python_code(fused.nodes, root_module, namespace, **kwargs)
