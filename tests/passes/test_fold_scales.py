@@ -16,8 +16,9 @@ from unit_scale_fx.analysis.draw import graph_text
 from unit_scale_fx.analysis.memory import peak_tensor_bytes, saved_tensor_bytes
 from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 from unit_scale_fx.passes.base import PassContext
-from unit_scale_fx.passes.fold_scales import FOLDED, fold_scales, fuse_linears
-from unit_scale_fx.passes.rewrite import INSERTED, ROLE
+from unit_scale_fx.passes.fold_scales import fold_scales, fuse_linears
+from unit_scale_fx.record import FOLDED, INSERTED
+from unit_scale_fx.record import SCALE_ROLE as ROLE
 from unit_scale_fx.record import META_KEY
 from unit_scale_fx.scale import scale, scaled_layer_norm, scaled_linear
 

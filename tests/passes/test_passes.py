@@ -138,7 +138,7 @@ def test_init_weights_roles():
 def _planned(model, *inputs, **cfg):
     gm, ctx = _prepared(model, *inputs, **cfg)
     init_weights(gm, ctx)
-    ctx.param_roles = {}
+    ctx.init_kinds = {}
     shape_prop(gm, ctx)
     topology(gm, ctx)
     plan(gm, ctx)

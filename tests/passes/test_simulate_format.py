@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from unit_scale_fx import UnitScaleError, unit_scale
 from unit_scale_fx.lowp.formats import Quantise
 from unit_scale_fx.examples import GPT, gpt_batch
-from unit_scale_fx.passes.fold_scales import FOLDED
+from unit_scale_fx.record import FOLDED
 from unit_scale_fx.lowp.simulate import (
     FormatSimulatedModule, FormatSimulation, format_counts, format_sites, simulate_format, track_formats,
 )

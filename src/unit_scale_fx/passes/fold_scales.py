@@ -24,7 +24,6 @@ factor: they are the arguments of the remaining ``scale`` nodes.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional
 
 import torch
@@ -33,11 +32,11 @@ import torch.nn.functional as F
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
+from ..record import FOLDED, INSERTED, SCALE_ROLE
 from .base import PassContext, PassResult, declare
-from .rewrite import INSERTED, ROLE
 
-#: ``(a2, b2)``: the factors of a consumer's input scale folded into this node (or moved through it)
-FOLDED = "unit_scale_folded"
+#: FOLDED, ``(a2, b2)``: the factors of a consumer's input scale folded into a node (or moved through it)
+ROLE = SCALE_ROLE
 
 _VIEW_METHODS = ("view", "reshape", "transpose", "permute", "flatten", "unflatten", "unsqueeze", "squeeze",
                  "contiguous", "t", "expand", "movedim", "swapaxes")
