@@ -246,7 +246,10 @@ def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if ((fq, fk, fv) != (1.0, 1.0, 1.0) or not fo > 0 or torch.compiler.is_compiling()
             or not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v))
-            or not _plain_tensors(q, k, v)):
+            or not _plain_tensors(q, k, v)
+            # another tensor that needs a gradient (a learned bias as attn_mask) takes the plain path
+            or any(isinstance(t, Tensor) and t.requires_grad
+                   for t in torch.utils._pytree.tree_leaves((args, kwargs)))):
         return scale(sdpa(scale(q, fq, gq), scale(k, fk, gk), scale(v, fv, gv), *args, **kwargs), fo, go)
     return _ScaledOutputFn.apply(sdpa, args, kwargs, (float(gq), float(gk), float(gv)), float(fo), float(go),
                                  q, k, v)

@@ -20,7 +20,7 @@ from unit_scale_fx.passes.fold_scales import fold_scales, fuse_linears
 from unit_scale_fx.record import FOLDED, INSERTED
 from unit_scale_fx.record import SCALE_ROLE as ROLE
 from unit_scale_fx.record import META_KEY
-from unit_scale_fx.scale import scale, scaled_layer_norm, scaled_linear
+from unit_scale_fx.scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
 
 from fixtures.families import TinyResNet
 
@@ -248,3 +248,22 @@ def test_a_forward_factor_on_a_gemm_operand_is_not_folded_into_alpha():
             n.meta["val"] = torch.empty(2)
     assert fuse_linears(g) == 0
     assert [n for n in g.nodes if n.target is scale]
+
+
+def test_scaled_attention_is_the_chain_and_keeps_a_learned_mask_gradient():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    s = dict(q_scale=(1.0, 0.3), k_scale=(1.0, 0.7), v_scale=(1.0, 0.2), out_scale=(2.5, 1.7))
+    for mask in (None, bias):
+        ref = scale(F.scaled_dot_product_attention(scale(q, 1.0, 0.3), scale(k, 1.0, 0.7), scale(v, 1.0, 0.2),
+                                                   attn_mask=mask), 2.5, 1.7)
+        out = scaled_attention(q, k, v, attn_mask=mask, **s)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+        ins = [q, k, v] + ([bias] if mask is not None else [])
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    n_ref, _ = saved_tensor_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
+    n, _ = saved_tensor_bytes(lambda: scaled_attention(q, k, v, **s))
+    assert n == n_ref
