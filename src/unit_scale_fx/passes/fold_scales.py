@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
@@ -164,7 +165,7 @@ def fuse_linears(graph: fx.Graph) -> int:
     a chain of positively homogeneous ops such as views), and the output scale (its forward
     factor is the forward GEMM's ``alpha``). What each GEMM reads stays what the plan made
     unit. Forward and backward are unchanged. Used on a copy of the graph when code is
-    generated (:class:`FusedCodeGen`).
+    generated (:class:`FusedCodeGen`, :class:`FusedPyTreeCodeGen`).
     """
     fused = 0
     for n in list(graph.nodes):
@@ -316,33 +317,46 @@ def fuse_ops(graph: fx.Graph) -> int:
     return fuse_linears(graph) + fuse_layer_norms(graph) + fuse_attention(graph)
 
 
-class FusedCodeGen:
+class _FusedMixin:
     """Generates a graph's code with linears, layer norms and attention fused with their scales (:func:`fuse_ops`).
 
     The graph itself keeps every ``scale`` node (what passes, reports, validity checks
-    and ``dump`` read); only the code that runs computes each linear and its scales as
-    one op. Everything else is the graph's own code generator (``inner``).
+    and ``dump`` read); only the code that runs computes each of these ops and its scales
+    as one op. The rest is the graph's own code generator (the base class).
     """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def _gen_python_code(self, nodes: Any, root_module: str, namespace: Any, **kwargs: Any) -> Any:
         graph = next(iter(nodes)).graph
         fused = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-        fused.set_codegen(self.inner)
         out, out_node = fused.graph_copy(graph, {}, return_output_node=True)
         new_out = fused.output(out, type_expr=out_node.type)
         new_out.meta = out_node.meta
         fuse_ops(fused)
         for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
             node._repr_fn = lambda n: namespace.create_name(n.name, n)
-        return self.inner._gen_python_code(fused.nodes, root_module, namespace, **kwargs)
+        return super()._gen_python_code(fused.nodes, root_module, namespace, **kwargs)  # type: ignore[misc]
+
+
+class FusedCodeGen(_FusedMixin, CodeGen):
+    """:class:`torch.fx.graph.CodeGen` with fused ops."""
+
+
+class FusedPyTreeCodeGen(_FusedMixin, _PyTreeCodeGen):
+    """:class:`torch.fx.graph._PyTreeCodeGen` (graphs captured by ``torch.export``) with fused ops."""
+
+
+def _fused_codegen(codegen: Any) -> Any:
+    """The fusing version of a graph's code generator (the same one if it is unknown or fuses already)."""
+    if isinstance(codegen, _FusedMixin):
+        return codegen
+    if type(codegen) is CodeGen:
+        new: Any = FusedCodeGen()
+    elif type(codegen) is _PyTreeCodeGen:
+        new = FusedPyTreeCodeGen(codegen.pytree_info)
+    else:
+        return codegen
+    new.__dict__.update(codegen.__dict__)
+    return new
 
 
 @declare('fold_scales')
@@ -360,7 +374,6 @@ def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             elif _hoist(gm, node):
                 hoisted += 1
                 changed = True
-    if not isinstance(gm.graph._codegen, FusedCodeGen):
-        gm.graph.set_codegen(FusedCodeGen(gm.graph._codegen))
+    gm.graph.set_codegen(_fused_codegen(gm.graph._codegen))
     return PassResult(merged + hoisted > 0, f"{merged} scale pairs merged, {hoisted} scales moved up through "
                       "homogeneous ops; linears fused with their scales in the generated code")
