@@ -375,5 +375,5 @@ def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 hoisted += 1
                 changed = True
     gm.graph.set_codegen(_fused_codegen(gm.graph._codegen))
-    return PassResult(merged + hoisted > 0, f"{merged} scale pairs merged, {hoisted} scales moved up through "
-                      "homogeneous ops; linears fused with their scales in the generated code")
+    info = f"{merged} scale pairs folded" + (f", {hoisted} scales moved up through homogeneous ops" if hoisted else "")
+    return PassResult(merged + hoisted > 0, info)
