@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -26,19 +25,10 @@ def rms(t: torch.Tensor) -> float:
     if t.numel() == 0:
         return 0.0
     with torch.no_grad():
-        t = t.detach()
-        if t.dtype == torch.float32:  # no full-size temporary: measuring costs no activation memory
-            return float(torch.linalg.vector_norm(t)) / math.sqrt(t.numel())
-        # other dtypes in float32, a piece at a time (temporaries of at most _CHUNK elements)
-        total = sum(float(torch.linalg.vector_norm(c.float())) ** 2 for c in t.reshape(-1).split(_CHUNK))
-        return math.sqrt(total / t.numel())
+        return float(t.detach().float().pow(2).mean().sqrt())
 
 
-#: elements per piece when a tensor of another dtype is measured in float32
-_CHUNK = 1 << 20
-
-
-def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx"
+def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx", scalars_first: bool = True
                  ) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
     """What to differentiate for a model output ``out`` (any nesting of tuples, lists, dicts).
 
@@ -51,6 +41,9 @@ def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx"
     * otherwise every output receives a seeded unit-Gaussian gradient (unit RMS, what
       unit scaling assumes arrives at a model's output).
 
+    ``scalars_first=False``: every output gets a gradient (scalars 1, others unit Gaussian), for a
+    graph whose outputs all feed later code (a piece of a model dynamo split).
+
     Returns ``(tensors, grad_outputs)`` for :func:`torch.autograd.grad` / ``backward``
     (``None`` for the scalars). Raises :class:`UnitScaleError` if no output carries a gradient.
     """
@@ -61,18 +54,19 @@ def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx"
                              fix="pass loss_fn=... mapping the output to a scalar loss, and check that the "
                              "parameters require grad")
     scalars = [t for t in leaves if t.dim() == 0]
-    if scalars:
+    if scalars and scalars_first:
         return scalars, [None] * len(scalars)
     gen = torch.Generator().manual_seed(seed)
     grads: list[Optional[torch.Tensor]] = [
+        None if t.dim() == 0 else
         torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype) for t in leaves]
     return leaves, grads
 
 
-def output_loss(out: Any, seed: int = 0, where: str = "unit_scale_fx") -> torch.Tensor:
+def output_loss(out: Any, seed: int = 0, where: str = "unit_scale_fx", scalars_first: bool = True) -> torch.Tensor:
     """The scalar (float32) whose gradient :func:`loss_outputs` describes: the sum of the scalar
     outputs, or ``sum(output * unit Gaussian)`` over every output when none is a scalar."""
-    tensors, grads = loss_outputs(out, seed, where)
+    tensors, grads = loss_outputs(out, seed, where, scalars_first)
     total: Optional[torch.Tensor] = None
     for t, g in zip(tensors, grads):
         term = (t if g is None else (t * g).sum()).float()

@@ -75,7 +75,9 @@ def test_folding_changes_neither_values_nor_gradients():
     out = gm(xb)
     got = [out.detach()] + list(torch.autograd.grad(out, [xb, *gm.parameters()], y))
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # float32: after the pass the generated code applies factors inside the GEMMs (alpha), which rounds
+        # a little differently from separate multiplies
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_an_output_scale_with_two_readers_is_not_folded():
