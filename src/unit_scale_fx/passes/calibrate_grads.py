@@ -22,22 +22,32 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs
+from ..rules.registry import Kind, float_tensor_inputs, resolve_target
 from ..scale import scale
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
+from .fold_scales import SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 
 log = logging.getLogger(__name__)
 
 
 class _ScaledRun(fx.Interpreter):
-    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
+    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will.
+
+    Costs what a training step costs: values are freed once their last reader ran (what
+    autograd saves for backward stays, as in training), and the gradient of each node is
+    measured by a hook the moment backward computes it, and then dropped.
+    """
 
     def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float]) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.exposed: dict[fx.Node, torch.Tensor] = {}
+        super().__init__(gm, garbage_collect_values=True)
+        #: returned value name -> the backward-only scale between it and the caller
         self.output_bwd = output_bwd
+        #: node -> RMS of its gradient (filled during backward)
+        self.grads: dict[fx.Node, float] = {}
+        #: node -> number of elements of its value
+        self.sizes: dict[fx.Node, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
@@ -51,20 +61,36 @@ class _ScaledRun(fx.Interpreter):
             value = super().run_node(n)
         else:
             saved = {}
-            for u in float_tensor_inputs(n):
-                f = rec.weights.get(u.name, 1.0) if rec.weights else 1.0
+            inputs = float_tensor_inputs(n)
+            # relu(a x) = a relu(x): scale the input, so backward keeps relu's output once (as fold_scales does)
+            before = not rec.weights and rec.fwd > 0 and len(inputs) == 1 and _target(n) in SAVES_OUTPUT
+            for u in inputs:
+                f = rec.weights.get(u.name, 1.0) if rec.weights else (rec.fwd if before else 1.0)
                 b = rec.bwd.get(u.name, f)
                 if (f, b) != (1.0, 1.0) and isinstance(self.env.get(u), torch.Tensor):
                     saved[u] = self.env[u]
                     self.env[u] = scale(saved[u], f, b)
             value = super().run_node(n)
             self.env.update(saved)
-            if not rec.weights and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
+            saved.clear()
+            if not rec.weights and not before and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
                 value = scale(value, rec.fwd, 1.0)
         if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
-            value.retain_grad()
-            self.exposed[n] = value
+            self.sizes[n] = value.numel()
+            value.register_hook(self._measure(n))
         return value
+
+    def _measure(self, n: fx.Node):
+        def hook(g: torch.Tensor) -> None:
+            self.grads[n] = rms(g)
+
+        return hook
+
+def _target(n: fx.Node) -> Any:
+    try:
+        return resolve_target(n)
+    except Exception:
+        return None
 
 
 #: measured gradients this far below the typical one are rounding noise, not signal
@@ -83,14 +109,14 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         out = run.run(*ctx.real_values)
         try:
             # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
-            output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary).backward()
+            loss = output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary)
+            del out
+            loss.backward()
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
-        # read now: leaving preserved_state clears the parameters' .grad
-        grads = {n: rms(v.grad)
-                 for n, v in run.exposed.items() if v.grad is not None}
-        sizes = {n: v.numel() for n, v in run.exposed.items()}
+        del loss
+        grads, sizes = run.grads, run.sizes
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
