@@ -1,15 +1,30 @@
-"""fold_scales: an output scale read only by the next op's input scale becomes one scale node."""
+"""fold_scales: an output scale read only by the next op's input scale becomes one scale node; scales
+move up through positively homogeneous ops; the generated code fuses linears, layer norms and attention
+with their scales. Exact rewrites, no scaled copy kept for backward, planning no dearer than a training
+step. Memory is counted exactly (storages), never timed."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+import copy
 
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fixtures.families import TinyResNet
 from helpers import golden, graph_code, hand_planned_small, pipeline_until, run_pass
+from unit_scale_fx import unit_scale
+from unit_scale_fx.analysis.draw import graph_text
+from unit_scale_fx.analysis.memory import peak_tensor_bytes, saved_tensor_bytes
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 from unit_scale_fx.passes import PassContext, rewrite
-from unit_scale_fx.passes.fold_scales import fold_scales
-from unit_scale_fx.record import FOLDED, SCALE_ROLE
-from unit_scale_fx.scale import scale
+from unit_scale_fx.passes.fold_scales import fold_scales, fuse_linears
+from unit_scale_fx.record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
+from unit_scale_fx.scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
+
+ROLE = SCALE_ROLE
 
 
 def _rewritten():
@@ -60,7 +75,9 @@ def test_folding_changes_neither_values_nor_gradients():
     out = gm(xb)
     got = [out.detach()] + list(torch.autograd.grad(out, [xb, *gm.parameters()], y))
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # float32: after the pass the generated code applies factors inside the GEMMs (alpha), which rounds
+        # a little differently from separate multiplies
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_an_output_scale_with_two_readers_is_not_folded():
@@ -72,3 +89,247 @@ def test_an_output_scale_with_two_readers_is_not_folded():
     out_node.args = ((out_node.args[0], extra),)
     gm.recompile()
     assert not fold_scales(gm, PassContext()).modified
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return ResidualMLP(d_in=16, d=32, layers=2, d_out=4), mlp_batch(16, 4, batch=64)
+
+
+def _gpt():
+    torch.manual_seed(0)
+    return GPT(vocab=64, d=32, layers=2, heads=2, max_len=32), gpt_batch(64, batch=4, seq=16)
+
+
+def _resnet():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    return TinyResNet(width=8), (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))
+
+
+MODELS = {"relu-mlp": _mlp, "gpt": _gpt, "resnet": _resnet}
+
+
+def _saved(model: nn.Module, batch: tuple) -> int:
+    n, loss = saved_tensor_bytes(lambda: model(*batch))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return n
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_backward_keeps_no_scaled_copy(name):
+    """The unit-scaled model saves exactly the bytes the original saves for backward."""
+    model, batch = MODELS[name]()
+    us = unit_scale(copy.deepcopy(model), batch)
+    assert _saved(us, batch) == _saved(model, batch)
+
+
+@pytest.mark.parametrize("name", ["relu-mlp", "gpt"])
+def test_planning_costs_no_more_than_a_training_step(name):
+    model, batch = MODELS[name]()
+    lazy = unit_scale(copy.deepcopy(model))
+    first, _ = peak_tensor_bytes(lambda: lazy(*batch).backward())  # plans, then the step
+    lazy.zero_grad(set_to_none=True)
+    step, _ = peak_tensor_bytes(lambda: lazy(*batch).backward())
+    assert first <= 1.1 * step, (first, step)
+
+
+def _scale_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is scale]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_with_every_scale_one_the_model_is_the_original(name):
+    model, batch = MODELS[name]()
+    us = unit_scale(copy.deepcopy(model), batch)
+    ones = copy.deepcopy(us)
+    for n in _scale_nodes(ones):
+        n.args = (n.args[0], 1.0, 1.0)
+    ones.recompile()
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(us.state_dict())
+    ref.train(us.training)
+    torch.manual_seed(1)
+    a = ones(*batch)
+    a.backward()
+    torch.manual_seed(1)
+    b = ref(*batch)
+    b.backward()
+    assert torch.equal(a, b)
+    grads = dict(ref.named_parameters())
+    for k, p in ones.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[k].grad, rtol=1e-6, atol=1e-7)
+
+
+def test_generated_code_keeps_every_scale_value_and_dump_names_every_scale():
+    model, batch = _gpt()
+    us = unit_scale(model, batch)
+    assert "scaled_linear" in us.code
+    for n in _scale_nodes(us):
+        for v in n.args[1:]:
+            if float(v) != 1.0:
+                assert repr(float(v)) in us.code, (n.name, v)
+    text = graph_text(us.graph, us, {})
+    for n in _scale_nodes(us):
+        assert n.name in text
+    for n in us.graph.nodes:
+        rec = n.meta.get(META_KEY)
+        if rec is not None and rec.changes_anything:
+            assert n.name in text
+
+
+def _chain(x_fwd: float, x_bwd: float, relu_fwd: float, relu_bwd: float) -> fx.GraphModule:
+    """x -> linear -> scale (output) -> relu -> scale (relu's output) -> linear, as the rewrite leaves it."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    w1, w2 = g.get_attr("w1"), g.get_attr("w2")
+    lin = g.call_function(F.linear, (x, w1))
+    s1 = g.call_function(scale, (lin, x_fwd, x_bwd))
+    r = g.call_function(torch.relu, (s1,))
+    s2 = g.call_function(scale, (r, relu_fwd, relu_bwd))
+    out = g.call_function(F.linear, (s2, w2))
+    g.output(out)
+    for s, owner in ((s1, lin), (s2, r)):
+        s.meta[INSERTED], s.meta[ROLE] = True, ("output", owner.name)
+    for n in g.nodes:
+        if n.op != "output":
+            n.meta["val"] = torch.empty(2, dtype=torch.float64)
+    root = nn.Module()
+    torch.manual_seed(0)
+    root.w1 = nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+    root.w2 = nn.Parameter(torch.randn(3, 6, dtype=torch.float64))
+    return fx.GraphModule(root, g)
+
+
+def _run(gm: fx.GraphModule, x: torch.Tensor):
+    gm.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = gm(x)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    return y.detach(), x.grad, [p.grad for p in gm.parameters()]
+
+
+def test_scale_moves_up_through_relu_and_merges_exactly():
+    gm = _chain(0.3, 1.0, 1.7, 0.2)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    before = _run(gm, x)
+    fold_scales(gm, PassContext())
+    gm.recompile()
+    scales = _scale_nodes(gm)
+    assert len(scales) == 1  # relu's scale moved above relu and merged with the linear's
+    (s,) = scales
+    assert s.args[1:] == (0.3 * 1.7, 1.0 * 0.2)
+    relu = next(n for n in gm.graph.nodes if n.target is torch.relu)
+    assert relu.args[0] is s and s.meta[FOLDED] == (1.7, 0.2)
+    after = _run(gm, x)
+    for a, b in zip(before, after):
+        for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+    # the code runs the first linear and the merged scale as one scaled_linear; the second has no scale
+    assert gm.code.count("scaled_linear(") == 1 and f"out_scale = {(0.3 * 1.7, 0.2)!r}" in gm.code
+
+
+def test_negative_forward_factor_does_not_move():
+    gm = _chain(0.3, 1.0, -1.7, 0.2)
+    fold_scales(gm, PassContext())
+    assert len(_scale_nodes(gm)) == 2
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (7,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_scaled_linear_is_the_chain_of_scales(shape, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    s = dict(x_scale=(0.5, 0.3), weight_scale=(1.2, 0.7), bias_scale=(0.9, 0.2), out_scale=(0.25, 1.7))
+    ref = scale(F.linear(scale(x, *s["x_scale"]), scale(w, *s["weight_scale"]),
+                         None if b is None else scale(b, *s["bias_scale"])), *s["out_scale"])
+    out = scaled_linear(x, w, b, **s)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(ref)
+    ins = [t for t in (x, w, b) if t is not None]
+    for u, v in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+    # every factor 1: exactly F.linear
+    assert torch.equal(scaled_linear(x, w, b), F.linear(x, w, b))
+
+
+def test_scaled_linear_saves_what_linear_saves():
+    x = torch.randn(8, 6)  # an input that needs no gradient: the weight is not saved (as in addmm)
+    w = torch.randn(5, 6, requires_grad=True)
+    n_ref, _ = saved_tensor_bytes(lambda: F.linear(x, w))
+    n, _ = saved_tensor_bytes(lambda: scaled_linear(x, w, x_scale=(2.0, 0.5), out_scale=(0.3, 1.0)))
+    assert n == n_ref == x.numel() * 4
+
+
+def test_fuse_linears_absorbs_a_scale_through_views():
+    """A backward-only scale whose output goes through views into a linear runs inside the linear."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.get_attr("w")
+    s = g.call_function(scale, (x, 1.0, 0.5))
+    s.meta[INSERTED], s.meta[ROLE] = True, ("output", "x")
+    t = g.call_method("transpose", (s, 0, 1))
+    g.output(g.call_function(F.linear, (t, w)))
+    for n in g.nodes:
+        if n.op != "output":
+            n.meta["val"] = torch.empty(2)
+    assert fuse_linears(g) == 1
+    (lin,) = [n for n in g.nodes if n.target is scaled_linear]
+    assert lin.kwargs == {"x_scale": (1.0, 0.5)} and lin.args[0].target == "transpose"
+    assert not [n for n in g.nodes if n.target is scale]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_scaled_layer_norm_is_the_chain_of_scales(affine):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True) if affine else None
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True) if affine else None
+    s = dict(x_scale=(1.0, 0.3), weight_scale=(1.0, 0.7), bias_scale=(1.0, 0.2), out_scale=(0.25, 1.7))
+    ref = scale(F.layer_norm(scale(x, *s["x_scale"]), (8,), None if w is None else scale(w, *s["weight_scale"]),
+                             None if b is None else scale(b, *s["bias_scale"])), *s["out_scale"])
+    out = scaled_layer_norm(x, (8,), w, b, 1e-5, **s)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(ref)
+    ins = [t for t in (x, w, b) if t is not None]
+    for u, v in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+    n_ref, _ = saved_tensor_bytes(lambda: F.layer_norm(x, (8,), w, b))
+    n, _ = saved_tensor_bytes(lambda: scaled_layer_norm(x, (8,), w, b, **s))
+    assert n == n_ref
+
+
+def test_a_forward_factor_on_a_gemm_operand_is_not_folded_into_alpha():
+    """The GEMM must read the unit (scaled) operand: forward input factors stay separate scales."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.get_attr("w")
+    s = g.call_function(scale, (x, 2.0, 0.5))
+    s.meta[INSERTED], s.meta[ROLE] = True, ("output", "x")
+    g.output(g.call_function(F.linear, (s, w)))
+    for n in g.nodes:
+        if n.op != "output":
+            n.meta["val"] = torch.empty(2)
+    assert fuse_linears(g) == 0
+    assert [n for n in g.nodes if n.target is scale]
+
+
+def test_scaled_attention_is_the_chain_and_keeps_a_learned_mask_gradient():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    s = dict(q_scale=(1.0, 0.3), k_scale=(1.0, 0.7), v_scale=(1.0, 0.2), out_scale=(2.5, 1.7))
+    for mask in (None, bias):
+        ref = scale(F.scaled_dot_product_attention(scale(q, 1.0, 0.3), scale(k, 1.0, 0.7), scale(v, 1.0, 0.2),
+                                                   attn_mask=mask), 2.5, 1.7)
+        out = scaled_attention(q, k, v, attn_mask=mask, **s)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+        ins = [q, k, v] + ([bias] if mask is not None else [])
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    n_ref, _ = saved_tensor_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
+    n, _ = saved_tensor_bytes(lambda: scaled_attention(q, k, v, **s))
+    assert n == n_ref

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from unit_scale_fx import UnitScaleError, unit_scale
 from unit_scale_fx.lowp.formats import Quantise
 from unit_scale_fx.examples import GPT, gpt_batch
+from unit_scale_fx.record import FOLDED
 from unit_scale_fx.lowp.simulate import (
     FormatSimulatedModule, FormatSimulation, format_counts, format_sites, simulate_format, track_formats,
 )
@@ -72,7 +73,8 @@ def test_unit_scaled_quantises_after_the_scales():
         for operand in n.args[:2]:
             assert isinstance(_targets(us, operand), Quantise)
             (src,) = operand.args
-            assert src.op == "call_function" and src.target is scale  # rounded: what the matmul consumes
+            # rounded: what the matmul consumes (a scale node, or an op a scale was moved up through)
+            assert src.op in ("call_function", "call_method") and (src.target is scale or FOLDED in src.meta)
         (user,) = n.users
         assert isinstance(_targets(us, user), Quantise)
         (after,) = user.users

@@ -22,42 +22,75 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import Kind, float_tensor_inputs
+from ..rules.registry import Kind, float_tensor_inputs, resolve_target
 from ..scale import scale
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
+from .fold_scales import SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 
 log = logging.getLogger(__name__)
 
 
 class _ScaledRun(fx.Interpreter):
-    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
+    """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will.
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.exposed: dict[fx.Node, torch.Tensor] = {}
+    Costs what a training step costs: values are freed once their last reader ran (what
+    autograd saves for backward stays, as in training), and the gradient of each node is
+    measured by a hook the moment backward computes it, and then dropped.
+    """
+
+    def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        #: returned value name -> the backward-only scale between it and the caller
+        self.output_bwd = output_bwd
+        #: node -> RMS of its gradient (filled during backward)
+        self.grads: dict[fx.Node, float] = {}
+        #: node -> number of elements of its value
+        self.sizes: dict[fx.Node, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
+        if n.op == "output":  # the backward scales between the returned values and the caller
+            for u in n.all_input_nodes:
+                b = self.output_bwd.get(u.name, 1.0)
+                if b != 1.0 and isinstance(self.env.get(u), torch.Tensor):
+                    self.env[u] = scale(self.env[u], 1.0, b)
+            return super().run_node(n)
         if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
             value = super().run_node(n)
         else:
             saved = {}
-            for u in float_tensor_inputs(n):
-                f = rec.weights.get(u.name, 1.0) if rec.weights else 1.0
+            inputs = float_tensor_inputs(n)
+            # relu(a x) = a relu(x): scale the input, so backward keeps relu's output once (as fold_scales does)
+            before = not rec.weights and rec.fwd > 0 and len(inputs) == 1 and _target(n) in SAVES_OUTPUT
+            for u in inputs:
+                f = rec.weights.get(u.name, 1.0) if rec.weights else (rec.fwd if before else 1.0)
                 b = rec.bwd.get(u.name, f)
                 if (f, b) != (1.0, 1.0) and isinstance(self.env.get(u), torch.Tensor):
                     saved[u] = self.env[u]
                     self.env[u] = scale(saved[u], f, b)
             value = super().run_node(n)
             self.env.update(saved)
-            if not rec.weights and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
+            saved.clear()
+            if not rec.weights and not before and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
                 value = scale(value, rec.fwd, 1.0)
         if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
-            value.retain_grad()
-            self.exposed[n] = value
+            self.sizes[n] = value.numel()
+            value.register_hook(self._measure(n))
         return value
+
+    def _measure(self, n: fx.Node):
+        def hook(g: torch.Tensor) -> None:
+            self.grads[n] = rms(g)
+
+        return hook
+
+def _target(n: fx.Node) -> Any:
+    try:
+        return resolve_target(n)
+    except Exception:
+        return None
 
 
 #: measured gradients this far below the typical one are rounding noise, not signal
@@ -72,17 +105,18 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
     with preserved_state(gm), torch.enable_grad():
-        run = _ScaledRun(gm)
+        run = _ScaledRun(gm, pots.output_bwd())
         out = run.run(*ctx.real_values)
         try:
-            output_loss(out, where="calibrate_grads").backward()
+            # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
+            loss = output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary)
+            del out
+            loss.backward()
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
-        # read now: leaving preserved_state clears the parameters' .grad
-        grads = {n: rms(v.grad)
-                 for n, v in run.exposed.items() if v.grad is not None}
-        sizes = {n: v.numel() for n, v in run.exposed.items()}
+        del loss
+        grads, sizes = run.grads, run.sizes
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
@@ -101,11 +135,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
-    # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == Kind.LOSS]
-    if losses:
-        new -= np.mean([new[c] for c in losses])
-    for c in pots.boundary():  # values shared with other graphs keep the true gradient
+    # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
+    # that the caller sends into several outputs keep their relative weights. The measured potentials are
+    # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
+    for c in pots.pinned():
         new[c] = 0.0
     pots.log_phi = new
     pots.assign()

@@ -1,44 +1,379 @@
-"""fold_scales: one scale node where the rewrite left two in a row.
+"""fold_scales: fewer scale nodes, and no scaled copy that backward keeps twice.
 
-An op's output scale ``scale(y, a1, b1)`` read only by the next op's input scale
-``scale(., a2, b2)`` is the same as ``scale(y, a1 * a2, b1 * b2)``: the product of
-two linear maps, forward and backward. Folding halves the elementwise kernels and
-autograd nodes between ops in eager mode. The folded node keeps the output role,
-and records the consumer's part under ``FOLDED`` so reports can still show the
-value and gradient as the producer's readers see them.
+Two exact rewrites, repeated until neither applies:
+
+* **Merge.** An op's output scale ``scale(y, a1, b1)`` read only by the next op's input
+  scale ``scale(., a2, b2)`` is the same as ``scale(y, a1 * a2, b1 * b2)``: the product of
+  two linear maps, forward and backward.
+* **Hoist through positively homogeneous ops.** For ``f`` with ``f(a x) = a f(x)`` when
+  ``a > 0`` (relu, leaky relu, max and average pooling, dropout, views, reshapes,
+  transposes), ``f``'s Jacobian at ``a x`` equals the one at ``x``, so
+  ``scale(f(x), a, b)`` and ``f(scale(x, a, b))`` compute the same value and send the same
+  gradient to ``x``. A scale below a chain of such ops moves above the chain when it
+  merges there with the scale of the chain's producer (one elementwise kernel fewer), or
+  when the chain contains an op that keeps its *output* for backward (relu): the scaled
+  copy of relu's output that the next matmul would save is then relu's output itself, and
+  backward keeps one tensor instead of two. relu, max-pooling and views of ``fl(a x)`` are
+  bit-identical to ``fl(a f(x))``.
+
+The merged node keeps the producer's output role and records the consumer's part under
+``FOLDED`` (also on ops whose value now includes a moved scale), so reports can still show
+each value and gradient as the readers of the original op see them. ``dump`` shows every
+factor: they are the arguments of the remaining ``scale`` nodes.
 """
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
-from ..scale import scale
-from .base import PassContext, PassResult, declare
+from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
+from ..scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
 from ..record import FOLDED, INSERTED, SCALE_ROLE
+from .base import PassContext, PassResult, declare
 
-#: ``(a2, b2)``: the factors of the consumer's input scale folded into this node
+#: FOLDED, ``(a2, b2)``: the factors of a consumer's input scale folded into a node (or moved through it)
+ROLE = SCALE_ROLE
+
+_VIEW_METHODS = ("view", "reshape", "transpose", "permute", "flatten", "unflatten", "unsqueeze", "squeeze",
+                 "contiguous", "t", "expand", "movedim", "swapaxes")
+#: ops whose backward reads their output (a scaled copy of the output would be kept a second time)
+SAVES_OUTPUT = frozenset(many([torch.relu, F.relu, tensor_method("relu"), aten("relu")]))
+#: ops positively homogeneous of degree 1 in their first argument (the only float tensor they read)
+HOMOGENEOUS = SAVES_OUTPUT | frozenset(many(
+    [F.leaky_relu, aten("leaky_relu"), tensor_method("leaky_relu"),
+     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+     aten("max_pool2d"), aten("avg_pool2d"), aten("adaptive_avg_pool2d"), aten("_adaptive_avg_pool2d"),
+     F.dropout, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+     torch.t, torch.movedim, torch.swapaxes]
+    + [tensor_method(m) for m in _VIEW_METHODS]
+    + [aten(m) for m in ("view", "_unsafe_view", "reshape", "permute", "t", "expand", "unsqueeze", "squeeze",
+                         "clone", "alias", "flatten")]
+    + [aten("transpose", "int"), aten("squeeze", "dim")]
+))
 
 
 def _is_scale(n: object) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target is scale and bool(n.meta.get(INSERTED))
 
 
+def _role(n: fx.Node) -> str:
+    return (n.meta.get(ROLE) or ("",))[0]
+
+
+def _compose(meta: dict, a: float, b: float) -> None:
+    """Record that this node's value now carries ``a`` more and its gradient ``b`` less."""
+    a0, b0 = meta.get(FOLDED, (1.0, 1.0))
+    meta[FOLDED] = (float(a0) * a, float(b0) * b)
+
+
+def _homogeneous(n: Any) -> bool:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or n.meta.get(INSERTED):
+        return False
+    try:
+        target = resolve_target(n)
+        if target not in HOMOGENEOUS:
+            return False
+    except TypeError:  # unhashable target
+        return False
+    x = n.args[0] if n.args else None
+    return isinstance(x, fx.Node) and float_tensor_inputs(n) == [x] and len(n.users) == 1
+
+
+def _merge(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``scale(scale(y, a1, b1), a2, b2)`` with an output scale inside -> ``scale(y, a1 a2, b1 b2)``."""
+    inner = node.args[0]
+    if not _is_scale(inner) or len(inner.users) != 1 or FOLDED in inner.meta:
+        return False
+    if _role(inner) != "output" or _role(node) != "input":
+        return False
+    x, a1, b1 = inner.args
+    _, a2, b2 = node.args
+    node.args = (x, float(a1) * float(a2), float(b1) * float(b2))
+    node.meta[ROLE] = inner.meta[ROLE]
+    node.meta[FOLDED] = (float(a2), float(b2))
+    gm.graph.erase_node(inner)
+    return True
+
+
+def _hoist(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Move ``node`` (a scale) above the chain of homogeneous ops that produces its input."""
+    _, a, b = node.args
+    a, b = float(a), float(b)
+    if not a > 0:
+        return False
+    chain: list[fx.Node] = []
+    top: Optional[fx.Node] = node.args[0]  # type: ignore[assignment]
+    while _homogeneous(top):
+        chain.append(top)  # type: ignore[arg-type]
+        top = top.args[0]  # type: ignore[union-attr]
+    if not chain:
+        return False
+    mergeable = _is_scale(top) and len(top.users) == 1 and _role(top) == "output"
+    if not mergeable and not any(resolve_target(f) in SAVES_OUTPUT for f in chain):
+        return False
+    first = chain[-1]  # the op that reads ``top``
+    own = _role(node) == "output" and node.meta[ROLE][1] == chain[0].name
+    for f in chain:
+        if f is chain[0] and own:
+            # the op's value now includes its own output scale (as reports show it); only a
+            # consumer's part folded into ``node`` is carried
+            if FOLDED in node.meta:
+                _compose(f.meta, *node.meta[FOLDED])
+        else:
+            _compose(f.meta, a, b)
+    if mergeable:
+        x, a1, b1 = top.args
+        top.args = (x, float(a1) * a, float(b1) * b)
+        _compose(top.meta, a, b)
+    else:
+        with gm.graph.inserting_before(first):
+            new = gm.graph.call_function(scale, (top, a, b))
+        new.meta.update({k: node.meta[k] for k in (INSERTED, "nn_module_stack") if k in node.meta})
+        if "val" in top.meta:
+            new.meta["val"] = top.meta["val"]
+        new.meta[ROLE] = ("input", first.name)
+        new.meta[FOLDED] = (a, b)
+        first.replace_input_with(top, new)
+    node.replace_all_uses_with(chain[0])
+    gm.graph.erase_node(node)
+    return True
+
+
+#: linear layers whose scales run inside the op in the generated code (:func:`~unit_scale_fx.scale.scaled_linear`)
+LINEARS = frozenset(many([F.linear, torch._C._nn.linear, aten("linear")]))
+
+
+def _lone_scale(n: Any) -> bool:
+    return _is_scale(n) and len(n.users) == 1
+
+
+def _factors(n: fx.Node) -> tuple[float, float]:
+    return float(n.args[1]), float(n.args[2])
+
+
+def fuse_linears(graph: fx.Graph) -> int:
+    """Replace each ``linear`` and the scale nodes around it by one ``scaled_linear`` call.
+
+    Absorbed: input, weight and bias scales read only by the linear whose forward factor
+    is 1 (their backward factors act inside the backward GEMMs; an input scale also through
+    a chain of positively homogeneous ops such as views), and the output scale (its forward
+    factor is the forward GEMM's ``alpha``). What each GEMM reads stays what the plan made
+    unit. Forward and backward are unchanged. Used on a copy of the graph when code is
+    generated (:class:`FusedCodeGen`, :class:`FusedPyTreeCodeGen`).
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in LINEARS or set(n.kwargs) - {"bias"}:
+            continue
+        x, w = n.args[0], n.args[1] if len(n.args) > 1 else None
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            continue
+        absorbed: list[fx.Node] = []
+        sx = sw = sb = so = (1.0, 1.0)
+        chain, cur = [], x
+        while _homogeneous(cur):
+            chain.append(cur)
+            cur = cur.args[0]
+        # only a backward factor: a forward factor folded into the GEMM's alpha would make the GEMM
+        # read the unscaled tensor, and matmul operands must stay unit (DESIGN.md, section 4.5)
+        if _lone_scale(cur) and _factors(cur)[0] == 1.0:
+            sx, src = _factors(cur), cur.args[0]
+            if chain:
+                chain[-1].replace_input_with(cur, src)
+            else:
+                x = src
+            absorbed.append(cur)
+        if _lone_scale(w) and _factors(w)[0] == 1.0:
+            sw, w = _factors(w), w.args[0]
+            absorbed.append(n.args[1])
+        if isinstance(b, fx.Node) and _lone_scale(b) and _factors(b)[0] == 1.0:
+            absorbed.append(b)
+            sb, b = _factors(b), b.args[0]
+        users = list(n.users)
+        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        if out is not None:
+            so = _factors(out)
+        if (sx, sw, sb, so) == ((1.0, 1.0),) * 4:
+            continue
+        kwargs = {k: v for k, v in (("x_scale", sx), ("weight_scale", sw), ("bias_scale", sb), ("out_scale", so))
+                  if v != (1.0, 1.0)}
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_linear, (x, w, b), kwargs)
+        new.meta.update(n.meta)
+        if out is not None:
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        for a in absorbed:
+            graph.erase_node(a)
+        fused += 1
+    return fused
+
+
+LAYER_NORMS = frozenset(many([F.layer_norm]))
+_LN_PARAMS = ("input", "normalized_shape", "weight", "bias", "eps")
+
+
+def fuse_layer_norms(graph: fx.Graph) -> int:
+    """Replace each ``layer_norm`` and the scales around it by one ``scaled_layer_norm`` call.
+
+    Absorbed: input, weight and bias scales whose forward factor is 1 (only their backward
+    factor acts), and the output scale.
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in LAYER_NORMS:
+            continue
+        bound = dict(zip(_LN_PARAMS, n.args))
+        if set(n.kwargs) - set(_LN_PARAMS) or set(bound) & set(n.kwargs):
+            continue
+        bound.update(n.kwargs)
+        absorbed: list[fx.Node] = []
+        kwargs: dict[str, Any] = {}
+        for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
+            a = bound.get(arg)
+            if _lone_scale(a) and _factors(a)[0] == 1.0:
+                kwargs[key] = _factors(a)
+                bound[arg] = a.args[0]
+                absorbed.append(a)
+        users = list(n.users)
+        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        if out is not None:
+            kwargs["out_scale"] = _factors(out)
+        kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
+        if not kwargs:
+            continue
+        args = (bound["input"], bound["normalized_shape"], bound.get("weight"), bound.get("bias"),
+                bound.get("eps", 1e-5))
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_layer_norm, args, kwargs)
+        new.meta.update(n.meta)
+        if out is not None:
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        for a in absorbed:
+            graph.erase_node(a)
+        fused += 1
+    return fused
+
+
+ATTENTIONS = frozenset(many([F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention]))
+
+
+def fuse_attention(graph: fx.Graph) -> int:
+    """Replace each ``scaled_dot_product_attention`` and the scales around it by one ``scaled_attention``.
+
+    Absorbed: query, key and value scales whose forward factor is 1, and the output scale.
+    In eager autograd, backward then keeps the scaled output only (attention saves its output).
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in ATTENTIONS or len(n.args) < 3:
+            continue
+        if {"q_scale", "k_scale", "v_scale", "out_scale"} & set(n.kwargs):
+            continue
+        args = list(n.args)
+        absorbed: list[fx.Node] = []
+        kwargs: dict[str, Any] = dict(n.kwargs)
+        for i, key in enumerate(("q_scale", "k_scale", "v_scale")):
+            a = args[i]
+            if _lone_scale(a) and _factors(a)[0] == 1.0 and _factors(a) != (1.0, 1.0):
+                kwargs[key] = _factors(a)
+                args[i] = a.args[0]
+                absorbed.append(a)
+        users = list(n.users)
+        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        if out is not None:
+            kwargs["out_scale"] = _factors(out)
+        if not absorbed and out is None:
+            continue
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_attention, tuple(args), kwargs)
+        new.meta.update(n.meta)
+        if out is not None:
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        for a in absorbed:
+            graph.erase_node(a)
+        fused += 1
+    return fused
+
+
+def fuse_ops(graph: fx.Graph) -> int:
+    """Linears, layer norms and attention fused with their scales (:func:`fuse_linears`,
+    :func:`fuse_layer_norms`, :func:`fuse_attention`)."""
+    return fuse_linears(graph) + fuse_layer_norms(graph) + fuse_attention(graph)
+
+
+class _FusedMixin:
+    """Generates a graph's code with linears, layer norms and attention fused with their scales (:func:`fuse_ops`).
+
+    The graph itself keeps every ``scale`` node (what passes, reports, validity checks
+    and ``dump`` read); only the code that runs computes each of these ops and its scales
+    as one op. The rest is the graph's own code generator (the base class).
+    """
+
+    def _gen_python_code(self, nodes: Any, root_module: str, namespace: Any, **kwargs: Any) -> Any:
+        graph = next(iter(nodes)).graph
+        fused = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+        out, out_node = fused.graph_copy(graph, {}, return_output_node=True)
+        new_out = fused.output(out, type_expr=out_node.type)
+        new_out.meta = out_node.meta
+        fuse_ops(fused)
+        for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
+            node._repr_fn = lambda n: namespace.create_name(n.name, n)
+        return super()._gen_python_code(fused.nodes, root_module, namespace, **kwargs)  # type: ignore[misc]
+
+
+class FusedCodeGen(_FusedMixin, CodeGen):
+    """:class:`torch.fx.graph.CodeGen` with fused ops."""
+
+
+class FusedPyTreeCodeGen(_FusedMixin, _PyTreeCodeGen):
+    """:class:`torch.fx.graph._PyTreeCodeGen` (graphs captured by ``torch.export``) with fused ops."""
+
+
+def _fused_codegen(codegen: Any) -> Any:
+    """The fusing version of a graph's code generator (the same one if it is unknown or fuses already)."""
+    if isinstance(codegen, _FusedMixin):
+        return codegen
+    if type(codegen) is CodeGen:
+        new: Any = FusedCodeGen()
+    elif type(codegen) is _PyTreeCodeGen:
+        new = FusedPyTreeCodeGen(codegen.pytree_info)
+    else:
+        return codegen
+    new.__dict__.update(codegen.__dict__)
+    return new
+
+
 @declare('fold_scales')
 def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if not _is_scale(node):
-            continue
-        inner = node.args[0]
-        if not _is_scale(inner) or len(inner.users) != 1 or FOLDED in inner.meta:
-            continue
-        if (inner.meta.get(SCALE_ROLE) or ("",))[0] != "output" or (node.meta.get(SCALE_ROLE) or ("",))[0] != "input":
-            continue
-        x, a1, b1 = inner.args
-        _, a2, b2 = node.args
-        node.args = (x, float(a1) * float(a2), float(b1) * float(b2))
-        node.meta[SCALE_ROLE] = inner.meta[SCALE_ROLE]
-        node.meta[FOLDED] = (float(a2), float(b2))
-        gm.graph.erase_node(inner)
-        folded += 1
-    return PassResult(folded > 0, f"{folded} scale pairs folded")
+    merged = hoisted = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False) or not _is_scale(node):
+                continue
+            if _merge(gm, node):
+                merged += 1
+                changed = True
+            elif _hoist(gm, node):
+                hoisted += 1
+                changed = True
+    gm.graph.set_codegen(_fused_codegen(gm.graph._codegen))
+    info = f"{merged} scale pairs folded" + (f", {hoisted} scales moved up through homogeneous ops" if hoisted else "")
+    return PassResult(merged + hoisted > 0, info)

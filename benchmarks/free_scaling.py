@@ -1,0 +1,187 @@
+"""What unit scaling costs: step time, bytes saved for backward, and the memory of planning.
+
+    python benchmarks/free_scaling.py                       # GPT, ReLU MLP, ResNet; eager and compiled
+    python benchmarks/free_scaling.py --models mlp --no-compile --rounds 9
+
+For each model, against the original model:
+
+1. eager step time (forward + backward + Adam step);
+2. compiled step time (``torch.compile``: inductor for the original, the ``unit_scale``
+   backend with inner compiler inductor for the unit-scaled model);
+3. bytes saved for backward in one forward: the distinct storages that
+   ``torch.autograd.graph.saved_tensors_hooks`` reaches (exact);
+4. peak tensor memory of the first call of a lazily planned model (planning + forward +
+   backward) and of a training step (forward + backward), counted by a dispatch mode over
+   every storage allocated and freed (exact; see ``unit_scale_fx.analysis.memory``).
+
+Times: all variants of a model run in one process, interleaved round by round (order
+alternating); the table gives each variant's median and the median of the per-round ratios.
+``torch.set_flush_denormal(True)`` is set. On a shared machine the times are noisy; the
+memory rows are exact and do not depend on load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from _common import median, table, write_result
+from unit_scale_fx import backend, unit_scale
+from unit_scale_fx.analysis.memory import peak_tensor_bytes, saved_tensor_bytes
+from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.down = None if stride == 1 and c_in == c else nn.Sequential(
+            nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.down is None else self.down(x)))
+
+
+class ResNet(nn.Module):
+    """A small ResNet: conv-bn-relu stem, max-pool, basic blocks, average pool, linear, cross-entropy."""
+
+    def __init__(self, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(Block(width, width, 1), Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(self.stem(x), 2)
+        h = F.adaptive_avg_pool2d(self.blocks(h), 1).flatten(1)
+        return F.cross_entropy(self.fc(h), y)
+
+
+def make(name: str) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    if name == "gpt":
+        return GPT(vocab=256, d=128, layers=4, heads=4, max_len=128), gpt_batch(256, batch=8, seq=64)
+    if name == "mlp":
+        return ResidualMLP(d_in=64, d=256, layers=4, d_out=16), mlp_batch(64, 16, batch=256)
+    g = torch.Generator().manual_seed(0)
+    return ResNet(), (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+
+
+def step_fn(call: nn.Module, owner: nn.Module, batch: tuple) -> Callable[[], None]:
+    opt = torch.optim.Adam(owner.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        call(*batch).backward()
+        opt.step()
+
+    return step
+
+
+def memory_rows(name: str) -> list[list[str]]:
+    model, batch = make(name)
+    rows = []
+    orig = copy.deepcopy(model)
+    lazy = unit_scale(copy.deepcopy(model))  # planned at its first call
+    first, _ = peak_tensor_bytes(lambda: lazy(*batch).backward())
+    lazy.zero_grad(set_to_none=True)
+    us = unit_scale(copy.deepcopy(model), batch)
+    stats = {}
+    for label, m in (("original", orig), ("unit-scaled", us)):
+        m.zero_grad(set_to_none=True)
+        saved, loss = saved_tensor_bytes(lambda: m(*batch))
+        loss.backward()
+        del loss
+        m.zero_grad(set_to_none=True)
+        peak, _ = peak_tensor_bytes(lambda: m(*batch).backward())
+        m.zero_grad(set_to_none=True)
+        stats[label] = (saved, peak)
+    (s0, p0), (s1, p1) = stats["original"], stats["unit-scaled"]
+    mib = lambda b: f"{b / 2**20:.3f} MiB"  # noqa: E731
+    rows.append([name, "bytes saved for backward (one forward)", mib(s0), mib(s1), f"{s1 / s0:.3f}"])
+    rows.append([name, "peak tensor memory of a training step (fwd + bwd)", mib(p0), mib(p1), f"{p1 / p0:.3f}"])
+    rows.append([name, "first call: planning + fwd + bwd, vs a unit-scaled step", mib(p1), mib(first),
+                 f"{first / p1:.3f}"])
+    return rows
+
+
+def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool) -> list[list[str]]:
+    model, batch = make(name)
+    variants: dict[str, Callable[[], None]] = {}
+    m = copy.deepcopy(model)
+    variants["original eager"] = step_fn(m, m, batch)
+    us = unit_scale(copy.deepcopy(model), batch)
+    variants["unit-scaled eager"] = step_fn(us, us, batch)
+    if compiled:
+        m = copy.deepcopy(model)
+        variants["original compiled"] = step_fn(torch.compile(m), m, batch)
+        m = copy.deepcopy(model)
+        variants["unit-scaled compiled"] = step_fn(torch.compile(m, backend=backend(inner="inductor")), m, batch)
+    for label, fn in variants.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        print(f"  {name}: {label}: warm-up (incl. compile) {time.perf_counter() - t0:.1f} s", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        for label in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                variants[label]()
+            times[label].append((time.perf_counter() - t0) / steps)
+    rows = []
+    for mode in ("eager", "compiled"):
+        if f"original {mode}" not in times:
+            continue
+        a, b = times[f"original {mode}"], times[f"unit-scaled {mode}"]
+        ratios = [y / x for x, y in zip(a, b)]
+        rows.append([name, f"{mode} step time (median ms)", f"{median(a) * 1e3:.2f}", f"{median(b) * 1e3:.2f}",
+                     f"{median(ratios):.3f}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["gpt", "mlp", "resnet"], choices=["gpt", "mlp", "resnet"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (compiling takes minutes)")
+    ap.add_argument("--no-time", action="store_true", help="memory rows only (exact, independent of load)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="free_scaling", help="results file name (benchmarks/results/NAME.md)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    logging.basicConfig(level=logging.ERROR)
+    rows = []
+    for name in args.models:
+        rows += memory_rows(name)
+        if not args.no_time:
+            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile)
+    text = table(["model", "measure", "original", "unit-scaled", "ratio"], rows)
+    print(text)
+    note = (f"Times: {args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps, "
+            "variants interleaved per round; ratio = median over rounds of unit-scaled / original. The machine "
+            f"is shared (load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end): times are "
+            "noisy, memory counts are exact. Memory: bytes of tensor storages (see the script's docstring); the "
+            "last row compares the first call of a lazily planned model with a training step of the same model.")
+    path = write_result(args.name, "Unit scaling for free: time, saved tensors, planning memory", text + "\n\n" + note)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Exact memory counts: bytes saved for backward, and the peak of live tensor bytes.
+
+* :func:`saved_tensor_bytes` runs a forward under
+  :func:`torch.autograd.graph.saved_tensors_hooks` and adds up the distinct storages that
+  autograd keeps for backward (a view saved twice, or a tensor and its view, count once;
+  parameters count too, in both a model and its unit-scaled copy).
+* :func:`peak_tensor_bytes` runs a function under a dispatch mode that sees every tensor an
+  op creates and the moment its storage is freed, and reports the most bytes alive at once
+  (above what was alive before). Counts are of tensor storages, so they do not depend on the
+  allocator, the machine's load or other processes. A dispatch mode makes dynamo skip the
+  frames it is active in, so measure eager code with it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
+def saved_tensor_bytes(forward: Callable[[], Any]) -> tuple[int, Any]:
+    """``(bytes, result)``: the distinct storages autograd saves while ``forward()`` runs.
+
+    ``result`` (what ``forward`` returned) keeps the autograd graph alive; call
+    ``backward`` on it or drop it.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            ptr, n = _storage_key(t)
+            if n:
+                seen[ptr] = max(n, seen.get(ptr, 0))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    return sum(seen.values()), result
+
+
+class _LiveBytes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta" or type(t).__name__ == "FakeTensor":
+            return
+        try:
+            st = t.untyped_storage()
+        except Exception:  # tensors without storage (sparse, nested, functional wrappers)
+            return
+        key = id(st)
+        if key in self.live or st.nbytes() == 0:
+            return
+        self.live[key] = st.nbytes()
+        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        # storages keep their Python object while the C++ storage lives: this runs when it is freed
+        weakref.finalize(st, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """``(peak bytes, result)``: the most bytes of tensors created inside ``fn()`` alive at once.
+
+    Counts every storage an op allocates while ``fn`` runs, forward and backward, until
+    it is freed; tensors that existed before (parameters, inputs) are not counted.
+    """
+    mode = _LiveBytes()
+    with mode:
+        result = fn()
+    return mode.peak, result
