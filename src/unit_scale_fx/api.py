@@ -19,7 +19,7 @@ from .errors import UnitScaleError
 from .passes import PassContext
 from .passes.init_weights import parameter_roles
 from .pipeline import build_pipeline, gc_paused, run_passes
-from .passes.rewrite import INSERTED
+from .passes.rewrite import INSERTED, original
 from .record import META_KEY, ScaleRecord
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class UnitScaledModule(fx.GraphModule):
         A node's key is its module, op and rank among that module's calls of that op
         (:func:`node_keys`): it names the same computation in every capture of the model.
         """
-        return {key: (n.name, n.meta.get(META_KEY), [x.name for x in n.all_input_nodes])
+        return {key: (n.name, n.meta.get(META_KEY), [original(x).name for x in n.all_input_nodes])
                 for n, key in node_keys(self.graph).items()}
 
     def replan(self, *args: Any, **kwargs: Any) -> "UnitScaledModule":
@@ -170,6 +170,11 @@ class UnitScaledModule(fx.GraphModule):
         return (_rebuild_unit_scaled, (state,))
 
     # -- introspection ----------------------------------------------------
+    @property
+    def us_module(self) -> "UnitScaledModule":
+        """The unit-scaled GraphModule (itself; for a :class:`UnitScaledModel`, its planned graph)."""
+        return self
+
     def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
         """``node name -> ScaleRecord``; by default only nodes whose scales differ from 1."""
         if not self.us_planned:
@@ -214,7 +219,8 @@ def node_keys(graph: fx.Graph) -> dict[fx.Node, str]:
 
     fx names nodes by a counter per op over the whole graph, so one extra op early on (a
     cache, a mask) renames every later one. The key is instead the innermost module the
-    op ran in, the op, and its rank among that module's calls of that op.
+    op ran in, the op, its rank among that module's calls of that op, and its scalar
+    options: a cross entropy summed (then divided by a count) is not the same op as a mean.
     """
     seen: dict[tuple[str, str], int] = {}
     out = {}
@@ -226,7 +232,9 @@ def node_keys(graph: fx.Graph) -> dict[fx.Node, str]:
         op = str(n.target).rstrip("0123456789_") if n.op == "call_module" else str(n.target)
         k = seen.get((path, op), 0)
         seen[(path, op)] = k + 1
-        out[n] = f"{path}|{op}|{k}"
+        consts = [a for a in list(n.args) + list(n.kwargs.values())
+                  if isinstance(a, (bool, int, float, str)) or a is None]
+        out[n] = f"{path}|{op}|{k}|{consts}"  # the op's own options (a loss's reduction) are part of it
     return out
 
 
@@ -458,7 +466,11 @@ class UnitScaledModel(nn.Module):
         if torch.compiler.is_compiling():
             raise UnitScaleError("a unit-scaled model met a new call signature inside torch.compile", where=where,
                                  fix="call the model once with this signature before compiling it")
-        with gc_paused():
+        # capture and planning happen once, outside whatever dispatch modes the caller runs under
+        # (a recorder, a format simulation): those see the call itself, not our bookkeeping
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with gc_paused(), _disable_current_modes():
             try:
                 try:
                     gm, skeleton = export_call(self, sig, run, dynamic=True)
@@ -536,6 +548,11 @@ class UnitScaledModel(nn.Module):
     def us_planned(self) -> bool:
         st = _state(self)
         return st.records is not None or st.backend is not None
+
+    @property
+    def us_module(self) -> UnitScaledModule:
+        """The GraphModule of the planned call (its ``graph``, ``code``, ``scale_plan()``)."""
+        return self._primary()
 
     def _primary(self) -> UnitScaledModule:
         st = _state(self)

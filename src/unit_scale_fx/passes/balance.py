@@ -25,6 +25,7 @@ import logging
 import math
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
@@ -151,6 +152,18 @@ class Potentials:
     def cls(self, n: fx.Node) -> int:
         return self.index[self.uf.find(n)]
 
+    def loss_classes(self) -> set[int]:
+        """The reference potentials (1): the losses the graph returns (its 0-dim outputs), else its loss ops.
+
+        A loss returned as ``sum / num_items`` is the output; the cross entropy before the
+        division receives ``1 / num_items`` of the gradient, so it cannot be the reference.
+        """
+        out = next((n for n in reversed(self.gm.graph.nodes) if n.op == "output"), None)
+        leaves = torch.utils._pytree.tree_leaves(out.args) if out is not None else []
+        scalars = {self.cls(n) for n in leaves if isinstance(n, fx.Node) and n in self.recs
+                   and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0}
+        return scalars or {self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"}
+
     def members(self) -> dict[int, list[fx.Node]]:
         out: dict[int, list[fx.Node]] = {}
         for n in self.g:
@@ -167,7 +180,7 @@ class Potentials:
             rec = self.recs[v]
             c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
             rows.append((i, j, c, 1.0))
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | self.boundary())
+        anchors = sorted(self.loss_classes() | self.boundary())
         if rows:
             self.log_phi = solve_laplacian(len(self.index), rows, anchors)
         for c in self.boundary():  # exactly 1, not only near it (any potentials are valid)

@@ -118,7 +118,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
     # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
+    losses = sorted(pots.loss_classes())
     if losses:
         new -= np.mean([new[c] for c in losses])
     for c in pots.boundary():  # values shared with other graphs keep the true gradient
