@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from dataclasses import replace
@@ -630,7 +631,13 @@ def unit_scaled_class(base: type) -> type:
             base.__init__(self, *args, **kwargs)
             self._us_init_state()
 
-        cls = type(base.__name__, (UnitScaledModel, base), {"__init__": __init__, "__module__": base.__module__,
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return UnitScaledModel.forward(self, *args, **kwargs)
+
+        # the user's signature and docstring (Trainer picks dataset columns by forward's parameters)
+        functools.update_wrapper(forward, base.forward)
+        cls = type(base.__name__, (UnitScaledModel, base), {"__init__": __init__, "forward": forward,
+                                                            "__module__": base.__module__,
                                                             "__qualname__": base.__qualname__})
         _SUBCLASSES[base] = cls
     return cls
