@@ -394,6 +394,7 @@ class _ModelState:
         self.primary: Optional[UnitScaledModule] = None
         self.backend: Any = None  # the dynamo backend, when export could not capture the model
         self.compiled: Any = None  # the user's forward compiled with it
+        self.cause: Optional[UnitScaleError] = None  # why export failed
 
     def __getstate__(self) -> dict:
         # captured graphs are not copied or pickled: the copy captures again at its first call and
@@ -430,12 +431,20 @@ class UnitScaledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         st = _state(self)
-        if st.backend is not None:
+        if st.backend is None:
+            g, tensors = self._us_graph_for(args, kwargs)
+            if st.backend is None:
+                return rebuild_output(g.skeleton, g.gm(*tensors))
+        # export could not capture the model: dynamo splits it at what it cannot trace
+        if st.backend.graphs:
             return st.compiled(*args, **kwargs)
-        g, tensors = self._us_graph_for(args, kwargs)
-        if st.backend is not None:  # export failed just now: dynamo took over
+        try:
             return st.compiled(*args, **kwargs)
-        return rebuild_output(g.skeleton, g.gm(*tensors))
+        except Exception as exc:
+            cause = st.cause
+            raise UnitScaleError(f"{cause.what}; dynamo could not capture it either: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                 where=cause.where, fix=cause.fix) from exc
 
     # -- capture and planning ---------------------------------------------------------------------------
     def _us_graph_for(self, args: tuple, kwargs: dict) -> tuple[Optional[_Graph], list]:
@@ -523,6 +532,7 @@ class UnitScaledModel(nn.Module):
                     "(torch.compile with the 'unit_scale' backend, inner compiler 'eager')",
                     st.base.__name__, cause.what.splitlines()[0])
         st.backend = UnitScaleBackend(replace(st.config, init_weights=st.init_pending), inner="eager")
+        st.cause = cause
         base_forward = st.base.forward
         st.compiled = torch.compile(lambda *a, **k: base_forward(self, *a, **k), backend=st.backend)
         st.init_pending = False
