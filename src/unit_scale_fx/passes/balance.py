@@ -29,12 +29,13 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
+from ..rules.registry import Kind
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
 #: Record kinds with no scale op of their own: their edges keep the true gradient.
-FIXED_KINDS = frozenset({"preserve", "unsupported", "excluded"})
+FIXED_KINDS = frozenset({Kind.PRESERVE, Kind.UNSUPPORTED, Kind.EXCLUDED})
 
 _EPS = 1e-9  # ties down potentials not reached by any equation
 
@@ -162,7 +163,7 @@ class Potentials:
         leaves = torch.utils._pytree.tree_leaves(out.args) if out is not None else []
         scalars = {self.cls(n) for n in leaves if isinstance(n, fx.Node) and n in self.recs
                    and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0}
-        return scalars or {self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"}
+        return scalars or {self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS}
 
     def members(self) -> dict[int, list[fx.Node]]:
         out: dict[int, list[fx.Node]] = {}
