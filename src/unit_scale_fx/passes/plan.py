@@ -176,7 +176,7 @@ def _keep_value(s: Scales, rule: object) -> None:
     """An op in the loss cone: forward scale 1; a sum of losses passes each its gradient unchanged."""
     if s.weights is not None:
         s.weights = None
-    if getattr(rule, "kind", "") == "add":
+    if getattr(rule, "kind", "") == Kind.ADD:
         s.bwd = {n: 1.0 for n in s.bwd}
         s.grad_gain = {n: 1.0 for n in s.bwd}
     s.fwd, s.fixed_fwd, s.calibrate, s.calibrate_bwd = 1.0, True, False, False
