@@ -205,14 +205,10 @@ class Potentials:
             f = _forward_factor(rec, u.name)
             c = math.log(rec.ideal_bwd.get(u.name, f)) - math.log(f)
             rows.append((i, j, c, 1.0))
-<<<<<<< HEAD
-        anchors = sorted(self.loss_classes() | self.boundary())
-=======
         n_edges = len(rows)
         rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
         pinned = self.pinned()
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | pinned)
->>>>>>> main
+        anchors = sorted(self.loss_classes() | pinned)
         if rows:
             self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
         for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)

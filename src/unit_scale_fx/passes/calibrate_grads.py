@@ -109,18 +109,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
-<<<<<<< HEAD
-    # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = sorted(pots.loss_classes())
-    if losses:
-        new -= np.mean([new[c] for c in losses])
-    for c in pots.boundary():  # values shared with other graphs keep the true gradient
-=======
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are
     # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
     for c in pots.pinned():
->>>>>>> main
         new[c] = 0.0
     pots.log_phi = new
     pots.assign()
