@@ -32,8 +32,6 @@ LossFn = Callable[[Any], torch.Tensor]
 
 def _graph_module(model: nn.Module) -> fx.GraphModule:
     inner = getattr(model, "module", model)  # DistributedDataParallel / DataParallel wrap ``.module``
-    if not isinstance(inner, fx.GraphModule) and hasattr(inner, "us_module"):
-        inner = inner.us_module  # a model that kept its class: its planned graph (flat tensor inputs)
     if not isinstance(inner, fx.GraphModule):
         raise UnitScaleError(
             f"expected a unit-scaled module (an fx.GraphModule), got {type(model).__name__}",
