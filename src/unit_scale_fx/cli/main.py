@@ -83,7 +83,9 @@ def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
     for w in caught:  # ours, one line each (torch's own deprecation notices are not the user's business)
         if "unit_scale_fx" in str(w.filename).replace("\\", "/"):
             print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
-    return us
+    # a model torch.fx cannot trace keeps its class; dump and report work on its planned graph, which
+    # takes the (positional, tensor) inputs flat and returns its outputs as a tuple
+    return getattr(us, "us_module", us)
 
 
 def _attr(root: Any, target: str) -> Any:

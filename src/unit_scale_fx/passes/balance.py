@@ -176,6 +176,18 @@ class Potentials:
     def cls(self, n: fx.Node) -> int:
         return self.index[self.uf.find(n)]
 
+    def loss_classes(self) -> set[int]:
+        """The reference potentials (1): the losses the graph returns (its 0-dim outputs), else its loss ops.
+
+        A loss returned as ``sum / num_items`` is the output; the cross entropy before the
+        division receives ``1 / num_items`` of the gradient, so it cannot be the reference.
+        """
+        out = next((n for n in reversed(self.gm.graph.nodes) if n.op == "output"), None)
+        leaves = torch.utils._pytree.tree_leaves(out.args) if out is not None else []
+        scalars = {self.cls(n) for n in leaves if isinstance(n, fx.Node) and n in self.recs
+                   and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0}
+        return scalars or {self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS}
+
     def members(self) -> dict[int, list[fx.Node]]:
         out: dict[int, list[fx.Node]] = {}
         for n in self.g:
@@ -196,7 +208,7 @@ class Potentials:
         n_edges = len(rows)
         rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
         pinned = self.pinned()
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | pinned)
+        anchors = sorted(self.loss_classes() | pinned)
         if rows:
             self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
         for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)

@@ -66,6 +66,8 @@ class _Planner:
         self.rms: dict[fx.Node, Optional[float]] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
+        self.loss_cone = loss_cone(gm, ctx.param_inputs)
+        self.counts: dict[fx.Node, float] = {}  # RMS of integer tensors (measured planning only)
 
     def source_rms(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -99,10 +101,15 @@ class _Planner:
         res = self.topo.residuals.get(node)
         if res is not None:
             context["residual"] = (res.skip, res.branch, res.tau)
-        view = OpView(node, inputs, {i: self.rms.get(i) for i in inputs},
+        in_rms = {i: self.rms.get(i) for i in inputs}
+        # integer tensors measured on the example batch (a token count a loss is divided by)
+        in_rms.update({i: self.counts[i] for i in node.all_input_nodes if i in self.counts})
+        view = OpView(node, inputs, in_rms,
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
                       context=context)
         s = rule.scales(view)
+        if node in self.loss_cone:
+            _keep_value(s, rule)
         self.scales[node], self.rules[node] = s, rule
         return s
 
@@ -125,6 +132,56 @@ class _Planner:
         self.rms[node] = out
         node.meta[META_KEY] = rec
         return rec
+
+
+def loss_cone(gm: fx.GraphModule, param_inputs: dict) -> set[fx.Node]:
+    """The ops that compute a loss from the model's outputs: their forward values are kept.
+
+    An op is in the cone when no parameter is used at or after it and its value reaches
+    the graph's outputs only as single numbers (0-dim outputs: the loss, an auxiliary
+    loss). ``sum / num_items``, ``loss + coef * aux_loss``, a hand-written mean squared
+    error: all keep the value the user's code computes from the (unit-scaled) logits;
+    only their backward scales are planned.
+    """
+    nodes = list(gm.graph.nodes)
+    out = next((n for n in reversed(nodes) if n.op == "output"), None)
+    if out is None:
+        return set()
+    scalar_out = {n for n in _leaves(out.args) if isinstance(n, fx.Node) and _shape(n) == ()}
+    if not scalar_out:
+        return set()
+    feeds_param: dict[fx.Node, bool] = {}
+    cone: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if n.op in ("output", "placeholder", "get_attr"):
+            continue
+        uses = any(_source_param(i, gm, param_inputs) is not None for i in n.all_input_nodes)
+        feeds_param[n] = uses or any(feeds_param.get(u, False) for u in n.users)
+        if feeds_param[n] or not n.users or not is_float(n):
+            continue
+        if all((u.op == "output" and n in scalar_out) or u in cone for u in n.users):
+            cone.add(n)
+    return cone
+
+
+def _leaves(x: object) -> list:
+    if isinstance(x, (tuple, list)):
+        return [y for v in x for y in _leaves(v)]
+    if isinstance(x, dict):
+        return [y for v in x.values() for y in _leaves(v)]
+    return [x]
+
+
+def _keep_value(s: Scales, rule: object) -> None:
+    """An op in the loss cone: forward scale 1; a sum of losses passes each its gradient unchanged."""
+    if s.weights is not None:
+        s.weights = None
+    if getattr(rule, "kind", "") == Kind.ADD:
+        s.bwd = {n: 1.0 for n in s.bwd}
+        s.grad_gain = {n: 1.0 for n in s.bwd}
+    s.fwd, s.fixed_fwd, s.calibrate, s.calibrate_bwd = 1.0, True, False, False
+    s.out_rms = None
+    s.note = (s.note + "; " if s.note else "") + "computes a loss: forward value kept"
 
 
 class _MeasuringPlanner(fx.Interpreter):
@@ -151,7 +208,11 @@ class _MeasuringPlanner(fx.Interpreter):
                     p.rms[n] = measured
             return value
         if not is_float(n):
-            return super().run_node(n)
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+                    and not value.is_complex() and value.dtype != torch.bool and value.device.type != "meta":
+                p.counts[n] = float(abs(value))
+            return value
         s = p.scales_for(n)
         if s is None:
             value = super().run_node(n)

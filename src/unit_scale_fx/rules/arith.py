@@ -111,6 +111,13 @@ class DivRule(Rule):
                 r = r / cden
             elif cnum is not None:
                 r = cnum / r
+            elif isinstance(den, fx.Node) and den not in op.inputs and op.in_rms.get(den):
+                # divided by a measured integer count (``loss_sum / num_items``): the forward value
+                # is kept, the gradient passed back is made as large as before the division
+                count = float(op.in_rms[den])
+                s = Scales(out_rms=r / count, note=f"quotient with a count ({count:g}): value kept")
+                s.bwd[num], s.grad_gain[num] = count, 1.0 / count
+                return s
             return Scales(out_rms=r, note="quotient with a constant: kept")
         if len(op.inputs) != 2 or num not in op.inputs or den not in op.inputs:
             return Scales(note="quotient of unexpected operands")
