@@ -7,7 +7,7 @@ import functools
 import logging
 import warnings
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -393,6 +393,9 @@ class _ModelState:
         self.backend: Any = None  # the dynamo backend, when export could not capture the model
         self.compiled: Any = None  # the user's forward compiled with it
         self.cause: Optional[UnitScaleError] = None  # why export failed
+        #: called on each newly captured (and planned or adopted) graph module; analysis tools use it
+        #: to check a copy (e.g. the scale-erased copy of :mod:`unit_scale_fx.analysis.equivalence`)
+        self.post_capture: Optional[Callable[[UnitScaledModule], None]] = None
 
     def __getstate__(self) -> dict:
         # captured graphs are not copied or pickled: the copy captures again at its first call and
@@ -520,6 +523,8 @@ class UnitScaledModel(nn.Module):
                                 ", ".join(unplanned[:8]) + (" ..." if len(unplanned) > 8 else ""))
                 log.info("unit_scale: captured another call signature of %s; %d nodes took the planned scales",
                          st.base.__name__, matched)
+            if st.post_capture is not None:
+                st.post_capture(us)
         return _Graph(us, gm.meta["input_dims"], skeleton)
 
     def _us_use_dynamo(self, cause: UnitScaleError) -> None:
