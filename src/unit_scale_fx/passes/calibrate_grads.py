@@ -9,6 +9,20 @@ potential ``phi_u = 1 / (m_u / phi_u)`` makes the measured gradient exactly unit
 Any positive potentials give valid gradients, so this only changes their size.
 Where rules cannot know the gradient (attention queries and keys, correlated
 values), this is what makes backward RMS land near 1.
+
+**Noise.** A vector parameter (a bias, a norm gain) has a gradient that sums its
+per-row contributions over the whole batch and is seen through only ``d``
+numbers: its measured RMS is dominated by sampling noise (two batches of the
+same distribution gave potentials 2x apart). Such classes take their potential
+from the measured class they feed, through the rule's ideal backward scale
+(the analytic value), so plans do not wobble. Measured RMS values are rounded
+to a few significant bits (:mod:`.stats`), so the thread count does not change them.
+
+**Data parallel.** Measurements go through ``ctx.stats`` (:mod:`.stats`): inside a
+process group, gradients at batch-carrying values add up their squares and counts
+over ranks, gradients of values every rank holds whole (parameters, a scalar loss)
+are summed over ranks, and each rank's loss is seeded with ``1 / world`` (DDP's mean).
+Every rank then gets the potentials one process would get on the combined batch.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult, declare, preserved_state
+from .stats import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +74,16 @@ class _ScaledRun(fx.Interpreter):
         return value
 
 
-def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
+def _output_loss(out: Any, seed: int = 0, world: int = 1) -> torch.Tensor:
+    """The backward seed: scalar outputs (losses) as they are, over ``world`` ranks (DDP's mean);
+    a unit random probe at other float outputs."""
     gen = torch.Generator().manual_seed(seed)
     total = None
     for t in torch.utils._pytree.tree_leaves(out):
         if not (isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()):
             continue
         if t.dim() == 0:
-            term = t
+            term = t / world if world > 1 else t
         else:
             probe = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
             term = (t * probe).sum()
@@ -76,10 +93,50 @@ def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
     return total
 
 
+def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
+                      rows: dict[fx.Node, float]) -> int:
+    """Potentials of vector-parameter classes from the measured classes they feed, through the rules.
+
+    On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
+    ``v``'s is; ``b_uv = f_uv * phi_u / phi_v`` then gives ``log phi_u``. The ideal scale
+    of a parameter used by every row goes as ``rows ** -0.5``: where ``v`` carries the batch,
+    it is corrected from the local to the global row count (``rows``: local / global).
+    A class with no measured consumer moves with the mean shift of the measured classes.
+    """
+    shift = float(np.mean([new[c] - old[c] for c in done])) if done else 0.0
+    n = 0
+    for cls in noisy:
+        logs = []
+        for u, v in pots.free:
+            if pots.cls(u) != cls or pots.cls(v) not in done:
+                continue
+            rec = pots.recs[v]
+            f = rec.weights.get(u.name, 1.0) if rec.weights else rec.fwd
+            ideal = rec.ideal_bwd.get(u.name)
+            if not ideal or not f:
+                continue
+            logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0)))
+        new[cls] = float(np.mean(logs)) if logs else old[cls] + shift
+        n += 1
+    return n
+
+
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
 #: calibration moves a potential by at most this (log) factor from the analytic fit
 _MAX_STEP = math.log(2.0 ** 10)
+
+
+def _batch_nodes(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
+    """Nodes whose value is computed from the batch (reached from a placeholder that is not a parameter)."""
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.name not in ctx.param_inputs:
+                out.add(n)
+        elif any(u in out for u in n.all_input_nodes):
+            out.add(n)
+    return out
 
 
 @declare('calibrate_grads', needs=('potentials',), produces=('measured_grads',))
@@ -87,21 +144,36 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = ctx.potentials
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
+    stats = ctx.stats or LOCAL
+    batch = _batch_nodes(gm, ctx)
     with preserved_state(gm), torch.enable_grad():
         run = _ScaledRun(gm)
         out = run.run(*ctx.real_values)
         try:
-            _output_loss(out).backward()
+            _output_loss(out, world=stats.world).backward()
         except RuntimeError as exc:
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
         # read now: leaving preserved_state clears the parameters' .grad
-        grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
-                 for n, v in run.exposed.items() if v.grad is not None}
+        grads: dict[fx.Node, float] = {}
+        rows: dict[fx.Node, float] = {}  # batch-carrying nodes: local / global element count
+        vector: set[fx.Node] = set()  # vector parameters: noise-dominated measurements
+        for n, v in run.exposed.items():
+            if v.grad is None:
+                continue
+            if n in batch and v.dim() > 0:
+                r, count = stats.rms_count(v.grad)
+                if r is not None:
+                    grads[n], rows[n] = r, v.numel() / count
+            else:  # held whole by every rank: its global gradient is the sum of the ranks' shares
+                grads[n] = stats.tensor_rms(v.grad)
+                if v.dim() <= 1 and n not in batch:
+                    vector.add(n)
         sizes = {n: v.numel() for n, v in run.exposed.items()}
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
+    noisy: set[int] = set()
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
@@ -109,14 +181,22 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             g = grads[node] / math.exp(old[cls])
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g
+                if node in vector:
+                    noisy.add(cls)
     updated = 0
+    done: set[int] = set()
     if true_rms:
-        typical = float(np.median(list(true_rms.values())))
+        typical = float(np.median([g for c, g in true_rms.items() if c not in noisy] or list(true_rms.values())))
         for cls, g in true_rms.items():
             if g < _NO_SIGNAL * typical:
+                noisy.discard(cls)
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
+            if cls in noisy:
+                continue
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
+            done.add(cls)
             updated += 1
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows)
     # keep the loss as the reference: the forward value of the loss is never rescaled
     losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
     if losses:
