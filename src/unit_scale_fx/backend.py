@@ -386,7 +386,8 @@ class UnitScaleBackend:
         # for get_attr parameters in eager unit_scale, and both plan the same scales.
         detached = tuple(v.detach().requires_grad_(v.requires_grad)
                          if isinstance(v, torch.Tensor) else _concrete(v) for v in example_inputs)
-        ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params)
+        ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params,
+                          stats=planning_stats(self.config.plan_across_ranks))
         inherited = set()
         for n, v in zip(placeholders, example_inputs):
             if n.name in params or not isinstance(v, torch.Tensor) or not v.is_floating_point():

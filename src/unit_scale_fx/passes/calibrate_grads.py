@@ -40,7 +40,7 @@ from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult, declare, preserved_state
-from .stats import LOCAL
+from .stats import LOCAL, round_bits
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,22 @@ _MAX_STEP = math.log(2.0 ** 10)
 
 
 def _batch_nodes(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
-    """Nodes whose value is computed from the batch (reached from a placeholder that is not a parameter)."""
+    """Nodes whose value is computed from the batch: reached from a placeholder that is not a parameter
+    through tensor values (a size read from the batch, and positions built from it, carry no batch)."""
     out: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             if n.name not in ctx.param_inputs:
                 out.add(n)
-        elif any(u in out for u in n.all_input_nodes):
+        elif any(u in out for u in n.all_input_nodes) and _holds_tensor(n.meta.get("val")):
             out.add(n)
     return out
+
+
+def _holds_tensor(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
 
 
 @declare('calibrate_grads', needs=('potentials',), produces=('measured_grads',))
@@ -162,11 +169,11 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if v.grad is None:
                 continue
             if n in batch and v.dim() > 0:
-                r, count = stats.rms_count(v.grad)
+                r, count = stats.rms_count(v.grad, bits=None)
                 if r is not None:
                     grads[n], rows[n] = r, v.numel() / count
             else:  # held whole by every rank: its global gradient is the sum of the ranks' shares
-                grads[n] = stats.tensor_rms(v.grad)
+                grads[n] = stats.tensor_rms(v.grad, bits=None)
                 if v.dim() <= 1 and n not in batch:
                     vector.add(n)
         sizes = {n: v.numel() for n, v in run.exposed.items()}
@@ -178,7 +185,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         measured = [n for n in members if n in grads]
         if measured:
             node = max(measured, key=sizes.__getitem__)  # the fullest view of the class
-            g = grads[node] / math.exp(old[cls])
+            g = round_bits(grads[node] / math.exp(old[cls]))  # the true gradient's RMS, rounded
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g
                 if node in vector:

@@ -46,11 +46,14 @@ class Stats:
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
-    def rms(self, t: torch.Tensor) -> Optional[float]:
-        """RMS of a floating-point tensor (None for non-float, meta, empty on every rank)."""
-        return self.rms_count(t)[0]
+    def rms(self, t: torch.Tensor, bits: Optional[int] = RMS_BITS) -> Optional[float]:
+        """RMS of a floating-point tensor (None for non-float, meta, empty on every rank).
 
-    def rms_count(self, t: torch.Tensor) -> tuple[Optional[float], float]:
+        ``bits``: significant bits kept (None: unrounded, for callers that round what they derive).
+        """
+        return self.rms_count(t, bits)[0]
+
+    def rms_count(self, t: torch.Tensor, bits: Optional[int] = RMS_BITS) -> tuple[Optional[float], float]:
         """``(RMS, element count)`` of a batch-carrying tensor, over all ranks."""
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
             return None, 0.0
@@ -60,17 +63,19 @@ class Stats:
         acc = self._reduce(acc)
         if acc[1] == 0:
             return None, 0.0
-        return round_bits(float((acc[0] / acc[1]).sqrt())), float(acc[1])
+        r = float((acc[0] / acc[1]).sqrt())
+        return (r if bits is None else round_bits(r, bits)), float(acc[1])
 
     def tensor_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over ranks (``t`` itself on one process)."""
         return t
 
-    def tensor_rms(self, t: torch.Tensor) -> float:
+    def tensor_rms(self, t: torch.Tensor, bits: Optional[int] = RMS_BITS) -> float:
         """RMS of the rank-sum of a tensor every rank holds whole (a parameter's gradient)."""
         with torch.no_grad():
             s = self.tensor_sum(t.detach().double())
-            return round_bits(float(s.pow(2).mean().sqrt()))
+            r = float(s.pow(2).mean().sqrt())
+            return r if bits is None else round_bits(r, bits)
 
 
 class GroupStats(Stats):
