@@ -94,7 +94,7 @@ def _output_loss(out: Any, seed: int = 0, world: int = 1) -> torch.Tensor:
 
 
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
-                      rows: dict[fx.Node, float]) -> int:
+                      rows: dict[fx.Node, float], measured: dict[int, float], pool: dict[int, int]) -> int:
     """Potentials of vector-parameter classes from the measured classes they feed, through the rules.
 
     On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
@@ -102,9 +102,14 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
     of a parameter used by every row goes as ``rows ** -0.5``: where ``v`` carries the batch,
     it is corrected from the local to the global row count (``rows``: local / global).
     A class with no measured consumer moves with the mean shift of the measured classes.
+
+    The rules assume rows that are independent; real gradients are not (a bias gradient has
+    a mean over the batch). One correction, the median over all these classes of measured
+    minus analytic (``measured``: class -> measured log potential), pools their measurements:
+    the level stays measured, the per-class noise goes.
     """
     shift = float(np.mean([new[c] - old[c] for c in done])) if done else 0.0
-    n = 0
+    analytic: dict[int, float] = {}
     for cls in noisy:
         logs = []
         for u, v in pots.free:
@@ -116,9 +121,15 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
             if not ideal or not f:
                 continue
             logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0)))
-        new[cls] = float(np.mean(logs)) if logs else old[cls] + shift
-        n += 1
-    return n
+        analytic[cls] = float(np.mean(logs)) if logs else old[cls] + shift
+    pooled = {}
+    for k in set(pool.values()):
+        both = [measured[c] - a for c, a in analytic.items() if c in measured and pool.get(c) == k]
+        pooled[k] = float(np.median(both)) if both else 0.0
+    for cls, a in analytic.items():
+        # rounded as measurements are: the same on every rank and for one process on the whole batch
+        new[cls] = math.log(round_bits(math.exp(a + pooled.get(pool.get(cls), 0.0))))
+    return len(analytic)
 
 
 #: measured gradients this far below the typical one are rounding noise, not signal
@@ -164,7 +175,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # read now: leaving preserved_state clears the parameters' .grad
         grads: dict[fx.Node, float] = {}
         rows: dict[fx.Node, float] = {}  # batch-carrying nodes: local / global element count
-        vector: set[fx.Node] = set()  # vector parameters: noise-dominated measurements
+        vector: dict[fx.Node, int] = {}  # parameters (pool: 1-D or more): noise-dominated measurements
         for n, v in run.exposed.items():
             if v.grad is None:
                 continue
@@ -174,13 +185,14 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     grads[n], rows[n] = r, v.numel() / count
             else:  # held whole by every rank: its global gradient is the sum of the ranks' shares
                 grads[n] = stats.tensor_rms(v.grad, bits=None)
-                if v.dim() <= 1 and n not in batch:
-                    vector.add(n)
+                if v.dim() >= 1 and (n.op == "get_attr" or n.name in ctx.param_inputs):
+                    vector[n] = min(v.dim(), 2)
         sizes = {n: v.numel() for n, v in run.exposed.items()}
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
     noisy: set[int] = set()
+    pool: dict[int, int] = {}
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
@@ -190,6 +202,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 true_rms[cls] = g
                 if node in vector:
                     noisy.add(cls)
+                    pool[cls] = vector[node]
     updated = 0
     done: set[int] = set()
     if true_rms:
@@ -203,7 +216,8 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             done.add(cls)
             updated += 1
-    updated += _analytic_vectors(pots, noisy, done, new, old, rows)
+    measured_log = {c: -math.log(g) for c, g in true_rms.items() if c in noisy}
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows, measured_log, pool)
     # keep the loss as the reference: the forward value of the loss is never rescaled
     losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
     if losses:
