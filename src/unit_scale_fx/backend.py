@@ -84,6 +84,7 @@ from .passes import PassContext, PassResult
 from .passes.base import Pass
 from .passes.boundary import output_leaves
 from .passes.init_weights import init_parameter, parameter_roles
+from .passes.stats import planning_stats
 from .pipeline import build_pipeline, run_passes
 from .record import META_KEY, ScaleRecord
 from .rules.registry import float_tensor_inputs, is_float, node_op_name
