@@ -2,8 +2,8 @@
 
 After ``balance``, every node ``u`` receives ``phi_u`` times its true gradient.
 When real example inputs are known, this pass runs the planned model once,
-forward and backward (from the loss, or from a unit random gradient at
-non-scalar outputs), and measures the gradient RMS ``m_u`` at every class of
+forward and backward (from the loss as :func:`~unit_scale_fx.tensor_stats.loss_outputs`
+defines it: the scalar outputs, else a unit random gradient at every output), and measures the gradient RMS ``m_u`` at every class of
 nodes that shares a potential. The true gradient's RMS is ``m_u / phi_u``; the new
 potential ``phi_u = 1 / (m_u / phi_u)`` makes the measured gradient exactly unit.
 Any positive potentials give valid gradients, so this only changes their size.
@@ -38,6 +38,7 @@ import torch.fx as fx
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import float_tensor_inputs
 from ..scale import scale
+from ..tensor_stats import output_loss
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL, round_bits
@@ -48,12 +49,19 @@ log = logging.getLogger(__name__)
 class _ScaledRun(fx.Interpreter):
     """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float]) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.exposed: dict[fx.Node, torch.Tensor] = {}
+        self.output_bwd = output_bwd
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
+        if n.op == "output":  # the backward scales between the returned values and the caller
+            for u in n.all_input_nodes:
+                b = self.output_bwd.get(u.name, 1.0)
+                if b != 1.0 and isinstance(self.env.get(u), torch.Tensor):
+                    self.env[u] = scale(self.env[u], 1.0, b)
+            return super().run_node(n)
         if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
             value = super().run_node(n)
         else:
@@ -72,25 +80,6 @@ class _ScaledRun(fx.Interpreter):
             value.retain_grad()
             self.exposed[n] = value
         return value
-
-
-def _output_loss(out: Any, seed: int = 0, world: int = 1) -> torch.Tensor:
-    """The backward seed: scalar outputs (losses) as they are, over ``world`` ranks (DDP's mean);
-    a unit random probe at other float outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    total = None
-    for t in torch.utils._pytree.tree_leaves(out):
-        if not (isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()):
-            continue
-        if t.dim() == 0:
-            term = t / world if world > 1 else t
-        else:
-            probe = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
-            term = (t * probe).sum()
-        total = term if total is None else total + term
-    if total is None:
-        raise RuntimeError("the model's output carries no gradient")
-    return total
 
 
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
@@ -165,11 +154,13 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stats = ctx.stats or LOCAL
     batch = _batch_nodes(gm, ctx)
     with preserved_state(gm), torch.enable_grad():
-        run = _ScaledRun(gm)
+        run = _ScaledRun(gm, pots.output_bwd())
         out = run.run(*ctx.real_values)
         try:
-            _output_loss(out, world=stats.world).backward()
-        except RuntimeError as exc:
+            # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
+            # over ranks, the mean of the ranks' losses (DDP's convention)
+            (output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary) / stats.world).backward()
+        except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
         # read now: leaving preserved_state clears the parameters' .grad
@@ -218,11 +209,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             updated += 1
     measured_log = {c: -math.log(g) for c, g in true_rms.items() if c in noisy}
     updated += _analytic_vectors(pots, noisy, done, new, old, rows, measured_log, pool)
-    # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
-    if losses:
-        new -= np.mean([new[c] for c in losses])
-    for c in pots.boundary():  # values shared with other graphs keep the true gradient
+    # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
+    # that the caller sends into several outputs keep their relative weights. The measured potentials are
+    # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
+    for c in pots.pinned():
         new[c] = 0.0
     pots.log_phi = new
     pots.assign()

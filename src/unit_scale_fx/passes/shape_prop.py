@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnitScaleError
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL
 
