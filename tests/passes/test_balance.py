@@ -99,7 +99,7 @@ def test_every_parameter_gets_phi_times_its_true_gradient():
         if node.op == "get_attr" and node in pots.g:
             name = str(node.target)
             expected = math.exp(pots.log_phi[pots.cls(node)])
-            torch.testing.assert_close(grads[0][name], expected * grads[1][name], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(grads[0][name], expected * grads[1][name], rtol=1e-4, atol=1e-6)
             ratios[name] = expected
     assert set(ratios) == {n for n, _ in gm.named_parameters()}
     assert max(ratios.values()) / min(ratios.values()) > 1.5  # the potentials differ: the check has teeth
