@@ -19,6 +19,7 @@ from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
 from .passes.init_weights import parameter_init_kinds
+from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
 from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original
 from .table import format_table
@@ -47,7 +48,8 @@ class UnitScaledModule(fx.GraphModule):
     def _plan(self, args: tuple, kwargs: dict) -> None:
         if self.us_planned:
             self.graph = copy.deepcopy(self.us_source_graph)
-        ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs)
+        ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs,
+                          stats=planning_stats(getattr(self.us_config, "plan_across_ranks", True)))
         ctx.give("init_kinds", parameter_init_kinds(self))
         _check_input_devices(self, args, kwargs)
         run_passes(self, ctx, build_pipeline(self.us_config, ("plan", "transform")))
@@ -118,13 +120,10 @@ class UnitScaledModule(fx.GraphModule):
                     where=type(self).__name__,
                     fix="pass example_inputs=(...) to unit_scale, or call the module once before torch.compile",
                 )
-            if _distributed_world() > 1:
-                warnings.warn(
-                    "planning the scales lazily inside a distributed job: every rank plans on its own batch and "
-                    "the ranks may get different scales; plan before wrapping (unit_scale(model, "
-                    "example_inputs=...)) and call unit_scale_fx.training.distributed.sync_plan(model)",
-                    UserWarning, stacklevel=2)
-            self._plan(args, kwargs)
+            # inside a process group every rank plans on the global batch (passes/stats.py);
+            # under FSDP2 the parameters are unsharded while planning
+            with _unsharded(self):
+                self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -269,6 +268,32 @@ def _short_op(op: str) -> str:
     if parts[-1] in ("default", "Tensor", "int", "Scalar", "using_ints") and len(parts) > 1:
         parts = parts[:-1]
     return parts[-1]
+
+
+class _unsharded:
+    """Unshard an FSDP2 module's parameters for the duration of planning (no-op for other modules).
+
+    ``fully_shard`` gives the module a new class (``FSDP<name>``, a subclass of its own).
+    ``GraphModule.recompile`` installs ``__call__`` on the instance's class, which on that
+    subclass would call itself: planning runs with the module's own class, restored after.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.fsdp = callable(getattr(module, "unshard", None)) and hasattr(module, "reshard")
+        self.cls = type(module)
+
+    def __enter__(self) -> None:
+        if self.fsdp:
+            self.module.unshard()
+            own = [c for c in self.cls.__bases__ if issubclass(c, fx.GraphModule)]
+            if own:
+                self.module.__class__ = own[-1]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fsdp:
+            self.module.__class__ = self.cls
+            self.module.reshard()
 
 
 def _distributed_world() -> int:

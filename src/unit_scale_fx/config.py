@@ -82,6 +82,11 @@ class UnitScaleConfig:
             graph once on them: rules see measured input RMS, and ops whose scale
             depends on the data (attention, softmax, products of activations) are
             calibrated on it. With False, or on the meta device, planning is analytic.
+        plan_across_ranks: planning inside an initialised ``torch.distributed`` process group
+            sums the measured statistics over its ranks, so every rank plans for the global
+            batch (every rank must then plan, in step: DDP and FSDP2 do). False: each process
+            plans on its own batch (plan on one rank and share it with
+            :func:`unit_scale_fx.training.distributed.sync_plan`).
         dynamo_fallback: when neither torch.fx nor torch.export captures the model and
             example inputs are given, unit-scale it through dynamo (see
             :func:`unit_scale_fx.unit_scale`); False raises :class:`UnitScaleError` instead.
@@ -114,6 +119,7 @@ class UnitScaleConfig:
     unsupported: UnsupportedPolicy = "warn"
     measure: bool = True
     dynamo_fallback: bool = True
+    plan_across_ranks: bool = True
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)

@@ -21,6 +21,7 @@ from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
+from .stats import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
 
 
 def _tensor_rms(t: torch.Tensor) -> Optional[float]:
+    """A parameter's or buffer's RMS (the same on every rank; rounded as every measurement is)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
         return None
-    return rms(t)
+    return LOCAL.rms(t)
 
 
 def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:
@@ -196,6 +198,7 @@ class _MeasuringPlanner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, planner: _Planner) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.planner = planner
+        self.stats = planner.ctx.stats or LOCAL  # local, or summed over the ranks of a process group
 
     def run_node(self, n: fx.Node):
         p = self.planner
@@ -203,9 +206,10 @@ class _MeasuringPlanner(fx.Interpreter):
             value = super().run_node(n)
             if n.op != "output" and is_float(n):
                 p.source_rms(n)
-                measured = _tensor_rms(value) if isinstance(value, torch.Tensor) else None
-                if measured is not None and n.op == "placeholder":
-                    p.rms[n] = measured
+                if n.op == "placeholder" and isinstance(value, torch.Tensor):
+                    measured = self.stats.rms(value)
+                    if measured is not None:
+                        p.rms[n] = measured
             return value
         if not is_float(n):
             value = super().run_node(n)
@@ -224,7 +228,7 @@ class _MeasuringPlanner(fx.Interpreter):
             self.env.update(saved)
         else:
             value = super().run_node(n)
-            raw = _tensor_rms(value) if isinstance(value, torch.Tensor) else None
+            raw = self.stats.rms(value) if isinstance(value, torch.Tensor) else None
             if s.calibrate and raw and math.isfinite(raw) and s.fwd:
                 ratio = (1.0 / raw) / s.fwd
                 s.fwd *= ratio
@@ -238,7 +242,7 @@ class _MeasuringPlanner(fx.Interpreter):
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and rec.fwd != 1.0:
                     value = value * rec.fwd
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            measured = _tensor_rms(value)
+            measured = self.stats.rms(value)
             p.rms[n] = measured
             rec = n.meta.get(META_KEY)
             if rec is not None:
