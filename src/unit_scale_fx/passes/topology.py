@@ -10,6 +10,7 @@ the forward one there only rescales those gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
@@ -25,7 +26,7 @@ class Residual:
     skip: fx.Node
     branch: fx.Node
     kind: str  # "attn" or "mlp"
-    tau: float
+    tau: Optional[float]  # None: not fixed by the config; the plan pass applies the depth rule
 
 
 @dataclass

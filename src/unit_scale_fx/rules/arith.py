@@ -70,8 +70,9 @@ class AddRule(Rule):
             return Scales(out_rms=0.0, note="both operands zero")
         s = Scales(fwd=1.0 / total, note="independent add")
         for n in (a, b):
-            # an operand broadcast over k copies receives the sum of k gradients
-            gain = total * math.sqrt(_broadcast(op, n))
+            # an add passes its gradient on unchanged; an operand broadcast over k copies receives
+            # the sum of k independent gradients: the Jacobian's gain is sqrt(k) (not the forward scale)
+            gain = math.sqrt(_broadcast(op, n))
             s.bwd[n], s.grad_gain[n] = 1.0 / gain, gain
         return s
 
