@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import MupConfig
 from ..record import META_KEY, ROLES_META_KEY
+from ..rules.matmul import logit_matmul_of
 from ..rules.registry import OpView, aten, float_tensor_inputs, lookup
 from .base import PassContext, PassResult, declare
 from .roles import branch_regions, residual_streams, weighted_ops
@@ -136,7 +137,7 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rule = lookup(node, gm)
         if rule is None or not float_tensor_inputs(node):
             continue
-        if rule.kind == "softmax" and node in attn_nodes:
+        if rule.kind == "softmax" and (node in attn_nodes or logit_matmul_of(node, gm) is not None):
             d = _logit_dim(node, gm)
             if d is None:
                 log.info("mup: softmax %s: no q @ k^T matmul found; logits left as they are", node.name)

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..errors import UnitScaleError
 from ..record import META_KEY, ScaleRecord
-from ..rules.matmul import LOGITS
+from ..rules.matmul import LOGITS, logit_matmuls
 from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
@@ -56,34 +56,6 @@ def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Opti
     if r is None and t.device.type == "meta":
         return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(roles.get(str(node.target), "unit"), 1.0)
     return r
-
-
-def logit_matmuls(gm: fx.GraphModule) -> set[fx.Node]:
-    """Matmuls of two activations whose output reaches a softmax through views, masks and constant
-    factors only: explicit attention logits, ``softmax(q @ k.T / sqrt(d) + mask)``."""
-    from ..rules.registry import lookup as _lookup
-
-    out: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        rule = _lookup(node, gm)
-        if rule is None or rule.kind != "softmax":
-            continue
-        n = node
-        for _ in range(16):
-            ins = float_tensor_inputs(n)
-            if len(ins) != 1:
-                break
-            n = ins[0]
-            r = _lookup(n, gm)
-            if r is None:
-                break
-            if r.name == "matmul":
-                if all(i.op != "get_attr" for i in float_tensor_inputs(n)) and len(float_tensor_inputs(n)) == 2:
-                    out.add(n)
-                break
-            if not (r.preserves_scale or r.kind in ("mul", "add")):
-                break
-    return out
 
 
 class _Planner:

@@ -147,6 +147,42 @@ for _lay, _targets in _MATMUL_TARGETS.items():
     register(*_targets)(_rule)
 
 
+def logit_matmul_of(softmax: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[fx.Node]:
+    """The matmul of two activations that computes a softmax's input through views, masks and constant
+    factors only (``softmax(q @ k.T / sqrt(d) + mask)``), or None."""
+    from .registry import float_tensor_inputs, lookup
+
+    n = softmax
+    for _ in range(16):
+        ins = float_tensor_inputs(n)
+        if len(ins) != 1:
+            return None
+        n = ins[0]
+        r = lookup(n, root)
+        if r is None:
+            return None
+        if r.name == "matmul":
+            ops = float_tensor_inputs(n)
+            return n if len(ops) == 2 and all(i.op != "get_attr" for i in ops) else None
+        if not (r.preserves_scale or r.kind in ("mul", "add")):
+            return None
+    return None
+
+
+def logit_matmuls(gm: fx.GraphModule) -> set[fx.Node]:
+    """Every matmul that computes attention logits (see :func:`logit_matmul_of`)."""
+    from .registry import lookup
+
+    out = set()
+    for node in gm.graph.nodes:
+        rule = lookup(node, gm)
+        if rule is not None and rule.kind == "softmax":
+            m = logit_matmul_of(node, gm)
+            if m is not None:
+                out.add(m)
+    return out
+
+
 @register(F.embedding, aten("embedding"))
 class EmbeddingRule(Rule):
     """Row lookup: the output has the weight's RMS; each row's gradient sums its uses."""
