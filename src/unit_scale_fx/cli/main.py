@@ -60,7 +60,7 @@ def _load(args: argparse.Namespace) -> Any:
     return load_target(args.target, parse_params(args.set))
 
 
-def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
+def _unit_scale(target: Any, command: str, debug: bool = False, **overrides: Any) -> Any:
     """unit_scale the target; warnings become one line each, and what torch prints on
     stderr while a capture fails (torch.export prints the partial graph) is dropped unless --debug."""
     import contextlib
@@ -74,7 +74,7 @@ def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with contextlib.redirect_stderr(sys.stderr if debug else noise):
-            us = unit_scale(target.model, inputs, dynamo_fallback=False)  # dump/report need one graph
+            us = unit_scale(target.model, inputs, dynamo_fallback=False, **overrides)  # dump/report need one graph
     sys.stderr.write(noise.getvalue())
     for w in caught:  # ours, one line each (torch's own deprecation notices are not the user's business)
         if "unit_scale_fx" in str(w.filename).replace("\\", "/"):
@@ -184,6 +184,21 @@ def band_summary(before: Any, after: Any) -> str:
     return "\n".join(lines)
 
 
+def analytic_gap(target: Any, inputs: Any, measured_plan: Any, args: argparse.Namespace) -> str:
+    """The same model planned on shapes alone (``measure=False``, what the meta device gets), measured
+    on the same inputs: the gap between analytic and measured planning, matmul operands, fwd and bwd."""
+    from ..analysis.track import track_scales
+
+    analytic = track_scales(_unit_scale(target, "report", args.debug, measure=False), *inputs)
+    lines = []
+    for label, rep in (("measured plan", measured_plan), ("analytic plan", analytic)):
+        mm = rep.matmul_operands()
+        parts = [f"{ph} {mm.fraction_in_band(0.5, 2.0, ph):.0%}" for ph in ("fwd", "grad")]
+        lines.append(f"{label} (measure={label.startswith('measured')}): matmul operands in [1/2, 2]: "
+                     + ", ".join(parts) + f"; in [1/8, 8]: {mm.fraction_in_band(0.125, 8.0):.0%}")
+    return "\n".join(lines)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ..analysis.track import track_scales
 
@@ -211,6 +226,8 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
     print(compare_table(sel_b, sel_a))
     print(band_summary(before.ops(), after.ops()))
+    if not args.no_analytic:
+        print(analytic_gap(target, inputs, after, args))
     if args.full:
         print()
         print(after)
@@ -350,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure-seed", type=int, metavar="N",
                    help="measure on the batch the factory makes with seed=N (the factory must take seed), "
                    "not on the batch the scales were planned on")
+    r.add_argument("--no-analytic", action="store_true",
+                   help="skip the analytic plan (measure=False) whose gap to the measured plan is reported")
     r.add_argument("--full", action="store_true", help="also print the unit-scaled report with predictions and scales")
     r.set_defaults(func=cmd_report)
 
