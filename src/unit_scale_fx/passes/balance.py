@@ -183,18 +183,21 @@ class Potentials:
         """Potentials ``phi = 1 / (predicted true-gradient RMS)``: the gradient at each class is unit.
 
         ``true_rms`` comes from a reverse sweep of the rules' gains (:func:`.plan.true_grad_rms`).
-        Each class takes the prediction at its largest member (the fullest view of the value);
+        Each class takes the prediction at its largest matmul output (whose gradient the backward
+        matmuls consume), else at its largest member (the fullest view of the value);
         classes without a prediction keep the least-squares fit. Any positive potentials are
         valid, so this only chooses their size, as :mod:`.calibrate_grads` does by measurement.
         """
-        best: dict[int, tuple[int, float]] = {}
+        best: dict[int, tuple[tuple[bool, int], float]] = {}
         for n, g in true_rms.items():
             if n not in self.g or not (g > 0 and math.isfinite(g)):
                 continue
             c = self.cls(n)
-            size = _numel(n)
-            if c not in best or size > best[c][0]:
-                best[c] = (size, g)
+            # a matmul's output first: its gradient is what the backward matmuls consume
+            rec = self.recs.get(n)
+            key = (rec is not None and rec.kind in ("matmul", "attention"), _numel(n))
+            if c not in best or key > best[c][0]:
+                best[c] = (key, g)
         if not best:
             return 0
         typical = float(np.median([g for _, g in best.values()]))

@@ -85,7 +85,10 @@ class MulRule(Rule):
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) == 1:
-            return Scales(out_rms=op.rms(op.inputs[0]) * abs(_const(op)), note="product with a constant: kept")
+            # no scale op: the constant stays (a temperature, a query scaling); the gradient carries it too
+            c = abs(_const(op))
+            return Scales(out_rms=op.rms(op.inputs[0]) * c, grad_gain={op.inputs[0]: c},
+                          note="product with a constant: kept")
         if len(op.inputs) != 2:
             return Scales(note="product of more than two tensors")
         a, b = op.inputs
@@ -106,13 +109,16 @@ class DivRule(Rule):
         num = op.node.args[0] if op.node.args else None
         den = op.node.args[1] if len(op.node.args) > 1 else None
         if len(op.inputs) == 1:
-            r = op.rms(op.inputs[0])
+            x = op.inputs[0]
+            r = op.rms(x)
             cden, cnum = constant_value(den), constant_value(num)
+            gain = {}
             if cden:
                 r = r / cden
+                gain = {x: 1.0 / cden}  # the gradient is divided by the constant too
             elif cnum is not None:
                 r = cnum / r
-            return Scales(out_rms=r, note="quotient with a constant: kept")
+            return Scales(out_rms=r, grad_gain=gain, note="quotient with a constant: kept")
         if len(op.inputs) != 2 or num not in op.inputs or den not in op.inputs:
             return Scales(note="quotient of unexpected operands")
         ra, rb = op.rms(num), op.rms(den)
