@@ -65,6 +65,8 @@ class _Planner:
         self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
         self.roles = ctx.param_roles
         self.rms: dict[fx.Node, Optional[float]] = {}
+        #: predicted cross-position correlation of each value (0 for inputs and parameters)
+        self.rho: dict[fx.Node, float] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
         self.logit_matmuls = logit_matmuls(gm)
@@ -82,6 +84,7 @@ class _Planner:
         known = [self.rms[i] for i in inputs if self.rms.get(i) is not None and math.isfinite(self.rms[i])]
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
+        self.rho[node] = max((self.rho.get(i, 0.0) for i in inputs), default=0.0)
         if node.meta.get("unit_scale_inserted"):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
@@ -105,8 +108,14 @@ class _Planner:
             context["residual"] = (res.skip, res.branch, res.tau)
         view = OpView(node, inputs, {i: self.rms.get(i) for i in inputs},
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
-                      context=context)
+                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
+        if s.out_rho is not None:
+            self.rho[node] = s.out_rho
+        else:  # carried over from the activations (a weight's rows are not positions)
+            acts = [i for i in inputs if i not in context["params"]] or inputs
+            w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
+            self.rho[node] = sum(wi * self.rho.get(i, 0.0) for wi, i in zip(w, acts)) / max(sum(w), 1e-30)
         self.scales[node], self.rules[node] = s, rule
         return s
 

@@ -61,7 +61,8 @@ class AddRule(Rule):
             rs = max(op.rms(skip), 1e-12)
             rbr = max(op.rms(branch), 1e-12)
             w = {skip: math.sqrt(1 - tau) / rs, branch: math.sqrt(tau) / rbr}
-            s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}")
+            s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}",
+                       out_rho=(1 - tau) * op.rho(skip) + tau * op.rho(branch))
             for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal
                 s.bwd[n], s.grad_gain[n] = 1.0, 1.0
             return s

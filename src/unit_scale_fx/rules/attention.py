@@ -51,8 +51,9 @@ _PROBE_TOTAL_ROWS = 4096
 
 
 @functools.lru_cache(maxsize=512)
-def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...], tk: int) -> tuple[float, float, float, float]:
-    """``(out, dq, dk, dv)`` RMS of attention on unit Gaussian q, k, v and a unit Gaussian gradient.
+def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...],
+                    tk: int) -> tuple[float, float, float, float, float]:
+    """``(out, dq, dk, dv, cross)``: RMS of attention on unit Gaussian q, k, v and a unit Gaussian gradient.
 
     A Gaussian probe, cached: ``softmax(c q k^T + mask) v`` with ``c = logit_std / sqrt(d)``, query
     row ``i`` seeing the first ``n_keys[i]`` keys, run forward and backward in float64 on a
@@ -60,7 +61,8 @@ def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...], 
     softmax's own Jacobian (``A * (dP - rowsum(A dP))``), which vanishes for rows that see one key
     and is ``c``-proportional for diffuse rows. For long sequences a sample of query rows is run;
     each row's contribution to the key and value gradients is independent, so their mean squares
-    are scaled up by ``rows / sampled``.
+    are scaled up by ``rows / sampled``. ``cross``: the mean over distinct query rows of
+    ``sum_k A_ik A_jk`` (how much two outputs share; the output correlation for independent values).
     """
     tq = len(n_keys)
     rows = list(range(tq)) if tq <= _PROBE_ROWS else [round(i * (tq - 1) / (_PROBE_ROWS - 1)) for i in range(_PROBE_ROWS)]
@@ -82,7 +84,11 @@ def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...], 
         return float(t.pow(2).mean())
 
     up = tq / r
-    return (math.sqrt(ms(out.detach())), math.sqrt(ms(gq)), math.sqrt(ms(gk) * up), math.sqrt(ms(gv) * up))
+    with torch.no_grad():  # mean over distinct query rows of sum_k A_ik A_jk: what rows share
+        aat = a @ a.transpose(-1, -2)
+        cross = float((aat.sum((-1, -2)) - aat.diagonal(dim1=-2, dim2=-1).sum(-1)).mean()) / max(1, r * (r - 1))
+    return (math.sqrt(ms(out.detach())), math.sqrt(ms(gq)), math.sqrt(ms(gk) * up), math.sqrt(ms(gv) * up),
+            cross)
 
 
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
@@ -108,7 +114,13 @@ class SDPARule(Rule):
         if isinstance(mask, fx.Node) and mask.meta.get(MASK_KEYS):  # measured by the constants pass
             n_keys = [max(1, min(tk, k)) for k in mask.meta[MASK_KEYS]][:tq]
             n_keys += [tk] * (tq - len(n_keys))
-        out, gq, gk, gv = attention_gains(round(min(logit_std, 8.0), 2), d, dv, tuple(n_keys), tk)
+        out, gq, gk, gv, cross = attention_gains(round(min(logit_std, 8.0), 2), d, dv, tuple(n_keys), tk)
+        # values correlated across positions (rho): each output is a weighted mean of them, so
+        # RMS^2 = rho + (1 - rho) sum_k w_k^2 (relative to the values'), and outputs share more
+        rho = op.rho(v)
+        mean_sq = rho + (1.0 - rho) * out * out
+        out_rho = min(1.0, (rho + (1.0 - rho) * cross) / mean_sq)
+        out = math.sqrt(mean_sq)
         # grouped-query attention: each key / value head serves several query heads
         group = qs[-3] / ks[-3] if len(qs) >= 3 and len(ks) >= 3 and ks[-3] and qs[-3] > ks[-3] else 1.0
         out_rms = rv * out
@@ -116,8 +128,12 @@ class SDPARule(Rule):
         # Forward: values of nearby positions grow correlated with depth, so the output RMS
         # is measured when possible. Backward: the rule's gains come from a Gaussian probe of
         # the attention's own Jacobian (scaled to the operands' RMS: dq ~ c rk rv, dk ~ c rq rv).
-        s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal} logit std={logit_std:.3g}", calibrate=True)
-        gains = {q: gq * rv / rq, k: gk * rv / rk * math.sqrt(group), v: gv * math.sqrt(group)}
+        s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal} logit std={logit_std:.3g} value rho={rho:.2f}",
+                   calibrate=True, out_rho=out_rho)
+        # the query and key gradients see dP = g v^T only through the softmax's centring
+        # (dP - rowsum(A dP)): the part of v shared by all positions cancels, leaving sqrt(1 - rho)
+        shared = math.sqrt(max(0.0, 1.0 - rho))
+        gains = {q: gq * rv / rq * shared, k: gk * rv / rk * shared * math.sqrt(group), v: gv * math.sqrt(group)}
         for n in op.inputs:
             g = gains.get(n)
             if g is None or not (g > 0 and math.isfinite(g)):
