@@ -241,3 +241,14 @@ def test_progress_bar_is_quiet_off_a_terminal() -> None:
     with Progress(4, "work", enabled=True, stream=loud) as bar:
         bar.update(4)
     assert loud.getvalue().rstrip().endswith("4/4") and "\r" in loud.getvalue()
+
+
+def test_report_analytic_gap(capsys) -> None:
+    """--analytic: the same model planned on shapes alone, its matmul operands in band beside the measured plan's."""
+    assert main(["report", "gpt", "-s", "layers=2", "-s", "d=32", "--analytic"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    measured, analytic = lines[-2], lines[-1]
+    assert measured.startswith("measured plan (measure=True)") and analytic.startswith("analytic plan (measure=False)")
+    fwd = float(analytic.split("fwd ")[1].split("%")[0])
+    grad = float(analytic.split("grad ")[1].split("%")[0])
+    assert fwd >= 95 and grad >= 95, analytic

@@ -1,7 +1,7 @@
 """``unit-scale-fx`` (also ``python -m unit_scale_fx``): see what unit scaling does to a model.
 
     unit-scale-fx dump TARGET [--stage before|after|diff] [--format text|python|dot|svg] [-o FILE]
-    unit-scale-fx report TARGET [--png FILE] [--json FILE] [--only matmul|outliers]
+    unit-scale-fx report TARGET [--png FILE] [--json FILE] [--only matmul|outliers] [--analytic]
     unit-scale-fx demo
 
 TARGET is a built-in (``gpt``, ``mlp``), ``package.module:factory`` or
@@ -226,7 +226,7 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
     print(compare_table(sel_b, sel_a))
     print(band_summary(before.ops(), after.ops()))
-    if not args.no_analytic:
+    if args.analytic:
         print(analytic_gap(target, inputs, after, args))
     if args.full:
         print()
@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure-seed", type=int, metavar="N",
                    help="measure on the batch the factory makes with seed=N (the factory must take seed), "
                    "not on the batch the scales were planned on")
-    r.add_argument("--no-analytic", action="store_true",
-                   help="skip the analytic plan (measure=False) whose gap to the measured plan is reported")
+    r.add_argument("--analytic", action="store_true",
+                   help="also plan on shapes alone (measure=False, as on the meta device) and print the matmul "
+                        "operands in band for both plans: the analytic-measured gap")
     r.add_argument("--full", action="store_true", help="also print the unit-scaled report with predictions and scales")
     r.set_defaults(func=cmd_report)
 
