@@ -44,7 +44,7 @@ def bands(records) -> str:
 
 def layer_cosines(records, d: int) -> list[float]:
     return [r.row_cos for r in records if r.phase == "fwd" and r.role == "left" and r.op in ("mm", "addmm")
-            and r.row_cos is not None and r.shape[-1] == d][::4]
+            and r.row_cos is not None and r.shape[-1] == d][::3]  # per block: qkv, proj, up inputs (d wide)
 
 
 def main(argv=None) -> int:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     for L, cb, ca in curves:
         step = max(1, L // 12)
         idx = list(range(0, len(cb), step)) + ([len(cb) - 1] if (len(cb) - 1) % step else [])
-        lines += [f"\n{L} layers (every {step}th layer shown)\n", "| layer | " + " | ".join(str(i) for i in idx) + " |",
+        lines += [f"\n{L} layers (every {step} layer(s); the last column is the readout input)\n", "| layer | " + " | ".join(str(i) for i in idx) + " |",
                   "|---|" + "---|" * len(idx),
                   "| unscaled | " + " | ".join(f"{cb[i]:.2f}" for i in idx) + " |",
                   "| unit-scaled, analytic | " + " | ".join(f"{ca[i]:.2f}" for i in idx) + " |"]
