@@ -88,9 +88,12 @@ def test_lazy_planning_at_first_call_and_introspection():
     text = us.summary()
     assert "cross_entropy" in text and "grad rms" in text
     # every record predicts / measures its output RMS near 1 (losses excepted)
+    checked = 0
     for name, rec in us.scale_plan(all_nodes=True).items():
         if rec.kind not in ("loss", "preserve", "unsupported") and rec.fwd_rms is not None:
             assert 0.5 <= rec.fwd_rms <= 2.0, (name, rec)
+            checked += 1
+    assert checked >= 10
 
 
 def test_unit_scaled_gpt_trains():

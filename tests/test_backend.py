@@ -184,12 +184,15 @@ def test_graph_break_gradients_are_positive_multiples(model_cls):
     l_t, g_t = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be_true), *batch)
     assert len(be.graphs) >= 2
     torch.testing.assert_close(l_s, l_t)  # same forward
+    compared = 0
     for k in g_t:
         a, b = g_s[k].flatten().double(), g_t[k].flatten().double()
         if b.norm() == 0:
             continue
         cos = float(a @ b / (a.norm() * b.norm()))
         assert cos > 0.9999, f"{k}: cos={cos:.6f}"
+        compared += 1
+    assert compared >= len(g_t) // 2
 
 
 def test_backend_initialises_once_and_logs(caplog):

@@ -105,11 +105,14 @@ def test_copies_are_equivalent_and_independent(case):
         torch.testing.assert_close(out_c, out, rtol=0, atol=0)
         c.zero_grad(set_to_none=True)
         out_c.backward()
+        compared = 0
         for (n, p), (_, q) in zip(us.named_parameters(), c.named_parameters()):
             assert p is not q
             assert (p.grad is None) == (q.grad is None), (how, n)
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+                compared += 1
+        assert compared, how
     # training a copy leaves the original alone
     before = {k: v.clone() for k, v in us.state_dict().items()}
     _train(c, [batch(2)], torch.optim.SGD(c.parameters(), lr=0.1))

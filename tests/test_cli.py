@@ -71,6 +71,61 @@ def factories(tmp_path_factory) -> Path:
         def tiny(width=8):
             torch.manual_seed(0)
             return nn.Sequential(nn.Linear(4, width), nn.GELU(), nn.Linear(width, 2)), (torch.randn(16, 4),)
+
+        class Tok(nn.Module):  # a class target; optional keyword inputs, as a Hugging Face model has
+            def __init__(self, vocab=32, d=16):
+                super().__init__()
+                self.emb, self.fc = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+            def forward(self, input_ids, attention_mask=None, labels=None):
+                h = self.emb(input_ids)
+                if attention_mask is not None:
+                    h = h * attention_mask.unsqueeze(-1).to(h.dtype)
+                logits = self.fc(h)
+                if labels is not None:
+                    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+                return logits
+
+        def tok_batch(seed=0):  # (args, kwargs)
+            g = torch.Generator().manual_seed(seed)
+            return (torch.randint(0, 32, (3, 6), generator=g),), {"labels": torch.randint(0, 32, (3, 6), generator=g)}
+
+        def tok_kwargs():  # a dict of keyword inputs
+            return {"input_ids": torch.randint(0, 32, (2, 7)), "labels": torch.randint(0, 32, (2, 7))}
+
+        def not_inputs():
+            return 3
+
+        def bad_name():
+            return (torch.randint(0, 32, (2, 3)),), {"labels); import os; (": torch.zeros(1)}
+
+        class VarKw(nn.Module):  # keyword inputs through **kwargs
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x, **kw):
+                return self.fc(x) * kw["gain"]
+
+        def varkw_inputs():
+            return (torch.randn(2, 4),), {"gain": torch.full((1,), 3.0)}
+
+        def varkw_bad_inputs():
+            return (torch.randn(2, 4),), {"a b": torch.full((1,), 3.0)}
+
+        class Lit(nn.Module):  # PyTorch Lightning's convention
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 4)
+                self.example_input_array = torch.randn(5, 8)
+
+            def forward(self, x):
+                return self.fc(x)
+
+        class LitDict(Lit):
+            def __init__(self):
+                super().__init__()
+                self.example_input_array = {"x": torch.randn(9, 8)}
     """))
     return path
 
@@ -241,6 +296,102 @@ def test_progress_bar_is_quiet_off_a_terminal() -> None:
     with Progress(4, "work", enabled=True, stream=loud) as bar:
         bar.update(4)
     assert loud.getvalue().rstrip().endswith("4/4") and "\r" in loud.getvalue()
+
+
+# -- example inputs from the command line ------------------------------------------
+def _report_rows(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in out.splitlines()[3:-2]}
+
+
+def test_class_target_with_input_shapes(factories: Path, capsys) -> None:
+    assert main(["report", f"{factories}:Tok", "-s", "d=12", "--input-shape", "2,5:int64:32"]) == 0
+    out = capsys.readouterr().out
+    assert "loss before -" in out  # no labels: the logits are the output
+    assert {"embedding", "linear"} <= set(_report_rows(out))
+    assert main(["dump", f"{factories}:Tok", "-s", "d=12", "--input-shape", "2,5:int64:32"]) == 0
+    dump = capsys.readouterr().out
+    assert "2x5x12" in dump and "2x5x32" in dump  # the shape and the class option reached the graph
+
+
+def test_keyword_inputs_by_shape(factories: Path, capsys) -> None:
+    args = ["report", f"{factories}:Tok", "--input-shape", "2,5:int64:32"]
+    assert main(args + ["--kwarg-shape", "labels=2,5:int64:32"]) == 0
+    out = capsys.readouterr().out
+    rows = _report_rows(out)
+    assert "cross_entropy" in rows and "mul" not in rows  # labels given, the mask left out
+    loss_before = float(out.split("loss before ")[1].split(",")[0])
+    assert 2.0 < loss_before < 6.0  # a cross-entropy over 32 classes, not a placeholder
+    assert main(args + ["--kwarg-shape", "attention_mask=2,5:int64:2"]) == 0
+    rows = _report_rows(capsys.readouterr().out)
+    assert "mul" in rows and "cross_entropy" not in rows  # the mask given, labels left out
+
+
+@pytest.mark.parametrize("fn,shape", [("tok_batch", "3x6x16"), ("tok_kwargs", "2x7x16")])
+def test_inputs_factory(fn: str, shape: str, factories: Path, capsys) -> None:
+    assert main(["dump", f"{factories}:Tok", "--inputs", f"{factories}:{fn}"]) == 0
+    out = capsys.readouterr().out
+    assert shape in out and "cross_entropy" in out
+
+
+def test_inputs_factory_gets_the_measure_seed(factories: Path, capsys) -> None:
+    assert main(["report", f"{factories}:Tok", "--inputs", f"{factories}:tok_batch", "--measure-seed", "4"]) == 0
+    assert "cross_entropy" in capsys.readouterr().out
+
+
+def test_keyword_inputs_through_var_kwargs(factories: Path, capsys) -> None:
+    assert main(["dump", f"{factories}:VarKw", "--inputs", f"{factories}:varkw_inputs"]) == 0
+    rows = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()[2:]}
+    assert "gain" in rows and "placeholder" in rows["gain"] and "rms 3/" in rows["gain"]
+    assert main(["dump", f"{factories}:VarKw", "--inputs", f"{factories}:varkw_bad_inputs"]) == 2
+    assert "'a b' is not a plain Python name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls,shape", [("Lit", "5x4"), ("LitDict", "9x4")])
+def test_lightning_example_input_array(cls: str, shape: str, factories: Path, capsys) -> None:
+    assert main(["dump", f"{factories}:{cls}"]) == 0
+    out = capsys.readouterr().out
+    assert shape in out and any(l.split()[1] == "scale" for l in out.splitlines()[2:])
+
+
+def test_command_line_inputs_replace_example_input_array(factories: Path, capsys) -> None:
+    assert main(["dump", f"{factories}:Lit", "--input-shape", "7,8"]) == 0
+    out = capsys.readouterr().out
+    assert "7x4" in out and "5x4" not in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--input-shape", "2,5:int64"], "integer dtype but no high bound"),
+    (["--input-shape", "2,a:int64:32"], "bad shape '2,a'"),
+    (["--input-shape", "2,5:nosuchtype"], "unknown dtype 'nosuchtype'"),
+    (["--input-shape", "2,5:float32:3"], "gives a high bound for float32"),
+    (["--input-shape", "2,5:int64:0"], "bad high bound '0'"),
+    (["--input-shape", "2,5:int64:32:1"], "bad input spec"),
+    (["--input-shape", "2,5:int64:32", "--kwarg-shape", "labels"], "bad --kwarg-shape 'labels'"),
+    (["--input-shape", "2,5:int64:32", "--kwarg-shape", "nosuch=2"], "has no parameter 'nosuch'"),
+    (["--input-shape", "2,5:int64:32", "--kwarg-shape", "input_ids=2,5:int64:32"], "also given by position"),
+    (["--inputs", "{f}:not_inputs"], "gave int, not example inputs"),
+    (["--inputs", "{f}:nosuch"], "has no callable 'nosuch'"),
+    (["--inputs", "{f}:bad_name"], "has no parameter 'labels); import os; ('"),
+    (["--inputs", "{f}:tok_batch", "--input-shape", "2"], "both give example inputs"),
+    ([], "no example inputs"),
+])
+def test_bad_input_specs_are_one_line(args: list[str], needle: str, factories: Path, capsys) -> None:
+    args = [a.replace("{f}", str(factories)) for a in args]
+    assert main(["dump", f"{factories}:Tok", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unit-scale-fx: error:") and needle in err[0], err
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    from unit_scale_fx.cli.main import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(a.option_strings)}" for name, sp in subs.choices.items() for a in sp._actions
+               if a.option_strings and not a.help]
+    assert not missing, missing
 
 
 def test_report_analytic_gap(capsys) -> None:

@@ -44,9 +44,10 @@ def test_family_is_unit_scaled(name):
     args2, kwargs2 = fam.batch(1)  # a fresh batch: the plan must not be fitted to its sample only
     loss, records = _records(us, fam, args2, kwargs2)
     assert math.isfinite(float(loss.detach())), f"{name}: loss {float(loss.detach())}"
-    for n, p in us.named_parameters():
-        if p.grad is not None:
-            assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient in {n}"
+    grads = {n: p.grad for n, p in us.named_parameters() if p.grad is not None}
+    assert grads, f"{name}: no parameter received a gradient"
+    for n, g in grads.items():
+        assert torch.isfinite(g).all(), f"{name}: non-finite gradient in {n}"
     assert {r.phase for r in records} == {"fwd", "bwd"}
     frac = band_fractions(records)
     bad = [(r.op, r.phase, r.role, tuple(r.shape), round(r.rms, 3)) for r in records if not 0.5 <= r.rms <= 2.0]

@@ -117,6 +117,7 @@ def test_plan_uses_depth_taus_and_u_mup_scales():
     plan = us.scale_plan(all_nodes=True)
     taus = depth_taus(["attn", "mlp", "attn", "mlp"], MupConfig())
     adds = [plan[n] for n in roles_of(us).residual_streams[0]]
+    assert len(adds) == len(taus)
     for rec, tau in zip(adds, taus):
         skip_w = list(rec.weights.values())[0]
         assert skip_w == pytest.approx(math.sqrt(1 - tau))  # the skip stream has RMS 1

@@ -52,21 +52,25 @@ def test_lr_multipliers_follow_the_formulas(planned):
 
 def test_independent_weight_decay(planned):
     us, _, _ = planned
-    for g in optim.param_groups(us, 0.25, weight_decay=0.01, independent_weight_decay=True):
-        if g["wd_mult"]:
-            assert g["lr"] * g["weight_decay"] == pytest.approx(0.01)
+    groups = optim.param_groups(us, 0.25, weight_decay=0.01, independent_weight_decay=True)
+    decayed = [g for g in groups if g["wd_mult"]]
+    assert decayed and len(decayed) < len(groups)  # weights decay; biases and gains do not
+    assert len({g["lr"] for g in decayed}) > 1  # at several learning rates: the division is seen
+    for g in groups:  # AdamW's per-step decay lr * wd is the same for every decayed group
+        assert g["lr"] * g["weight_decay"] == pytest.approx(0.01 * g["wd_mult"]), g["names"]
 
 
 def test_unit_parametrization_has_no_width_rule(planned):
     _, unit, _ = planned
-    assert all(g["lr"] == 0.5 for g in optim.param_groups(unit, 0.5))
+    groups = optim.param_groups(unit, 0.5)
+    assert groups and all(g["lr"] == 0.5 for g in groups)
 
 
 @pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW, optim.SGD])
 def test_wrappers_take_the_model_and_step(planned, cls):
     us, _, (x, y) = planned
     opt = cls(us, lr=1e-2, weight_decay=0.01)
-    assert len(opt.param_groups) == len(optim.param_groups(us, 1e-2))
+    assert opt.param_groups and len(opt.param_groups) == len(optim.param_groups(us, 1e-2))
     before = {n: p.detach().clone() for n, p in us.named_parameters()}
     opt.zero_grad()
     us(x, y).backward()

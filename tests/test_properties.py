@@ -3,7 +3,8 @@
 For every model hypothesis draws (widths, depths, parallel branches, residuals,
 shared weights, norms, activations, loss heads):
 
-* ``unit_scale`` succeeds or raises ``UnitScaleError``, never anything else;
+* ``unit_scale`` accepts it (every op in these models has a rule: a refusal, or an op left
+  unscaled, is a bug) and leaves the user's model unchanged;
 * the forward output is finite;
 * every parameter's gradient is parallel to autograd's gradient of the rewritten
   forward (cosine > 0.999, :func:`gradient_cosines`);
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,13 +121,10 @@ def test_random_models(spec):
     d_y = spec["d_in"] if spec["tied"] else spec["d_out"]
     x, y = torch.randn(spec["batch"], spec["d_in"]), torch.randn(spec["batch"], d_y)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        us = unit_scale(model, (x, y))
-    except UnitScaleError:
-        return  # a clear refusal is allowed; anything else fails the test
-    finally:
-        for k, v in model.state_dict().items():  # the user's model is never changed
-            assert torch.equal(v, before[k]), k
+    us = unit_scale(model, (x, y), unsupported="error")  # any refusal fails the test, with its reason
+    for k, v in model.state_dict().items():  # the user's model is never changed
+        assert torch.equal(v, before[k]), k
+    assert not us.us_unsupported
     out = us(x, y)
     assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
     cos = gradient_cosines(us, x, y)
@@ -133,3 +132,24 @@ def test_random_models(spec):
     plan = _plan(us)
     us.replan(x, y)
     assert _plan(us) == plan
+
+
+class HypotBlock(Block):
+    """A block with an op of two tensors that no rule covers (hypot): outside the supported set."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.down(torch.hypot(self.up(h), self.other(h)))
+
+
+def test_negative_control_an_unsupported_op_is_refused_by_name():
+    """The property test above fails on a model it should fail on: here, with the reason it names."""
+    torch.manual_seed(0)
+    model = RandomNet(8, 16, 3, [(16, "branches", "relu", "layer")], "mse", False)
+    model.blocks[0] = HypotBlock(16, 16, "branches", "relu", "layer")
+    x, y = torch.randn(4, 8), torch.randn(4, 3)
+    with pytest.raises(UnitScaleError, match=r"no unit-scaling rule(.|\n)*hypot"):
+        unit_scale(model, (x, y), unsupported="error")
+    with pytest.warns(UserWarning, match="no unit-scaling rule"):
+        us = unit_scale(model, (x, y))  # the default policy: scaled around, and reported
+    assert [u.node for u in us.us_unsupported] == ["hypot"]

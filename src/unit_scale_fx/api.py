@@ -16,9 +16,10 @@ from .capture import _mirror_state, capture
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
-from .passes.init_weights import parameter_roles
+from .passes.init_weights import parameter_init_kinds
 from .pipeline import build_pipeline, gc_paused, run_passes
-from .record import META_KEY, ScaleRecord
+from .record import CAPTURE, META_KEY, ScaleRecord
+from .table import format_table
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class UnitScaledModule(fx.GraphModule):
         if self.us_planned:
             self.graph = copy.deepcopy(self.us_source_graph)
         ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs)
-        ctx.give("param_roles", parameter_roles(self))
+        ctx.give("init_kinds", parameter_init_kinds(self))
         _check_input_devices(self, args, kwargs)
         run_passes(self, ctx, build_pipeline(self.us_config, ("plan", "transform")))
         self.us_timings = list(ctx.timings)
@@ -146,9 +147,7 @@ class UnitScaledModule(fx.GraphModule):
                 "x".join(map(str, r.shape)) if r.shape else "-", fwd, bwd,
                 "-" if r.fwd_rms is None else f"{r.fwd_rms:.3g}", "-" if r.bwd_rms is None else f"{r.bwd_rms:.3g}",
             ))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(rows).splitlines()
         lines.append("(* = backward scales moved from the ideal to keep gradients valid; "
                      "rms: measured on the planning batch, or predicted when planning was analytic)")
         return "\n".join(lines)
@@ -331,7 +330,7 @@ def unit_scale(
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
     _mirror_state(work, us)
     us.train(model.training)
-    us.us_capture = gm.meta.get("capture", "")
+    us.us_capture = gm.meta.get(CAPTURE, "")
     if args is not None or example_kwargs:
         us._plan(args or (), example_kwargs or {})
     return us

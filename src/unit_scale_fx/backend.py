@@ -63,9 +63,9 @@ from .errors import UnitScaleError
 from .passes import PassContext, PassResult
 from .passes.base import Pass
 from .passes.boundary import output_leaves
-from .passes.init_weights import init_parameter, parameter_roles
+from .passes.init_weights import init_parameter, parameter_init_kinds
 from .pipeline import build_pipeline, run_passes
-from .record import META_KEY, ScaleRecord
+from .record import META_KEY, ScaleRecord, original
 from .weights import INIT_MARK, is_initialised, mark_initialised
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,6 @@ def _lookup_inner(inner: Inner) -> CompilerFn:
             fix=f"use one of torch._dynamo.list_backends() (e.g. 'inductor', 'aot_eager') or 'eager', "
             f"or pass a callable ({type(exc).__name__}: {exc})",
         ) from exc
-
-
-def _source_of(node: fx.Node) -> fx.Node:
-    """The planned node behind scale nodes the rewrite inserted."""
-    while node.meta.get("unit_scale_inserted") and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 class _Tracked:
@@ -249,9 +242,9 @@ class UnitScaleBackend:
                 inherited.add(n.name)
             if v.requires_grad:
                 ctx.boundary.add(n.name)
-        init = Pass("init_weights", self._init_pass, produces=frozenset({"param_roles", "n_initialised"}))
+        init = Pass("init_weights", self._init_pass, produces=frozenset({"init_kinds", "n_initialised"}))
         run_passes(gm, ctx, build_pipeline(self.config, ("prepare", "plan", "transform"), boundary=True, init=init))
-        roles = ctx.param_roles
+        roles = ctx.init_kinds
         entry = CapturedGraph(
             index=self._count, source=source, gm=gm,
             params={k: tuple(v.shape) for k, v in params.items()}, boundary=set(ctx.boundary),
@@ -280,8 +273,8 @@ class UnitScaleBackend:
         return done
 
     def _init_pass(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        roles = parameter_roles(gm, ctx.param_inputs)
-        ctx.param_roles = roles
+        roles = parameter_init_kinds(gm, ctx.param_inputs)
+        ctx.init_kinds = roles
         if not self.config.init_weights:
             return PassResult(False, "disabled")
         n = 0
@@ -315,7 +308,7 @@ class UnitScaleBackend:
 
 
 def _predicted_rms(node: fx.Node, ctx: PassContext) -> Optional[float]:
-    src = _source_of(node)
+    src = original(node)
     if src.op == "placeholder":
         return ctx.input_rms.get(src.name)
     rec = src.meta.get(META_KEY)

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnitScaleError
+from .record import CAPTURE
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _mirror_state(model, gm)
-    gm.meta["capture"] = "symbolic_trace"
+    gm.meta[CAPTURE] = "symbolic_trace"
     return gm
 
 
@@ -135,7 +136,7 @@ def export_capture(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
     ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False)
     gm = ep.module()
     _mirror_state(model, gm)
-    gm.meta["capture"] = "torch.export"
+    gm.meta[CAPTURE] = "torch.export"
     return gm
 
 

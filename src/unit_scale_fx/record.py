@@ -1,12 +1,51 @@
-"""The per-node scale record the planner writes into ``node.meta``."""
+"""The per-node scale record the planner writes into ``node.meta``, and every meta key the package uses.
+
+Every key unit_scale_fx writes into ``node.meta`` or ``gm.meta`` is defined here, once;
+other modules import it from here (torch's own keys, such as ``"val"``, are not listed).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-#: The one ``node.meta`` key every pass reads and writes.
+import torch.fx as fx
+
+# -- node.meta keys ------------------------------------------------------------------
+#: The one ``node.meta`` key every pass reads and writes: the node's :class:`ScaleRecord`.
 META_KEY = "unit_scale"
+#: A pass may pin a rule for one node under this key (calibration, fusion).
+RULE_OVERRIDE = "unit_scale_rule"
+#: Marks a floating-point value that no parameter or float input reaches
+#: (rotary tables, masks, constants): data, not part of the scaled dataflow.
+CONSTANT = "unit_scale_constant"
+#: A constant's measured RMS (when example inputs are real).
+CONSTANT_RMS = "unit_scale_constant_rms"
+#: On an attention mask: the number of visible keys per query row.
+MASK_KEYS = "unit_scale_mask_keys"
+#: True on every ``scale`` node the rewrite inserted.
+INSERTED = "unit_scale_inserted"
+#: What an inserted scale node does: ``("output", node name)`` or ``("input", consumer name)``.
+SCALE_ROLE = "unit_scale_role"
+#: On a scale node that absorbed its consumer's input scale (fold_scales): ``(fwd, bwd)`` of that part.
+FOLDED = "unit_scale_folded"
+#: True on the nodes format simulation inserted or replaced.
+FORMAT_SITE = "unit_scale_format_site"
+#: On an op format simulation replaced (attention): its original ``(op, target)``.
+FORMAT_REPLACED = "unit_scale_format_replaced"
+
+# -- gm.meta keys --------------------------------------------------------------------
+#: Where the planned module keeps its parameter-role analysis.
+ROLES_META_KEY = "unit_scale_param_roles"
+#: How the graph was captured (``"symbolic_trace"``, ``"torch.export"``).
+CAPTURE = "capture"
+
+
+def original(node: fx.Node) -> fx.Node:
+    """The node behind any ``scale`` nodes the rewrite inserted on top of it (walks back through them)."""
+    while node.meta.get(INSERTED) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 @dataclass
@@ -58,6 +97,3 @@ class ScaleRecord:
         d["shape"] = list(self.shape) if self.shape is not None else None
         return d
 
-
-#: Where the planned module keeps its parameter-role analysis (``gm.meta``).
-ROLES_META_KEY = "unit_scale_param_roles"

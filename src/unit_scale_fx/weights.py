@@ -17,7 +17,7 @@ import torch.nn as nn
 from .capture import capture
 from .errors import UnitScaleError
 from .passes import PassContext, normalize
-from .passes.init_weights import init_parameter, parameter_roles
+from .passes.init_weights import init_parameter, parameter_init_kinds
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def mark_initialised(p: torch.Tensor) -> None:
 def init_weights(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
                  example_kwargs: Optional[dict] = None, leaf_modules: Sequence[type] = (),
                  force: bool = False) -> dict[str, str]:
-    """Initialise ``model``'s parameters in place for unit scaling; return ``name -> role``.
+    """Initialise ``model``'s parameters in place for unit scaling; return ``name -> init kind``.
 
-    Roles come from the ops that consume each parameter (captured with torch.fx, or
+    Init kinds ("unit", "zero", "one") come from the ops that consume each parameter (captured with torch.fx, or
     torch.export when example inputs are given and tracing fails). Parameters
     already initialised are skipped unless ``force``. Parameters no rule claims are
     left as they are (and marked, so the backend does not touch them either).
@@ -51,7 +51,7 @@ def init_weights(model: nn.Module, example_inputs: Optional[Sequence[Any]] = Non
     args = tuple(example_inputs) if example_inputs is not None else None
     gm = capture(model, args, example_kwargs, leaf_modules)
     normalize(gm, PassContext())
-    roles = parameter_roles(gm)
+    roles = parameter_init_kinds(gm)
     by_id = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     done: dict[str, str] = {}
     n = 0

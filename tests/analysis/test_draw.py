@@ -34,6 +34,7 @@ def test_text_has_one_line_per_float_node_with_scales(scaled) -> None:
     us, measured = scaled
     text = graph_text(us.graph, us, measured)
     lines = {line.split()[0]: line for line in text.splitlines()[2:]}
+    assert inserted(us)
     for n in inserted(us):
         assert n.name in lines and f"x{float(n.args[1]):.4g} / grad x{float(n.args[2]):.4g}" in lines[n.name]
     rec = us.scale_plan()["linear_1"]
@@ -58,11 +59,14 @@ def test_dot_parses_and_colours_edges_by_rms(scaled) -> None:
     assert len(diamonds) == len(inserted(us))
     edges = g.get_edges()
     assert len(edges) > len(inserted(us))
+    coloured = 0
     for e in edges:
         src_name = e.get_source().strip('"')
         m = measured.get(src_name)
         if m is not None:
             assert e.get_color().strip('"') == rms_colour(m.fwd)
+            coloured += 1
+    assert coloured
 
 
 def test_rms_colour_bands() -> None:

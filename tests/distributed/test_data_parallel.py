@@ -76,10 +76,10 @@ def _ok(res: dict) -> dict:
 
 def test_ranks_planning_on_their_own_batches_are_caught(results):
     res = _ok(results["unsynced"])
-    differ = len(set(res["fingerprints"])) > 1
-    assert bool(res["raised"]) == differ
-    if differ:
-        assert "sync_plan" in res["raised"]
+    # plans measured on different batches differ (else there would be nothing to catch) ...
+    assert len(set(res["fingerprints"])) > 1
+    # ... and the check says so, and how to fix it
+    assert "sync_plan" in res["raised"]
 
 
 def test_lazy_planning_in_a_distributed_job_warns(results):
@@ -122,4 +122,4 @@ def test_unit_scaled_reduction_keeps_gradients_unit(results):
     mean, hook = _ok(results["ddp_mean_sgd"]), _ok(results["ddp_hook_sgd"])
     ratios = [float(hook["grads"][k].pow(2).mean().sqrt() / mean["grads"][k].pow(2).mean().sqrt())
               for k in mean["grads"] if mean["grads"][k].abs().max() > 0]
-    assert all(abs(r - math.sqrt(WORLD)) < 1e-3 for r in ratios)
+    assert ratios and all(abs(r - math.sqrt(WORLD)) < 1e-3 for r in ratios)

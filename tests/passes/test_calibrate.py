@@ -78,3 +78,25 @@ def test_calibration_needs_real_inputs():
     x, y = _batch()
     with pytest.raises(UnitScaleError, match="real example inputs"):
         unit_scale(Tail().to("meta"), (x.to("meta"), y.to("meta")), calibrate=True)
+
+
+def test_the_pass_pins_measured_rules_and_leaves_the_graph_alone():
+    """The pass on its own: each op with no rule gets a CalibratedRule, forward scale 1 / measured RMS."""
+    from helpers import graph_code, pipeline_until, rms, run_pass
+
+    from unit_scale_fx.passes.calibrate import CalibratedRule
+    from unit_scale_fx.record import RULE_OVERRIDE
+
+    x, y = _batch()
+    gm, ctx, p = pipeline_until(Tail(), (x, y), "calibrate", calibrate=True)
+    before = graph_code(gm)
+    result = run_pass(gm, ctx, p)
+    assert result.info == "2 ops calibrated" and graph_code(gm) == before
+    pinned = {n.name: n.meta[RULE_OVERRIDE] for n in gm.graph.nodes if RULE_OVERRIDE in n.meta}
+    assert set(pinned) == {"cumsum", "hypot"}
+    assert all(isinstance(r, CalibratedRule) for r in pinned.values())
+    # the running sum's raw output, computed here (the trial's upstream scales make its input unit)
+    h = gm.bn(F.linear(x, gm.fc1.weight, gm.fc1.bias))
+    raw = torch.cumsum(h / rms(h), dim=1)
+    assert 0.8 < pinned["cumsum"].fwd * rms(raw) < 1.25
+    assert all(r.gains and all(g > 0 for g in r.gains.values()) for r in pinned.values())  # measured backward gains

@@ -104,3 +104,38 @@ def test_probe_moments_match_the_quadrature():
     f, d = probe_moments(torch.tanh, (64, 512), std=1.0)
     qf, qd = gaussian_moments(torch.tanh)
     assert math.isclose(f, qf, rel_tol=0.02) and math.isclose(d, qd, rel_tol=0.02)
+
+
+def test_golden_code_of_the_fused_region():
+    """The pass on its own: the hand-written GELU becomes one call, its ops move into the region."""
+    from helpers import golden, graph_code, pipeline_until, run_pass
+
+    x = torch.randn(2, 8)
+    gm, ctx, p = pipeline_until(HandMLP(d=8), (x,), "fuse")
+    expected = gm(x)
+    result = run_pass(gm, ctx, p)
+    assert result.info == "1 single-input subgraphs fused"
+    assert graph_code(gm) == golden("""
+        x = input
+        up_weight = self.up.weight
+        up_bias = self.up.bias
+        linear = linear(x, up_weight, up_bias)
+        us_fused_0 = self.us_fused_0(linear)
+        down_weight = self.down.weight
+        down_bias = self.down.bias
+        linear_1 = linear(us_fused_0, down_weight, down_bias)
+        return linear_1
+    """)
+    assert graph_code(gm.us_fused_0) == golden("""
+        x = input
+        mul = mul(0.5, x)
+        pow_1 = pow(x, 3)
+        mul_1 = mul(0.0447, pow_1)
+        add = add(x, mul_1)
+        mul_2 = mul(0.798, add)
+        tanh = tanh(mul_2)
+        add_1 = add(1, tanh)
+        mul_3 = mul(mul, add_1)
+        return mul_3
+    """)
+    torch.testing.assert_close(gm(x), expected)  # the same function, one call

@@ -57,6 +57,7 @@ def test_plain_model_structure():
     attn = [m_ for m_ in sim.modules() if isinstance(m_, SimulatedAttention)]
     assert len(attn) == 1
     # embeddings are lookups: not rounded
+    assert sum(n.target is F.embedding for n in sim.graph.nodes) == 2  # token and position tables
     for n in sim.graph.nodes:
         if n.target is F.embedding:
             assert all(not isinstance(_targets(sim, a), Quantise) for a in n.all_input_nodes if a.op == "call_module")
@@ -66,6 +67,7 @@ def test_plain_model_structure():
 def test_unit_scaled_quantises_after_the_scales():
     x, y = gpt_batch(64, 2, 32)
     us = simulate_format(unit_scale(small_gpt(), (x, y)))
+    assert len(_linears(us)) == 5
     for n in _linears(us):
         for operand in n.args[:2]:
             assert isinstance(_targets(us, operand), Quantise)
@@ -229,3 +231,40 @@ def test_fp8_simulated_unit_scaled_training_loss_goes_down():
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert last < math.log(96)
+
+
+def test_golden_code_after_the_rewrite():
+    """In a unit-scaled graph: operand quantisers after the input scales, the gradient quantiser
+    between the op and its output scale; the bias and the non-matmul ops are left alone."""
+    from helpers import golden, graph_code, hand_planned_small
+
+    from unit_scale_fx.config import UnitScaleConfig
+    from unit_scale_fx.passes import PassContext, rewrite
+    from unit_scale_fx.passes.simulate_format import simulate_formats
+
+    _, gm = hand_planned_small()
+    rewrite(gm, PassContext())
+    result = simulate_formats(gm, PassContext(config=UnitScaleConfig(simulate_format=FormatSimulation())))
+    gm.recompile()
+    assert result.modified and result.info.startswith("1 ops simulated")
+    assert graph_code(gm) == golden("""
+        x = input
+        lin_weight = self.lin.weight
+        lin_bias = self.lin.bias
+        scale_3 = scale(x, 1, 0.25)
+        scale_4 = scale(lin_weight, 1, 0.125)
+        us_formats_linear_in0 = self.us_formats.linear_in0(scale_3)
+        us_formats_linear_in1 = self.us_formats.linear_in1(scale_4)
+        linear = linear(us_formats_linear_in0, us_formats_linear_in1, lin_bias)
+        us_formats_linear_grad = self.us_formats.linear_grad(linear)
+        scale_5 = scale(us_formats_linear_grad, 0.5, 1)
+        gelu = gelu(scale_5)
+        scale_2 = scale(gelu, 2, 3)
+        scale = scale(x, 0.6, 0.6)
+        scale_1 = scale(scale_2, 0.8, 0.9)
+        add = add(scale, scale_1)
+        return add
+    """)
+    sites = gm.us_formats
+    assert (sites.linear_in0.fwd.name, sites.linear_in0.bwd) == ("e4m3", None)
+    assert (sites.linear_grad.fwd, sites.linear_grad.bwd.name) == (None, "e5m2")

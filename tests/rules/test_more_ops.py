@@ -100,12 +100,16 @@ def test_op_is_unit_scaled(name, measure):
     out = us(*fresh)
     assert 0.5 <= rms(out) <= 2.0, f"{name}: output RMS {rms(out):.3g}"
     out.backward(torch.randn_like(out))
+    checked = 0
     for i, x in enumerate(fresh):
         if x.is_floating_point():
             assert 0.5 <= rms(x.grad) <= 2.0, f"{name}: gradient of input {i} RMS {rms(x.grad):.3g}"
+            checked += 1
     for pname, p in us.named_parameters():
         if p.dim() >= 2:
             assert 0.5 <= rms(p.grad) <= 2.0, f"{name}: gradient of {pname} RMS {rms(p.grad):.3g}"
+            checked += 1
+    assert checked, f"{name}: no input or weight gradient to check"
 
 
 def test_conv_scales_follow_fan_in_times_kernel():

@@ -21,9 +21,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..record import META_KEY, ScaleRecord
+from ..record import INSERTED, META_KEY, ScaleRecord
 from ..rules.registry import has_float_value, node_op_name
-from .track import INSERTED, Measured, short_op
+from ..table import format_table
+from .track import Measured, short_op
 
 #: log2 |RMS| thresholds and the edge colour up to each; beyond the last: red.
 PALETTE: tuple[tuple[float, str], ...] = ((1.0, "#2ca02c"), (2.0, "#9acd32"), (4.0, "#ff7f0e"))
@@ -116,10 +117,7 @@ def graph_text(graph: fx.Graph, root: Optional[nn.Module] = None,
             continue
         i = _info(node, root, measured)
         rows.append((node.name, i.op, i.shape, i.scales, i.pred, i.measured))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
+    return format_table(rows) + "\n"
 
 
 def graph_python(graph: fx.Graph, root: nn.Module) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import UnitScaleError
+from ..rules.registry import Kind
 from .track import NodeScale, ScaleReport, short_op
 
 
@@ -40,7 +41,7 @@ def _label(row: NodeScale) -> str:
 
 def plot_reports(before: ScaleReport, after: ScaleReport, path: Union[str, Path],
                  title: Optional[str] = None, band: float = 1.0,
-                 skip_kinds: tuple[str, ...] = ("preserve",)) -> Path:
+                 skip_kinds: tuple[str, ...] = (Kind.PRESERVE,)) -> Path:
     """Save a two-panel plot (forward, backward) of log2 RMS per op, before vs after.
 
     Args:

@@ -1,7 +1,8 @@
 """A dispatch-level recorder of matmul operands, independent of our own bookkeeping.
 
 It sees the aten ops that actually run (``mm``, ``bmm``, ``addmm``, attention
-kernels, convolutions) in forward and backward, and records the RMS of their operands: both
+kernels, convolutions: what the graph-level matmul-class ops of
+:func:`~unit_scale_fx.rules.matmul.matmul_operands` run as, einsum included) in forward and backward, and records the RMS of their operands: both
 inputs in forward; in backward, the incoming gradient (the operand that is not a
 tensor saved from forward).
 """
@@ -13,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..tensor_stats import output_loss, rms
 
 aten = torch.ops.aten
 
@@ -38,10 +41,6 @@ class MatmulOperand:
     #: forward operands: the mean cosine between different rows (positions) of the operand,
     #: ``[..., rows, features]`` flattened to rows; near 1 when positions have collapsed to one vector
     row_cos: Optional[float] = None
-
-
-def _rms(t: torch.Tensor) -> float:
-    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
 def row_cosine(t: torch.Tensor, group: Optional[int] = None) -> Optional[float]:
@@ -96,19 +95,19 @@ class MatmulRecorder(TorchDispatchMode):
             a, b = (args[i] for i in _MATMULS[func])
             if self.phase == "fwd":
                 for role, t in (("left", a), ("right", b)):
-                    self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), _rms(t),
+                    self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), rms(t),
                                                       row_cosine(t, self.seq_len) if role == "left" else None))
                     self._fwd_storages.add(_key(t))
             else:
                 for t in (a, b):
                     if _key(t) not in self._fwd_storages and t.is_floating_point():
-                        self.records.append(MatmulOperand(name, "bwd", "grad", tuple(t.shape), _rms(t)))
+                        self.records.append(MatmulOperand(name, "bwd", "grad", tuple(t.shape), rms(t)))
         elif func in _ATTN_FWD and self.phase == "fwd":
             for role, t in zip("qkv", args[:3]):
-                self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), _rms(t)))
+                self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), rms(t)))
                 self._fwd_storages.add(_key(t))
         elif func in _ATTN_BWD:
-            self.records.append(MatmulOperand(name, "bwd", "grad", tuple(args[0].shape), _rms(args[0])))
+            self.records.append(MatmulOperand(name, "bwd", "grad", tuple(args[0].shape), rms(args[0])))
         if self.phase == "fwd":
             for t in list(torch.utils._pytree.tree_leaves(out)) + [a for a in args if isinstance(a, torch.Tensor)]:
                 if isinstance(t, torch.Tensor):
@@ -121,13 +120,13 @@ def record_matmul_operands(model: torch.nn.Module, *inputs: Any,
                            loss_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> list[MatmulOperand]:
     """Run one forward and backward of ``model(*inputs)`` and return every matmul operand's RMS.
 
-    ``loss_fn`` maps the model output to a scalar (default: the output itself,
-    which must then be a scalar loss).
+    ``loss_fn`` maps the model output to a scalar (default: the scalar outputs, else
+    a seeded random projection of every float output; see :func:`~unit_scale_fx.tensor_stats.loss_outputs`).
     """
     rec = MatmulRecorder()
     with rec:
         out = model(*inputs)
-        loss = loss_fn(out) if loss_fn is not None else out
+        loss = loss_fn(out) if loss_fn is not None else output_loss(out, where="record_matmul_operands")
         rec.backward()
         loss.backward()
     rec._keep.clear()

@@ -28,16 +28,14 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..passes.fold_scales import FOLDED
-from ..passes.rewrite import INSERTED, ROLE  # the meta keys the rewrite puts on the scale nodes it inserts
-from ..record import META_KEY, ScaleRecord
+from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
+from ..rules.matmul import matmul_operands
 from ..rules.registry import is_float, lookup, node_op_name
+from ..tensor_stats import loss_outputs, rms
+from ..table import format_table
 from .progress import Progress
 
 log = logging.getLogger(__name__)
-
-#: rule kinds whose ops multiply two floating-point operands.
-MATMUL_KINDS = ("matmul", "attention")
 
 
 @dataclass
@@ -199,10 +197,7 @@ class ScaleReport:
         return rows
 
     def __str__(self) -> str:
-        rows = self._table()
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(self._table()).splitlines()
         title = f"{self.model}: {len(self.rows)} nodes" + (f", loss {self.loss:.4g}" if self.loss is not None else "")
         foot = "mm: in = matmul operand in forward, out = matmul output (its gradient is a backward operand)"
         if self.unit_scaled:
@@ -219,26 +214,8 @@ class ScaleReport:
 # ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
-def _rms(t: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
-
-
 def _float_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
-
-
-def _default_loss(out: Any) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
-    """Scalar outputs are differentiated as they are; other float outputs get a unit-RMS
-    random gradient (seeded), which is what unit scaling assumes arrives at the output."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if _float_tensor(t) and t.requires_grad]
-    if not leaves:
-        raise UnitScaleError("the model's output has no floating-point tensor that requires grad",
-                             where="track_scales", fix="pass loss_fn=... mapping the output to a scalar loss")
-    g = torch.Generator().manual_seed(0)
-    grads = [None if t.dim() == 0 else torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-             for t in leaves]
-    return leaves, grads
 
 
 class _Recorder(fx.Interpreter):
@@ -262,8 +239,8 @@ def _loss_terms(out: Any, loss_fn: Optional[Callable[[Any], torch.Tensor]]):
     if loss_fn is not None:
         loss = loss_fn(out)
         return [loss], [None], loss
-    tensors, grads = _default_loss(out)
-    loss = tensors[0] if len(tensors) == 1 and tensors[0].dim() == 0 else None
+    tensors, grads = loss_outputs(out, where="track_scales")  # scalar outputs, else unit random gradients
+    loss = None if grads[0] is not None else tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum()
     return tensors, grads, loss
 
 
@@ -299,7 +276,7 @@ def measure_nodes(
 ) -> dict[str, Measured]:
     """``node name -> Measured`` for every float tensor node, each measured at its own output."""
     values, grads, _ = _run_and_differentiate(gm, tuple(inputs), loss_fn, Progress(1, enabled=False))
-    return {n.name: Measured(tuple(t.shape), _rms(t), None if grads.get(n) is None else _rms(grads[n]))
+    return {n.name: Measured(tuple(t.shape), rms(t), None if grads.get(n) is None else rms(grads[n]))
             for n, t in values.items()}
 
 
@@ -308,32 +285,10 @@ def _effective(node: fx.Node) -> fx.Node:
     users = list(node.users)
     if len(users) == 1:
         u = users[0]
-        role = u.meta.get(ROLE)
+        role = u.meta.get(SCALE_ROLE)
         if u.meta.get(INSERTED) and u.args and u.args[0] is node and role is not None and role[0] == "output":
             return u
     return node
-
-
-def _original(node: fx.Node) -> fx.Node:
-    while node.meta.get(INSERTED) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-#: how many leading arguments of a matmul-class op are its operands (the rest: bias, mask, ...).
-_N_OPERANDS = {"matmul": 2, "attention": 3}
-_OPERAND_KWARGS = ("input", "weight", "other", "mat2", "query", "key", "value")
-
-
-def _matmul_operands(node: fx.Node, gm: fx.GraphModule,
-                     floats: Callable[[fx.Node], bool] = is_float) -> list[fx.Node]:
-    """The float operands of a matmul-class op (not its bias or mask); [] for other ops."""
-    rule = lookup(node, gm)
-    if rule is None or rule.kind not in _N_OPERANDS:
-        return []
-    cand = list(node.args[: _N_OPERANDS[rule.kind]]) + [node.kwargs[k] for k in _OPERAND_KWARGS if k in node.kwargs]
-    ops = [a for a in cand if isinstance(a, fx.Node) and floats(a)]
-    return ops if len(ops) >= 2 else []  # a lookup (embedding) has one float operand: not a matmul
 
 
 def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node, floats: Callable[[fx.Node], bool]) -> str:
@@ -348,11 +303,11 @@ def _matmul_role(node: fx.Node, gm: fx.GraphModule, eff: fx.Node, floats: Callab
             seen.add(u)
             if u.meta.get(INSERTED):
                 frontier.append(u)
-            elif r in _matmul_operands(u, gm, floats):
+            elif r in matmul_operands(u, gm, floats):
                 ins = True
     if ins:
         roles.append("in")
-    if _matmul_operands(node, gm, floats):
+    if matmul_operands(node, gm, floats):
         roles.append("out")
     return ",".join(roles)
 
@@ -378,14 +333,14 @@ def _graph_rows(gm: fx.GraphModule, values: dict, grads: dict, include_inserted:
         rec: Optional[ScaleRecord] = node.meta.get(META_KEY)
         op = {"placeholder": "input", "get_attr": "parameter"}.get(node.op) or node_op_name(node, gm)
         row = NodeScale(
-            name=node.name, op="scale" if inserted else op, shape=tuple(t.shape), fwd_rms=_rms(t),
-            grad_rms=None if g is None else _rms(g), inserted=inserted, measured_at=eff.name,
+            name=node.name, op="scale" if inserted else op, shape=tuple(t.shape), fwd_rms=rms(t),
+            grad_rms=None if g is None else rms(g), inserted=inserted, measured_at=eff.name,
             matmul="" if inserted else _matmul_role(node, gm, eff, floats),
         )
         rule = lookup(node, gm)
         row.kind = rule.kind if rule is not None else ""
         if inserted:
-            row.fwd_scale, row.bwd_scales = float(node.args[1]), {_original(node).name: float(node.args[2])}
+            row.fwd_scale, row.bwd_scales = float(node.args[1]), {original(node).name: float(node.args[2])}
         if rec is not None:
             row.kind, row.rule, row.constrained = rec.kind, rec.rule, rec.constrained
             row.pred_fwd_rms, row.pred_grad_rms = rec.fwd_rms, rec.bwd_rms
@@ -417,8 +372,8 @@ def _module_rows(model: nn.Module, inputs: tuple, loss_fn: Optional[Callable], p
         for h in handles:
             h.remove()
     gmap = {id(t): g for (_, _, t), g in zip(track, got)}
-    rows = [NodeScale(name=n, op=op, shape=tuple(t.shape), fwd_rms=_rms(t),
-                      grad_rms=None if gmap.get(id(t)) is None else _rms(gmap[id(t)]), measured_at=n)
+    rows = [NodeScale(name=n, op=op, shape=tuple(t.shape), fwd_rms=rms(t),
+                      grad_rms=None if gmap.get(id(t)) is None else rms(gmap[id(t)]), measured_at=n)
             for n, op, t in outs]
     loss_val = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
     return rows, loss_val
@@ -454,8 +409,9 @@ def track_scales(
         model: any ``nn.Module``; a :class:`~unit_scale_fx.UnitScaledModule` adds the
             plan's predictions and scale factors to each row.
         inputs: positional inputs of one forward call.
-        loss_fn: maps the output to a scalar loss. Without it a scalar output is the
-            loss; other outputs receive a seeded unit-RMS random gradient.
+        loss_fn: maps the output to a scalar loss. Without it the scalar outputs are the
+            loss (outputs beside them get no gradient of their own); without a scalar
+            output, every output receives a seeded unit-RMS random gradient.
         include_inserted: also give the rewrite's ``scale`` nodes rows of their own.
         progress: show a progress bar on stderr (default: only on a terminal).
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..errors import UnitScaleError
 from ..scale import scale
+from ..tensor_stats import output_loss
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -65,19 +66,9 @@ def true_gradient_copy(us_model: nn.Module) -> fx.GraphModule:
 
 
 def _default_loss(out: Any) -> torch.Tensor:
-    """The output if it is a scalar; else a fixed random projection of every float output."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if len(leaves) == 1 and leaves[0].numel() == 1:
-        return leaves[0].reshape(())
-    if not leaves:
-        raise UnitScaleError("the model returned no floating-point tensor", where="gradient_cosines",
-                             fix="pass loss_fn=... mapping the output to a scalar loss")
-    gen = torch.Generator().manual_seed(1234)
-    total = leaves[0].new_zeros((), dtype=torch.float32)
-    for t in leaves:
-        proj = torch.randn(t.shape, generator=gen).to(device=t.device)
-        total = total + (t.float() * proj).sum()
-    return total
+    """The model's loss as :func:`~unit_scale_fx.tensor_stats.loss_outputs` defines it: its scalar
+    outputs, else a fixed random projection of every float output."""
+    return output_loss(out, seed=1234, where="gradient_cosines")
 
 
 def _grads(model: nn.Module, params: dict[str, torch.Tensor], inputs: tuple, loss_fn: LossFn,
@@ -124,8 +115,8 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     parameter whose two gradients both vanish counts as 1.0, one whose gradient
     vanishes in only one of them as 0.0.
 
-    ``loss_fn`` maps the output to a scalar; by default the output itself when it
-    is a scalar, else a fixed random projection of it. Gradients are computed
+    ``loss_fn`` maps the output to a scalar; by default the sum of the scalar outputs
+    (the loss), else a fixed random projection of every float output. Gradients are computed
     with ``torch.autograd.grad``: ``.grad`` fields, parameters and buffers of
     ``us_model`` are left as they were (BatchNorm running stats are restored).
     """

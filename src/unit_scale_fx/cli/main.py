@@ -5,7 +5,9 @@
     unit-scale-fx demo
 
 TARGET is a built-in (``gpt``, ``mlp``), ``package.module:factory`` or
-``path/to/file.py:factory``; ``--set KEY=VALUE`` passes sizes to the factory.
+``path/to/file.py:factory`` (a function or a model class); ``--set KEY=VALUE`` passes sizes to it.
+Example inputs: ``--input-shape SHAPE[:DTYPE[:HIGH]]``, ``--kwarg-shape NAME=SHAPE[...]``,
+``--inputs module:function``, or the model's ``example_input_array``.
 Errors print one line on stderr and exit with code 2 (``--debug`` shows the traceback).
 """
 
@@ -25,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
+from ..table import format_table
 
 log = logging.getLogger("unit_scale_fx.cli")
 
@@ -43,21 +46,22 @@ def _write(text: str, path: Optional[str]) -> None:
 
 def _table(rows: list[tuple[str, ...]], left: int = 1) -> str:
     """Aligned columns: the first ``left`` left-aligned, the rest (numbers) right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if k < left else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows, left=left)
 
 
 def _g(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from .targets import load_target, parse_params
+def _load(args: argparse.Namespace, seed: Optional[int] = None) -> Any:
+    """The target with its example inputs (``seed``: the factory's and the random inputs' seed)."""
+    from .targets import load_target, parse_params, with_inputs
 
-    return load_target(args.target, parse_params(args.set))
+    params = parse_params(args.set)
+    cli_inputs = args.input_shape or args.kwarg_shape or args.inputs
+    # a seed goes to the factory only when its own inputs are used; otherwise it seeds the CLI's inputs
+    target = load_target(args.target, params if seed is None or cli_inputs else {**params, "seed": seed})
+    return with_inputs(target, args.input_shape, args.kwarg_shape, args.inputs, params, seed or 0)
 
 
 def _unit_scale(target: Any, command: str, debug: bool = False, **overrides: Any) -> Any:
@@ -211,9 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     us = _unit_scale(target, "report", args.debug)  # plans (and calibrates) on the factory's batch
     if args.measure_seed is not None:  # measure on a batch the plan has not seen
-        from .targets import load_target, parse_params
-
-        inputs = load_target(args.target, {**parse_params(args.set), "seed": args.measure_seed}).require_inputs("report")
+        inputs = _load(args, args.measure_seed).require_inputs("report")
     before = track_scales(captured_original(target.model, us) or target.model, *inputs, progress=args.progress)
     after = track_scales(us, *inputs, progress=args.progress)
     sel_b, sel_a = before.ops(), after.ops()
@@ -335,7 +337,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unit-scale-fx", description="See what unit scaling does to a model.",
                                 epilog="TARGET: gpt | mlp | package.module:factory | path/to/file.py:factory "
-                                "(a factory returns a model or (model, example_inputs)). Built-in options: "
+                                "(a factory, or a model class, returns a model or (model, example_inputs); inputs "
+                                "can also be given with --input-shape, --kwarg-shape or --inputs). Built-in options: "
                                 "gpt: vocab d layers heads seq batch gated tied seed; mlp: d_in d layers d_out batch seed.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -344,7 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
         if target:
             sp.add_argument("target", metavar="TARGET", help="gpt, mlp, package.module:factory or file.py:factory")
         sp.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
-                        help="keyword argument for the factory (sizes), e.g. -s d=128 -s layers=4; repeatable")
+                        help="keyword argument for the factory or model class (sizes), e.g. -s d=128 -s layers=4; "
+                        "repeatable")
+        if target:
+            sp.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE[:HIGH]]",
+                            help="a positional example input: random N(0,1) floats, or integers in [0, HIGH), "
+                            "e.g. --input-shape 2,16:int64:256; repeatable, in forward's order")
+            sp.add_argument("--kwarg-shape", action="append", metavar="NAME=SHAPE[:DTYPE[:HIGH]]",
+                            help="a keyword example input, e.g. --kwarg-shape attention_mask=2,16:int64:2; repeatable")
+            sp.add_argument("--inputs", metavar="MODULE:FUNCTION",
+                            help="a function (package.module:fn or file.py:fn) returning the example inputs: "
+                            "a tuple of args, (args, kwargs) or a dict of kwargs; it gets the --set options it "
+                            "takes. Without input options: the factory's inputs, else the model's "
+                            "example_input_array")
         sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -352,8 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dump", help="the captured / unit-scaled graph as text, Python, DOT or SVG")
     common(d)
-    d.add_argument("--stage", choices=("before", "after", "diff"), default="after")
-    d.add_argument("--format", choices=("text", "python", "dot", "svg"), default="text")
+    d.add_argument("--stage", choices=("before", "after", "diff"), default="after",
+                   help="before: the captured graph with the original weights; after: the unit-scaled graph "
+                   "(default); diff: what the rewrite changed")
+    d.add_argument("--format", choices=("text", "python", "dot", "svg"), default="text",
+                   help="text: one line per float node with scales and RMS (default); python: the generated "
+                   "code; dot/svg: Graphviz, edges coloured by RMS (svg needs Graphviz's dot)")
     d.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     d.add_argument("--no-measure", action="store_true", help="skip the forward/backward that measures RMS")
     d.add_argument("--all-nodes", action="store_true", help="text: also list integer / shape nodes")
@@ -376,10 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="unit-scale the built-in GPT, compare scales, train a few steps")
     common(m, target=False)
     m.add_argument("--width", type=int, default=64, help="model width d")
-    m.add_argument("--layers", type=int, default=2)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--steps", type=int, default=40)
-    m.add_argument("--lr", type=float, default=5e-2)
+    m.add_argument("--layers", type=int, default=2, help="number of transformer blocks (default 2)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches (default 0)")
+    m.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    m.add_argument("--lr", type=float, default=5e-2, help="Adam learning rate (default 0.05)")
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -29,14 +29,14 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..errors import UnitScaleError
-from ..rules.registry import float_tensor_inputs, lookup
+from ..rules.registry import Kind, float_tensor_inputs, lookup
 
 log = logging.getLogger(__name__)
 
 #: Rule kinds computed in float32 by :func:`half_precision` (see the module docstring).
-FP32_KINDS = frozenset({"loss", "norm", "softmax"})
+FP32_KINDS = frozenset({Kind.LOSS, Kind.NORM, Kind.SOFTMAX})
 #: Rule kinds whose float32 output is cast back to the low-precision dtype.
-_CAST_BACK = frozenset({"norm", "softmax"})
+_CAST_BACK = frozenset({Kind.NORM, Kind.SOFTMAX})
 _CAST_META = "unit_scale_fp32_cast"
 
 

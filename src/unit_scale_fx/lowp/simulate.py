@@ -22,7 +22,8 @@ from ..errors import UnitScaleError
 from ..passes.base import PassContext
 from ..passes.normalize import normalize
 from ..passes.shape_prop import shape_prop
-from ..passes.simulate_format import _ORIG_META, _SITE_META, SITES_ATTR, apply_format_simulation
+from ..passes.simulate_format import SITES_ATTR, apply_format_simulation
+from ..record import FORMAT_REPLACED, FORMAT_SITE
 from .formats import FormatCounter, FormatLike, FormatSimulation, Quantise
 
 __all__ = ["FormatSimulatedModule", "FormatSimulation", "simulate_format", "format_sites", "track_formats",
@@ -41,11 +42,11 @@ class FormatSimulatedModule(fx.GraphModule):
     def without_format(self) -> fx.GraphModule:
         gm = fx.GraphModule(self, copy.deepcopy(self.graph), type(self).__name__)
         for node in list(gm.graph.nodes):
-            if not node.meta.get(_SITE_META):
+            if not node.meta.get(FORMAT_SITE):
                 continue
-            if _ORIG_META in node.meta:  # a replaced op (attention): restore it
-                node.op, node.target = node.meta.pop(_ORIG_META)
-                node.meta.pop(_SITE_META)
+            if FORMAT_REPLACED in node.meta:  # a replaced op (attention): restore it
+                node.op, node.target = node.meta.pop(FORMAT_REPLACED)
+                node.meta.pop(FORMAT_SITE)
             else:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)

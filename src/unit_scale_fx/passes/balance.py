@@ -28,12 +28,13 @@ import numpy as np
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
+from ..rules.registry import Kind
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
 #: Record kinds with no scale op of their own: their edges keep the true gradient.
-FIXED_KINDS = frozenset({"preserve", "unsupported", "excluded"})
+FIXED_KINDS = frozenset({Kind.PRESERVE, Kind.UNSUPPORTED, Kind.EXCLUDED})
 
 _EPS = 1e-9  # ties down potentials not reached by any equation
 
@@ -172,7 +173,7 @@ class Potentials:
             rec = self.recs[v]
             c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
             rows.append((i, j, c, 1.0))
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == "loss"} | self.boundary())
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | self.boundary())
         if rows:
             self.log_phi = solve_laplacian(len(self.index), rows, anchors)
         for c in self.boundary():  # exactly 1, not only near it (any potentials are valid)
@@ -241,5 +242,5 @@ def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     n_swept = pots.fit_unit_grads(true_grad_rms(gm, ctx.scales))
     pots.assign()
     ctx.potentials = pots
-    return PassResult(False, f"{len(pots.index)} potentials, {n_swept} from a reverse sweep of the rules' gains, "
-                             f"the rest fitted to {n_rows} edges")
+    log.debug("balance: %d of %d potentials from a reverse sweep of the rules' gains", n_swept, len(pots.index))
+    return PassResult(False, f"{len(pots.index)} potentials from {n_rows} edges")

@@ -55,8 +55,8 @@ class PassContext:
     # -- produced by passes -------------------------------------------------------------
     #: the placeholders' real values (None when inputs are fake or on the meta device); shape_prop
     real_values: Optional[list] = None
-    #: parameter name -> init role ("weight", "bias", "gain", ...); init_weights
-    param_roles: dict[str, str] = field(default_factory=dict)
+    #: parameter name -> init kind ("unit", "zero", "one": how init_weights initialises it); init_weights
+    init_kinds: dict[str, str] = field(default_factory=dict)
     #: how many parameters init_weights re-initialised
     n_initialised: int = 0
     #: the dataflow graph, bridges and residual adds (:class:`~.topology.Topology`); topology
@@ -86,7 +86,13 @@ class PassContext:
         setattr(self, name, value)
         self.available.add(name)
 
+    @property
+    def param_roles(self) -> dict[str, str]:
+        """The former name of :attr:`init_kinds`."""
+        return self.init_kinds
+
     def __setattr__(self, name: str, value: Any) -> None:
+        name = _RENAMED.get(name, name)
         if name not in _FIELD_NAMES:
             raise AttributeError(f"PassContext has no field {name!r}; declare it on PassContext")
         object.__setattr__(self, name, value)
@@ -99,8 +105,10 @@ def _default(f: Any) -> Any:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(PassContext))
+#: former field names -> their names now
+_RENAMED = {"param_roles": "init_kinds"}
 #: the fields a pass may declare in ``needs`` / ``produces``
-PRODUCIBLE = frozenset({"real_values", "param_roles", "n_initialised", "topology", "scales", "potentials",
+PRODUCIBLE = frozenset({"real_values", "init_kinds", "n_initialised", "topology", "scales", "potentials",
                         "measured_grads", "input_rms"})
 
 

@@ -3,8 +3,8 @@
 Rules cover the known ops; the long tail is measured. On the example batch:
 
 1. plan and rewrite a trial copy of the graph (with the scales calibrated so far);
-2. run it forward and backward (the scalar loss if the model returns one, else a
-   unit-Gaussian cotangent on every float output), recording at each op to
+2. run it forward and backward (from the scalar outputs, the loss, if the model returns
+   any, else a unit-Gaussian cotangent on every float output), recording at each op to
    calibrate the RMS of its raw output ``y``, of the gradient arriving at ``y`` and
    of the gradient it sends to each input (each input is read through an alias, so
    only this op's share of the gradient is seen);
@@ -34,11 +34,11 @@ import torch.fx as fx
 
 from ..config import UnitScaleConfig
 from ..errors import UnitScaleError
-from ..record import META_KEY
-from ..rules.registry import RULE_OVERRIDE, OpView, Rule, Scales, is_float
+from ..record import META_KEY, RULE_OVERRIDE, original
+from ..rules.registry import Kind, OpView, Rule, Scales, is_float
+from ..tensor_stats import loss_outputs, rms
 
 from .base import Pass, PassContext, PassResult, preserved_state, run_passes
-from .rewrite import original
 from .shape_prop import placeholder_values
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class CalibratedRule(Rule):
     """Static scales measured on a sample batch (pinned on one node)."""
 
     name = "calibrated"
-    kind = "calibrated"
+    kind = Kind.CALIBRATED
 
     def __init__(self, fwd: float, gains: dict[str, float], note: str) -> None:
         self.fwd = fwd
@@ -74,10 +74,6 @@ class CalibratedRule(Rule):
             if g is not None and g > 0 and math.isfinite(g):
                 s.bwd[x], s.grad_gain[x] = 1.0 / g, g
         return s
-
-
-def _rms(t: torch.Tensor) -> float:
-    return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
 def _real_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -98,9 +94,9 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
 
     Runs in the module's own mode; buffers and the RNG state are restored
     (:class:`~unit_scale_fx.passes.base.preserved_state`).
-    Backward starts from the first scalar float output (a loss) if there is one,
-    else from unit-Gaussian cotangents on all float outputs. Buffers and parameter
-    gradients are left as they were.
+    Backward starts from the model's loss as :func:`~unit_scale_fx.tensor_stats.loss_outputs`
+    defines it (the scalar outputs, else unit-Gaussian gradients on every float output).
+    Buffers and parameter gradients are left as they were.
     """
     wanted = set(names)
     values = _real_values(gm, args, kwargs or {})
@@ -121,10 +117,10 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             def alias(t: Any) -> Any:
                 if isinstance(t, torch.Tensor) and id(t) in owners and t.is_floating_point():
                     name = owners[id(t)]
-                    m.in_rms[name] = _rms(t)
+                    m.in_rms[name] = rms(t)
                     if t.requires_grad:
                         a = t.view_as(t)
-                        a.register_hook(lambda g, k=name: grads.setdefault(k, []).append(_rms(g)))
+                        a.register_hook(lambda g, k=name: grads.setdefault(k, []).append(rms(g)))
                         return a
                 return t
 
@@ -132,28 +128,26 @@ def measure(gm: fx.GraphModule, names: Iterable[str], args: tuple, kwargs: Optio
             kwargs_ = torch.utils._pytree.tree_map(alias, kwargs_)
             result = getattr(self, n.op)(n.target, args_, kwargs_)
             if isinstance(result, torch.Tensor) and result.is_floating_point():
-                m.out_rms = _rms(result)
+                m.out_rms = rms(result)
                 if result.requires_grad:
-                    result.register_hook(lambda g: setattr(m, "grad_out_rms", _rms(g)))
+                    result.register_hook(lambda g: setattr(m, "grad_out_rms", rms(g)))
             out[n.name] = m
             hooks_in[n.name] = grads
             return result
 
     params = [p for p in gm.parameters()]
     saved_grads = [p.grad for p in params]
-    gen = torch.Generator().manual_seed(seed)
     try:
         for p in params:
             p.grad = None
         with preserved_state(gm), torch.enable_grad():
             result = _Probe(gm).run(*values)
-            leaves = [t for t in torch.utils._pytree.tree_leaves(result)
-                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
-            scalars = [t for t in leaves if t.dim() == 0]
-            if scalars:
-                scalars[0].backward()
-            elif leaves:
-                torch.autograd.backward(leaves, [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in leaves])
+            try:
+                tensors, grads = loss_outputs(result, seed, where="calibrate")
+            except UnitScaleError:  # nothing to differentiate: forward measurements only
+                tensors, grads = [], []
+            if tensors:
+                torch.autograd.backward(tensors, grads)
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
@@ -169,7 +163,7 @@ def _needs_calibration(node: fx.Node, scales: dict) -> bool:
     if rec.rule in ("unsupported", "calibrated"):
         return True
     s = scales.get(node)
-    return s is not None and s.out_rms is None and rec.kind not in ("loss", "excluded")
+    return s is not None and s.out_rms is None and rec.kind not in (Kind.LOSS, Kind.EXCLUDED)
 
 
 #: builds the passes a calibration trial runs (topology, planning after calibrate, rewrite) for a config
@@ -189,7 +183,7 @@ def _trial(gm: fx.GraphModule, ctx: PassContext, pins: dict[str, CalibratedRule]
     tctx = PassContext(config=trial_cfg,
                        example_args=ctx.example_args, example_kwargs=ctx.example_kwargs,
                        input_rms=dict(ctx.input_rms), real_values=ctx.real_values,
-                       param_roles=dict(ctx.param_roles))
+                       init_kinds=dict(ctx.init_kinds))
     # the passes before this one (fuse, roles, u-muP graph edits) already shaped the copied graph;
     # the trial re-derives the topology of the copy and runs everything after calibrate
     run_passes(trial, tctx, build(trial_cfg))
@@ -202,7 +196,7 @@ def make_calibrate(build: TrialBuilder) -> Pass:
     def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return _calibrate(gm, ctx, build)
 
-    return Pass("calibrate", calibrate, needs=frozenset({"topology", "param_roles"}))
+    return Pass("calibrate", calibrate, needs=frozenset({"topology", "init_kinds"}))
 
 
 def _calibrate(gm: fx.GraphModule, ctx: PassContext, build: TrialBuilder) -> PassResult:

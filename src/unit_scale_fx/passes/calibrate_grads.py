@@ -2,8 +2,8 @@
 
 After ``balance``, every node ``u`` receives ``phi_u`` times its true gradient.
 When real example inputs are known, this pass runs the planned model once,
-forward and backward (from the loss, or from a unit random gradient at
-non-scalar outputs), and measures the gradient RMS ``m_u`` at every class of
+forward and backward (from the loss as :func:`~unit_scale_fx.tensor_stats.loss_outputs`
+defines it: the scalar outputs, else a unit random gradient at every output), and measures the gradient RMS ``m_u`` at every class of
 nodes that shares a potential. The true gradient's RMS is ``m_u / phi_u``; the new
 potential ``phi_u = 1 / (m_u / phi_u)`` makes the measured gradient exactly unit.
 Any positive potentials give valid gradients, so this only changes their size.
@@ -22,8 +22,9 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import float_tensor_inputs
+from ..rules.registry import Kind, float_tensor_inputs
 from ..scale import scale
+from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
 from .base import PassContext, PassResult, declare, preserved_state
 
@@ -59,23 +60,6 @@ class _ScaledRun(fx.Interpreter):
         return value
 
 
-def _output_loss(out: Any, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    total = None
-    for t in torch.utils._pytree.tree_leaves(out):
-        if not (isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()):
-            continue
-        if t.dim() == 0:
-            term = t
-        else:
-            probe = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
-            term = (t * probe).sum()
-        total = term if total is None else total + term
-    if total is None:
-        raise RuntimeError("the model's output carries no gradient")
-    return total
-
-
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
 #: calibration moves a potential by at most this (log) factor from the analytic fit
@@ -91,12 +75,12 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         run = _ScaledRun(gm)
         out = run.run(*ctx.real_values)
         try:
-            _output_loss(out).backward()
-        except RuntimeError as exc:
+            output_loss(out, where="calibrate_grads").backward()
+        except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
         # read now: leaving preserved_state clears the parameters' .grad
-        grads = {n: float(v.grad.detach().float().pow(2).mean().sqrt())
+        grads = {n: rms(v.grad)
                  for n, v in run.exposed.items() if v.grad is not None}
         sizes = {n: v.numel() for n, v in run.exposed.items()}
     new = pots.log_phi.copy()
@@ -118,7 +102,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
     # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == "loss"]
+    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == Kind.LOSS]
     if losses:
         new -= np.mean([new[c] for c in losses])
     for c in pots.boundary():  # values shared with other graphs keep the true gradient

@@ -22,12 +22,15 @@ rule knows a causal mask passed as a tensor.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..rules.registry import CONSTANT, CONSTANT_RMS, MASK_KEYS, has_float_value
+from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS
+from ..rules.registry import has_float_value
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
 from .shape_prop import placeholder_values
 
@@ -95,8 +98,8 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node],
         def run_node(self, n: fx.Node) -> Any:
             result = super().run_node(n)
             if n in wanted and isinstance(result, torch.Tensor) and result.numel():
-                r = result.detach().float().pow(2).mean().sqrt()
-                out[n] = float(r) if torch.isfinite(r) else float("inf")
+                r = rms(result)
+                out[n] = r if math.isfinite(r) else float("inf")
             if n in masks and isinstance(result, torch.Tensor) and result.dim() >= 2:
                 n.meta[MASK_KEYS] = keys_per_row(result.detach())
             return result
@@ -129,14 +132,14 @@ def mark_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     masks = _mask_nodes(gm, live)
     if not consts and not masks:
         return PassResult(False, "no constant float values")
-    rms = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"}, masks)
+    measured = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"}, masks)
     for n in consts:
         n.meta[CONSTANT] = True
         if n.op == "get_attr":
             t = _attr(gm, str(n.target))
             if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
-                n.meta[CONSTANT_RMS] = float(t.detach().float().pow(2).mean().sqrt())
-        elif n in rms:
-            n.meta[CONSTANT_RMS] = rms[n]
-    log.debug("constants: %d constant float values (%d measured)", len(consts), len(rms))
+                n.meta[CONSTANT_RMS] = rms(t)
+        elif n in measured:
+            n.meta[CONSTANT_RMS] = measured[n]
+    log.debug("constants: %d constant float values (%d measured)", len(consts), len(measured))
     return PassResult(False, f"{len(consts)} constant float values")

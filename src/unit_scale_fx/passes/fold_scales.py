@@ -14,10 +14,9 @@ import torch.fx as fx
 
 from ..scale import scale
 from .base import PassContext, PassResult, declare
-from .rewrite import INSERTED, ROLE
+from ..record import FOLDED, INSERTED, SCALE_ROLE
 
 #: ``(a2, b2)``: the factors of the consumer's input scale folded into this node
-FOLDED = "unit_scale_folded"
 
 
 def _is_scale(n: object) -> bool:
@@ -33,12 +32,12 @@ def fold_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         inner = node.args[0]
         if not _is_scale(inner) or len(inner.users) != 1 or FOLDED in inner.meta:
             continue
-        if (inner.meta.get(ROLE) or ("",))[0] != "output" or (node.meta.get(ROLE) or ("",))[0] != "input":
+        if (inner.meta.get(SCALE_ROLE) or ("",))[0] != "output" or (node.meta.get(SCALE_ROLE) or ("",))[0] != "input":
             continue
         x, a1, b1 = inner.args
         _, a2, b2 = node.args
         node.args = (x, float(a1) * float(a2), float(b1) * float(b2))
-        node.meta[ROLE] = inner.meta[ROLE]
+        node.meta[SCALE_ROLE] = inner.meta[SCALE_ROLE]
         node.meta[FOLDED] = (float(a2), float(b2))
         gm.graph.erase_node(inner)
         folded += 1

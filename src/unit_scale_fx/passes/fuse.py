@@ -27,13 +27,14 @@ import torch
 import torch.fx as fx
 
 from ..rules.fused import FUSED_RULE, FusedRegion
-from ..rules.registry import RULE_OVERRIDE, is_float, lookup
+from ..record import RULE_OVERRIDE
+from ..rules.registry import Kind, is_float, lookup
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
 #: rule kinds that may sit inside a fused region (``None``: no rule).
-FUSABLE_KINDS = frozenset({None, "pointwise", "add", "mul", "preserve", "reduce", "calibrated"})
+FUSABLE_KINDS = frozenset({None, Kind.POINTWISE, Kind.ADD, Kind.MUL, Kind.PRESERVE, Kind.REDUCE, Kind.CALIBRATED})
 
 _PREFIX = "us_fused_"
 

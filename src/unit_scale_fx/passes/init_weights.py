@@ -10,12 +10,14 @@ re-sampled from N(0, 1), and the log says so.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Collection
 
 import torch
 import torch.fx as fx
 
 from ..rules.registry import lookup
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
@@ -45,48 +47,52 @@ def _source_param(node: fx.Node, gm: fx.GraphModule, params: Collection[str] = (
     return node if _is_param(node, params) else None
 
 
-def parameter_roles(gm: fx.GraphModule, params: Collection[str] = ()) -> dict[str, str]:
-    """``parameter -> role`` from the rules of the consuming ops.
+def parameter_init_kinds(gm: fx.GraphModule, params: Collection[str] = ()) -> dict[str, str]:
+    """``parameter -> init kind`` (``"unit"``, ``"zero"``, ``"one"``) from the rules of the consuming ops.
 
     Parameters are ``get_attr`` nodes (keyed by qualified name) and the
     placeholders named in ``params`` (keyed by placeholder name).
     """
-    roles: dict[str, str] = {}
+    kinds: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
         rule = lookup(node, gm)
         if rule is None:
             continue
-        for arg, role in rule.param_roles(node).items():
+        for arg, kind in rule.init_kinds(node).items():
             src = _source_param(arg, gm, params)
             if src is not None:
-                roles_set(roles, param_key(src), role)
-    return roles
+                _set_kind(kinds, param_key(src), kind)
+    return kinds
 
 
-def roles_set(roles: dict[str, str], name: str, role: str) -> None:
-    if name not in roles or _PRIORITY[role] > _PRIORITY[roles[name]]:
-        roles[name] = role
+#: the former name of :func:`parameter_init_kinds`
+parameter_roles = parameter_init_kinds
 
 
-def init_parameter(t: torch.Tensor, role: str, name: str) -> bool:
-    """Initialise one parameter in place for its role; False if it was left alone (meta, integer)."""
+def _set_kind(kinds: dict[str, str], name: str, kind: str) -> None:
+    if name not in kinds or _PRIORITY[kind] > _PRIORITY[kinds[name]]:
+        kinds[name] = kind
+
+
+def init_parameter(t: torch.Tensor, kind: str, name: str) -> bool:
+    """Initialise one parameter in place for its init kind; False if it was left alone (meta, integer)."""
     if not t.is_floating_point() or t.device.type == "meta":
         return False
     with torch.no_grad():
-        if role == "unit":
-            rms = t.float().pow(2).mean().sqrt()
-            if not torch.isfinite(rms) or rms == 0:
+        if kind == "unit":
+            r = rms(t)
+            if not math.isfinite(r) or r == 0:
                 t.normal_()
                 log.warning("init: weight %s was all zero; re-sampled from N(0, 1)", name)
             else:
-                t.div_(rms.to(t.dtype))
-                log.debug("init: weight %s divided by its RMS %.4g", name, float(rms))
-        elif role == "zero":
+                t.div_(torch.tensor(r, dtype=torch.float32).to(t.dtype))
+                log.debug("init: weight %s divided by its RMS %.4g", name, r)
+        elif kind == "zero":
             t.zero_()
             log.debug("init: bias %s set to zero", name)
-        elif role == "one":
+        elif kind == "one":
             t.fill_(1.0)
             log.debug("init: gain %s set to one", name)
         else:
@@ -94,19 +100,19 @@ def init_parameter(t: torch.Tensor, role: str, name: str) -> bool:
     return True
 
 
-@declare('init_weights', produces=('param_roles',))
+@declare('init_weights', produces=('init_kinds',))
 def init_weights(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.config.init_weights:
         return PassResult(False, "disabled")
-    roles = parameter_roles(gm, ctx.param_inputs)
+    kinds = parameter_init_kinds(gm, ctx.param_inputs)
     changed = 0
-    for name, role in roles.items():
+    for name, kind in kinds.items():
         t = ctx.param_inputs.get(name)
         if t is None:
             try:
                 t = gm.get_parameter(name)
             except AttributeError:
                 continue  # a buffer: not ours to initialise
-        changed += init_parameter(t, role, name)
-    ctx.param_roles = roles
+        changed += init_parameter(t, kind, name)
+    ctx.init_kinds = kinds
     return PassResult(changed > 0, f"{changed} parameters initialised")

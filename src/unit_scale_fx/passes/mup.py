@@ -35,23 +35,24 @@ import torch.nn.functional as F
 
 from ..config import MupConfig
 from ..record import META_KEY, ROLES_META_KEY
-from ..rules.matmul import logit_matmul_of
-from ..rules.registry import OpView, aten, float_tensor_inputs, lookup
+from ..rules.matmul import logit_matmul_of, matmul_operands
+from ..rules.registry import Kind, OpView, aten, float_tensor_inputs, lookup
 from .base import PassContext, PassResult, declare
 from .roles import branch_regions, residual_streams, weighted_ops
+from .topology import ATTN_BRANCH
 
 log = logging.getLogger(__name__)
 
 def depth_taus(kinds: list[str], mup: MupConfig) -> list[float]:
     """Residual shares ``tau_i`` for a stream whose branches have these kinds, in order.
 
-    ``kinds[i]`` is ``"attn"`` or anything else (an MLP-like branch).
+    ``kinds[i]`` is ``ATTN_BRANCH`` or anything else (an MLP-like branch).
     """
     a_attn, a_mlp = mup.branch_weights()
     total = len(kinds) / 2.0
     taus = []
     for kind in kinds:
-        w2 = (a_attn if kind == "attn" else a_mlp) ** 2
+        w2 = (a_attn if kind == ATTN_BRANCH else a_mlp) ** 2
         total += w2
         taus.append(w2 / total)
     return taus
@@ -92,10 +93,9 @@ def _logit_dim(softmax: fx.Node, gm: fx.GraphModule) -> int | None:
         if len(ins) != 1:
             return None
         n = ins[0]
-        rule = lookup(n, gm)
-        if rule is not None and rule.kind == "matmul" and rule.name == "matmul":
-            left = n.args[0] if n.args else None
-            shape = OpView.shape(left) if isinstance(left, fx.Node) else None
+        ops = matmul_operands(n, gm)
+        if ops:
+            shape = OpView.shape(ops[0])
             return shape[-1] if shape else None
     return None
 
@@ -115,7 +115,7 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     regions = branch_regions(topo)
     attn_nodes: set[fx.Node] = set()
     for add, region in regions.items():
-        if topo.residuals[add].kind == "attn":
+        if topo.residuals[add].kind == ATTN_BRANCH:
             attn_nodes |= region
     weighted = weighted_ops(gm)
     n_attn = n_act = 0
@@ -137,14 +137,14 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rule = lookup(node, gm)
         if rule is None or not float_tensor_inputs(node):
             continue
-        if rule.kind == "softmax" and (node in attn_nodes or logit_matmul_of(node, gm) is not None):
+        if rule.kind == Kind.SOFTMAX and (node in attn_nodes or logit_matmul_of(node, gm) is not None):
             d = _logit_dim(node, gm)
             if d is None:
                 log.info("mup: softmax %s: no q @ k^T matmul found; logits left as they are", node.name)
                 continue
             _insert_mul(gm, topo, node, float_tensor_inputs(node)[0], hp.attn_softmax / math.sqrt(d))
             n_attn += 1
-        elif rule.kind == "pointwise" and hp.ffn_act != 1.0 and node not in attn_nodes:
+        elif rule.kind == Kind.POINTWISE and hp.ffn_act != 1.0 and node not in attn_nodes:
             (x,) = float_tensor_inputs(node)[:1]
             if x in topo.graph and nx.ancestors(topo.graph, node) & weighted:
                 _insert_mul(gm, topo, node, x, hp.ffn_act)

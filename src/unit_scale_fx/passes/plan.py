@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
-from ..record import META_KEY, ScaleRecord
+from ..record import INSERTED, META_KEY, ScaleRecord
 from ..rules.matmul import LOGITS, logit_matmuls
-from ..rules.registry import OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
+from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
 
@@ -33,8 +34,7 @@ def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
 def _tensor_rms(t: torch.Tensor) -> Optional[float]:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
         return None
-    with torch.no_grad():
-        return float(t.detach().float().pow(2).mean().sqrt())
+    return rms(t)
 
 
 def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:
@@ -44,7 +44,7 @@ def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> floa
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
 
-def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Optional[float]:
+def _param_rms(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -> Optional[float]:
     try:
         t = gm.get_parameter(str(node.target))
     except AttributeError:
@@ -54,7 +54,7 @@ def _param_rms(gm: fx.GraphModule, node: fx.Node, roles: dict[str, str]) -> Opti
             return None
     r = _tensor_rms(t)
     if r is None and t.device.type == "meta":
-        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(roles.get(str(node.target), "unit"), 1.0)
+        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(init_kinds.get(str(node.target), "unit"), 1.0)
     return r
 
 
@@ -63,7 +63,7 @@ class _Planner:
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
-        self.roles = ctx.param_roles
+        self.init_kinds = ctx.init_kinds
         self.rms: dict[fx.Node, Optional[float]] = {}
         #: predicted cross-position correlation of each value (0 for inputs and parameters)
         self.rho: dict[fx.Node, float] = {}
@@ -75,7 +75,7 @@ class _Planner:
         if node.op == "placeholder":
             self.rms[node] = self.ctx.input_rms.get(node.name, 1.0)
         elif node.op == "get_attr":
-            self.rms[node] = _param_rms(self.gm, node, self.roles)
+            self.rms[node] = _param_rms(self.gm, node, self.init_kinds)
 
     def scales_for(self, node: fx.Node) -> Optional[Scales]:
         """Ideal scales of ``node`` (None: no scale: unsupported, excluded, inserted)."""
@@ -85,18 +85,18 @@ class _Planner:
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
         self.rho[node] = max((self.rho.get(i, 0.0) for i in inputs), default=0.0)
-        if node.meta.get("unit_scale_inserted"):
+        if node.meta.get(INSERTED):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
         if self.cfg.node_filter is not None and not self.cfg.node_filter(qual, node):
-            node.meta[META_KEY] = ScaleRecord("excluded", "excluded", op_name, _shape(node), fwd_rms=passthrough,
+            node.meta[META_KEY] = ScaleRecord("excluded", Kind.EXCLUDED, op_name, _shape(node), fwd_rms=passthrough,
                                               note="left alone by node_filter")
             return None
         rule = lookup(node, self.gm)
         if rule is None:
             if inputs:
                 self.ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>"))
-                node.meta[META_KEY] = ScaleRecord("unsupported", "unsupported", op_name, _shape(node),
+                node.meta[META_KEY] = ScaleRecord("unsupported", Kind.UNSUPPORTED, op_name, _shape(node),
                                                   fwd_rms=passthrough, note="no rule; left unscaled")
             return None
         context: dict = {"params": {i for i in inputs
@@ -198,7 +198,7 @@ class _MeasuringPlanner(fx.Interpreter):
         return value
 
 
-@declare('plan', needs=('topology', 'param_roles'), produces=('scales',))
+@declare('plan', needs=('topology', 'init_kinds'), produces=('scales',))
 def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.topology is None:
         raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
@@ -290,7 +290,7 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
-            g = 1.0 if rec is not None and rec.kind == "loss" else grad[user]
+            g = 1.0 if rec is not None and rec.kind == Kind.LOSS else grad[user]
             if s is None or rec is None:
                 contribs.append(g)
                 continue
@@ -326,7 +326,7 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node, g in grad.items():
         rec = node.meta.get(META_KEY)
         if rec is not None:
-            rec.bwd_rms = None if rec.kind == "loss" else g
+            rec.bwd_rms = None if rec.kind == Kind.LOSS else g
     return PassResult(False, "gradient RMS predicted")
 
 

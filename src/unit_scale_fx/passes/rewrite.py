@@ -13,25 +13,19 @@ import logging
 
 import torch.fx as fx
 
-from ..record import META_KEY, ScaleRecord
+from ..record import INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
+from ..rules.registry import Kind
 from ..scale import scale
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
-INSERTED = "unit_scale_inserted"
-#: what an inserted scale does: ``("output", node name)`` or ``("input", consumer name)`` (read by analysis.track).
-ROLE = "unit_scale_role"
+#: the meta key's former name (it is :data:`~unit_scale_fx.record.SCALE_ROLE`)
+ROLE = SCALE_ROLE
 
-#: Op kinds whose backward is itself a matmul: their backward scales go on the inputs.
-INPUT_SIDE_KINDS = frozenset({"matmul", "attention"})
-
-
-def original(node: fx.Node) -> fx.Node:
-    """The node behind any scale nodes inserted on top of it."""
-    while node.meta.get(INSERTED):
-        node = node.args[0]  # type: ignore[assignment]
-    return node
+#: Op kinds whose backward scales go on the inputs: matmul-class ops, whose backward is itself
+#: a matmul, and embedding lookups (kind matmul too), whose backward scatter-adds the output gradient.
+INPUT_SIDE_KINDS = frozenset({Kind.MATMUL, Kind.ATTENTION})
 
 
 def _snap(x: float) -> float:
@@ -52,7 +46,7 @@ def scale_input(gm: fx.GraphModule, node: fx.Node, inp: fx.Node, fwd: float, bwd
     """Insert ``scale(inp, fwd, bwd)`` on the edge ``inp -> node`` only."""
     with gm.graph.inserting_before(node):
         new = _new_scale(gm, inp, fwd, bwd)
-    new.meta[ROLE] = ("input", node.name)
+    new.meta[SCALE_ROLE] = ("input", node.name)
     node.replace_input_with(inp, new)
     return new
 
@@ -61,7 +55,7 @@ def scale_output(gm: fx.GraphModule, node: fx.Node, fwd: float, bwd: float) -> f
     """Insert ``scale(node, fwd, bwd)`` and make every reader of ``node`` read it."""
     with gm.graph.inserting_after(node):
         new = _new_scale(gm, node, fwd, bwd)
-    new.meta[ROLE] = ("output", node.name)
+    new.meta[SCALE_ROLE] = ("output", node.name)
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     return new
 

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
-from ..record import ROLES_META_KEY
+from ..record import INSERTED, ROLES_META_KEY
 from .base import PassContext, PassResult, declare
 from .topology import _region
 
@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 Role = Literal["hidden", "input", "embedding", "readout", "bias", "norm_gain", "other"]
 
-#: Roles, in the order reports list them.
-ROLES: tuple[str, ...] = ("embedding", "input", "hidden", "readout", "bias", "norm_gain", "other")
+#: u-μP parameter roles, in the order reports list them. (Not to be confused with a parameter's
+#: init kind, :data:`~unit_scale_fx.rules.registry.INIT_KINDS`, or an inserted scale's
+#: :data:`~unit_scale_fx.record.SCALE_ROLE`.)
+PARAM_ROLES: tuple[str, ...] = ("embedding", "input", "hidden", "readout", "bias", "norm_gain", "other")
+#: the former name of :data:`PARAM_ROLES`
+ROLES = PARAM_ROLES
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
     slot is ``"weight"``, ``"bias"``, ``"embedding"``, ``"gain"``, ``"add"``, ``"mul"`` or ``"other"``.
     """
     from ..rules.matmul import LAYOUTS, MatmulRule
-    from ..rules.registry import OpView, lookup, resolve_target
+    from ..rules.registry import Kind, OpView, lookup, resolve_target
 
     rule = lookup(consumer, gm)
     if rule is None:
@@ -108,8 +112,8 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
     shape = OpView.shape(operand)
     if rule.name == "embedding":
         return "embedding", (shape[0] if shape else None), (shape[-1] if shape else None), None
-    if rule.kind == "norm":
-        roles = rule.param_roles(consumer)
+    if rule.kind == Kind.NORM:
+        roles = rule.init_kinds(consumer)
         return ("gain" if roles.get(operand) == "one" else "bias"), None, None, None
     if isinstance(rule, MatmulRule):
         lay = LAYOUTS[resolve_target(consumer, None)]
@@ -126,9 +130,9 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
             k, n = shape[-1], shape[-2] if len(shape) > 1 else 1
             act = right
         return "weight", k, n, act if isinstance(act, fx.Node) else None
-    if rule.kind == "add":
+    if rule.kind == Kind.ADD:
         return "add", None, (shape[-1] if shape else None), None
-    if rule.kind == "mul":
+    if rule.kind == Kind.MUL:
         return "mul", None, None, None
     return "other", None, None, None
 
@@ -136,7 +140,7 @@ def _operand_slot(consumer: fx.Node, operand: fx.Node, gm: fx.GraphModule) -> tu
 def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dict[fx.Node, int]]:
     """Group the residual adds into streams: each add's skip comes from the previous add,
     through views, dropout or a norm (post-norm blocks ``x = norm(x + f(x))`` form one stream)."""
-    from ..rules.registry import lookup
+    from ..rules.registry import Kind, lookup
 
     prev: dict[fx.Node, Optional[fx.Node]] = {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -151,8 +155,8 @@ def residual_streams(topo, gm: fx.GraphModule) -> tuple[list[list[fx.Node]], dic
                 break
             rule = lookup(n, gm)
             ins = n.all_input_nodes
-            passes = rule is not None and (rule.preserves_scale or rule.kind == "norm")  # post-norm streams too
-            if (passes or n.meta.get("unit_scale_inserted")) and len(ins) >= 1:
+            passes = rule is not None and (rule.preserves_scale or rule.kind == Kind.NORM)  # post-norm streams too
+            if (passes or n.meta.get(INSERTED)) and len(ins) >= 1:
                 n = ins[0]
             else:
                 break

@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import UnitScaleError
+from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.real_values = values
     for node, v in zip(gm.graph.find_nodes(op="placeholder"), values):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and v.numel():
-            ctx.input_rms.setdefault(node.name, float(v.detach().float().pow(2).mean().sqrt()))
+            ctx.input_rms.setdefault(node.name, rms(v))
     if _all_meta(gm, values):
         # A model built on the meta device: meta tensors already carry no data, and running the
         # graph on them directly is ~3x faster than fake-tensor propagation.

@@ -1,7 +1,7 @@
 """simulate_format: round the operands of every matmul-class op to a low-precision format.
 
-For each matmul-class node (the targets of the matmul rule's layout table,
-ops whose rule kind is ``"attention"``, and convolutions) the pass inserts
+For each matmul-class node (:func:`~unit_scale_fx.rules.matmul.is_matmul_class`: linear,
+matmul / mm / bmm / addmm, convolutions, einsum of two operands, attention) the pass inserts
 :class:`~unit_scale_fx.lowp.formats.Quantise` modules:
 
 * before the op, on each operand (not on an added bias): round to ``fwd`` in forward;
@@ -30,30 +30,19 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import UnitScaleError
+from ..record import FORMAT_REPLACED, FORMAT_SITE
 from ..lowp.formats import FormatSimulation, Quantise
 from ..lowp.simulated_attention import SimulatedAttention
-from ..rules.matmul import LAYOUTS
-from ..rules.registry import aten, lookup, many, resolve_target
+from ..rules.matmul import CONV_TARGETS, LAYOUTS, is_matmul_class
+from ..rules.registry import Kind, lookup, resolve_target
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
-#: Rule kinds whose every target is matmul-class (the attention rules).
-MATMUL_KINDS = frozenset({"attention"})
-
-#: Convolutions (no unit-scaling rule yet; matmul-class all the same).
-CONV_TARGETS = frozenset(many([
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    aten("conv1d"), aten("conv2d"), aten("conv3d"), aten("convolution"),
-]))
-
 #: Where the container of quantisers lives in the GraphModule.
 SITES_ATTR = "us_formats"
-_SITE_META = "unit_scale_format_site"
-_ORIG_META = "unit_scale_format_replaced"
 
 
 def _bias_arg(node: fx.Node, target: Any) -> Any:
@@ -70,21 +59,14 @@ def _bias_arg(node: fx.Node, target: Any) -> Any:
 
 
 def matmul_class(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
-    """``"matmul"``, ``"attention"`` or ``"conv"`` for matmul-class nodes, else None."""
-    if node.op not in ("call_function", "call_method", "call_module") or node.meta.get(_SITE_META):
+    """``"matmul"``, ``"attention"`` or ``"conv"`` for matmul-class nodes
+    (:func:`~unit_scale_fx.rules.matmul.is_matmul_class`), else None."""
+    if node.meta.get(FORMAT_SITE) or not is_matmul_class(node, gm):
         return None
-    target = resolve_target(node, gm)
-    try:
-        if target in LAYOUTS:
-            return "matmul"
-        if target in CONV_TARGETS:
-            return "conv"
-    except TypeError:  # unhashable target
-        return None
+    if resolve_target(node, gm) in CONV_TARGETS:
+        return "conv"
     rule = lookup(node, gm)
-    if rule is not None and rule.kind in MATMUL_KINDS:
-        return "attention"
-    return None
+    return "attention" if rule is not None and rule.kind == Kind.ATTENTION else "matmul"
 
 
 def _operands(node: fx.Node, target: Any) -> list[fx.Node]:
@@ -109,7 +91,7 @@ def _add_site(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
 
 def _new_call(gm: fx.GraphModule, target: str, arg: fx.Node) -> fx.Node:
     new = gm.graph.call_module(target, (arg,))
-    new.meta[_SITE_META] = True
+    new.meta[FORMAT_SITE] = True
     for key in ("val", "nn_module_stack", "tensor_meta"):
         if key in arg.meta:
             new.meta[key] = arg.meta[key]
@@ -136,9 +118,9 @@ def apply_format_simulation(gm: fx.GraphModule, sim: FormatSimulation) -> int:
             if not sim.attention:
                 continue
             name = _add_site(gm, node.name, SimulatedAttention(sim.fwd, sim.bwd, sim.saturate, sim.passthrough))
-            node.meta[_ORIG_META] = (node.op, node.target)
+            node.meta[FORMAT_REPLACED] = (node.op, node.target)
             node.op, node.target = "call_module", name
-            node.meta[_SITE_META] = True
+            node.meta[FORMAT_SITE] = True
             count += 1
             log.debug("simulate_format: %s -> SimulatedAttention", node.name)
             continue

@@ -15,8 +15,13 @@ from typing import Optional
 import networkx as nx
 import torch.fx as fx
 
-from ..rules.registry import float_tensor_inputs, is_float, lookup
+from ..rules.registry import Kind, float_tensor_inputs, is_float, lookup
 from .base import PassContext, PassResult, declare
+
+
+#: What a residual branch is (:attr:`Residual.kind`): it holds attention, or not (an MLP-like branch).
+ATTN_BRANCH = "attn"
+MLP_BRANCH = "mlp"
 
 
 @dataclass
@@ -25,7 +30,7 @@ class Residual:
 
     skip: fx.Node
     branch: fx.Node
-    kind: str  # "attn" or "mlp"
+    kind: str  # ATTN_BRANCH or MLP_BRANCH
     tau: Optional[float]  # None: not fixed by the config; the plan pass applies the depth rule
 
 
@@ -77,9 +82,9 @@ class _Outside:
 def _branch_kind(region: set[fx.Node], gm: fx.GraphModule) -> str:
     for n in region:
         rule = lookup(n, gm)
-        if rule is not None and rule.kind in ("softmax", "attention"):
-            return "attn"
-    return "mlp"
+        if rule is not None and rule.kind in (Kind.SOFTMAX, Kind.ATTENTION):
+            return ATTN_BRANCH
+    return MLP_BRANCH
 
 
 def _between(g: nx.DiGraph, a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -131,7 +136,7 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if node not in g:
             continue
         rule = lookup(node, gm)
-        if rule is None or rule.kind != "add":
+        if rule is None or rule.kind != Kind.ADD:
             continue
         ins = float_tensor_inputs(node)
         if len(ins) != 2:
@@ -153,7 +158,7 @@ def topology(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:  # parallel branches: no region of their own
             region = {branch}
         kind = _branch_kind(region, gm)
-        tau = cfg.attn_tau if kind == "attn" else cfg.mlp_tau
+        tau = cfg.attn_tau if kind == ATTN_BRANCH else cfg.mlp_tau
         topo.residuals[node] = Residual(skip, branch, kind, tau)
     ctx.topology = topo
     return PassResult(False, f"{len(bridges)} cut edges, {len(topo.residuals)} residual adds")

@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .registry import OpView, Rule, Scales, aten, constant_value, register, tensor_method
+from .registry import Kind, OpView, Rule, Scales, aten, constant_value, register, tensor_method
 
 
 def _broadcast(op: OpView, x: fx.Node) -> float:
@@ -43,7 +43,7 @@ def _const(op: OpView) -> float:
           aten("add", "Tensor"), aten("sub", "Tensor"))
 class AddRule(Rule):
     name = "add"
-    kind = "add"
+    kind = Kind.ADD
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) < 2:
@@ -82,7 +82,7 @@ class AddRule(Rule):
           aten("mul", "Tensor"))
 class MulRule(Rule):
     name = "mul"
-    kind = "mul"
+    kind = Kind.MUL
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) == 1:
@@ -104,7 +104,7 @@ class MulRule(Rule):
           aten("div", "Tensor"))
 class DivRule(Rule):
     name = "div"
-    kind = "mul"
+    kind = Kind.MUL
 
     def scales(self, op: OpView) -> Scales:
         num = op.node.args[0] if op.node.args else None

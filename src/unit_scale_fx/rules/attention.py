@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import MASK_KEYS, OpView, Rule, Scales, aten, register, tensor_method
+from ..record import MASK_KEYS
+from .registry import Kind, OpView, Rule, Scales, aten, register, tensor_method
 
 
 def mean_sq_weight(logit_std: float, n_keys: list[int] | int) -> float:
@@ -28,7 +29,7 @@ def mean_sq_weight(logit_std: float, n_keys: list[int] | int) -> float:
 @register(torch.softmax, F.softmax, tensor_method("softmax"), aten("softmax", "int"), aten("_softmax"))
 class SoftmaxRule(Rule):
     name = "softmax"
-    kind = "softmax"
+    kind = Kind.SOFTMAX
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) != 1:
@@ -94,7 +95,7 @@ def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...],
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
 class SDPARule(Rule):
     name = "sdpa"
-    kind = "attention"
+    kind = Kind.ATTENTION
 
     def scales(self, op: OpView) -> Scales:
         q, k, v = op.arg(0, "query"), op.arg(1, "key"), op.arg(2, "value")

@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register
+from ..tensor_stats import mean_square
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 
 def _args(node: fx.Node) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def _args(node: fx.Node) -> dict[str, Any]:
 
 class BatchNormRule(Rule):
     name = "batch_norm"
-    kind = "norm"
+    kind = Kind.NORM
 
     def scales(self, op: OpView) -> Scales:
         a = _args(op.node)
@@ -50,8 +51,7 @@ class BatchNormRule(Rule):
         if op.module is not None:
             wt, bt = getattr(op.module, "weight", None), getattr(op.module, "bias", None)
             if isinstance(wt, torch.Tensor) and wt.device.type != "meta":
-                out2 = float(wt.detach().float().pow(2).mean()) + (
-                    float(bt.detach().float().pow(2).mean()) if isinstance(bt, torch.Tensor) else 0.0)
+                out2 = mean_square(wt) + (mean_square(bt) if isinstance(bt, torch.Tensor) else 0.0)
         else:
             if isinstance(w, fx.Node):
                 out2 = op.rms(w) ** 2
@@ -63,7 +63,7 @@ class BatchNormRule(Rule):
         s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         a = _args(node)
         roles: dict[fx.Node, str] = {}
         if isinstance(a.get("weight"), fx.Node):

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
@@ -31,7 +31,7 @@ class ConvRule(Rule):
     """``F.conv1d/2d/3d`` (and aten ``conv*d`` / ``convolution``)."""
 
     name = "conv"
-    kind = "matmul"
+    kind = Kind.MATMUL
 
     def _args(self, op_node: fx.Node) -> dict[str, Any]:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -68,7 +68,7 @@ class ConvRule(Rule):
         s.out_rms = math.sqrt(out2)
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         a = self._args(node)
         roles: dict[fx.Node, str] = {}
         if isinstance(a.get("weight"), fx.Node):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .registry import OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 
 def parse(equation: str, shapes: list[tuple[int, ...]]) -> Optional[tuple[list[str], str, dict[str, int]]]:
@@ -48,7 +48,7 @@ def _operands(node: fx.Node) -> tuple[Any, list[Any]]:
 
 class EinsumRule(Rule):
     name = "einsum"
-    kind = "matmul"
+    kind = Kind.MATMUL
 
     def scales(self, op: OpView) -> Scales:
         eq, ops = _operands(op.node)
@@ -77,7 +77,7 @@ class EinsumRule(Rule):
                 s.bwd[x], s.grad_gain[x] = 1.0 / gain, gain
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         _, ops = _operands(node)
         return {x: "unit" for x in ops if isinstance(x, fx.Node)}
 

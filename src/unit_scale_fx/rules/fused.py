@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from .registry import OpView, Rule, Scales
+from .registry import Kind, OpView, Rule, Scales
 
 MIN_SAMPLES = 16384
 _SEED = 1234
@@ -58,7 +58,7 @@ class FusedRule(Rule):
     """Scales of a fused single-input function, measured on a Gaussian probe."""
 
     name = "fused"
-    kind = "pointwise"
+    kind = Kind.POINTWISE
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) != 1 or op.module is None:

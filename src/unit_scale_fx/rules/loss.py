@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's integer encoding
 
@@ -26,7 +26,7 @@ class CrossEntropyRule(Rule):
     """Gradient of mean cross-entropy into logits has RMS ``1 / (N sqrt(V))``."""
 
     name = "cross_entropy"
-    kind = "loss"
+    kind = Kind.LOSS
 
     def scales(self, op: OpView) -> Scales:
         x = op.arg(0, "input")
@@ -47,7 +47,7 @@ class MSELossRule(Rule):
     """Gradient of mean squared error is ``2 (x - t) / M``: RMS ``2 sqrt(rx^2 + rt^2) / M``."""
 
     name = "mse_loss"
-    kind = "loss"
+    kind = Kind.LOSS
 
     def scales(self, op: OpView) -> Scales:
         x, t = op.arg(0, "input"), op.arg(1, "target")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register, tensor_method
+from .einsum import _operands as einsum_operands
+from .registry import Kind, OpView, Rule, Scales, aten, lookup, register, resolve_target, tensor_method
+
+_EINSUM_TARGETS = frozenset(t for t in (torch.einsum, aten("einsum")) if t is not None)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def _prod(xs) -> int:
 
 class MatmulRule(Rule):
     name = "matmul"
-    kind = "matmul"
+    kind = Kind.MATMUL
 
     def _operands(self, op: OpView):
         from .registry import resolve_target
@@ -103,7 +106,7 @@ class MatmulRule(Rule):
             s.note += "; attention logits: operands unit, the model's temperature kept"
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         from .registry import resolve_target
 
         lay = LAYOUTS.get(resolve_target(node, None))
@@ -188,7 +191,7 @@ class EmbeddingRule(Rule):
     """Row lookup: the output has the weight's RMS; each row's gradient sums its uses."""
 
     name = "embedding"
-    kind = "matmul"
+    kind = Kind.MATMUL
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) != 1:
@@ -203,5 +206,73 @@ class EmbeddingRule(Rule):
         return Scales(fwd=1.0 / op.rms(w), bwd={w: 1.0 / gain}, grad_gain={w: gain},
                       note=f"vocab={vocab} lookups={lookups}")
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         return {a: "unit" for a in node.all_input_nodes}
+
+
+# -- matmul-class: the one definition ---------------------------------------------
+#: Convolutions, transposed ones included: matmul-class even where no rule scales them yet.
+CONV_TARGETS = frozenset(t for t in (
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    torch.conv1d, torch.conv2d, torch.conv3d, aten("conv1d"), aten("conv2d"), aten("conv3d"), aten("convolution"),
+) if t is not None)
+
+_LAYOUT_KWARGS = {_LINEAR: ("input", "weight"), _MATMUL: ("input", "other"), _ADDMM: ("mat1", "mat2")}
+
+
+def _float_or_unknown(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return val is None or (isinstance(val, torch.Tensor) and val.is_floating_point())
+
+
+def _arg(node: fx.Node, pos: int, *names: str) -> object:
+    if len(node.args) > pos:
+        return node.args[pos]
+    for name in names:
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return None
+
+
+def matmul_operands(node: fx.Node, root: Optional[torch.nn.Module] = None,
+                    floats: Optional[Callable[[fx.Node], bool]] = None) -> list[fx.Node]:
+    """The float operands of a matmul-class op, in order (not its bias, mask or equation); ``[]`` for other ops.
+
+    **Matmul-class** means: the op contracts two (attention: three) floating-point operands, so
+    its forward and its backward run as matrix multiplies (what low-precision formats are
+    for). It covers ``linear``, ``matmul`` / ``mm`` / ``bmm`` / ``addmm`` (functions, tensor
+    methods, ``@`` and aten), convolutions (transposed ones too), ``einsum`` of two operands
+    and scaled-dot-product attention. An embedding lookup is not (one float operand: its
+    forward is a gather, its backward a scatter-add), nor is a product with a constant.
+
+    ``floats`` decides which inputs count as float tensors (default: a float tensor value, or
+    no value known because shapes were not propagated).
+    """
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return []
+    target = resolve_target(node, root)
+    try:
+        lay = LAYOUTS.get(target)
+        conv = target in CONV_TARGETS
+    except TypeError:  # an unhashable target
+        return []
+    if lay is not None:
+        left_name, right_name = _LAYOUT_KWARGS[lay]
+        cand = [_arg(node, lay.left, left_name), _arg(node, lay.right, right_name, "mat2")]
+    elif conv:
+        cand = [_arg(node, 0, "input"), _arg(node, 1, "weight")]
+    elif target in _EINSUM_TARGETS:
+        cand = list(einsum_operands(node)[1])
+    else:
+        rule = lookup(node, root)
+        if rule is None or rule.kind != Kind.ATTENTION:
+            return []
+        cand = [_arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")]
+    floats = floats or _float_or_unknown
+    ops = [a for a in cand if isinstance(a, fx.Node) and floats(a)]
+    return ops if len(ops) >= 2 else []
+
+
+def is_matmul_class(node: fx.Node, root: Optional[torch.nn.Module] = None) -> bool:
+    """True for matmul-class ops (see :func:`matmul_operands`)."""
+    return bool(matmul_operands(node, root))

@@ -7,11 +7,11 @@ import math
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register
 
 
 class NormRule(Rule):
-    kind = "norm"
+    kind = Kind.NORM
 
     def __init__(self, name: str, weight_pos: int, bias_pos: int | None) -> None:
         self.name = name
@@ -46,7 +46,7 @@ class NormRule(Rule):
         s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
         return s
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         w, b = self._affine(node)
         roles = {}
         if isinstance(w, fx.Node):

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, register, tensor_method
+from .registry import Kind, OpView, Rule, Scales, aten, register, tensor_method
 
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(160)
 _WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
@@ -72,7 +72,7 @@ _SLOT = _Slot()
 
 class PointwiseRule(Rule):
     name = "pointwise"
-    kind = "pointwise"
+    kind = Kind.POINTWISE
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) != 1:

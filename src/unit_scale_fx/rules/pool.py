@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, many, register
+from .registry import Kind, OpView, Rule, Scales, aten, many, register
 
 _X, _W = np.polynomial.hermite_e.hermegauss(200)
 _W = _W / _W.sum()
@@ -55,7 +55,7 @@ def _tuple(v: Any, n: int) -> Optional[tuple[int, ...]]:
 class PoolRule(Rule):
     def __init__(self, name: str, average: bool, adaptive: bool) -> None:
         self.name = name
-        self.kind = "pool"
+        self.kind = Kind.POOL
         self.average = average
         self.adaptive = adaptive
 

@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from .registry import OpView, Rule, Scales, aten, many, register, tensor_method
+from .registry import Kind, OpView, Rule, Scales, aten, many, register, tensor_method
 
 
 class ReduceRule(Rule):
-    kind = "reduce"
+    kind = Kind.REDUCE
 
     def __init__(self, name: str, mean: bool) -> None:
         self.name = name

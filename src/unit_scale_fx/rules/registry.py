@@ -16,9 +16,34 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
+from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS, RULE_OVERRIDE  # noqa: F401 - importable from here too
 
-#: Parameter roles an init-aware rule may declare.
-ROLES = ("unit", "zero", "one")
+#: How a parameter is initialised (a rule's :meth:`Rule.init_kinds`): divided by its RMS, zeroed, or set to one.
+INIT_KINDS = ("unit", "zero", "one")
+#: the former name of :data:`INIT_KINDS`
+ROLES = INIT_KINDS
+
+
+class Kind:
+    """The op kinds: :attr:`Rule.kind` and :attr:`ScaleRecord.kind <unit_scale_fx.record.ScaleRecord>`.
+
+    Plain strings (records stay JSON-friendly); compare against these names, never against literals.
+    """
+
+    MATMUL = "matmul"  # linear, matmul / mm / bmm / addmm, conv, einsum, embedding (a one-hot matmul)
+    ATTENTION = "attention"  # scaled-dot-product attention
+    SOFTMAX = "softmax"
+    POINTWISE = "pointwise"  # one function of one tensor (activations, fused elementwise chains)
+    NORM = "norm"  # layer / RMS / group / batch norm
+    ADD = "add"
+    MUL = "mul"  # products and quotients
+    REDUCE = "reduce"
+    POOL = "pool"
+    LOSS = "loss"
+    PRESERVE = "preserve"  # views, reshapes, dropout, ...: the scale passes through
+    CALIBRATED = "calibrated"  # no rule: scales measured (passes/calibrate.py)
+    UNSUPPORTED = "unsupported"  # a float op with no rule (records only)
+    EXCLUDED = "excluded"  # left out by the config's filter (records only)
 
 
 @dataclass
@@ -104,7 +129,7 @@ class Rule:
 
     Subclasses set ``name`` and ``kind`` and implement :meth:`scales`; rules that
     know what their parameters are (weights, biases, gains) implement
-    :meth:`param_roles` so weight init can act on them.
+    :meth:`init_kinds` so weight init can act on them.
     """
 
     name: str = "rule"
@@ -115,8 +140,15 @@ class Rule:
     def scales(self, op: OpView) -> Scales:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
+        """``input node -> init kind`` (:data:`INIT_KINDS`) of the parameters this op consumes."""
+        if type(self).param_roles is not Rule.param_roles:  # a rule written against the former name
+            return self.param_roles(node)
         return {}
+
+    def param_roles(self, node: fx.Node) -> dict[fx.Node, str]:
+        """The former name of :meth:`init_kinds`."""
+        return self.init_kinds(node)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -170,17 +202,6 @@ def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any
         except AttributeError:
             return None
     return None
-
-
-#: ``node.meta`` key under which a pass may pin a rule for one node (calibration, fusion).
-RULE_OVERRIDE = "unit_scale_rule"
-#: ``node.meta`` key marking a floating-point value that no parameter or float input reaches
-#: (rotary tables, masks, constants): data, not part of the scaled dataflow.
-CONSTANT = "unit_scale_constant"
-#: ``node.meta`` key holding a constant's measured RMS (when example inputs are real).
-CONSTANT_RMS = "unit_scale_constant_rms"
-#: ``node.meta`` key on an attention mask: the number of visible keys per query row.
-MASK_KEYS = "unit_scale_mask_keys"
 
 
 def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Rule]:

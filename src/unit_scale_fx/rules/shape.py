@@ -8,12 +8,12 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from .registry import OpView, Rule, Scales, aten, many, register, tensor_method
+from .registry import Kind, OpView, Rule, Scales, aten, many, register, tensor_method
 
 
 class PreserveRule(Rule):
     name = "preserve"
-    kind = "preserve"
+    kind = Kind.PRESERVE
     preserves_scale = True
 
     def scales(self, op: OpView) -> Scales:

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnitScaleError
-from ..passes.roles import ROLES, ParamRole, roles_of
+from ..passes.roles import PARAM_ROLES, ParamRole, roles_of
+from ..table import format_table
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def param_groups(
                            "lr_mult": lm, "wd_mult": wm, "names": []}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
-    order = {r: i for i, r in enumerate(ROLES)}
+    order = {r: i for i, r in enumerate(PARAM_ROLES)}
     return sorted(groups.values(), key=lambda g: (order.get(g["role"], 99), -g["lr_mult"]))
 
 
@@ -123,8 +124,7 @@ def describe_groups(groups: Iterable[dict[str, Any]]) -> str:
     for g in groups:
         rows.append((g["role"], f"{g['lr_mult']:.4g}", f"{g['lr']:.4g}", f"{g['weight_decay']:.4g}",
                      str(len(g["params"])), g["names"][0] if g["names"] else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return format_table(rows, rule=False)
 
 
 _Params = Union[nn.Module, list]

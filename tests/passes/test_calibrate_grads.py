@@ -1,0 +1,101 @@
+"""calibrate_grads: potentials set from one measured backward, so gradients come out unit and stay valid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import gradient_cosines, graph_code, pipeline_until, rms, run_pass
+from unit_scale_fx.record import META_KEY
+
+
+class Attn(nn.Module):
+    """Attention whose query/key gradients no rule can predict, and a residual MLP."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def body(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        h = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        h = h + self.down(F.gelu(self.up(h)))
+        return h
+
+    def forward(self, x, y):
+        return F.mse_loss(self.body(x), y)
+
+
+class AttnPiece(Attn):
+    """The same without its loss: one piece of a larger program, its output read by later code."""
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 16, 32, generator=g), torch.randn(4, 16, 32, generator=g)
+
+
+def _weight_grad_rms(gm, x, y) -> dict[str, float]:
+    gm.zero_grad(set_to_none=True)
+    gm(x, y).backward()
+    out = {n: rms(p.grad) for n, p in gm.named_parameters() if n.endswith("weight")}
+    gm.zero_grad(set_to_none=True)
+    return out
+
+
+def test_measured_potentials_make_weight_gradients_unit():
+    torch.manual_seed(0)
+    x, y = _batch()
+    gm, ctx, p = pipeline_until(Attn(), (x, y), "calibrate_grads")
+    old = ctx.potentials.log_phi.copy()
+    before = graph_code(gm)
+    result = run_pass(gm, ctx, p)
+    assert graph_code(gm) == before  # only the records' backward scales change
+    assert "potentials measured" in result.info and ctx.measured_grads
+    assert (abs(ctx.potentials.log_phi - old) > 1e-3).any()  # it moved some potentials
+    assert all("gradient scales calibrated" in r.note for r in ctx.potentials.recs.values()
+               if r.kind not in ("preserve", "unsupported", "excluded"))
+    # what it says the gradients will measure is 1 ...
+    grads = {n.name: g for n, g in ctx.measured_grads.items()}
+    assert {k for k, g in grads.items() if not 0.99 < g < 1.01} == {"k_bias"}, grads
+    assert grads["k_bias"] < 1e-6  # softmax ignores a shift shared by all keys: no signal, left alone
+    # ... and they do: rewrite the graph and measure the weights' gradients on the same batch
+    gm2, _, _ = pipeline_until(Attn(), (x, y), "recompile")
+    gm2.recompile()
+    torch.manual_seed(0)
+    gm3, _, _ = pipeline_until(Attn(), (x, y), "recompile", measure=False)  # analytic plan, no calibration
+    gm3.recompile()
+    calibrated, analytic = _weight_grad_rms(gm2, x, y), _weight_grad_rms(gm3, x, y)
+    err = lambda d: max(abs(torch.log(torch.tensor(v)).item()) for v in d.values())  # noqa: E731
+    assert err(calibrated) < 0.25, calibrated
+    assert err(calibrated) < err(analytic), (calibrated, analytic)
+    # and gradients stay valid: each is a positive multiple of the true one
+    cos = gradient_cosines(gm2, *_batch(1))
+    assert min(cos.values()) > 0.999, cos
+
+
+def test_without_measurement_it_does_nothing():
+    x, y = _batch()
+    gm, ctx, p = pipeline_until(Attn(), (x, y), "calibrate_grads", measure=False)
+    bwd = {n.name: dict(n.meta[META_KEY].bwd) for n in gm.graph.nodes if META_KEY in n.meta}
+    result = run_pass(gm, ctx, p)
+    assert result.info.startswith("skipped") and ctx.measured_grads == {}
+    assert bwd == {n.name: n.meta[META_KEY].bwd for n in gm.graph.nodes if META_KEY in n.meta}
+
+
+def test_a_boundary_value_keeps_the_true_gradient():
+    """Values shared with other graphs (ctx.boundary) keep potential 1 after calibration."""
+    x, _ = _batch()
+    gm, ctx, p = pipeline_until(AttnPiece(), (x,), "calibrate_grads", boundary=True)
+    assert ctx.boundary == {"add_1"}  # the output: a later graph reads it
+    run_pass(gm, ctx, p)
+    assert ctx.measured_grads
+    pots = ctx.potentials
+    for c in pots.boundary():
+        assert pots.log_phi[c] == 0.0
+    assert pots.boundary()

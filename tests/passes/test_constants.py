@@ -1,0 +1,70 @@
+"""constants: float values no parameter and no float input reaches are marked as data, with their RMS."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import graph_code, pipeline_until, rms, run_pass
+from unit_scale_fx.passes.constants import keys_per_row, live_nodes
+from unit_scale_fx.record import CONSTANT, CONSTANT_RMS, MASK_KEYS
+
+T, D = 4, 8
+
+
+class Rotary(nn.Module):
+    """A rotary-like table from a float buffer and positions, and a causal mask given as a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.register_buffer("inv_freq", torch.full((D,), 0.5))
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[0], dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq[None, :]
+        q = (self.lin(x) * torch.cos(angles))[None, None]
+        mask = torch.ones(x.shape[0], x.shape[0]).tril().bool()
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def test_tables_and_masks_are_constants_with_measured_rms():
+    x = torch.randn(T, D)
+    gm, ctx, p = pipeline_until(Rotary(), (x,), "constants")
+    before = graph_code(gm)
+    result = p(gm, ctx)
+    assert not result.modified and graph_code(gm) == before  # marks only; the graph is unchanged
+    nodes = {n.name: n for n in gm.graph.nodes}
+    marked = {n.name for n in gm.graph.nodes if n.meta.get(CONSTANT)}
+    # everything computed from positions and the buffer is data; what the input reaches is not
+    assert {"inv_freq", "arange", "mul", "cos", "ones", "tril"} <= marked
+    assert not marked & {n.name for n in live_nodes(gm)}
+    assert {"x", "lin_weight", "linear", "mul_1", "scaled_dot_product_attention"} <= {
+        n.name for n in live_nodes(gm)}
+    # the RMS of each constant, computed here independently
+    positions = torch.arange(T, dtype=torch.float32)
+    angles = positions[:, None] * torch.full((D,), 0.5)[None, :]
+    assert nodes["inv_freq"].meta[CONSTANT_RMS] == 0.5
+    assert math.isclose(nodes["arange"].meta[CONSTANT_RMS], rms(positions), rel_tol=1e-6)
+    assert math.isclose(nodes["cos"].meta[CONSTANT_RMS], rms(torch.cos(angles)), rel_tol=1e-6)
+    assert math.isclose(nodes["tril"].meta[CONSTANT_RMS], rms(torch.ones(T, T).tril()), rel_tol=1e-6)
+    # the causal mask given to attention is summarised as the keys each query row sees
+    (mask,) = [n for n in gm.graph.nodes if MASK_KEYS in n.meta]
+    assert mask.meta[MASK_KEYS] == [1, 2, 3, 4]
+
+
+def test_a_plain_model_has_no_constants():
+    gm, ctx, p = pipeline_until(nn.Sequential(nn.Linear(4, 4), nn.GELU()), (torch.randn(2, 4),), "constants")
+    result = run_pass(gm, ctx, p)
+    assert result.info == "no constant float values"
+    assert not any(n.meta.get(CONSTANT) for n in gm.graph.nodes)
+
+
+def test_keys_per_row_reads_bool_and_additive_masks():
+    causal = torch.ones(3, 3).tril().bool()
+    assert keys_per_row(causal) == [1, 2, 3]
+    additive = torch.zeros(3, 3).masked_fill(~causal, float("-inf"))
+    assert keys_per_row(additive) == [1, 2, 3]
