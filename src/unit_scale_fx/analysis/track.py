@@ -454,13 +454,13 @@ def predicted_operands(gm: fx.GraphModule) -> list:
     for node in gm.graph.nodes:
         if node.meta.get(INSERTED):
             continue
-        ops = _matmul_operands(node, gm)
+        ops = matmul_operands(node, gm)
         rec: Optional[ScaleRecord] = node.meta.get(META_KEY)
         if not ops or rec is None:
             continue
         name = node_op_name(node, gm)
         for role, a in zip(("left", "right", "v"), ops):
-            src = _original(a)
+            src = original(a)
             r = src.meta.get(META_KEY)
             rms = r.fwd_rms if r is not None else (1.0 if src.op == "get_attr" else None)
             if rms is not None:
