@@ -1,7 +1,9 @@
 """Model families we did not write (tiny, random init): the transform works on all of them.
 
-For each family: capture and transform succeed, forward and backward run, the loss
-is finite, state_dict keys are unchanged, and a dispatch-level recorder (which
+For each family: capture and transform succeed, the rewrite is the user's model plus
+scales (scale-erased equivalence on the original weights, for the family's loss and for
+every output), gradients are valid for every output (cosine >= 1 - 1e-6), forward and
+backward run, the loss is finite, state_dict keys are unchanged, and a dispatch-level recorder (which
 knows nothing of our bookkeeping) finds at least 90% of matmul operands, forward
 and backward, with RMS in [1/2, 2] and none outside [1/8, 8].
 """
@@ -16,6 +18,7 @@ import torch
 
 from helpers import band_fractions
 from unit_scale_fx import unit_scale
+from unit_scale_fx.analysis import all_outputs_loss, check_equivalence, gradient_cosines
 from unit_scale_fx.analysis.recorder import MatmulRecorder
 from fixtures.families import FAMILIES
 
@@ -40,6 +43,11 @@ def test_family_is_unit_scaled(name):
     assert not us.us_unsupported, f"{name}: ops without a rule: {[u.op for u in us.us_unsupported]}"
     assert not [w for w in caught if "no unit-scaling rule" in str(w.message)]
     assert list(us.state_dict()) == list(model.state_dict()), f"{name}: state_dict keys changed"
+    for loss_fn in (fam.loss, None):  # the family's loss, and a random projection of every output
+        eq = check_equivalence(model, us, *args, kwargs=kwargs, loss_fn=loss_fn)
+        assert eq.ok, f"{name}: {eq}"
+    cos = gradient_cosines(us, *args, kwargs=kwargs, loss_fn=all_outputs_loss)  # every output counts
+    assert all(c >= 1 - 1e-6 for c in cos.values()), f"{name}: {[(k, c) for k, c in cos.items() if c < 1 - 1e-6]}"
 
     args2, kwargs2 = fam.batch(1)  # a fresh batch: the plan must not be fitted to its sample only
     loss, records = _records(us, fam, args2, kwargs2)

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnitScaleError
-from .record import CAPTURE
+from .record import CAPTURE, LOST_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,14 @@ class UnitScaleTracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:  # type: ignore[override]
         self._names: Optional[tuple[dict[int, str], dict[int, str]]] = None
+        self.lost_types: list[str] = []
         return super().trace(root, concrete_args)
+
+    def create_arg(self, a: Any) -> Any:
+        """``fx.Tracer`` turns a dict subclass (a ``ModelOutput``) into a plain dict: note which were lost."""
+        if isinstance(a, dict) and type(a) is not dict:
+            self.lost_types.append(type(a).__qualname__)
+        return super().create_arg(a)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """Parameters and buffers become ``get_attr`` nodes, as in ``fx.Tracer``.
@@ -129,6 +136,7 @@ def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _mirror_state(model, gm)
     gm.meta[CAPTURE] = "symbolic_trace"
+    gm.meta[LOST_TYPES] = sorted(set(tracer.lost_types))
     return gm
 
 
@@ -149,6 +157,12 @@ def capture(
     """Capture ``model`` as a GraphModule; see the module docstring for the order of attempts."""
     try:
         gm = symbolic_capture(model, leaf_modules)
+        lost = gm.meta.get(LOST_TYPES)
+        if lost and example_inputs is not None:  # torch.export keeps them (pytree nodes)
+            raise TypeError(f"torch.fx would return {', '.join(lost)} as a plain dict")
+        if lost:
+            log.warning("unit_scale: torch.fx returns %s as a plain dict; pass example_inputs=(...) to capture "
+                        "%s with torch.export, which keeps the output type", ", ".join(lost), type(model).__name__)
         log.info("captured %s with torch.fx symbolic tracing (%d nodes)", type(model).__name__, len(gm.graph.nodes))
         return gm
     except Exception as exc:  # tracing raises many kinds of errors

@@ -29,6 +29,11 @@ INSERTED = "unit_scale_inserted"
 SCALE_ROLE = "unit_scale_role"
 #: On a scale node that absorbed its consumer's input scale (fold_scales): ``(fwd, bwd)`` of that part.
 FOLDED = "unit_scale_folded"
+#: On a node whose arguments a pass rescaled (u-μP: ``mul`` nodes it inserted, the ``scale=`` of attention):
+#: ``{"bypass": True}`` for an inserted multiplication (erasing it means reading its first argument), or
+#: ``{"kwarg": (name, position, original value)}`` for a rescaled argument. ``analysis.equivalence`` reads
+#: it to erase every scale the rewrite put into the model.
+ARG_SCALE_KEY = "unit_scale_arg_scale"
 #: True on the nodes format simulation inserted or replaced.
 FORMAT_SITE = "unit_scale_format_site"
 #: On an op format simulation replaced (attention): its original ``(op, target)``.
@@ -39,6 +44,8 @@ FORMAT_REPLACED = "unit_scale_format_replaced"
 ROLES_META_KEY = "unit_scale_param_roles"
 #: How the graph was captured (``"symbolic_trace"``, ``"torch.export"``).
 CAPTURE = "capture"
+#: Output container types torch.fx turned into plain dicts (``ModelOutput``s), by name.
+LOST_TYPES = "lost_types"
 
 
 def original(node: fx.Node) -> fx.Node:
@@ -96,4 +103,3 @@ class ScaleRecord:
         d = asdict(self)
         d["shape"] = list(self.shape) if self.shape is not None else None
         return d
-

@@ -28,7 +28,7 @@ def rms(t: torch.Tensor) -> float:
         return float(t.detach().float().pow(2).mean().sqrt())
 
 
-def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx"
+def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx", scalars_first: bool = True
                  ) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
     """What to differentiate for a model output ``out`` (any nesting of tuples, lists, dicts).
 
@@ -41,6 +41,9 @@ def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx"
     * otherwise every output receives a seeded unit-Gaussian gradient (unit RMS, what
       unit scaling assumes arrives at a model's output).
 
+    ``scalars_first=False``: every output gets a gradient (scalars 1, others unit Gaussian), for a
+    graph whose outputs all feed later code (a piece of a model dynamo split).
+
     Returns ``(tensors, grad_outputs)`` for :func:`torch.autograd.grad` / ``backward``
     (``None`` for the scalars). Raises :class:`UnitScaleError` if no output carries a gradient.
     """
@@ -51,18 +54,19 @@ def loss_outputs(out: Any, seed: int = 0, where: str = "unit_scale_fx"
                              fix="pass loss_fn=... mapping the output to a scalar loss, and check that the "
                              "parameters require grad")
     scalars = [t for t in leaves if t.dim() == 0]
-    if scalars:
+    if scalars and scalars_first:
         return scalars, [None] * len(scalars)
     gen = torch.Generator().manual_seed(seed)
     grads: list[Optional[torch.Tensor]] = [
+        None if t.dim() == 0 else
         torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype) for t in leaves]
     return leaves, grads
 
 
-def output_loss(out: Any, seed: int = 0, where: str = "unit_scale_fx") -> torch.Tensor:
+def output_loss(out: Any, seed: int = 0, where: str = "unit_scale_fx", scalars_first: bool = True) -> torch.Tensor:
     """The scalar (float32) whose gradient :func:`loss_outputs` describes: the sum of the scalar
     outputs, or ``sum(output * unit Gaussian)`` over every output when none is a scalar."""
-    tensors, grads = loss_outputs(out, seed, where)
+    tensors, grads = loss_outputs(out, seed, where, scalars_first)
     total: Optional[torch.Tensor] = None
     for t, g in zip(tensors, grads):
         term = (t if g is None else (t * g).sum()).float()

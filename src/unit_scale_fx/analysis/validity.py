@@ -72,10 +72,10 @@ def _default_loss(out: Any) -> torch.Tensor:
 
 
 def _grads(model: nn.Module, params: dict[str, torch.Tensor], inputs: tuple, loss_fn: LossFn,
-           rng_state: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
+           rng_state: torch.Tensor, kwargs: Optional[dict] = None) -> dict[str, Optional[torch.Tensor]]:
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(rng_state)
-        loss = loss_fn(model(*inputs))
+        loss = loss_fn(model(*inputs, **(kwargs or {})))
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
     return dict(zip(names, grads))
@@ -103,7 +103,8 @@ def _cosine(a: Optional[torch.Tensor], b: Optional[torch.Tensor], max_a: float, 
     return float(a64 @ b64) / (na * nb)
 
 
-def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None) -> dict[str, float]:
+def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None,
+                     kwargs: Optional[dict] = None) -> dict[str, float]:
     """Per-parameter cosine between the unit-scaled gradient and the true gradient of the rewritten forward.
 
     Runs one forward and backward of ``us_model(*inputs)`` and of its
@@ -116,7 +117,9 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     vanishes in only one of them as 0.0.
 
     ``loss_fn`` maps the output to a scalar; by default the sum of the scalar outputs
-    (the loss), else a fixed random projection of every float output. Gradients are computed
+    (the loss), else a fixed random projection of every float output
+    (:func:`unit_scale_fx.analysis.all_outputs_loss` makes every output count). ``kwargs``: keyword
+    inputs of the call. Gradients are computed
     with ``torch.autograd.grad``: ``.grad`` fields, parameters and buffers of
     ``us_model`` are left as they were (BatchNorm running stats are restored).
     """
@@ -127,14 +130,14 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     try:
         if not getattr(gm, "us_planned", True):
             with torch.random.fork_rng(devices=[]):
-                gm.replan(*inputs)  # what the first call would do
+                gm.replan(*inputs, **(kwargs or {}))  # what the first call would do
             _restore(gm, buffers)
         params = {n: p for n, p in gm.named_parameters() if p.requires_grad}
         if not params:
             return {}
-        scaled = _grads(gm, params, inputs, loss_fn, rng_state)
+        scaled = _grads(gm, params, inputs, loss_fn, rng_state, kwargs)
         _restore(gm, buffers)
-        true = _grads(true_gradient_copy(gm), params, inputs, loss_fn, rng_state)
+        true = _grads(true_gradient_copy(gm), params, inputs, loss_fn, rng_state, kwargs)
     finally:
         _restore(gm, buffers)
         torch.set_rng_state(rng_state)
@@ -151,9 +154,9 @@ def _restore(gm: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
 
 
 def assert_valid_gradients(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None,
-                           min_cosine: float = 0.999) -> dict[str, float]:
+                           min_cosine: float = 0.999, kwargs: Optional[dict] = None) -> dict[str, float]:
     """:func:`gradient_cosines`, raising ``AssertionError`` naming every parameter below ``min_cosine``."""
-    cos = gradient_cosines(us_model, *inputs, loss_fn=loss_fn)
+    cos = gradient_cosines(us_model, *inputs, loss_fn=loss_fn, kwargs=kwargs)
     bad = {k: v for k, v in cos.items() if not v > min_cosine}
     if bad:
         raise AssertionError(f"gradients not parallel to the true gradient (cosine <= {min_cosine}): {bad}")

@@ -228,6 +228,8 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
     print(compare_table(sel_b, sel_a))
     print(band_summary(before.ops(), after.ops()))
+    checks = trust_checks(target.model, us, inputs)
+    print(checks["text"])
     if args.analytic:
         print(analytic_gap(target, inputs, after, args))
     if args.full:
@@ -236,14 +238,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        payload = {"target": args.target, "before": before.to_dict(), "after": after.to_dict()}
+        payload = {"target": args.target, "before": before.to_dict(), "after": after.to_dict(),
+                   "equivalence": checks["equivalence"], "min_gradient_cosine": checks["min_cosine"]}
         _write(json.dumps(payload, indent=2, default=str), args.json)
     if args.png:
         from ..analysis.plot import plot_reports
 
         plot_reports(before, after, args.png, title=f"{args.target}: log2 RMS per op, before vs after unit scaling")
         print(f"wrote {args.png}", file=sys.stderr)
-    return 0
+    return 0 if checks["ok"] else 1
+
+
+def trust_checks(original: Any, us: Any, inputs: tuple) -> dict:
+    """Equivalence (every scale erased: the original's outputs and gradients) and gradient validity."""
+    from ..analysis import all_outputs_loss, check_equivalence, gradient_cosines
+
+    eq = check_equivalence(original, us, *inputs)
+    cos = gradient_cosines(us, *inputs, loss_fn=all_outputs_loss)
+    low = min(cos.values(), default=1.0)
+    valid = low >= 1 - 1e-6
+    text = (f"equivalence with every scale erased, on the original weights: {eq}\n"
+            f"gradient validity (cosine with the true gradient of the rewritten forward): min {low:.9f} over "
+            f"{len(cos)} parameters ({'valid' if valid else 'NOT valid'}: threshold 1 - 1e-6)")
+    return {"ok": eq.ok and valid, "text": text, "min_cosine": low,
+            "equivalence": {"ok": eq.ok, "max_error": eq.max_error, "failures": eq.failures}}
 
 
 # -- demo ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ import logging
 import math
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
@@ -138,13 +139,36 @@ class Potentials:
         self.boundary_names = set(ctx.boundary)
         for u, v in self.g.edges:
             rec = self.recs.get(v)
-            if rec is None or rec.kind in FIXED_KINDS or u.name not in rec.ideal_bwd:
+            if rec is None or rec.kind in FIXED_KINDS:
                 self.uf.union(u, v)  # no scale op here: the true gradient passes
             elif _needs_grad(u, gm):
+                # every float input of a scaled op has its own backward scale, listed by the rule or not
+                # (a soft target the model computes itself): an unlisted one ideally gets the forward factor
                 self.free.append((u, v))
         roots = {self.uf.find(n) for n in self.g}
         self.index = {r: i for i, r in enumerate(sorted(roots, key=lambda n: n.name))}
-        self.log_phi = np.zeros(len(self.index))
+        # The graph's outputs: one class of their own (the caller's side of every returned value),
+        # pinned to potential 1. Each returned float value ``n`` reaches it through a backward-only
+        # scale ``phi_n`` (see :meth:`output_bwd`), so ``n`` keeps whatever potential fits inside.
+        out = gm.graph.find_nodes(op="output")
+        leaves = torch.utils._pytree.tree_leaves(out[0].args[0]) if out else []
+        self.output_leaves = list(dict.fromkeys(n for n in leaves if isinstance(n, fx.Node) and n in self.g))
+        self.output_cls = len(self.index)
+        self.log_phi = np.zeros(len(self.index) + 1)
+
+    def pinned(self) -> set[int]:
+        """Classes whose potential is exactly 1: the outputs' class and values shared with other graphs.
+
+        With every returned value at one potential, the gradients the caller sends into the outputs
+        (a sum of returned losses, a loss on ``(logits, hidden)``, an aux loss) keep their relative
+        weights, and every parameter gets a positive multiple of its true gradient.
+        """
+        return {self.output_cls} | self.boundary()
+
+    def output_bwd(self) -> dict[str, float]:
+        """Backward factor of the edge from each returned float value ``n`` to the caller: ``phi_n / 1``."""
+        return {n.name: math.exp(self.log_phi[self.cls(n)] - self.log_phi[self.output_cls])
+                for n in self.output_leaves}
 
     def boundary(self) -> set[int]:
         """Classes of values linked to code outside the graph (``ctx.boundary``): their potential is 1.
@@ -171,14 +195,18 @@ class Potentials:
             if i == j:
                 continue
             rec = self.recs[v]
-            c = math.log(rec.ideal_bwd[u.name]) - math.log(_forward_factor(rec, u.name))
+            f = _forward_factor(rec, u.name)
+            c = math.log(rec.ideal_bwd.get(u.name, f)) - math.log(f)
             rows.append((i, j, c, 1.0))
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | self.boundary())
+        n_edges = len(rows)
+        rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
+        pinned = self.pinned()
+        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | pinned)
         if rows:
-            self.log_phi = solve_laplacian(len(self.index), rows, anchors)
-        for c in self.boundary():  # exactly 1, not only near it (any potentials are valid)
+            self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
+        for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)
             self.log_phi[c] = 0.0
-        return len(rows)
+        return n_edges
 
     def fit_unit_grads(self, true_rms: dict[fx.Node, float]) -> int:
         """Potentials ``phi = 1 / (predicted true-gradient RMS)``: the gradient at each class is unit.
@@ -208,7 +236,7 @@ class Potentials:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): keep the fit
             self.log_phi[c] = -math.log(g)
             done += 1
-        for c in self.boundary():
+        for c in self.pinned():  # the outputs' class and values shared with other graphs stay at exactly 1
             self.log_phi[c] = 0.0
         return done
 
@@ -219,16 +247,17 @@ class Potentials:
             if rec.kind in FIXED_KINDS:
                 continue
             bwd: dict[str, float] = {}
-            for u in self.g.predecessors(v):
-                if u.name not in rec.ideal_bwd:
-                    continue
+            for u in self.g.predecessors(v):  # every float input, listed by the rule or not
                 f = _forward_factor(rec, u.name)
                 if (u, v) in free:
                     bwd[u.name] = f * math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
+                    if u.name not in rec.ideal_bwd and abs(bwd[u.name] / f - 1.0) < 1e-6:
+                        bwd[u.name] = f  # an input the rule does not list: exactly the forward factor if that fits
                 else:
                     bwd[u.name] = f
             rec.bwd = bwd
-            rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3 for k, b in bwd.items())
+            rec.constrained = any(abs(math.log(b) - math.log(rec.ideal_bwd[k])) > 1e-3
+                                  for k, b in bwd.items() if k in rec.ideal_bwd)
 
 
 @declare('balance', needs=('topology', 'scales'), produces=('potentials',))

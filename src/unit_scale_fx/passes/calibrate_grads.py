@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import Kind, float_tensor_inputs
+from ..rules.registry import float_tensor_inputs
 from ..scale import scale
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
@@ -34,12 +34,19 @@ log = logging.getLogger(__name__)
 class _ScaledRun(fx.Interpreter):
     """Runs the planned (not yet rewritten) graph with its scales applied, as the rewrite will."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float]) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.exposed: dict[fx.Node, torch.Tensor] = {}
+        self.output_bwd = output_bwd
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
+        if n.op == "output":  # the backward scales between the returned values and the caller
+            for u in n.all_input_nodes:
+                b = self.output_bwd.get(u.name, 1.0)
+                if b != 1.0 and isinstance(self.env.get(u), torch.Tensor):
+                    self.env[u] = scale(self.env[u], 1.0, b)
+            return super().run_node(n)
         if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
             value = super().run_node(n)
         else:
@@ -72,10 +79,11 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
     with preserved_state(gm), torch.enable_grad():
-        run = _ScaledRun(gm)
+        run = _ScaledRun(gm, pots.output_bwd())
         out = run.run(*ctx.real_values)
         try:
-            output_loss(out, where="calibrate_grads").backward()
+            # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
+            output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary).backward()
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
@@ -101,11 +109,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             updated += 1
-    # keep the loss as the reference: the forward value of the loss is never rescaled
-    losses = [pots.cls(n) for n, rec in pots.recs.items() if rec.kind == Kind.LOSS]
-    if losses:
-        new -= np.mean([new[c] for c in losses])
-    for c in pots.boundary():  # values shared with other graphs keep the true gradient
+    # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
+    # that the caller sends into several outputs keep their relative weights. The measured potentials are
+    # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
+    for c in pots.pinned():
         new[c] = 0.0
     pots.log_phi = new
     pots.assign()

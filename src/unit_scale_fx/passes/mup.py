@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..config import MupConfig
-from ..record import META_KEY, ROLES_META_KEY
+from ..record import ARG_SCALE_KEY, META_KEY, ROLES_META_KEY
 from ..rules.matmul import logit_matmul_of, matmul_operands
 from ..rules.registry import Kind, OpView, aten, float_tensor_inputs, lookup
 from .base import PassContext, PassResult, declare
@@ -70,6 +70,7 @@ def _insert_mul(gm: fx.GraphModule, topo, node: fx.Node, inp: fx.Node, factor: f
     """Put ``inp * factor`` between ``inp`` and ``node``; keep the topology's graph and bridges in step."""
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(operator.mul, (inp, float(factor)))
+    new.meta[ARG_SCALE_KEY] = {"bypass": True}
     for key in ("val", "nn_module_stack", "tensor_meta", "stack_trace"):
         if key in inp.meta:
             new.meta[key] = inp.meta[key]
@@ -128,6 +129,7 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             d = shape[-1]
             old = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
             new = (1.0 / math.sqrt(d) if old is None else float(old)) * hp.attn_softmax / math.sqrt(d)
+            node.meta.setdefault(ARG_SCALE_KEY, {"kwarg": ("scale", 6, old)})
             if len(node.args) > 6:
                 node.args = node.args[:6] + (new,) + node.args[7:]
             else:

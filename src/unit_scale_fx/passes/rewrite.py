@@ -81,7 +81,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             bwd = {inputs[k]: _snap(v) for k, v in rec.bwd.items() if k in inputs}
             shared = set(bwd.values())
-            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1:
+            tuple_out = isinstance(node.meta.get("val"), (tuple, list))  # a scale op cannot sit on a tuple
+            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1 and not tuple_out:
                 out_bwd = shared.pop() if shared else 1.0
             else:
                 out_bwd = 1.0
@@ -92,4 +93,10 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 scale_output(gm, node, _snap(rec.fwd), out_bwd)
         log.debug("rewrite: %s %s fwd=%.4g bwd=%s weights=%s", rec.rule, node.name, rec.fwd, rec.bwd, rec.weights)
         count += 1
+    if ctx.potentials is not None:  # each returned value: the gradient from the caller, times its potential
+        out = gm.graph.find_nodes(op="output")[0]
+        inputs = _inputs_by_original_name(out)
+        for name, b in ctx.potentials.output_bwd().items():
+            if _snap(b) != 1.0 and name in inputs:
+                scale_input(gm, out, inputs[name], 1.0, _snap(b))
     return PassResult(count > 0, f"{count} nodes scaled")

@@ -96,7 +96,21 @@ register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), at
 register(*many([F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, aten("adaptive_avg_pool1d"),
                 aten("adaptive_avg_pool2d"), aten("adaptive_avg_pool3d"), aten("_adaptive_avg_pool2d")]))(
     PoolRule("adaptive_avg_pool", average=True, adaptive=True))
-register(*many([F.max_pool1d, F.max_pool2d, F.max_pool3d, aten("max_pool1d"), aten("max_pool2d"),
-                aten("max_pool3d")]))(PoolRule("max_pool", average=False, adaptive=False))
-register(*many([F.adaptive_max_pool1d, F.adaptive_max_pool2d]))(
+
+
+def _dispatched(*fns: object) -> list[object]:
+    """``F.max_pool2d`` is a ``boolean_dispatch`` closure; normalize calls the functions it dispatches to."""
+    from torch._jit_internal import boolean_dispatched
+
+    out = list(fns)
+    for fn in fns:
+        info = boolean_dispatched.get(fn)
+        if info is not None:
+            out += [info["if_true"], info["if_false"]]
+    return out
+
+
+register(*many(_dispatched(F.max_pool1d, F.max_pool2d, F.max_pool3d) + [
+    aten("max_pool1d"), aten("max_pool2d"), aten("max_pool3d")]))(PoolRule("max_pool", average=False, adaptive=False))
+register(*many(_dispatched(F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)))(
     PoolRule("adaptive_max_pool", average=False, adaptive=True))
