@@ -88,7 +88,9 @@ class MulRule(Rule):
         if len(op.inputs) == 1:
             # no scale op: the constant stays (a temperature, a query scaling); the gradient carries it too
             c = abs(_const(op))
-            return Scales(out_rms=op.rms(op.inputs[0]) * c, grad_gain={op.inputs[0]: c},
+            # a plain number scales the gradient too; a constant tensor (rotary table, mask) is left at gain 1
+            numeric = all(not isinstance(a, fx.Node) for a in op.node.args[:2] if a is not op.inputs[0])
+            return Scales(out_rms=op.rms(op.inputs[0]) * c, grad_gain={op.inputs[0]: c} if numeric else {},
                           note="product with a constant: kept")
         if len(op.inputs) != 2:
             return Scales(note="product of more than two tensors")
@@ -116,7 +118,8 @@ class DivRule(Rule):
             gain = {}
             if cden:
                 r = r / cden
-                gain = {x: 1.0 / cden}  # the gradient is divided by the constant too
+                if not isinstance(den, fx.Node):
+                    gain = {x: 1.0 / cden}  # the gradient is divided by a plain number too
             elif cnum is not None:
                 r = cnum / r
             return Scales(out_rms=r, grad_gain=gain, note="quotient with a constant: kept")
