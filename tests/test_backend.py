@@ -152,11 +152,15 @@ def test_inductor_matches_aot_eager():
 
 
 def test_graph_break_between_blocks_is_consistent():
-    """Same forward as the unbroken model; every gradient a positive multiple of the unbroken one's."""
+    """Same forward as the unbroken model; every gradient a positive multiple of the unbroken one's.
+
+    With fixed residual shares: the default depth rule counts the residual adds of each graph, and a
+    break splits the stream (a known limit, docs/compile-backend.md)."""
     torch.manual_seed(0)
     ref = GPT(**SMALL)
     batch = gpt_batch(SMALL["vocab"], 2, 8)
-    be_full, be_break = backend(inner="eager"), backend(inner="eager")
+    be_full = backend(inner="eager", attn_tau=0.5, mlp_tau=0.5)
+    be_break = backend(inner="eager", attn_tau=0.5, mlp_tau=0.5)
     l_f, g_f = _loss_and_grads(torch.compile(_twin(GPT, ref), backend=be_full), *batch)
     l_b, g_b = _loss_and_grads(torch.compile(_twin(BreakGPT, ref), backend=be_break), *batch)
     assert len(be_full.graphs) == 1 and len(be_break.graphs) == 2

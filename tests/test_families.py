@@ -112,3 +112,43 @@ def test_unscaled_baseline_is_not_unit(name):
     _, records = _records(fam.make(), fam, args, kwargs)
     frac = band_fractions(records)
     assert frac["fwd"] < 0.5 and frac["bwd"] < 0.5
+
+
+#: Families where planning on shapes alone (measure=False) does not yet meet issue 14's bar, and why
+#: (measured by benchmarks/depth.py). strict: the test fails as soon as one of them starts to pass.
+_ANALYTIC_GAPS = {
+    "bert": "the token-type embedding is one vector for every position, so attention values are correlated "
+            "across positions (output RMS ~1.9x the prediction, query gradients ~0.5x); the rules carry a "
+            "correlation, but that this input is the same at every position is not knowable from shapes",
+    "gpt2": "bands met; the readout input's cross-position cosine is 0.13 against 0.07 unscaled: at this width "
+            "GPT-2's own init (std 0.02) keeps the unscaled blocks nearly linear, while unit-scaled GELUs "
+            "(nonzero mean) and attention put a shared direction into the stream",
+    "opt": "the model multiplies queries by d_head^-1/2 itself: the query operand has RMS 1/4 by the model's choice",
+    "resnet": "ReLU outputs have a mean: a residual add of a ReLU output and a ReLU after it are larger than the "
+              "zero-mean rules predict (the correlation statistic covers the pooling, not a shifted mean)",
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=_ANALYTIC_GAPS[n], strict=True)) if n in _ANALYTIC_GAPS else n
+    for n in sorted(FAMILIES)])
+def test_family_with_analytic_planning(name):
+    """Issue 14's bar with measure=False (what the meta device gets): >= 95% of matmul operands in
+    [1/2, 2], none outside [1/8, 8], and the readout input no more collapsed across positions than
+    the unscaled model's."""
+    from unit_scale_fx.analysis.recorder import last_row_cosine
+
+    fam = FAMILIES[name]
+    model = fam.make()
+    args, kwargs = fam.batch(0)
+    args2, kwargs2 = fam.batch(1)
+    _, base = _records(model, fam, args2, kwargs2)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        us = unit_scale(model, args, example_kwargs=kwargs, measure=False)
+    _, records = _records(us, fam, args2, kwargs2)
+    frac = band_fractions(records)
+    assert frac["fwd"] >= 0.95 and frac["bwd"] >= 0.95, f"{name}: in-band fractions {frac}"
+    assert all(0.125 <= r.rms <= 8.0 for r in records), f"{name}: operands outside [1/8, 8]"
+    assert last_row_cosine(records) <= last_row_cosine(base) + 1e-6, name

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
 from ..record import INSERTED, META_KEY, ScaleRecord
+from ..rules.matmul import LOGITS, logit_matmuls
 from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
@@ -66,10 +67,13 @@ class _Planner:
         self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
         self.init_kinds = ctx.init_kinds
         self.rms: dict[fx.Node, Optional[float]] = {}
+        #: predicted cross-position correlation of each value (0 for inputs and parameters)
+        self.rho: dict[fx.Node, float] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
         self.loss_cone = loss_cone(gm, ctx.param_inputs)
         self.counts: dict[fx.Node, float] = {}  # RMS of integer tensors (measured planning only)
+        self.logit_matmuls = logit_matmuls(gm)
 
     def source_rms(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -84,6 +88,7 @@ class _Planner:
         known = [self.rms[i] for i in inputs if self.rms.get(i) is not None and math.isfinite(self.rms[i])]
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
+        self.rho[node] = max((self.rho.get(i, 0.0) for i in inputs), default=0.0)
         if node.meta.get(INSERTED):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
@@ -100,6 +105,8 @@ class _Planner:
             return None
         context: dict = {"params": {i for i in inputs
                                    if _source_param(i, self.gm, self.ctx.param_inputs) is not None}}
+        if node in self.logit_matmuls:
+            context[LOGITS] = True
         res = self.topo.residuals.get(node)
         if res is not None:
             context["residual"] = (res.skip, res.branch, res.tau)
@@ -108,10 +115,16 @@ class _Planner:
         in_rms.update({i: self.counts[i] for i in node.all_input_nodes if i in self.counts})
         view = OpView(node, inputs, in_rms,
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
-                      context=context)
+                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
         if node in self.loss_cone:
             _keep_value(s, rule)
+        if s.out_rho is not None:
+            self.rho[node] = s.out_rho
+        else:  # carried over from the activations (a weight's rows are not positions)
+            acts = [i for i in inputs if i not in context["params"]] or inputs
+            w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
+            self.rho[node] = sum(wi * self.rho.get(i, 0.0) for wi, i in zip(w, acts)) / max(sum(w), 1e-30)
         self.scales[node], self.rules[node] = s, rule
         return s
 
@@ -255,6 +268,7 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.topology is None:
         raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
                              fix="run the passes in pipeline order")
+    _resolve_taus(gm, ctx)
     planner = _Planner(gm, ctx)
     real = ctx.real_values is not None and ctx.config.measure
     if real:
@@ -277,6 +291,23 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(False, f"{n_rec} records ({how}), {len(ctx.unsupported)} unsupported")
 
 
+def _resolve_taus(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Residual adds whose tau the config leaves open (``None``) follow u-μP's depth rule, stream by stream."""
+    open_ = [a for a, r in ctx.topology.residuals.items() if r.tau is None]
+    if not open_:
+        return
+    from ..config import UNIT_DEPTH_RULE
+    from .mup import depth_taus
+    from .roles import residual_streams
+
+    streams, _ = residual_streams(ctx.topology, gm)
+    for stream in streams:
+        kinds = [ctx.topology.residuals[a].kind for a in stream]
+        for add, tau in zip(stream, depth_taus(kinds, UNIT_DEPTH_RULE)):
+            if ctx.topology.residuals[add].tau is None:
+                ctx.topology.residuals[add].tau = tau
+
+
 def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> None:
     """The local rule: forward and backward scales may differ only on cut edges."""
     if s.weights is not None:
@@ -294,14 +325,26 @@ def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> 
     rec.bwd = {n.name: b for n, b in bwd.items()}
 
 
-@declare('predict_grads', needs=('scales',))
-def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+def forward_factor(rec: ScaleRecord, name: str) -> float:
+    """The factor the forward applies on the edge ``name -> node``: an add's weight, else the output scale."""
+    if rec.kind in ("preserve", "unsupported", "excluded"):
+        return 1.0
+    return rec.weights.get(name, rec.fwd) if rec.weights else rec.fwd
 
-    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+
+def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
+                  edge_factor: Callable[[ScaleRecord, fx.Node], float],
+                  measured: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
+    """Gradient RMS at every floating-point node, from the rules' gains, by one reverse sweep.
+
+    The gradient sent from ``v`` to its input ``u`` has RMS ``grad(v) * gain_vu * edge_factor(rec_v, u)``
+    (``gain_vu``: the rule's ``grad_gain``, the Jacobian's gain); gradients that meet at a value
+    with several readers are independent and add in quadrature. A loss starts at 1, and so does a
+    value the graph returns (its gradient comes from outside). With ``edge_factor`` the forward
+    factor this is the *true* gradient of the scaled forward; with the backward scale, what the
+    gradients will measure.
     """
-    scales_of: dict[fx.Node, Scales] = ctx.scales
-    measured: dict[fx.Node, float] = ctx.measured_grads
+    measured = measured or {}
     grad: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
@@ -317,8 +360,7 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 contribs.append(g)
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
-            fallback = rec.weights.get(node.name, rec.fwd) if rec.weights else 1.0
-            contribs.append(g * gain * rec.bwd.get(node.name, fallback))
+            contribs.append(g * gain * edge_factor(rec, node))
         if node in measured:
             grad[node] = measured[node]
         elif isinstance(node.meta.get("val"), (tuple, list)):
@@ -326,9 +368,30 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0
         else:
             grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
+    return grad
+
+
+def true_grad_rms(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> dict[fx.Node, float]:
+    """Predicted RMS of the true gradient (of the scaled forward) at every floating-point node."""
+    return reverse_sweep(gm, scales_of, lambda rec, u: forward_factor(rec, u.name))
+
+
+def _chosen_factor(rec: ScaleRecord, u: fx.Node) -> float:
+    fallback = rec.weights.get(u.name, rec.fwd) if rec.weights else 1.0
+    return rec.bwd.get(u.name, fallback)
+
+
+@declare('predict_grads', needs=('scales',))
+def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+
+    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+    """
+    grad = reverse_sweep(gm, ctx.scales, _chosen_factor, ctx.measured_grads)
+    for node, g in grad.items():
         rec = node.meta.get(META_KEY)
         if rec is not None:
-            rec.bwd_rms = None if rec.kind == Kind.LOSS else grad[node]
+            rec.bwd_rms = None if rec.kind == Kind.LOSS else g
     return PassResult(False, "gradient RMS predicted")
 
 
