@@ -154,11 +154,15 @@ class DataDependent(nn.Module):
         return self.lin(-x).sum()
 
 
-def test_untraceable_model_without_example_inputs_raises():
+def test_untraceable_model_is_captured_at_the_first_call():
+    """torch.fx cannot trace it: unit_scale still returns (the model's own class), and the first call,
+    where the inputs are known, captures; a failure there is a UnitScaleError naming the user's line."""
+    us = unit_scale(DataDependent(), dynamo_fallback=False)
+    assert isinstance(us, DataDependent) and not us.us_planned
     with pytest.raises(UnitScaleError) as info:
-        unit_scale(DataDependent())
+        us(torch.randn(4, 8))
     msg = str(info.value)
-    assert "could not trace" in msg and "example_inputs" in msg and "test_api.py" in msg
+    assert "neither torch.fx nor torch.export" in msg and "test_api.py" in msg and "fix:" in msg
 
 
 class ShapeDependent(nn.Module):
@@ -205,7 +209,7 @@ def test_data_dependent_model_is_unit_scaled_through_dynamo():
     x, y = torch.randn(64, 16), torch.randn(64, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     us = unit_scale(model, (x, y))
-    assert type(us._orig_mod if hasattr(us, "_orig_mod") else us) is DataDependentResidual
+    assert isinstance(us, DataDependentResidual) and us.us_capture == "dynamo"
     assert us.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert us.us_backend.graphs and us.us_backend.scale_plan()
@@ -227,9 +231,13 @@ def test_uncapturable_model_without_fallback_names_both_attempts():
         unit_scale(DataDependent(), (torch.ones(4, 8),), dynamo_fallback=False)
 
 
-def test_uncapturable_model_without_inputs_names_the_way_out():
-    with pytest.raises(UnitScaleError, match="example_inputs"):
-        unit_scale(DataDependent())
+def test_uncapturable_model_without_inputs_goes_through_dynamo_at_the_first_call():
+    us = unit_scale(DataDependentResidual())
+    assert not us.us_planned
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    us(x, y).backward()
+    assert us.us_capture == "dynamo" and us.us_backend.graphs
+    assert 0.25 <= rms(us.get_parameter("out.weight").grad) <= 4
 
 
 def test_node_filter_leaves_parts_alone():

@@ -395,3 +395,14 @@ def test_every_option_has_help() -> None:
     missing = [f"{name} {'/'.join(a.option_strings)}" for name, sp in subs.choices.items() for a in sp._actions
                if a.option_strings and not a.help]
     assert not missing, missing
+
+
+def test_report_analytic_gap(capsys) -> None:
+    """--analytic: the same model planned on shapes alone, its matmul operands in band beside the measured plan's."""
+    assert main(["report", "gpt", "-s", "layers=2", "-s", "d=32", "--analytic"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    measured, analytic = lines[-2], lines[-1]
+    assert measured.startswith("measured plan (measure=True)") and analytic.startswith("analytic plan (measure=False)")
+    fwd = float(analytic.split("fwd ")[1].split("%")[0])
+    grad = float(analytic.split("grad ")[1].split("%")[0])
+    assert fwd >= 95 and grad >= 95, analytic

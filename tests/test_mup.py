@@ -253,7 +253,7 @@ def test_u_mup_on_an_export_captured_graph():
     assert us.us_capture == "torch.export"
     for name, role in roles_of(us).params.items():
         assert role.role == _human_role(name), (name, role)
-    sdpa = [n for n in us.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    sdpa = [n for n in us.us_module.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
     assert sdpa and all(n.kwargs["scale"] == pytest.approx(1 / 16) for n in sdpa)
     assert torch.isfinite(us(x, y))
 

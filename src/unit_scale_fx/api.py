@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import _mirror_state, capture
+from .capture import (CallSignature, _location, _mirror_state, export_call, rebuild_output,
+                      symbolic_capture)
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
 from .passes.init_weights import parameter_init_kinds
+from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
-from .record import CAPTURE, META_KEY, ScaleRecord
+from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original
 from .table import format_table
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ class UnitScaledModule(fx.GraphModule):
     def _plan(self, args: tuple, kwargs: dict) -> None:
         if self.us_planned:
             self.graph = copy.deepcopy(self.us_source_graph)
-        ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs)
+        ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs,
+                          stats=planning_stats(getattr(self.us_config, "plan_across_ranks", True)))
         ctx.give("init_kinds", parameter_init_kinds(self))
         _check_input_devices(self, args, kwargs)
         run_passes(self, ctx, build_pipeline(self.us_config, ("plan", "transform")))
@@ -54,6 +58,54 @@ class UnitScaledModule(fx.GraphModule):
         self.us_planned = True
         log.info("unit_scale: planned %d scaled nodes for input shapes %s", len(self.scale_plan()),
                  [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+
+    def _adopt(self, records: dict[str, tuple], args: tuple) -> tuple[int, list[str]]:
+        """Take the scales of another capture of the same model (matched by node name and op); no measuring.
+
+        Returns how many nodes took a record, and the floating-point ops of this graph
+        the plan has no record for (left unscaled: their forward is the user's own,
+        their backward the true gradient).
+        """
+        from .passes.constants import mark_constants
+        from .passes.fuse import fuse
+        from .passes.shape_prop import shape_prop
+
+        ctx = PassContext(config=self.us_config, example_args=args, example_kwargs={})
+        ctx.give("scales", {})
+        run_passes(self, ctx, [shape_prop, mark_constants, fuse])  # the same graph surgery as planning
+        matched, unplanned = 0, []
+        for n, key in node_keys(self.graph).items():
+            entry = records.get(key)
+            if entry is None:
+                if is_float_value(n):
+                    unplanned.append(n.name)
+                continue
+            rec, inputs = entry[1], entry[2]
+            if rec is None:  # the planned graph left this node alone too
+                continue
+            mine = [x.name for x in n.all_input_nodes]
+            if len(mine) != len(inputs):
+                unplanned.append(n.name)
+                continue
+            rename = dict(zip(inputs, mine))
+            rec = copy.deepcopy(rec)
+            rec.bwd = {rename[k]: v for k, v in rec.bwd.items() if k in rename}
+            rec.weights = {rename[k]: v for k, v in rec.weights.items() if k in rename}
+            rec.ideal_bwd = {rename.get(k, k): v for k, v in rec.ideal_bwd.items()}
+            n.meta[META_KEY] = rec
+            matched += 1
+        run_passes(self, ctx, build_pipeline(self.us_config, ("transform",)))
+        self.us_planned = True
+        return matched, unplanned
+
+    def _records(self) -> dict[str, tuple]:
+        """The plan as ``node key -> (node name, record, input names)``, for :meth:`_adopt` on another capture.
+
+        A node's key is its module, op and rank among that module's calls of that op
+        (:func:`node_keys`): it names the same computation in every capture of the model.
+        """
+        return {key: (n.name, n.meta.get(META_KEY), [original(x).name for x in n.all_input_nodes])
+                for n, key in node_keys(self.graph).items()}
 
     def replan(self, *args: Any, **kwargs: Any) -> "UnitScaledModule":
         """Plan the scales again for these inputs' shapes."""
@@ -68,13 +120,10 @@ class UnitScaledModule(fx.GraphModule):
                     where=type(self).__name__,
                     fix="pass example_inputs=(...) to unit_scale, or call the module once before torch.compile",
                 )
-            if _distributed_world() > 1:
-                warnings.warn(
-                    "planning the scales lazily inside a distributed job: every rank plans on its own batch and "
-                    "the ranks may get different scales; plan before wrapping (unit_scale(model, "
-                    "example_inputs=...)) and call unit_scale_fx.training.distributed.sync_plan(model)",
-                    UserWarning, stacklevel=2)
-            self._plan(args, kwargs)
+            # inside a process group every rank plans on the global batch (passes/stats.py);
+            # under FSDP2 the parameters are unsharded while planning
+            with _unsharded(self):
+                self._plan(args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -121,6 +170,11 @@ class UnitScaledModule(fx.GraphModule):
         return (_rebuild_unit_scaled, (state,))
 
     # -- introspection ----------------------------------------------------
+    @property
+    def us_module(self) -> "UnitScaledModule":
+        """The unit-scaled GraphModule (itself; for a :class:`UnitScaledModel`, its planned graph)."""
+        return self
+
     def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
         """``node name -> ScaleRecord``; by default only nodes whose scales differ from 1."""
         if not self.us_planned:
@@ -151,6 +205,35 @@ class UnitScaledModule(fx.GraphModule):
         lines.append("(* = backward scales moved from the ideal to keep gradients valid; "
                      "rms: measured on the planning batch, or predicted when planning was analytic)")
         return "\n".join(lines)
+
+
+def is_float_value(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def node_keys(graph: fx.Graph) -> dict[fx.Node, str]:
+    """A name for each op node that is the same in every capture of the model.
+
+    fx names nodes by a counter per op over the whole graph, so one extra op early on (a
+    cache, a mask) renames every later one. The key is instead the innermost module the
+    op ran in, the op, its rank among that module's calls of that op, and its scalar
+    options: a cross entropy summed (then divided by a count) is not the same op as a mean.
+    """
+    seen: dict[tuple[str, str], int] = {}
+    out = {}
+    for n in graph.nodes:
+        if n.op not in ("call_function", "call_module", "call_method") or n.meta.get(INSERTED):
+            continue
+        stack = n.meta.get("nn_module_stack") or {}
+        path = str(list(stack.values())[-1][0]) if stack else ""
+        op = str(n.target).rstrip("0123456789_") if n.op == "call_module" else str(n.target)
+        k = seen.get((path, op), 0)
+        seen[(path, op)] = k + 1
+        consts = [a for a in list(n.args) + list(n.kwargs.values())
+                  if isinstance(a, (bool, int, float, str)) or a is None]
+        out[n] = f"{path}|{op}|{k}|{consts}"  # the op's own options (a loss's reduction) are part of it
+    return out
 
 
 def _portable_graph(graph: fx.Graph) -> fx.Graph:
@@ -187,6 +270,32 @@ def _short_op(op: str) -> str:
     return parts[-1]
 
 
+class _unsharded:
+    """Unshard an FSDP2 module's parameters for the duration of planning (no-op for other modules).
+
+    ``fully_shard`` gives the module a new class (``FSDP<name>``, a subclass of its own).
+    ``GraphModule.recompile`` installs ``__call__`` on the instance's class, which on that
+    subclass would call itself: planning runs with the module's own class, restored after.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.fsdp = callable(getattr(module, "unshard", None)) and hasattr(module, "reshard")
+        self.cls = type(module)
+
+    def __enter__(self) -> None:
+        if self.fsdp:
+            self.module.unshard()
+            own = [c for c in self.cls.__bases__ if issubclass(c, fx.GraphModule)]
+            if own:
+                self.module.__class__ = own[-1]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fsdp:
+            self.module.__class__ = self.cls
+            self.module.reshard()
+
+
 def _distributed_world() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -213,7 +322,7 @@ def _check_input_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _check_model(model: Any) -> None:
-    if isinstance(model, UnitScaledModule) or hasattr(model, "us_backend"):
+    if isinstance(model, (UnitScaledModule, UnitScaledModel)) or hasattr(model, "us_backend"):
         raise UnitScaleError(
             "this model is already unit-scaled",
             where=type(model).__name__,
@@ -243,34 +352,353 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _dynamo_fallback(work: nn.Module, model: nn.Module, args: tuple, kwargs: dict, cfg: UnitScaleConfig,
-                     cause: UnitScaleError) -> nn.Module:
-    """Unit-scale through dynamo when neither torch.fx nor torch.export can capture the model.
+# -- the model's own class, forward routed through captured graphs ------------------------------------------
 
-    Dynamo splits the forward at whatever it cannot trace (data-dependent control flow)
-    and the ``unit_scale`` backend rewrites each piece; gradients crossing a graph break
-    stay true gradients. The model is compiled in place (``nn.Module.compile``), so it
-    keeps its class and its state_dict keys; the backend that planned it is ``us_backend``.
-    """
-    from .backend import UnitScaleBackend
+#: Where a unit-scaled model keeps its plan on ``model.config`` (when it has one: Hugging Face's
+#: ``save_pretrained`` writes it to config.json, ``from_pretrained`` reads it back).
+PLAN_ATTR = "unit_scale_plan"
+PLAN_VERSION = 1
 
-    log.warning("unit_scale: %s could not be captured as one graph (%s); unit-scaling it through dynamo "
-                "(torch.compile with the 'unit_scale' backend, inner compiler 'eager')",
-                type(model).__name__, cause.what.splitlines()[0])
-    backend = UnitScaleBackend(cfg, inner="eager")
-    try:
-        work.compile(backend=backend)
-        work.train(model.training)
-        work(*args, **kwargs)  # dynamo captures, the backend plans, on the example inputs
-    except Exception as exc:
+
+def encode_plan(records: dict[str, tuple]) -> dict:
+    """A plan as plain JSON data."""
+    return {"version": PLAN_VERSION,
+            "records": {key: [name, None if rec is None else rec.to_dict(), inputs]
+                        for key, (name, rec, inputs) in records.items()}}
+
+
+def decode_plan(data: Any, where: str) -> dict[str, tuple]:
+    if not isinstance(data, dict) or data.get("version") != PLAN_VERSION or not isinstance(data.get("records"), dict):
         raise UnitScaleError(
-            f"{cause.what}; dynamo could not capture it either: {type(exc).__name__}: {exc}",
-            where=cause.where, fix=cause.fix) from exc
-    work.zero_grad(set_to_none=True)
-    if not backend.graphs:
-        raise UnitScaleError(f"{cause.what}; dynamo captured no graph", where=cause.where, fix=cause.fix)
-    object.__setattr__(work, "us_backend", backend)
-    return work
+            f"the saved unit-scaling plan is not one this version reads (version {data.get('version') if isinstance(data, dict) else type(data).__name__})",
+            where=where, fix="save the model again with this version of unit_scale_fx, or remove "
+            f"'{PLAN_ATTR}' from its config to plan afresh (the trained weights then get other scales)")
+    out = {}
+    for key, (name, d, inputs) in data["records"].items():
+        if d is not None:
+            d = dict(d)
+            d["shape"] = tuple(d["shape"]) if d.get("shape") is not None else None
+            d = ScaleRecord(**d)
+        out[key] = (name, d, list(inputs))
+    return out
+
+
+class _Graph:
+    """One captured call signature: its unit-scaled graph, the dims it specialised, its output skeleton."""
+
+    def __init__(self, gm: UnitScaledModule, static: list, skeleton: Any) -> None:
+        self.gm, self.static, self.skeleton = gm, static, skeleton
+
+    def fits(self, tensors: Sequence[torch.Tensor]) -> bool:
+        if len(tensors) != len(self.static):
+            return False
+        for t, dims in zip(tensors, self.static):
+            if dims is None:
+                continue
+            if len(dims) != t.dim():
+                return False
+            for d, s in zip(dims, t.shape):
+                if isinstance(d, int) and d != s:
+                    return False
+                if isinstance(d, tuple) and (s < d[0] or (d[1] is not None and s > d[1])):
+                    return False
+        return True
+
+
+class _ModelState:
+    """What a :class:`UnitScaledModel` keeps besides the user's own attributes (not a module: no state_dict keys)."""
+
+    def __init__(self, config: UnitScaleConfig, base: type, records: Optional[dict] = None,
+                 init_pending: bool = True) -> None:
+        self.config, self.base = config, base
+        self.records = records  # the plan: node name -> (target, ScaleRecord); None until the first capture
+        self.init_pending = init_pending and config.init_weights
+        self.graphs: dict[Any, list[_Graph]] = {}
+        self.primary: Optional[UnitScaledModule] = None
+        self.backend: Any = None  # the dynamo backend, when export could not capture the model
+        self.compiled: Any = None  # the user's forward compiled with it
+        self.cause: Optional[UnitScaleError] = None  # why export failed
+        #: called on each newly captured (and planned or adopted) graph module; analysis tools use it
+        #: to check a copy (e.g. the scale-erased copy of :mod:`unit_scale_fx.analysis.equivalence`)
+        self.post_capture: Optional[Callable[[UnitScaledModule], None]] = None
+
+    def __getstate__(self) -> dict:
+        # captured graphs are not copied or pickled: the copy captures again at its first call and
+        # takes the same scales from ``records`` (nothing is measured again)
+        state = self.__dict__.copy()
+        state.update(graphs={}, primary=None, backend=None, compiled=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _state(model: nn.Module) -> _ModelState:
+    return model.__dict__["_us_state"]
+
+
+class UnitScaledModel(nn.Module):
+    """The user's own model class with ``forward`` unit-scaled (what :func:`unit_scale` returns for models
+    torch.fx cannot trace, which is most Hugging Face models).
+
+    ``unit_scale`` makes a subclass of the model's class (same name) and gives the copy
+    that class: every attribute and method stays (``config``, ``generate``,
+    ``save_pretrained``, ``train()`` / ``eval()``); only ``forward`` changes. A call is
+    captured with torch.export the first time its signature (which arguments, their
+    dtypes and ranks, the constants, train or eval mode) is seen, with every dimension
+    dynamic where the model allows it. The first capture plans the scales (measured on
+    that call's inputs); every other signature takes the same scales by node (labels
+    left out, eval mode, another output mode), so the model computes one function.
+
+    The plan is written to ``model.config.unit_scale_plan`` when the model has a
+    ``config`` (Hugging Face's ``save_pretrained`` saves it; ``unit_scale`` and the
+    unit-scaled class's ``from_pretrained`` read it back without measuring again).
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        st = _state(self)
+        if st.backend is None:
+            g, tensors = self._us_graph_for(args, kwargs)
+            if st.backend is None:
+                return rebuild_output(g.skeleton, g.gm(*tensors))
+        # export could not capture the model: dynamo splits it at what it cannot trace
+        if st.backend.graphs:
+            return st.compiled(*args, **kwargs)
+        try:
+            return st.compiled(*args, **kwargs)
+        except Exception as exc:
+            cause = st.cause
+            raise UnitScaleError(f"{cause.what}; dynamo could not capture it either: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                 where=cause.where, fix=cause.fix) from exc
+
+    # -- capture and planning ---------------------------------------------------------------------------
+    def _us_graph_for(self, args: tuple, kwargs: dict) -> tuple[Optional[_Graph], list]:
+        st = _state(self)
+        where = f"{st.base.__name__}.forward"
+        sig = CallSignature(args, kwargs, where)
+        key = (sig.key, self.training, torch.is_grad_enabled())
+        for g in st.graphs.get(key, ()):
+            if g.fits(sig.tensors):
+                return g, sig.tensors
+        g = self._us_capture(sig, where)
+        if g is not None:
+            st.graphs.setdefault(key, []).append(g)
+        return g, sig.tensors
+
+    def _us_capture(self, sig: CallSignature, where: str) -> Optional[_Graph]:
+        st = _state(self)
+        if st.records is None:
+            saved = getattr(getattr(self, "config", None), PLAN_ATTR, None)
+            if saved is not None:
+                st.records = decode_plan(saved, f"{where} (the plan saved in config.{PLAN_ATTR})")
+                st.init_pending = False
+        base_forward = st.base.forward
+
+        def run(*flat: torch.Tensor) -> Any:
+            a, k = sig.rebuild(flat)
+            return base_forward(self, *a, **k)
+
+        if torch.compiler.is_compiling():
+            raise UnitScaleError("a unit-scaled model met a new call signature inside torch.compile", where=where,
+                                 fix="call the model once with this signature before compiling it")
+        # capture and planning happen once, outside whatever dispatch modes the caller runs under
+        # (a recorder, a format simulation): those see the call itself, not our bookkeeping
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with gc_paused(), _disable_current_modes():
+            try:
+                try:
+                    gm, skeleton = export_call(self, sig, run, dynamic=True)
+                except Exception as exc:
+                    log.info("unit_scale: export of %s with dynamic shapes failed (%s: %s); exporting with static "
+                             "shapes (another input shape then captures again, with the same scales)",
+                             st.base.__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    gm, skeleton = export_call(self, sig, run, dynamic=False)
+            except Exception as exc:
+                cause = UnitScaleError(
+                    f"neither torch.fx nor torch.export could capture {st.base.__name__}.forward: "
+                    f"{type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                    where=_location(exc),
+                    fix="make the forward traceable (no data-dependent Python control flow), or keep "
+                    "UnitScaleConfig(dynamo_fallback=True) to unit-scale it through dynamo")
+                if not st.config.dynamo_fallback or st.records is not None:
+                    raise cause from exc
+                self._us_use_dynamo(cause)
+                return None
+            prep_cfg = st.config if st.init_pending and st.records is None else replace(st.config, init_weights=False)
+            run_passes(gm, PassContext(config=prep_cfg), build_pipeline(prep_cfg, ("prepare",)))
+            st.init_pending = False
+            us = UnitScaledModule(gm, gm.graph, st.config, st.base.__name__)
+            _mirror_state(self, us)
+            us.train(self.training)
+            us.us_capture = "torch.export"
+            if st.records is None:
+                us._plan(tuple(sig.tensors), {})
+                st.records, st.primary = us._records(), us
+                self._us_save_plan()
+            else:
+                matched, unplanned = us._adopt(st.records, tuple(sig.tensors))
+                if st.primary is None:
+                    st.primary = us
+                if unplanned:
+                    log.warning("unit_scale: a new call signature of %s has %d floating-point ops the plan does not "
+                                "cover (left unscaled): %s", st.base.__name__, len(unplanned),
+                                ", ".join(unplanned[:8]) + (" ..." if len(unplanned) > 8 else ""))
+                log.info("unit_scale: captured another call signature of %s; %d nodes took the planned scales",
+                         st.base.__name__, matched)
+            if st.post_capture is not None:
+                st.post_capture(us)
+        return _Graph(us, gm.meta["input_dims"], skeleton)
+
+    def _us_use_dynamo(self, cause: UnitScaleError) -> None:
+        from .backend import UnitScaleBackend
+
+        st = _state(self)
+        log.warning("unit_scale: %s could not be captured as one graph (%s); unit-scaling it through dynamo "
+                    "(torch.compile with the 'unit_scale' backend, inner compiler 'eager')",
+                    st.base.__name__, cause.what.splitlines()[0])
+        st.backend = UnitScaleBackend(replace(st.config, init_weights=st.init_pending), inner="eager")
+        st.cause = cause
+        base_forward = st.base.forward
+        st.compiled = torch.compile(lambda *a, **k: base_forward(self, *a, **k), backend=st.backend)
+        st.init_pending = False
+
+    def _us_save_plan(self) -> None:
+        cfg = getattr(self, "config", None)
+        if cfg is not None and hasattr(cfg, "__dict__") and not isinstance(cfg, UnitScaleConfig):
+            setattr(cfg, PLAN_ATTR, encode_plan(_state(self).records))
+
+    # -- the module API ---------------------------------------------------------------------------------
+    @property
+    def us_backend(self) -> Any:
+        st = self.__dict__.get("_us_state")
+        if st is None or st.backend is None:
+            raise AttributeError("us_backend")
+        return st.backend
+
+    @property
+    def us_capture(self) -> str:
+        st = _state(self)
+        return "dynamo" if st.backend is not None else "torch.export"
+
+    @property
+    def us_planned(self) -> bool:
+        st = _state(self)
+        return st.records is not None or st.backend is not None
+
+    @property
+    def us_module(self) -> UnitScaledModule:
+        """The GraphModule of the planned call (its ``graph``, ``code``, ``scale_plan()``)."""
+        return self._primary()
+
+    def _primary(self) -> UnitScaledModule:
+        st = _state(self)
+        if st.primary is None:
+            raise UnitScaleError("no scales have been planned yet", where=f"{st.base.__name__}.scale_plan",
+                                 fix="call the model once or pass example_inputs=(...) to unit_scale")
+        return st.primary
+
+    def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
+        """``node name -> ScaleRecord`` of the planned call (see :meth:`UnitScaledModule.scale_plan`)."""
+        st = _state(self)
+        if st.records is None:
+            self._primary()  # raises: nothing planned yet
+        return {name: rec for name, rec, _ in st.records.values()
+                if rec is not None and (all_nodes or rec.changes_anything or rec.rule == "unsupported")}
+
+    def summary(self, all_nodes: bool = False) -> str:
+        """The table of :meth:`UnitScaledModule.summary`, for the planned call."""
+        return UnitScaledModule.summary(self, all_nodes)  # type: ignore[arg-type]
+
+    @property
+    def us_unsupported(self) -> list:
+        st = _state(self)
+        return list(st.primary.us_unsupported) if st.primary is not None else []
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # .to() / .cuda() / .half() may replace buffers (and parameters): the graphs follow
+        out = super()._apply(fn, *args, **kwargs)
+        st = self.__dict__.get("_us_state")
+        if st is not None:
+            for graphs in st.graphs.values():
+                for g in graphs:
+                    _mirror_state(self, g.gm)
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; loaded weights are never re-initialised.
+
+        Loading before the first call (and without a saved plan) warns: the scales will be
+        measured on the loaded weights, which differs from the plan they were trained with.
+        """
+        st = _state(self)
+        if st.records is None and getattr(getattr(self, "config", None), PLAN_ATTR, None) is None:
+            warnings.warn("loading weights into a unit-scaled model whose scales are not planned yet: the first "
+                          "call will plan them on the loaded weights, which differs from the plan the saved model "
+                          "trained with; save with save_pretrained (the plan travels in config."
+                          f"{PLAN_ATTR}) or plan before loading", UserWarning, stacklevel=2)
+        st.init_pending = False
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (_rebuild_model, (_state(self).base, self.__dict__))
+
+    def _us_init_state(self) -> None:
+        if "_us_state" not in self.__dict__:
+            self.__dict__["_us_state"] = _ModelState(UnitScaleConfig(), _user_class(type(self)))
+
+
+def _user_class(cls: type) -> type:
+    for c in cls.__mro__:
+        if c is not UnitScaledModel and not (isinstance(c, type) and issubclass(c, UnitScaledModel)):
+            return c
+    raise TypeError(cls)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def unit_scaled_class(base: type) -> type:
+    """The unit-scaled subclass of a user's model class (one per class; same name)."""
+    cls = _SUBCLASSES.get(base)
+    if cls is None:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            # built directly (e.g. ``type(us).from_pretrained(path)``): plan from config, else at the first call
+            base.__init__(self, *args, **kwargs)
+            self._us_init_state()
+
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return UnitScaledModel.forward(self, *args, **kwargs)
+
+        # the user's signature and docstring (Trainer picks dataset columns by forward's parameters)
+        functools.update_wrapper(forward, base.forward)
+        cls = type(base.__name__, (UnitScaledModel, base), {"__init__": __init__, "forward": forward,
+                                                            "__module__": base.__module__,
+                                                            "__qualname__": base.__qualname__})
+        _SUBCLASSES[base] = cls
+    return cls
+
+
+def _rebuild_model(base: type, state: dict) -> nn.Module:
+    cls = unit_scaled_class(base)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def _as_unit_scaled_model(work: nn.Module, cfg: UnitScaleConfig) -> UnitScaledModel:
+    base = type(work)
+    work.__class__ = unit_scaled_class(base)
+    work.__dict__["_us_state"] = _ModelState(cfg, base)
+    gen = getattr(work, "generation_config", None)
+    if gen is not None and getattr(gen, "use_cache", False):
+        # a key/value cache object cannot enter a captured graph; generation recomputes the prefix instead
+        gen.use_cache = False
+        log.info("unit_scale: %s.generation_config.use_cache set to False (generation recomputes the prefix "
+                 "through the unit-scaled graph)", base.__name__)
+    return work  # type: ignore[return-value]
 
 
 def unit_scale(
@@ -317,20 +745,31 @@ def unit_scale(
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs) if example_inputs is not None else None
+    given = args is not None or example_kwargs is not None
     with gc_paused():
         work = model if cfg.inplace else copy.deepcopy(model)
         try:
-            gm = capture(work, args, example_kwargs, cfg.leaf_modules)
-        except UnitScaleError as exc:
-            if (args is None and not example_kwargs) or not cfg.dynamo_fallback:
-                raise
-            return _dynamo_fallback(work, model, args or (), example_kwargs or {}, cfg, exc)
+            gm = symbolic_capture(work, cfg.leaf_modules)
+        except Exception as exc:  # tracing raises many kinds of errors
+            # torch.fx cannot trace it (most real models): keep the model's class and capture each call
+            # signature with torch.export, now if example inputs are given, else at the first call
+            log.info("unit_scale: torch.fx could not trace %s (%s at %s); its forward is captured with "
+                     "torch.export %s", type(model).__name__, type(exc).__name__, _location(exc),
+                     "now" if given else "at the first call")
+            msd = _as_unit_scaled_model(work, cfg)
+            msd.train(model.training)
+            if given:
+                g, _ = msd._us_graph_for(args or (), example_kwargs or {})
+                if g is None:  # dynamo took over: it captures and plans on a call
+                    msd(*(args or ()), **(example_kwargs or {}))
+                    msd.zero_grad(set_to_none=True)
+            return msd  # type: ignore[return-value]
     ctx = PassContext(config=cfg)
     run_passes(gm, ctx, build_pipeline(cfg, ("prepare",)))
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
     _mirror_state(work, us)
     us.train(model.training)
     us.us_capture = gm.meta.get(CAPTURE, "")
-    if args is not None or example_kwargs:
+    if given:
         us._plan(args or (), example_kwargs or {})
     return us

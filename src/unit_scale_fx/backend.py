@@ -29,6 +29,26 @@ graph, consistently with the unbroken model:
   the RMS the planner predicted for it in the earlier graph (the backend
   remembers the outputs of each graph's first run).
 
+**One plan per model.** The first graph of each structure is planned (measured on its
+example inputs, before any optimizer step); its scale records are stored by node name
+(:class:`PlanStore`). A recompile of that structure (a guard failure, ``eval()``,
+``no_grad``, another batch size or sequence length, dynamic shapes) applies the stored
+scales and measures nothing, so training, evaluation and every shape run one function.
+A graph of a *new* structure (another call signature, a graph after a break compiled
+later) is planned as before while the model's parameters are untouched; once a
+parameter it planned with has changed (an optimizer step), a new structure is planned
+analytically (shapes and the RMS predicted by earlier graphs; nothing is measured on
+trained weights) and the log says so. Only :meth:`UnitScaleBackend.replan` plans again:
+every compiled graph re-plans on its next call. Symbolic shapes (``dynamic=True`` or
+dynamo's automatic dynamic shapes) are planned on their concrete hints.
+
+**Recompile limit.** With ``torch.compile(..., dynamic=False)`` every new shape is a
+recompile, and after ``torch._dynamo.config.recompile_limit`` of them dynamo would run
+the model's own (unscaled) code. When the backend sees a structure recompiled for
+another static shape, it sets ``torch._dynamo.config.fail_on_recompile_limit_hit``
+(and logs a warning): a storm of shapes then raises instead of silently training the
+unscaled model. Use ``dynamic=None`` (the default) or ``dynamic=True`` to avoid it.
+
 **Weight initialisation contract.** Unit scaling wants unit-RMS weights, zero
 biases and unit norm gains. With ``UnitScaleConfig(init_weights=True)`` (the
 default) the backend re-initialises, *once per parameter*, every parameter that
@@ -64,8 +84,10 @@ from .passes import PassContext, PassResult
 from .passes.base import Pass
 from .passes.boundary import output_leaves
 from .passes.init_weights import init_parameter, parameter_init_kinds
+from .passes.stats import planning_stats
 from .pipeline import build_pipeline, run_passes
 from .record import META_KEY, ScaleRecord, original
+from .rules.registry import float_tensor_inputs, is_float, node_op_name
 from .weights import INIT_MARK, is_initialised, mark_initialised
 
 log = logging.getLogger(__name__)
@@ -89,6 +111,8 @@ class CapturedGraph:
         initialised: how many parameters this graph initialised.
         timings: ``(pass, seconds)`` per pass.
         unsupported: float ops with no rule.
+        decision: how its scales came: ``"planned"`` (measured), ``"reused"`` (the stored plan of
+            its structure) or ``"analytic"`` (a new structure after training started).
     """
 
     index: int
@@ -101,6 +125,7 @@ class CapturedGraph:
     initialised: int
     timings: list[tuple[str, float]]
     unsupported: list = field(default_factory=list)
+    decision: str = "planned"
 
     def scale_plan(self, all_nodes: bool = False) -> dict[str, ScaleRecord]:
         """``node name -> ScaleRecord`` of this graph (by default only nodes that are scaled)."""
@@ -161,11 +186,113 @@ class _Tracked:
         self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
 
 
+class PlanStore:
+    """The plan of one backend: the scale records of each graph structure it planned, by node name.
+
+    A *structure* is the graph after normalisation and fusion, without shapes: the name,
+    target and floating-point inputs of every floating-point op. A recompile of the same
+    code (new shapes, symbolic shapes, ``eval()``, ``no_grad``) has the same structure,
+    and gets the stored records instead of a new measurement. The parameters a plan was
+    made with are kept (weak references and their version counters), so the store can
+    tell whether they were trained since.
+    """
+
+    def __init__(self) -> None:
+        self.plans: dict[tuple, tuple[list[weakref.ref], dict[str, ScaleRecord]]] = {}
+        self.shapes: dict[tuple, set[tuple]] = {}
+        self._versions: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def lookup(self, key: tuple, params: Sequence[torch.Tensor]) -> Optional[dict[str, ScaleRecord]]:
+        hit = self.plans.get(key)
+        if hit is None:
+            return None
+        refs, records = hit
+        if len(refs) != len(params) or any(r() is not p for r, p in zip(refs, params)):
+            return None  # the same code on other parameters (another instance of the model)
+        return records
+
+    def add(self, key: tuple, params: Sequence[torch.Tensor], records: dict[str, ScaleRecord]) -> None:
+        self.plans[key] = ([weakref.ref(p) for p in params], records)
+        self.remember(params)
+
+    def remember(self, params: Sequence[torch.Tensor]) -> None:
+        for p in params:
+            self._versions.setdefault(id(p), (weakref.ref(p), p._version))
+
+    def trained(self) -> bool:
+        """Whether a parameter some plan was made with has changed since (an optimizer step)."""
+        return any(r() is not None and r()._version != v for r, v in self._versions.values())
+
+    def clear(self) -> None:
+        self.plans.clear()
+        self.shapes.clear()
+        self._versions.clear()
+
+
+_PLAN_PASSES = frozenset({"topology", "roles", "mup", "calibrate", "plan", "mup_readout", "balance",
+                          "calibrate_grads", "predict_grads"})
+_PREPARE_PASSES = frozenset({"strip_asserts", "normalize", "init_weights", "shape_prop", "boundary_outputs",
+                             "constants", "fuse"})
+
+
+def structure_key(gm: fx.GraphModule, scalars: frozenset[str] = frozenset()) -> tuple:
+    """What identifies a graph's plan: every floating-point op's name, target and float inputs (no shapes).
+
+    Placeholders count only as the inputs of ops: dynamo lifts some module attributes
+    (``eps``, ``norm_type``) as inputs in one graph and specialises them in the next.
+    ``scalars``: placeholders that hold Python numbers; they are left out.
+    """
+    key = []
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module") and is_float(n):
+            key.append((n.name, node_op_name(n, gm),
+                        tuple(u.name for u in float_tensor_inputs(n) if u.name not in scalars)))
+    return tuple(key)
+
+
+def _concrete(v: Any) -> Any:
+    """A symbolic size (``dynamic=True``, automatic dynamic shapes) as its concrete hint."""
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = getattr(v.node, "hint", None)
+        if hint is None:
+            raise UnitScaleError(
+                f"a symbolic size without a concrete value ({v}) reached the unit_scale backend",
+                where="unit_scale_fx.backend", fix="compile with dynamic=False, or report the model")
+        return type(hint)(hint) if not isinstance(v, torch.SymBool) else bool(hint)
+    return v
+
+
+def _shape_sig(values: Sequence[Any]) -> tuple:
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values)
+
+
+def _reuse_pass(records: dict[str, ScaleRecord]) -> Pass:
+    def reuse_plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        n = 0
+        for node in gm.graph.nodes:
+            node.meta.pop(META_KEY, None)
+            rec = records.get(node.name)
+            if rec is not None:
+                node.meta[META_KEY] = copy.deepcopy(rec)
+                n += 1
+        ctx.scales = {}
+        return PassResult(False, f"{n} stored records applied")
+
+    return Pass("reuse_plan", reuse_plan, produces=frozenset({"scales"}))
+
+
 class _Compiled:
-    """The callable dynamo runs: initialises unseen parameters, runs the inner code, remembers outputs."""
+    """The callable dynamo runs: initialises unseen parameters, runs the inner code, remembers outputs.
+
+    After :meth:`UnitScaleBackend.replan`, it plans its graph again at its next call.
+    """
 
     def __init__(self, fn: Callable, backend: "UnitScaleBackend", entry: CapturedGraph,
-                 param_pos: list[int], roles: dict[int, tuple[str, str]], out_rms: list[Optional[float]]) -> None:
+                 param_pos: list[int], roles: dict[int, tuple[str, str]], out_rms: list[Optional[float]],
+                 root: fx.GraphModule) -> None:
         self.fn = fn
         self.backend = backend
         self.entry = entry
@@ -173,13 +300,20 @@ class _Compiled:
         self.roles = roles
         self.out_rms = out_rms
         self.first = True
+        self.root = root
+        self.generation = backend.generation
 
     def __call__(self, *args: Any) -> Any:
+        if self.generation != self.backend.generation:  # replan(): plan this graph again on these inputs
+            gm = fx.GraphModule(self.root, copy.deepcopy(self.entry.source))
+            fresh = self.backend._compile(gm, list(args))
+            self.__dict__.update({k: v for k, v in fresh.__dict__.items()})
         for i in self.param_pos:  # a graph dynamo reuses for another module of the same structure
             p = args[i]
             if not getattr(p, INIT_MARK, False):
                 role, name = self.roles[i]
                 self.backend._init_one(p, role, name)
+                self.backend.store.remember([p])
         out = self.fn(*args)  # dynamo calls what a backend returns with positional args
         if self.first:
             self.first = False
@@ -193,8 +327,9 @@ class _Compiled:
 class UnitScaleBackend:
     """A dynamo backend that unit-scales each captured graph, then compiles it with ``inner``.
 
-    Keeps every graph it rewrote in :attr:`graphs` (a :class:`CapturedGraph` each).
-    See the module docstring for graph breaks and the weight-initialisation contract.
+    Keeps every graph it rewrote in :attr:`graphs` (a :class:`CapturedGraph` each) and
+    its plan in :attr:`store` (a :class:`PlanStore`). See the module docstring for the
+    one-plan rule, graph breaks and the weight-initialisation contract.
     """
 
     def __init__(self, config: Optional[UnitScaleConfig] = None, inner: Inner = "inductor",
@@ -210,12 +345,24 @@ class UnitScaleBackend:
         self._count = 0
         self._tracked = _Tracked()
         self.initialised: int = 0
+        self.store = PlanStore()
+        self.generation = 0
+        #: how each compiled graph got its scales: "planned", "reused" or "analytic"
+        self.decisions: list[str] = []
 
     def __repr__(self) -> str:
         return f"UnitScaleBackend(inner={self.inner!r}, graphs={len(self.graphs)})"
 
+    def replan(self) -> None:
+        """Forget the plan: every compiled graph plans again (measured, on the current weights) at its next call."""
+        self.store.clear()
+        self.generation += 1
+
     # -- the dynamo entry ---------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return self._compile(gm, example_inputs)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> "_Compiled":
         t0 = time.perf_counter()
         source = copy.deepcopy(gm.graph)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -223,6 +370,8 @@ class UnitScaleBackend:
             raise UnitScaleError(
                 f"dynamo passed {len(example_inputs)} example inputs for {len(placeholders)} placeholders",
                 where="unit_scale_fx.backend", fix="report this with the torch version")
+        symbolic = any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in example_inputs)
+        vals = {n.name: n.meta.get("val") for n in gm.graph.nodes} if symbolic else None
         params = {n.name: v for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
         # The passes may run the graph forward and backward on the example inputs (measured
         # planning, gradient calibration): give them detached aliases (same memory, no copy) so
@@ -230,8 +379,9 @@ class UnitScaleBackend:
         # Parameters keep requires_grad, so calibrate_grads measures their gradients as it does
         # for get_attr parameters in eager unit_scale, and both plan the same scales.
         detached = tuple(v.detach().requires_grad_(v.requires_grad)
-                         if isinstance(v, torch.Tensor) else v for v in example_inputs)
-        ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params)
+                         if isinstance(v, torch.Tensor) else _concrete(v) for v in example_inputs)
+        ctx = PassContext(config=self.config, example_args=detached, example_kwargs={}, param_inputs=params,
+                          stats=planning_stats(self.config.plan_across_ranks))
         inherited = set()
         for n, v in zip(placeholders, example_inputs):
             if n.name in params or not isinstance(v, torch.Tensor) or not v.is_floating_point():
@@ -243,13 +393,45 @@ class UnitScaleBackend:
             if v.requires_grad:
                 ctx.boundary.add(n.name)
         init = Pass("init_weights", self._init_pass, produces=frozenset({"init_kinds", "n_initialised"}))
-        run_passes(gm, ctx, build_pipeline(self.config, ("prepare", "plan", "transform"), boundary=True, init=init))
+        passes = build_pipeline(self.config, ("prepare", "plan", "transform"), boundary=True, init=init)
+        head = [p for p in passes if p.name in _PREPARE_PASSES]
+        run_passes(gm, ctx, head)
+        key = structure_key(gm, frozenset(n.name for n, v in zip(placeholders, example_inputs)
+                                          if not isinstance(v, torch.Tensor)))
+        param_list = [params[n.name] for n in placeholders if n.name in params]
+        stored = self.store.lookup(key, param_list)
+        shapes = self.store.shapes.setdefault(key, set())
+        sig = _shape_sig(detached)
+        if stored is not None:
+            decision = "reused"
+            if not symbolic and sig not in shapes:
+                _guard_recompile_storm(len(shapes) + 1)
+            tail = [_reuse_pass(stored)] + [p for p in passes if p.name not in _PREPARE_PASSES | _PLAN_PASSES]
+        else:
+            decision = "planned"
+            if len(self.store) and self.store.trained():
+                decision = "analytic"
+                ctx.real_values = None  # nothing is measured on trained weights
+                log.warning("unit_scale backend: a graph of a new structure after training started: planned "
+                            "analytically (shapes and predicted RMS), nothing measured on the trained weights")
+            tail = [p for p in passes if p.name not in _PREPARE_PASSES]
+        shapes.add(sig)
+        run_passes(gm, ctx, tail)
+        if stored is None:
+            self.store.add(key, param_list, {n.name: copy.deepcopy(n.meta[META_KEY]) for n in gm.graph.nodes
+                                             if META_KEY in n.meta and not n.meta.get("unit_scale_inserted")})
+        if vals is not None:  # hand the inner compiler dynamo's symbolic metadata, not our concrete one
+            for n in gm.graph.nodes:
+                src = original(n)
+                if src.name in vals and vals[src.name] is not None:
+                    n.meta["val"] = vals[src.name]
+        self.decisions.append(decision)
         roles = ctx.init_kinds
         entry = CapturedGraph(
             index=self._count, source=source, gm=gm,
             params={k: tuple(v.shape) for k, v in params.items()}, boundary=set(ctx.boundary),
             input_rms=dict(ctx.input_rms), inherited=inherited, initialised=ctx.n_initialised,
-            timings=list(ctx.timings), unsupported=list(ctx.unsupported))
+            timings=list(ctx.timings), unsupported=list(ctx.unsupported), decision=decision)
         self._count += 1
         if self.keep:
             self.graphs.append(entry)
@@ -257,13 +439,13 @@ class UnitScaleBackend:
         pos_roles = {i: (roles[n.name], n.name) for i, n in enumerate(placeholders) if n.name in roles}
         param_pos = [i for i in pos_roles if placeholders[i].name in params]
         n_scaled = len(entry.scale_plan())
-        log.info("unit_scale backend: graph %d: %d nodes, %d parameters, %d scaled nodes, %d inputs from earlier "
-                 "graphs (%.0f ms)", entry.index, len(gm.graph.nodes), len(params), n_scaled, len(inherited),
-                 (time.perf_counter() - t0) * 1e3)
+        log.info("unit_scale backend: graph %d (%s): %d nodes, %d parameters, %d scaled nodes, %d inputs from "
+                 "earlier graphs (%.0f ms)", entry.index, decision, len(gm.graph.nodes), len(params), n_scaled,
+                 len(inherited), (time.perf_counter() - t0) * 1e3)
         if self._inner_fn is None:
             self._inner_fn = _lookup_inner(self.inner)
         compiled = self._inner_fn(gm, list(example_inputs))
-        return _Compiled(compiled, self, entry, param_pos, pos_roles, out_rms)
+        return _Compiled(compiled, self, entry, param_pos, pos_roles, out_rms, gm)
 
     # -- weights ------------------------------------------------------------
     def _init_one(self, p: torch.Tensor, role: str, name: str) -> bool:
@@ -303,8 +485,26 @@ class UnitScaleBackend:
         return "\n".join(lines) or "(no graph compiled yet)"
 
     def clear(self) -> None:
-        """Forget the kept graphs (compiled code keeps working)."""
+        """Forget the kept graphs (compiled code keeps working; the plan is kept, see :meth:`replan`)."""
         self.graphs.clear()
+
+
+def _guard_recompile_storm(n_shapes: int) -> None:
+    """A structure recompiled for another static shape: make dynamo's recompile limit an error, not a fallback.
+
+    Past ``torch._dynamo.config.recompile_limit`` recompiles dynamo runs the frame's own
+    Python code: the model *without* its scales. ``fail_on_recompile_limit_hit`` makes
+    that an exception instead (a process-wide dynamo setting; set once, and logged).
+    """
+    import torch._dynamo.config as dcfg
+
+    if not getattr(dcfg, "fail_on_recompile_limit_hit", True):
+        dcfg.fail_on_recompile_limit_hit = True
+        log.warning("unit_scale backend: a graph was recompiled for a new static shape (%d shapes so far; "
+                    "torch.compile(dynamic=False)?). Past torch._dynamo.config.recompile_limit (%s) dynamo would "
+                    "run the model unscaled, so torch._dynamo.config.fail_on_recompile_limit_hit is now True: a "
+                    "storm of shapes raises instead. Compile with dynamic=None or dynamic=True to avoid "
+                    "recompiles.", n_shapes, getattr(dcfg, "recompile_limit", "?"))
 
 
 def _predicted_rms(node: fx.Node, ctx: PassContext) -> Optional[float]:

@@ -10,9 +10,10 @@ When symbolic tracing fails and example inputs are given, ``torch.export``
 
 from __future__ import annotations
 
+import copy
 import logging
 import traceback
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -186,3 +187,183 @@ def capture(
         ) from exc
     log.info("captured %s with torch.export (%d nodes)", type(model).__name__, len(gm.graph.nodes))
     return gm
+
+
+# -- capture of one call of a model's own forward (the path for models torch.fx cannot trace) -------------
+
+#: Python values a call may pass besides tensors; they are baked into the captured graph.
+CONSTANT_TYPES = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.layout,
+                  torch.memory_format, type(Ellipsis))
+
+
+class CallSignature:
+    """The shape of one call: where its tensors go, and the constants around them.
+
+    Two calls with equal ``key`` (same pytree structure, same constants, same tensor
+    dtypes and ranks) can run the same captured graph, provided the dimensions the
+    graph specialised agree (:meth:`fits`).
+    """
+
+    def __init__(self, args: tuple, kwargs: dict, where: str) -> None:
+        leaves, self.spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self.tensors: list[torch.Tensor] = []
+        self.slots: list[Any] = []  # per leaf: an int (tensor index) or ("const", value)
+        key: list[Any] = []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                self.slots.append(len(self.tensors))
+                self.tensors.append(leaf)
+                key.append(("t", leaf.dtype, leaf.dim(), leaf.device.type, leaf.requires_grad))
+            elif isinstance(leaf, CONSTANT_TYPES):
+                self.slots.append(("const", leaf))
+                key.append(("c", type(leaf).__name__, repr(leaf)))
+            else:
+                raise UnitScaleError(
+                    f"forward was called with a {type(leaf).__module__}.{type(leaf).__qualname__} "
+                    f"(input {i} of the call, after flattening), neither a tensor, a container of tensors "
+                    "nor a Python constant: a captured graph cannot take it",
+                    where=where,
+                    fix="pass tensors (a cache object: call with use_cache=False, or generate(..., "
+                    "use_cache=False)); or register the type with torch.utils._pytree.register_pytree_node",
+                )
+        self.key = (str(self.spec), tuple(key))
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        leaves = [tensors[s] if isinstance(s, int) else s[1] for s in self.slots]
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, self.spec)
+        return tuple(args), dict(kwargs)
+
+
+def flatten_output(value: Any, tensors: list, seen: Optional[set] = None, depth: int = 0) -> Any:
+    """``value`` as a skeleton whose tensors are indices into ``tensors`` (which this appends to).
+
+    Tuples, lists and mappings (``ModelOutput`` is one) are walked, and so are the
+    attributes of any other object that holds tensors (a key/value cache): the
+    rebuilt output has the same types, with the captured graph's tensors in them.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", len(tensors) - 1)
+    if depth > 12 or id(value) in seen or isinstance(value, CONSTANT_TYPES):
+        return ("const", value)
+    seen.add(id(value))
+    if isinstance(value, (tuple, list)):
+        items = [flatten_output(v, tensors, seen, depth + 1) for v in value]
+        return ("seq", type(value), items) if any(_holds(i) for i in items) else ("const", value)
+    if isinstance(value, dict):
+        items = {k: flatten_output(v, tensors, seen, depth + 1) for k, v in value.items()}
+        return ("map", value, items) if any(_holds(i) for i in items.values()) else ("const", value)
+    attrs = getattr(value, "__dict__", None)
+    if isinstance(attrs, dict) and not isinstance(value, (nn.Module, type)):
+        items = {k: flatten_output(v, tensors, seen, depth + 1) for k, v in attrs.items()}
+        if any(_holds(i) for i in items.values()):
+            return ("obj", value, items)
+    return ("const", value)
+
+
+def _holds(skel: Any) -> bool:
+    return skel[0] != "const"
+
+
+def rebuild_output(skel: Any, tensors: Sequence[Any]) -> Any:
+    """The inverse of :func:`flatten_output`: a fresh value of the same types holding ``tensors``."""
+    kind = skel[0]
+    if kind == "tensor":
+        return tensors[skel[1]]
+    if kind == "const":
+        return skel[1]
+    if kind == "seq":
+        items = [rebuild_output(s, tensors) for s in skel[2]]
+        typ = skel[1]
+        if typ in (tuple, list):
+            return typ(items)
+        return typ(*items) if hasattr(typ, "_fields") else typ(items)
+    if kind == "map":
+        new = copy.copy(skel[1])
+        for k, s in skel[2].items():
+            new[k] = rebuild_output(s, tensors)
+        return new
+    new = copy.copy(skel[1])
+    for k, s in skel[2].items():
+        if _holds(s):
+            object.__setattr__(new, k, rebuild_output(s, tensors))
+    return new
+
+
+def export_call(model: nn.Module, sig: CallSignature, run: Callable[..., Any],
+                dynamic: bool = True) -> tuple[fx.GraphModule, Any]:
+    """Capture ``run(*sig.tensors)`` (which calls ``model``) with torch.export; return (graph, output skeleton).
+
+    The graph takes the call's tensors, flat, and returns the output's tensors, flat;
+    :func:`rebuild_output` with the skeleton gives back the output's types. Every
+    dimension is exported as dynamic where the model allows it, so a smaller last
+    batch or a longer sequence runs the same graph.
+    """
+    from torch.export import Dim
+
+    box: dict[str, Any] = {}
+
+    def flat_forward(*flat: torch.Tensor) -> tuple:
+        out = run(*flat)
+        tensors: list = []
+        box["skeleton"] = flatten_output(out, tensors)
+        return tuple(tensors)
+
+    # one entry per parameter of the signature: ``*flat`` is one, a tuple of per-tensor specs
+    shapes = (tuple({d: Dim.AUTO for d in range(t.dim())} for t in sig.tensors),) if dynamic else None
+    with _forward_replaced(model, flat_forward):
+        ep = torch.export.export(model, tuple(sig.tensors), dynamic_shapes=shapes, strict=False)
+    gm = ep.module()
+    _mirror_state(model, gm)
+    gm.meta[CAPTURE] = "torch.export"
+    gm.meta["input_dims"] = _input_dims(ep)
+    return gm, box["skeleton"]
+
+
+def _bound(x: Any) -> Optional[int]:
+    try:
+        return int(x)
+    except Exception:  # an infinite bound (sympy oo / torch's int_oo)
+        return None
+
+
+def _input_dims(ep: Any) -> list:
+    """Per graph input, per dimension: its size where export specialised it, else the range it allows."""
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    out = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in ep.graph_signature.user_inputs:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            out.append(None)
+            continue
+        dims = []
+        for s in val.shape:
+            if isinstance(s, int):
+                dims.append(s)
+                continue
+            r = ranges.get(str(s.node.expr))
+            lo = _bound(r.lower) if r is not None else None
+            dims.append((lo or 0, _bound(r.upper) if r is not None else None))
+        out.append(tuple(dims))
+    return out
+
+
+class _forward_replaced:
+    """Make ``model(*flat)`` run ``fn`` for the duration of an export (an instance attribute, removed after)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
+        self.model, self.fn = model, fn
+
+    def __enter__(self) -> None:
+        self.had = "forward" in self.model.__dict__
+        self.old = self.model.__dict__.get("forward")
+        self.model.__dict__["forward"] = self.fn
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.had:
+            self.model.__dict__["forward"] = self.old
+        else:
+            del self.model.__dict__["forward"]

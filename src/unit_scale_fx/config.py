@@ -49,6 +49,14 @@ class MupConfig:
         return self.residual_attn_ratio * a_mlp, a_mlp
 
 
+#: The residual depth rule of the ``"unit"`` parametrization when ``attn_tau`` / ``mlp_tau`` are
+#: ``None``: u-μP's rule with branch weight 1/2, so branch ``i`` (from 0) of a stream of ``n``
+#: residual adds gets ``tau_i = 1 / (2n + i + 1)`` and the stream's input keeps 2/3 of the variance
+#: at the end, at any depth. Measured (benchmarks/depth.py): u-μP's own weight 1 (input share 1/3)
+#: leaves a 2-layer GPT more collapsed across positions than the unscaled model; 1/2 does not, at
+#: 2 to 48 layers.
+UNIT_DEPTH_RULE = MupConfig(residual_mult=0.5)
+
 #: ``(qualified_name, node) -> bool``; return False to leave that node unscaled.
 NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 
@@ -64,6 +72,13 @@ class UnitScaleConfig:
     Attributes:
         attn_tau: share of the residual stream given to branches that contain
             attention (softmax / SDPA): ``sqrt(1 - tau) * skip + sqrt(tau) * branch``.
+            ``None`` (default): a depth rule (:data:`UNIT_DEPTH_RULE`, u-μP's
+            :func:`unit_scale_fx.passes.mup.depth_taus` with branch weight 1/2): a stream of ``n``
+            residual adds weighs its input ``n / 2`` and each branch 1/4, so branch ``i`` (from 0)
+            gets ``tau = 1 / (2n + i + 1)`` and the stream's input keeps 2/3 of the variance at
+            the end, at any depth. A fixed
+            tau (0.5 was the old default) lets the input's share decay as ``(1 - tau)^n``: deep
+            models then collapse towards identical positions.
         mlp_tau: the same for every other residual branch.
         constraint: how backward scales are kept valid. ``"potential"`` (default):
             forward scales stay ideal and backward scales are fitted, by least
@@ -82,6 +97,11 @@ class UnitScaleConfig:
             graph once on them: rules see measured input RMS, and ops whose scale
             depends on the data (attention, softmax, products of activations) are
             calibrated on it. With False, or on the meta device, planning is analytic.
+        plan_across_ranks: planning inside an initialised ``torch.distributed`` process group
+            sums the measured statistics over its ranks, so every rank plans for the global
+            batch (every rank must then plan, in step: DDP and FSDP2 do). False: each process
+            plans on its own batch (plan on one rank and share it with
+            :func:`unit_scale_fx.training.distributed.sync_plan`).
         dynamo_fallback: when neither torch.fx nor torch.export captures the model and
             example inputs are given, unit-scale it through dynamo (see
             :func:`unit_scale_fx.unit_scale`); False raises :class:`UnitScaleError` instead.
@@ -107,13 +127,14 @@ class UnitScaleConfig:
             are not used.
     """
 
-    attn_tau: float = 0.5
-    mlp_tau: float = 0.5
+    attn_tau: Optional[float] = None
+    mlp_tau: Optional[float] = None
     constraint: Constraint = "potential"
     node_filter: Optional[NodeFilter] = None
     unsupported: UnsupportedPolicy = "warn"
     measure: bool = True
     dynamo_fallback: bool = True
+    plan_across_ranks: bool = True
     init_weights: bool = True
     inplace: bool = False
     leaf_modules: tuple[type, ...] = field(default_factory=tuple)
@@ -142,11 +163,12 @@ class UnitScaleConfig:
 
         for name in ("attn_tau", "mlp_tau"):
             tau = getattr(self, name)
-            if not 0.0 < tau < 1.0:
+            if tau is not None and not (isinstance(tau, (int, float)) and 0.0 < tau < 1.0):
                 raise UnitScaleError(
                     f"UnitScaleConfig.{name}={tau!r} is outside (0, 1)",
                     where="UnitScaleConfig",
-                    fix=f"pass a {name} strictly between 0 and 1 (0.5 weighs skip and branch equally)",
+                    fix=f"pass a {name} strictly between 0 and 1 (0.5 weighs skip and branch equally), "
+                    "or None for the depth rule",
                 )
         if self.constraint not in ("potential", "gmean", "fwd", "bwd"):
             raise UnitScaleError(

@@ -43,13 +43,13 @@ def _full(t):
 
 
 def _planned(rank):
-    us = unit_scale(make_model(), local(batches()[0], rank))  # each rank plans on its own local batch
-    sync_plan(us)  # ... and all use rank 0's plan
+    us = unit_scale(make_model(), local(batches()[0], rank))  # in the group: every rank plans the global batch
+    sync_plan(us)  # ... and sync_plan (for plans made before the group) changes nothing
     return us
 
 
 def setup_unsynced(rank):
-    us = unit_scale(make_model(), local(batches()[0], rank))
+    us = unit_scale(make_model(), local(batches()[0], rank), plan_across_ranks=False)  # each its own batch
     prints = [None] * WORLD
     dist.all_gather_object(prints, plan_fingerprint(us))
     try:
@@ -82,19 +82,30 @@ def setup_fsdp2(rank):
     return res
 
 
-def setup_lazy(rank):
-    import warnings
+def setup_lazy_ddp(rank):
+    """Zero-config: plan lazily at the first DDP call, plain DDP (mean), no sync_plan."""
+    us = unit_scale(make_model())
+    ddp = DDP(us)
+    res = _train(ddp, rank, make_opt(ddp.parameters(), "sgd", LR), us)
+    res["fingerprint"] = check_plan_consistent(us)
+    return res
 
-    ddp = DDP(unit_scale(make_model()))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ddp(*local(batches()[0], rank))
-    return {"warned": any("sync_plan" in str(w.message) for w in caught)}
+
+def setup_lazy_fsdp2(rank):
+    """Zero-config: fully_shard an unplanned model; it plans (unsharded) at its first call."""
+    from torch.distributed.fsdp import fully_shard
+
+    us = unit_scale(make_model())
+    fully_shard(us)
+    res = _train(us, rank, make_opt(us.parameters(), "sgd", LR), us)
+    res["fingerprint"] = check_plan_consistent(us)
+    return res
 
 
 SETUPS = {
     "unsynced": setup_unsynced,
-    "lazy": setup_lazy,
+    "lazy_ddp": setup_lazy_ddp,
+    "lazy_fsdp2": setup_lazy_fsdp2,
     "ddp_mean_sgd": lambda r: setup_ddp(r, False, "sgd"),
     "ddp_hook_sgd": lambda r: setup_ddp(r, True, "sgd"),
     "ddp_hook_adam": lambda r: setup_ddp(r, True, "adam"),

@@ -35,17 +35,8 @@ def results(tmp_path_factory):
 
 
 def _single(opt_name: str, lr_factor: float = 1.0) -> dict:
-    """One process, with rank 0's plan, trained on the combined batches.
-
-    Planning measures on real data, so it runs with the worker's thread count
-    (reductions in another order would change the last bits of the scales).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        us = unit_scale(make_model(), local(batches()[0], 0))
-    finally:
-        torch.set_num_threads(threads)
+    """One process, planned on the whole first batch, trained on the combined batches."""
+    us = unit_scale(make_model(), batches()[0])
     opt = make_opt(us.parameters(), opt_name, LR, lr_factor)
     first, losses = None, []
     for b in batches():
@@ -74,7 +65,15 @@ def _ok(res: dict) -> dict:
     return res
 
 
+def _rel_diff(a: dict, b: dict) -> float:
+    """``|a - b| / |b|`` over all parameters together."""
+    num = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b)
+    den = sum(float(b[k].double().pow(2).sum()) for k in b)
+    return math.sqrt(num / den)
+
+
 def test_ranks_planning_on_their_own_batches_are_caught(results):
+    """plan_across_ranks=False: each rank plans its own half batch; check_plan_consistent says so."""
     res = _ok(results["unsynced"])
     # plans measured on different batches differ (else there would be nothing to catch) ...
     assert len(set(res["fingerprints"])) > 1
@@ -82,8 +81,15 @@ def test_ranks_planning_on_their_own_batches_are_caught(results):
     assert "sync_plan" in res["raised"]
 
 
-def test_lazy_planning_in_a_distributed_job_warns(results):
-    assert _ok(results["lazy"])["warned"]
+@pytest.mark.parametrize("setup", ["lazy_ddp", "lazy_fsdp2"])
+def test_lazy_planning_equals_one_process_on_the_whole_batch(results, setup):
+    """Zero-config data parallel: plan at the first call inside the group (no sync_plan, no hook), SGD, 3 steps."""
+    res = _ok(results[setup])
+    single = _single("sgd")
+    assert res["fingerprint"] == single["fingerprint"]  # every rank, and one process: the same plan
+    assert _rel_diff(res["params"], single["params"]) < 1e-5
+    _close(res["grads"], single["grads"])
+    _close(res["params"], single["params"])
 
 
 def test_mean_reduction_equals_one_process_with_the_same_plan(results):

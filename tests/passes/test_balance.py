@@ -71,8 +71,9 @@ def test_a_cycle_spreads_its_mismatch_and_bridges_are_met_exactly():
     gm, ctx, p = pipeline_until(Shared(), _batch(), "balance", measure=False)
     run_pass(gm, ctx, p)
     recs = {n.name: r for n, r in ctx.potentials.recs.items()}
-    # the shared weight's cycle: linear, relu, linear_1 all give a little, none gives much
-    assert [k for k, r in recs.items() if r.constrained] == ["linear", "relu", "linear_1"]
+    # the shared weight's cycle: with potentials from the reverse sweep (unit gradients at the nodes),
+    # the mismatch lands on the shared parameters' edges into linear and linear_1; none gives much
+    assert [k for k, r in recs.items() if r.constrained] == ["linear", "linear_1"]
     worst = max(abs(math.log(b / r.ideal_bwd[k])) for r in recs.values() for k, b in r.bwd.items())
     assert 1e-3 < worst < math.log(1.05)
     # every free edge that is a bridge is fitted exactly (here: all edges into the readout and the loss)
@@ -101,7 +102,8 @@ def test_every_parameter_gets_phi_times_its_true_gradient():
             expected = math.exp(pots.log_phi[pots.cls(node)])
             # float32; the generated code applies scale factors inside the GEMMs (alpha), which rounds
             # a little differently from the twin's factors (one element in 1024 off by 2.4e-7)
-            torch.testing.assert_close(grads[0][name], expected * grads[1][name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grads[0][name], expected * grads[1][name], rtol=1e-4,
+                                       atol=1e-6 * max(1.0, expected))
             ratios[name] = expected
     assert set(ratios) == {n for n, _ in gm.named_parameters()}
     assert max(ratios.values()) / min(ratios.values()) > 1.5  # the potentials differ: the check has teeth

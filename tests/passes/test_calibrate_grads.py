@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,9 +62,12 @@ def test_measured_potentials_make_weight_gradients_unit():
     assert (abs(ctx.potentials.log_phi - old) > 1e-3).any()  # it moved some potentials
     assert all("gradient scales calibrated" in r.note for r in ctx.potentials.recs.values()
                if r.kind not in ("preserve", "unsupported", "excluded"))
-    # what it says the gradients will measure is 1 ...
+    # what it says the gradients will measure is 1 at activations; parameters take the rule's value with one
+    # pooled measured correction (issue 13: their own measurement is sampling noise), so near 1 ...
     grads = {n.name: g for n, g in ctx.measured_grads.items()}
-    assert {k for k, g in grads.items() if not 0.99 < g < 1.01} == {"k_bias"}, grads
+    params = {n.name for n in ctx.measured_grads if n.op == "get_attr"}
+    assert {k for k, g in grads.items() if k not in params and not 0.99 < g < 1.01} == set(), grads
+    assert {k for k, g in grads.items() if k in params and not 0.25 < g < 4} == {"k_bias"}, grads
     assert grads["k_bias"] < 1e-6  # softmax ignores a shift shared by all keys: no signal, left alone
     # ... and they do: rewrite the graph and measure the weights' gradients on the same batch
     gm2, _, _ = pipeline_until(Attn(), (x, y), "recompile")
@@ -72,7 +77,7 @@ def test_measured_potentials_make_weight_gradients_unit():
     gm3.recompile()
     calibrated, analytic = _weight_grad_rms(gm2, x, y), _weight_grad_rms(gm3, x, y)
     err = lambda d: max(abs(torch.log(torch.tensor(v)).item()) for v in d.values())  # noqa: E731
-    assert err(calibrated) < 0.25, calibrated
+    assert err(calibrated) < math.log(2.0), calibrated  # in [1/2, 2]; parameters pooled (issue 13)
     assert err(calibrated) < err(analytic), (calibrated, analytic)
     # and gradients stay valid: each is a positive multiple of the true one
     cos = gradient_cosines(gm2, *_batch(1))

@@ -137,7 +137,7 @@ def test_writes_through_views_are_kept(case, export):
     us = _check(Writer(CASES[case], export), torch.randn(6, 4))
     if case != "setitem":  # torch.fx cannot trace item assignment: that one is always exported
         assert us.us_capture == ("torch.export" if export else "symbolic_trace")
-    targets = {n.target for n in us.graph.nodes}
+    targets = {n.target for n in us.us_module.graph.nodes}
     assert not {t for t in targets if isinstance(t, str) and t.endswith("_") and not t.startswith("_")}
 
 

@@ -172,7 +172,7 @@ def test_tensor_causal_mask_is_read_as_causal():
 
     make, inputs = CASES["sdpa_causal_mask_tensor"]
     us = unit_scale(make(), inputs(), measure=False)
-    masks = [n for n in us.graph.nodes if MASK_KEYS in n.meta]
+    masks = [n for n in us.us_module.graph.nodes if MASK_KEYS in n.meta]
     assert len(masks) == 1 and masks[0].meta[MASK_KEYS][:4] == [1, 2, 3, 4]
     causal = unit_scale(CASES["sdpa_gqa"][0](), CASES["sdpa_gqa"][1](), measure=False)
     plain = unit_scale(Op(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v)), inputs(), measure=False)

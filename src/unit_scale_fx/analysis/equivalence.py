@@ -69,11 +69,26 @@ def _erase(graph: fx.Graph) -> int:
     return erased
 
 
-def scale_erased_copy(us_model: nn.Module) -> fx.GraphModule:
+def _erase_module(gm: fx.GraphModule) -> None:
+    _erase(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def scale_erased_copy(us_model: nn.Module) -> nn.Module:
     """A copy of the planned unit-scaled module with every inserted scale set to 1 (forward and backward).
 
     The copy has its own parameters and buffers (copies of ``us_model``'s).
     """
+    state = us_model.__dict__.get("_us_state")
+    if state is not None:  # the user's class kept (api.UnitScaledModel): graphs are captured per call signature
+        if state.records is None or state.backend is not None:
+            raise UnitScaleError("the unit-scaled model is not planned yet, or runs through dynamo",
+                                 where="scale_erased_copy",
+                                 fix="call the model once first; models unit-scaled through dynamo are not supported")
+        erased_model = copy.deepcopy(us_model)  # the copy captures again at its first call, with the same scales
+        erased_model.__dict__["_us_state"].post_capture = _erase_module
+        return erased_model
     gm = _graph_module(us_model)
     if not getattr(gm, "us_planned", True):
         raise UnitScaleError("the unit-scaled module is not planned yet", where="scale_erased_copy",

@@ -38,6 +38,27 @@ class MatmulOperand:
     role: str  # "left", "right", "grad", "q", "k", "v"
     shape: tuple[int, ...]
     rms: float
+    #: forward operands: the mean cosine between different rows (positions) of the operand,
+    #: ``[..., rows, features]`` flattened to rows; near 1 when positions have collapsed to one vector
+    row_cos: Optional[float] = None
+
+
+def row_cosine(t: torch.Tensor, group: Optional[int] = None) -> Optional[float]:
+    """Mean cosine between distinct rows of ``t`` (all leading dims flattened), in O(rows * features).
+
+    ``group``: rows come in consecutive blocks of this many (the positions of one sequence, when a
+    ``[batch, seq, features]`` activation was flattened for a matmul): only pairs within a block count.
+    """
+    if t.dim() < 2 or not t.is_floating_point():
+        return None
+    x = t.detach().reshape(-1, t.shape[-1]).double()
+    n = x.shape[0]
+    g = n if not group or n % group else group
+    if g < 2:
+        return None
+    u = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)).reshape(n // g, g, -1)
+    s = u.sum(1)
+    return float(((s * s).sum(-1) - g).mean() / (g * (g - 1)))
 
 
 def _key(t: torch.Tensor) -> int:
@@ -50,8 +71,10 @@ def _key(t: torch.Tensor) -> int:
 class MatmulRecorder(TorchDispatchMode):
     """Record matmul operands. Use :meth:`backward` to mark the start of backward."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq_len: Optional[int] = None) -> None:
         super().__init__()
+        #: rows of a forward operand per sequence, for the cross-position cosine (``None``: all rows)
+        self.seq_len = seq_len
         self.records: list[MatmulOperand] = []
         self.phase = "fwd"
         self._fwd_storages: set[int] = set()
@@ -72,7 +95,8 @@ class MatmulRecorder(TorchDispatchMode):
             a, b = (args[i] for i in _MATMULS[func])
             if self.phase == "fwd":
                 for role, t in (("left", a), ("right", b)):
-                    self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), rms(t)))
+                    self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), rms(t),
+                                                      row_cosine(t, self.seq_len) if role == "left" else None))
                     self._fwd_storages.add(_key(t))
             else:
                 for t in (a, b):
@@ -107,6 +131,14 @@ def record_matmul_operands(model: torch.nn.Module, *inputs: Any,
         loss.backward()
     rec._keep.clear()
     return rec.records
+
+
+def last_row_cosine(records: list[MatmulOperand]) -> Optional[float]:
+    """The row cosine of the last forward left operand of a matmul (``mm``/``addmm``: a readout or head input)."""
+    for r in reversed(records):
+        if r.phase == "fwd" and r.role == "left" and r.op in ("mm", "addmm") and r.row_cos is not None:
+            return r.row_cos
+    return None
 
 
 def fraction_in_band(records: list[MatmulOperand], lo: float = 0.5, hi: float = 2.0,

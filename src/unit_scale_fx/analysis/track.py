@@ -439,3 +439,33 @@ def track_scales(
 
 
 __all__ = ["Measured", "NodeScale", "ScaleReport", "measure_nodes", "short_op", "track_scales"]
+
+
+def predicted_operands(gm: fx.GraphModule) -> list:
+    """The plan's own prediction of the matmul operands :func:`~.recorder.record_matmul_operands` measures.
+
+    Forward: the predicted RMS of each operand of every matmul-class op (weights: 1, as
+    ``init_weights`` makes them); backward: the predicted gradient RMS at the op's output. Needs no
+    data and no memory, so it works on a model planned on the meta device (a "bands prediction").
+    """
+    from .recorder import MatmulOperand
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.meta.get(INSERTED):
+            continue
+        ops = matmul_operands(node, gm)
+        rec: Optional[ScaleRecord] = node.meta.get(META_KEY)
+        if not ops or rec is None:
+            continue
+        name = node_op_name(node, gm)
+        for role, a in zip(("left", "right", "v"), ops):
+            src = original(a)
+            r = src.meta.get(META_KEY)
+            rms = r.fwd_rms if r is not None else (1.0 if src.op == "get_attr" else None)
+            if rms is not None:
+                val = src.meta.get("val")
+                out.append(MatmulOperand(name, "fwd", role, tuple(getattr(val, "shape", ())), float(rms)))
+        if rec.bwd_rms is not None:
+            out.append(MatmulOperand(name, "bwd", "grad", tuple(rec.shape or ()), float(rec.bwd_rms)))
+    return out

@@ -32,6 +32,9 @@ LossFn = Callable[[Any], torch.Tensor]
 
 def _graph_module(model: nn.Module) -> fx.GraphModule:
     inner = getattr(model, "module", model)  # DistributedDataParallel / DataParallel wrap ``.module``
+    if "_us_state" in inner.__dict__ and not isinstance(inner, fx.GraphModule):
+        # the user's class kept (api.UnitScaledModel): its planned graph takes the call's tensors in order
+        inner = inner.us_module
     if not isinstance(inner, fx.GraphModule):
         raise UnitScaleError(
             f"expected a unit-scaled module (an fx.GraphModule), got {type(model).__name__}",

@@ -1,7 +1,7 @@
 """``unit-scale-fx`` (also ``python -m unit_scale_fx``): see what unit scaling does to a model.
 
     unit-scale-fx dump TARGET [--stage before|after|diff] [--format text|python|dot|svg] [-o FILE]
-    unit-scale-fx report TARGET [--png FILE] [--json FILE] [--only matmul|outliers]
+    unit-scale-fx report TARGET [--png FILE] [--json FILE] [--only matmul|outliers] [--analytic]
     unit-scale-fx demo
 
 TARGET is a built-in (``gpt``, ``mlp``), ``package.module:factory`` or
@@ -64,7 +64,7 @@ def _load(args: argparse.Namespace, seed: Optional[int] = None) -> Any:
     return with_inputs(target, args.input_shape, args.kwarg_shape, args.inputs, params, seed or 0)
 
 
-def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
+def _unit_scale(target: Any, command: str, debug: bool = False, **overrides: Any) -> Any:
     """unit_scale the target; warnings become one line each, and what torch prints on
     stderr while a capture fails (torch.export prints the partial graph) is dropped unless --debug."""
     import contextlib
@@ -78,12 +78,14 @@ def _unit_scale(target: Any, command: str, debug: bool = False) -> Any:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with contextlib.redirect_stderr(sys.stderr if debug else noise):
-            us = unit_scale(target.model, inputs, dynamo_fallback=False)  # dump/report need one graph
+            us = unit_scale(target.model, inputs, dynamo_fallback=False, **overrides)  # dump/report need one graph
     sys.stderr.write(noise.getvalue())
     for w in caught:  # ours, one line each (torch's own deprecation notices are not the user's business)
         if "unit_scale_fx" in str(w.filename).replace("\\", "/"):
             print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
-    return us
+    # a model torch.fx cannot trace keeps its class; dump and report work on its planned graph, which
+    # takes the (positional, tensor) inputs flat and returns its outputs as a tuple
+    return getattr(us, "us_module", us)
 
 
 def _attr(root: Any, target: str) -> Any:
@@ -188,6 +190,21 @@ def band_summary(before: Any, after: Any) -> str:
     return "\n".join(lines)
 
 
+def analytic_gap(target: Any, inputs: Any, measured_plan: Any, args: argparse.Namespace) -> str:
+    """The same model planned on shapes alone (``measure=False``, what the meta device gets), measured
+    on the same inputs: the gap between analytic and measured planning, matmul operands, fwd and bwd."""
+    from ..analysis.track import track_scales
+
+    analytic = track_scales(_unit_scale(target, "report", args.debug, measure=False), *inputs)
+    lines = []
+    for label, rep in (("measured plan", measured_plan), ("analytic plan", analytic)):
+        mm = rep.matmul_operands()
+        parts = [f"{ph} {mm.fraction_in_band(0.5, 2.0, ph):.0%}" for ph in ("fwd", "grad")]
+        lines.append(f"{label} (measure={label.startswith('measured')}): matmul operands in [1/2, 2]: "
+                     + ", ".join(parts) + f"; in [1/8, 8]: {mm.fraction_in_band(0.125, 8.0):.0%}")
+    return "\n".join(lines)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ..analysis.track import track_scales
 
@@ -215,6 +232,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(band_summary(before.ops(), after.ops()))
     checks = trust_checks(target.model, us, inputs)
     print(checks["text"])
+    if args.analytic:
+        print(analytic_gap(target, inputs, after, args))
     if args.full:
         print()
         print(after)
@@ -387,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure-seed", type=int, metavar="N",
                    help="measure on the batch the factory makes with seed=N (the factory must take seed), "
                    "not on the batch the scales were planned on")
+    r.add_argument("--analytic", action="store_true",
+                   help="also plan on shapes alone (measure=False, as on the meta device) and print the matmul "
+                        "operands in band for both plans: the analytic-measured gap")
     r.add_argument("--full", action="store_true", help="also print the unit-scaled report with predictions and scales")
     r.set_defaults(func=cmd_report)
 

@@ -73,6 +73,11 @@ def _needs_grad(u: fx.Node, gm: fx.GraphModule) -> bool:
     return True
 
 
+def _numel(n: fx.Node) -> int:
+    val = n.meta.get("val")
+    return int(val.numel()) if hasattr(val, "numel") else 0
+
+
 def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: list[int]) -> np.ndarray:
     """Least squares for ``x[i] - x[j] = c`` (weight w) and ``x[a] = 0``: the normal equations."""
     # dense solve for small systems; above that the sparse CG below (a 48-layer GPT: 0.02 s vs 0.5 s dense)
@@ -176,6 +181,18 @@ class Potentials:
     def cls(self, n: fx.Node) -> int:
         return self.index[self.uf.find(n)]
 
+    def loss_classes(self) -> set[int]:
+        """The reference potentials (1): the losses the graph returns (its 0-dim outputs), else its loss ops.
+
+        A loss returned as ``sum / num_items`` is the output; the cross entropy before the
+        division receives ``1 / num_items`` of the gradient, so it cannot be the reference.
+        """
+        out = next((n for n in reversed(self.gm.graph.nodes) if n.op == "output"), None)
+        leaves = torch.utils._pytree.tree_leaves(out.args) if out is not None else []
+        scalars = {self.cls(n) for n in leaves if isinstance(n, fx.Node) and n in self.recs
+                   and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0}
+        return scalars or {self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS}
+
     def members(self) -> dict[int, list[fx.Node]]:
         out: dict[int, list[fx.Node]] = {}
         for n in self.g:
@@ -196,12 +213,44 @@ class Potentials:
         n_edges = len(rows)
         rows += [(self.cls(n), self.output_cls, 0.0, 1.0) for n in self.output_leaves]  # ideally the true gradient
         pinned = self.pinned()
-        anchors = sorted({self.cls(n) for n, rec in self.recs.items() if rec.kind == Kind.LOSS} | pinned)
+        anchors = sorted(self.loss_classes() | pinned)
         if rows:
             self.log_phi = solve_laplacian(len(self.index) + 1, rows, anchors)
         for c in pinned:  # exactly 1, not only near it (any potentials are valid, if all outputs share one)
             self.log_phi[c] = 0.0
         return n_edges
+
+    def fit_unit_grads(self, true_rms: dict[fx.Node, float]) -> int:
+        """Potentials ``phi = 1 / (predicted true-gradient RMS)``: the gradient at each class is unit.
+
+        ``true_rms`` comes from a reverse sweep of the rules' gains (:func:`.plan.true_grad_rms`).
+        Each class takes the prediction at its largest matmul output (whose gradient the backward
+        matmuls consume), else at its largest member (the fullest view of the value);
+        classes without a prediction keep the least-squares fit. Any positive potentials are
+        valid, so this only chooses their size, as :mod:`.calibrate_grads` does by measurement.
+        """
+        best: dict[int, tuple[tuple[bool, int], float]] = {}
+        for n, g in true_rms.items():
+            if n not in self.g or not (g > 0 and math.isfinite(g)):
+                continue
+            c = self.cls(n)
+            # a matmul's output first: its gradient is what the backward matmuls consume
+            rec = self.recs.get(n)
+            key = (rec is not None and rec.kind in ("matmul", "attention"), _numel(n))
+            if c not in best or key > best[c][0]:
+                best[c] = (key, g)
+        if not best:
+            return 0
+        typical = float(np.median([g for _, g in best.values()]))
+        done = 0
+        for c, (_, g) in best.items():
+            if g < 1e-4 * typical:
+                continue  # a gradient that is zero up to rounding (a bias before a norm): keep the fit
+            self.log_phi[c] = -math.log(g)
+            done += 1
+        for c in self.pinned():  # the outputs' class and values shared with other graphs stay at exactly 1
+            self.log_phi[c] = 0.0
+        return done
 
     def assign(self) -> None:
         """Write ``b_uv = f_uv * phi_u / phi_v`` into every record."""
@@ -227,8 +276,12 @@ class Potentials:
 def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.config.constraint != "potential":
         return PassResult(False, f"local constraint {ctx.config.constraint!r}: nothing to do")
+    from .plan import true_grad_rms
+
     pots = Potentials(gm, ctx)
     n_rows = pots.fit_ideal()
+    n_swept = pots.fit_unit_grads(true_grad_rms(gm, ctx.scales))
     pots.assign()
     ctx.potentials = pots
+    log.debug("balance: %d of %d potentials from a reverse sweep of the rules' gains", n_swept, len(pots.index))
     return PassResult(False, f"{len(pots.index)} potentials from {n_rows} edges")

@@ -51,6 +51,9 @@ class PassContext:
     boundary: set[str] = field(default_factory=set)
     #: RMS of floating-point placeholders by name; shape_prop measures the ones not given here.
     input_rms: dict[str, float] = field(default_factory=dict)
+    #: how measurements become numbers (:class:`~.stats.Stats`): local, or summed over a process group
+    #: (:func:`~.stats.planning_stats`); None: local
+    stats: Any = None
 
     # -- produced by passes -------------------------------------------------------------
     #: the placeholders' real values (None when inputs are fake or on the meta device); shape_prop

@@ -9,6 +9,20 @@ potential ``phi_u = 1 / (m_u / phi_u)`` makes the measured gradient exactly unit
 Any positive potentials give valid gradients, so this only changes their size.
 Where rules cannot know the gradient (attention queries and keys, correlated
 values), this is what makes backward RMS land near 1.
+
+**Noise.** A vector parameter (a bias, a norm gain) has a gradient that sums its
+per-row contributions over the whole batch and is seen through only ``d``
+numbers: its measured RMS is dominated by sampling noise (two batches of the
+same distribution gave potentials 2x apart). Such classes take their potential
+from the measured class they feed, through the rule's ideal backward scale
+(the analytic value), so plans do not wobble. Measured RMS values are rounded
+to a few significant bits (:mod:`.stats`), so the thread count does not change them.
+
+**Data parallel.** Measurements go through ``ctx.stats`` (:mod:`.stats`): inside a
+process group, gradients at batch-carrying values add up their squares and counts
+over ranks, gradients of values every rank holds whole (parameters, a scalar loss)
+are summed over ranks, and each rank's loss is seeded with ``1 / world`` (DDP's mean).
+Every rank then gets the potentials one process would get on the combined batch.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
 from .fold_scales import SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
+from .stats import LOCAL, round_bits, sum_count
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +55,22 @@ class _ScaledRun(fx.Interpreter):
     measured by a hook the moment backward computes it, and then dropped.
     """
 
-    def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float]) -> None:
+    def __init__(self, gm: fx.GraphModule, output_bwd: dict[str, float], batch: set, keep_whole: bool) -> None:
         super().__init__(gm, garbage_collect_values=True)
         #: returned value name -> the backward-only scale between it and the caller
         self.output_bwd = output_bwd
-        #: node -> RMS of its gradient (filled during backward)
-        self.grads: dict[fx.Node, float] = {}
-        #: node -> number of elements of its value
+        #: batch-carrying nodes (their gradients are summarised at once; others are kept whole)
+        self.batch = batch
+        #: node -> (sum of squares, element count) of its gradient, for batch-carrying nodes (filled in backward)
+        self.batch_acc: dict[fx.Node, torch.Tensor] = {}
+        #: node -> its gradient, for values every rank holds whole (parameters and what derives from them alone)
+        self.whole: dict[fx.Node, torch.Tensor] = {}
+        #: node -> RMS of its gradient, for those values on one process (no rank sums needed)
+        self.whole_rms: dict[fx.Node, float] = {}
+        self.keep_whole = keep_whole
+        #: node -> number of elements and dimensions of its value
         self.sizes: dict[fx.Node, int] = {}
+        self.dims: dict[fx.Node, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
@@ -76,13 +99,18 @@ class _ScaledRun(fx.Interpreter):
             if not rec.weights and not before and rec.fwd != 1.0 and isinstance(value, torch.Tensor):
                 value = scale(value, rec.fwd, 1.0)
         if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
-            self.sizes[n] = value.numel()
+            self.sizes[n], self.dims[n] = value.numel(), value.dim()
             value.register_hook(self._measure(n))
         return value
 
     def _measure(self, n: fx.Node):
         def hook(g: torch.Tensor) -> None:
-            self.grads[n] = rms(g)
+            if n in self.batch and g.dim() > 0:
+                self.batch_acc[n] = sum_count(g)
+            elif self.keep_whole:
+                self.whole[n] = g.detach()
+            else:  # one process: the RMS now, nothing kept
+                self.whole_rms[n] = rms(g)
 
         return hook
 
@@ -93,10 +121,68 @@ def _target(n: fx.Node) -> Any:
         return None
 
 
+def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
+                      rows: dict[fx.Node, float], measured: dict[int, float], pool: dict[int, int]) -> int:
+    """Potentials of vector-parameter classes from the measured classes they feed, through the rules.
+
+    On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
+    ``v``'s is; ``b_uv = f_uv * phi_u / phi_v`` then gives ``log phi_u``. The ideal scale
+    of a parameter used by every row goes as ``rows ** -0.5``: where ``v`` carries the batch,
+    it is corrected from the local to the global row count (``rows``: local / global).
+    A class with no measured consumer moves with the mean shift of the measured classes.
+
+    The rules assume rows that are independent; real gradients are not (a bias gradient has
+    a mean over the batch). One correction, the median over all these classes of measured
+    minus analytic (``measured``: class -> measured log potential), pools their measurements:
+    the level stays measured, the per-class noise goes.
+    """
+    shift = float(np.mean([new[c] - old[c] for c in done])) if done else 0.0
+    analytic: dict[int, float] = {}
+    for cls in noisy:
+        logs = []
+        for u, v in pots.free:
+            if pots.cls(u) != cls or pots.cls(v) not in done:
+                continue
+            rec = pots.recs[v]
+            f = rec.weights.get(u.name, 1.0) if rec.weights else rec.fwd
+            ideal = rec.ideal_bwd.get(u.name)
+            if not ideal or not f:
+                continue
+            logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0)))
+        analytic[cls] = float(np.mean(logs)) if logs else old[cls] + shift
+    pooled = {}
+    for k in set(pool.values()):
+        both = [measured[c] - a for c, a in analytic.items() if c in measured and pool.get(c) == k]
+        pooled[k] = float(np.median(both)) if both else 0.0
+    for cls, a in analytic.items():
+        # rounded as measurements are: the same on every rank and for one process on the whole batch
+        new[cls] = math.log(round_bits(math.exp(a + pooled.get(pool.get(cls), 0.0))))
+    return len(analytic)
+
+
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
 #: calibration moves a potential by at most this (log) factor from the analytic fit
 _MAX_STEP = math.log(2.0 ** 10)
+
+
+def _batch_nodes(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
+    """Nodes whose value is computed from the batch: reached from a placeholder that is not a parameter
+    through tensor values (a size read from the batch, and positions built from it, carry no batch)."""
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.name not in ctx.param_inputs:
+                out.add(n)
+        elif any(u in out for u in n.all_input_nodes) and _holds_tensor(n.meta.get("val")):
+            out.add(n)
+    return out
+
+
+def _holds_tensor(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
 
 
 @declare('calibrate_grads', needs=('potentials',), produces=('measured_grads',))
@@ -104,37 +190,67 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = ctx.potentials
     if pots is None or ctx.real_values is None or not ctx.config.measure:
         return PassResult(False, "skipped (no real inputs or not the potential constraint)")
+    stats = ctx.stats or LOCAL
+    batch = _batch_nodes(gm, ctx)
     with preserved_state(gm), torch.enable_grad():
-        run = _ScaledRun(gm, pots.output_bwd())
+        run = _ScaledRun(gm, pots.output_bwd(), batch, keep_whole=stats.world > 1)
         out = run.run(*ctx.real_values)
         try:
             # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
-            loss = output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary)
+            # over ranks, the mean of the ranks' losses (DDP's convention)
+            loss = output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary) / stats.world
             del out
             loss.backward()
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
         del loss
-        grads, sizes = run.grads, run.sizes
+        # reduce over ranks in graph order (the same on every rank)
+        grads: dict[fx.Node, float] = {}
+        rows: dict[fx.Node, float] = {}  # batch-carrying nodes: local / global element count
+        vector: dict[fx.Node, int] = {}  # parameters (pool: 1-D or more): noise-dominated measurements
+        for n in gm.graph.nodes:
+            if n in run.batch_acc:
+                r, count = stats.rms_of_sums(run.batch_acc[n], bits=None)
+                if r is not None:
+                    grads[n], rows[n] = r, run.sizes[n] / count
+            elif n in run.whole or n in run.whole_rms:
+                # held whole by every rank: its global gradient is the sum of the ranks' shares
+                grads[n] = stats.tensor_rms(run.whole[n], bits=None) if n in run.whole else run.whole_rms[n]
+                if run.dims[n] >= 1 and (n.op == "get_attr" or n.name in ctx.param_inputs):
+                    vector[n] = min(run.dims[n], 2)
+        sizes = run.sizes
+        run.whole.clear()
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
+    noisy: set[int] = set()
+    pool: dict[int, int] = {}
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
             node = max(measured, key=sizes.__getitem__)  # the fullest view of the class
-            g = grads[node] / math.exp(old[cls])
+            g = round_bits(grads[node] / math.exp(old[cls]))  # the true gradient's RMS, rounded
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g
+                if node in vector:
+                    noisy.add(cls)
+                    pool[cls] = vector[node]
     updated = 0
+    done: set[int] = set()
     if true_rms:
-        typical = float(np.median(list(true_rms.values())))
+        typical = float(np.median([g for c, g in true_rms.items() if c not in noisy] or list(true_rms.values())))
         for cls, g in true_rms.items():
             if g < _NO_SIGNAL * typical:
+                noisy.discard(cls)
                 continue  # a gradient that is zero up to rounding (a bias before a norm): no signal to scale
+            if cls in noisy:
+                continue
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
+            done.add(cls)
             updated += 1
+    measured_log = {c: -math.log(g) for c, g in true_rms.items() if c in noisy}
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows, measured_log, pool)
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are
     # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.

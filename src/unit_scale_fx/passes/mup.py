@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import MupConfig
 from ..record import ARG_SCALE_KEY, META_KEY, ROLES_META_KEY
-from ..rules.matmul import matmul_operands
+from ..rules.matmul import logit_matmul_of, matmul_operands
 from ..rules.registry import Kind, OpView, aten, float_tensor_inputs, lookup
 from .base import PassContext, PassResult, declare
 from .roles import branch_regions, residual_streams, weighted_ops
@@ -139,7 +139,7 @@ def mup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rule = lookup(node, gm)
         if rule is None or not float_tensor_inputs(node):
             continue
-        if rule.kind == Kind.SOFTMAX and node in attn_nodes:
+        if rule.kind == Kind.SOFTMAX and (node in attn_nodes or logit_matmul_of(node, gm) is not None):
             d = _logit_dim(node, gm)
             if d is None:
                 log.info("mup: softmax %s: no q @ k^T matmul found; logits left as they are", node.name)

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
 from ..errors import UnitScaleError
 from ..record import INSERTED, META_KEY, ScaleRecord
+from ..rules.matmul import LOGITS, logit_matmuls
 from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
+from .stats import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,10 @@ def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
 
 
 def _tensor_rms(t: torch.Tensor) -> Optional[float]:
+    """A parameter's or buffer's RMS (the same on every rank; rounded as every measurement is)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
         return None
-    return rms(t)
+    return LOCAL.rms(t)
 
 
 def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:
@@ -64,8 +67,13 @@ class _Planner:
         self.gm, self.ctx, self.cfg, self.topo = gm, ctx, ctx.config, ctx.topology
         self.init_kinds = ctx.init_kinds
         self.rms: dict[fx.Node, Optional[float]] = {}
+        #: predicted cross-position correlation of each value (0 for inputs and parameters)
+        self.rho: dict[fx.Node, float] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
+        self.loss_cone = loss_cone(gm, ctx.param_inputs)
+        self.counts: dict[fx.Node, float] = {}  # RMS of integer tensors (measured planning only)
+        self.logit_matmuls = logit_matmuls(gm)
 
     def source_rms(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -80,6 +88,7 @@ class _Planner:
         known = [self.rms[i] for i in inputs if self.rms.get(i) is not None and math.isfinite(self.rms[i])]
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
+        self.rho[node] = max((self.rho.get(i, 0.0) for i in inputs), default=0.0)
         if node.meta.get(INSERTED):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
@@ -96,13 +105,26 @@ class _Planner:
             return None
         context: dict = {"params": {i for i in inputs
                                    if _source_param(i, self.gm, self.ctx.param_inputs) is not None}}
+        if node in self.logit_matmuls:
+            context[LOGITS] = True
         res = self.topo.residuals.get(node)
         if res is not None:
             context["residual"] = (res.skip, res.branch, res.tau)
-        view = OpView(node, inputs, {i: self.rms.get(i) for i in inputs},
+        in_rms = {i: self.rms.get(i) for i in inputs}
+        # integer tensors measured on the example batch (a token count a loss is divided by)
+        in_rms.update({i: self.counts[i] for i in node.all_input_nodes if i in self.counts})
+        view = OpView(node, inputs, in_rms,
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
-                      context=context)
+                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
+        if node in self.loss_cone:
+            _keep_value(s, rule)
+        if s.out_rho is not None:
+            self.rho[node] = s.out_rho
+        else:  # carried over from the activations (a weight's rows are not positions)
+            acts = [i for i in inputs if i not in context["params"]] or inputs
+            w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
+            self.rho[node] = sum(wi * self.rho.get(i, 0.0) for wi, i in zip(w, acts)) / max(sum(w), 1e-30)
         self.scales[node], self.rules[node] = s, rule
         return s
 
@@ -127,6 +149,56 @@ class _Planner:
         return rec
 
 
+def loss_cone(gm: fx.GraphModule, param_inputs: dict) -> set[fx.Node]:
+    """The ops that compute a loss from the model's outputs: their forward values are kept.
+
+    An op is in the cone when no parameter is used at or after it and its value reaches
+    the graph's outputs only as single numbers (0-dim outputs: the loss, an auxiliary
+    loss). ``sum / num_items``, ``loss + coef * aux_loss``, a hand-written mean squared
+    error: all keep the value the user's code computes from the (unit-scaled) logits;
+    only their backward scales are planned.
+    """
+    nodes = list(gm.graph.nodes)
+    out = next((n for n in reversed(nodes) if n.op == "output"), None)
+    if out is None:
+        return set()
+    scalar_out = {n for n in _leaves(out.args) if isinstance(n, fx.Node) and _shape(n) == ()}
+    if not scalar_out:
+        return set()
+    feeds_param: dict[fx.Node, bool] = {}
+    cone: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if n.op in ("output", "placeholder", "get_attr"):
+            continue
+        uses = any(_source_param(i, gm, param_inputs) is not None for i in n.all_input_nodes)
+        feeds_param[n] = uses or any(feeds_param.get(u, False) for u in n.users)
+        if feeds_param[n] or not n.users or not is_float(n):
+            continue
+        if all((u.op == "output" and n in scalar_out) or u in cone for u in n.users):
+            cone.add(n)
+    return cone
+
+
+def _leaves(x: object) -> list:
+    if isinstance(x, (tuple, list)):
+        return [y for v in x for y in _leaves(v)]
+    if isinstance(x, dict):
+        return [y for v in x.values() for y in _leaves(v)]
+    return [x]
+
+
+def _keep_value(s: Scales, rule: object) -> None:
+    """An op in the loss cone: forward scale 1; a sum of losses passes each its gradient unchanged."""
+    if s.weights is not None:
+        s.weights = None
+    if getattr(rule, "kind", "") == Kind.ADD:
+        s.bwd = {n: 1.0 for n in s.bwd}
+        s.grad_gain = {n: 1.0 for n in s.bwd}
+    s.fwd, s.fixed_fwd, s.calibrate, s.calibrate_bwd = 1.0, True, False, False
+    s.out_rms = None
+    s.note = (s.note + "; " if s.note else "") + "computes a loss: forward value kept"
+
+
 class _MeasuringPlanner(fx.Interpreter):
     """Plans while running the graph on the real example inputs.
 
@@ -139,6 +211,7 @@ class _MeasuringPlanner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, planner: _Planner) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.planner = planner
+        self.stats = planner.ctx.stats or LOCAL  # local, or summed over the ranks of a process group
 
     def run_node(self, n: fx.Node):
         p = self.planner
@@ -146,12 +219,17 @@ class _MeasuringPlanner(fx.Interpreter):
             value = super().run_node(n)
             if n.op != "output" and is_float(n):
                 p.source_rms(n)
-                measured = _tensor_rms(value) if isinstance(value, torch.Tensor) else None
-                if measured is not None and n.op == "placeholder":
-                    p.rms[n] = measured
+                if n.op == "placeholder" and isinstance(value, torch.Tensor):
+                    measured = self.stats.rms(value)
+                    if measured is not None:
+                        p.rms[n] = measured
             return value
         if not is_float(n):
-            return super().run_node(n)
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+                    and not value.is_complex() and value.dtype != torch.bool and value.device.type != "meta":
+                p.counts[n] = float(abs(value))
+            return value
         s = p.scales_for(n)
         if s is None:
             value = super().run_node(n)
@@ -163,7 +241,7 @@ class _MeasuringPlanner(fx.Interpreter):
             self.env.update(saved)
         else:
             value = super().run_node(n)
-            raw = _tensor_rms(value) if isinstance(value, torch.Tensor) else None
+            raw = self.stats.rms(value) if isinstance(value, torch.Tensor) else None
             if s.calibrate and raw and math.isfinite(raw) and s.fwd:
                 ratio = (1.0 / raw) / s.fwd
                 s.fwd *= ratio
@@ -177,7 +255,7 @@ class _MeasuringPlanner(fx.Interpreter):
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and rec.fwd != 1.0:
                     value = value * rec.fwd
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            measured = _tensor_rms(value)
+            measured = self.stats.rms(value)
             p.rms[n] = measured
             rec = n.meta.get(META_KEY)
             if rec is not None:
@@ -190,6 +268,7 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.topology is None:
         raise UnitScaleError("the plan pass needs the topology pass first", where="pass plan",
                              fix="run the passes in pipeline order")
+    _resolve_taus(gm, ctx)
     planner = _Planner(gm, ctx)
     real = ctx.real_values is not None and ctx.config.measure
     if real:
@@ -212,6 +291,23 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(False, f"{n_rec} records ({how}), {len(ctx.unsupported)} unsupported")
 
 
+def _resolve_taus(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Residual adds whose tau the config leaves open (``None``) follow u-μP's depth rule, stream by stream."""
+    open_ = [a for a, r in ctx.topology.residuals.items() if r.tau is None]
+    if not open_:
+        return
+    from ..config import UNIT_DEPTH_RULE
+    from .mup import depth_taus
+    from .roles import residual_streams
+
+    streams, _ = residual_streams(ctx.topology, gm)
+    for stream in streams:
+        kinds = [ctx.topology.residuals[a].kind for a in stream]
+        for add, tau in zip(stream, depth_taus(kinds, UNIT_DEPTH_RULE)):
+            if ctx.topology.residuals[add].tau is None:
+                ctx.topology.residuals[add].tau = tau
+
+
 def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> None:
     """The local rule: forward and backward scales may differ only on cut edges."""
     if s.weights is not None:
@@ -229,14 +325,26 @@ def _tie_locally(rec: ScaleRecord, node: fx.Node, s: Scales, topo, how: str) -> 
     rec.bwd = {n.name: b for n, b in bwd.items()}
 
 
-@declare('predict_grads', needs=('scales',))
-def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+def forward_factor(rec: ScaleRecord, name: str) -> float:
+    """The factor the forward applies on the edge ``name -> node``: an add's weight, else the output scale."""
+    if rec.kind in ("preserve", "unsupported", "excluded"):
+        return 1.0
+    return rec.weights.get(name, rec.fwd) if rec.weights else rec.fwd
 
-    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+
+def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
+                  edge_factor: Callable[[ScaleRecord, fx.Node], float],
+                  measured: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
+    """Gradient RMS at every floating-point node, from the rules' gains, by one reverse sweep.
+
+    The gradient sent from ``v`` to its input ``u`` has RMS ``grad(v) * gain_vu * edge_factor(rec_v, u)``
+    (``gain_vu``: the rule's ``grad_gain``, the Jacobian's gain); gradients that meet at a value
+    with several readers are independent and add in quadrature. A loss starts at 1, and so does a
+    value the graph returns (its gradient comes from outside). With ``edge_factor`` the forward
+    factor this is the *true* gradient of the scaled forward; with the backward scale, what the
+    gradients will measure.
     """
-    scales_of: dict[fx.Node, Scales] = ctx.scales
-    measured: dict[fx.Node, float] = ctx.measured_grads
+    measured = measured or {}
     grad: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
@@ -252,8 +360,7 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 contribs.append(g)
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
-            fallback = rec.weights.get(node.name, rec.fwd) if rec.weights else 1.0
-            contribs.append(g * gain * rec.bwd.get(node.name, fallback))
+            contribs.append(g * gain * edge_factor(rec, node))
         if node in measured:
             grad[node] = measured[node]
         elif isinstance(node.meta.get("val"), (tuple, list)):
@@ -261,9 +368,30 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0
         else:
             grad[node] = math.sqrt(sum(c * c for c in contribs)) if contribs else 1.0
+    return grad
+
+
+def true_grad_rms(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> dict[fx.Node, float]:
+    """Predicted RMS of the true gradient (of the scaled forward) at every floating-point node."""
+    return reverse_sweep(gm, scales_of, lambda rec, u: forward_factor(rec, u.name))
+
+
+def _chosen_factor(rec: ScaleRecord, u: fx.Node) -> float:
+    fallback = rec.weights.get(u.name, rec.fwd) if rec.weights else 1.0
+    return rec.bwd.get(u.name, fallback)
+
+
+@declare('predict_grads', needs=('scales',))
+def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Predict the RMS of every gradient from the chosen scales (reverse sweep).
+
+    Where ``calibrate_grads`` measured a gradient, the measurement is used.
+    """
+    grad = reverse_sweep(gm, ctx.scales, _chosen_factor, ctx.measured_grads)
+    for node, g in grad.items():
         rec = node.meta.get(META_KEY)
         if rec is not None:
-            rec.bwd_rms = None if rec.kind == Kind.LOSS else grad[node]
+            rec.bwd_rms = None if rec.kind == Kind.LOSS else g
     return PassResult(False, "gradient RMS predicted")
 
 

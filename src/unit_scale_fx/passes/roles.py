@@ -294,8 +294,10 @@ def analyse_roles(gm: fx.GraphModule, topo) -> RoleAnalysis:
 
 
 def roles_of(model: torch.nn.Module) -> RoleAnalysis:
-    """The role analysis of a planned unit-scaled module."""
+    """The role analysis of a planned unit-scaled module (or of the planned graph of a unit-scaled model)."""
     meta = getattr(model, "meta", None)
+    if not isinstance(meta, dict) and hasattr(model, "us_module"):
+        meta = getattr(model.us_module, "meta", None)
     analysis = meta.get(ROLES_META_KEY) if isinstance(meta, dict) else None
     if analysis is None:
         raise UnitScaleError(

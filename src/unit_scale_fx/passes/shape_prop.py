@@ -17,6 +17,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from ..errors import UnitScaleError
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
+from .stats import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,13 @@ def shape_prop(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if tensors and all(t.device.type != "meta" and not _is_fake(t) for t in tensors):
         ctx.real_values = values
+    stats = ctx.stats or LOCAL
     for node, v in zip(gm.graph.find_nodes(op="placeholder"), values):
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and v.numel():
-            ctx.input_rms.setdefault(node.name, rms(v))
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" \
+                and node.name not in ctx.input_rms:
+            r = stats.rms(v)
+            if r is not None:
+                ctx.input_rms[node.name] = r
     if _all_meta(gm, values):
         # A model built on the meta device: meta tensors already carry no data, and running the
         # graph on them directly is ~3x faster than fake-tensor propagation.

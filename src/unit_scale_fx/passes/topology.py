@@ -10,6 +10,7 @@ the forward one there only rescales those gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
@@ -30,7 +31,7 @@ class Residual:
     skip: fx.Node
     branch: fx.Node
     kind: str  # ATTN_BRANCH or MLP_BRANCH
-    tau: float
+    tau: Optional[float]  # None: not fixed by the config; the plan pass applies the depth rule
 
 
 @dataclass

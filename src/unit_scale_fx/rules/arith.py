@@ -65,7 +65,8 @@ class AddRule(Rule):
             rs = max(op.rms(skip), 1e-12)
             rbr = max(op.rms(branch), 1e-12)
             w = {skip: math.sqrt(1 - tau) / rs, branch: math.sqrt(tau) / rbr}
-            s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}")
+            s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}",
+                       out_rho=(1 - tau) * op.rho(skip) + tau * op.rho(branch))
             for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal
                 s.bwd[n], s.grad_gain[n] = 1.0, 1.0
             return s
@@ -74,8 +75,9 @@ class AddRule(Rule):
             return Scales(out_rms=0.0, note="both operands zero")
         s = Scales(fwd=1.0 / total, note="independent add")
         for n in (a, b):
-            # an operand broadcast over k copies receives the sum of k gradients
-            gain = total * math.sqrt(_broadcast(op, n))
+            # an add passes its gradient on unchanged; an operand broadcast over k copies receives
+            # the sum of k independent gradients: the Jacobian's gain is sqrt(k) (not the forward scale)
+            gain = math.sqrt(_broadcast(op, n))
             s.bwd[n], s.grad_gain[n] = 1.0 / gain, gain
         return s
 
@@ -88,7 +90,12 @@ class MulRule(Rule):
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) == 1:
-            return Scales(out_rms=op.rms(op.inputs[0]) * abs(_const(op)), note="product with a constant: kept")
+            # no scale op: the constant stays (a temperature, a query scaling); the gradient carries it too
+            c = abs(_const(op))
+            # a plain number scales the gradient too; a constant tensor (rotary table, mask) is left at gain 1
+            numeric = all(not isinstance(a, fx.Node) for a in op.node.args[:2] if a is not op.inputs[0])
+            return Scales(out_rms=op.rms(op.inputs[0]) * c, grad_gain={op.inputs[0]: c} if numeric else {},
+                          note="product with a constant: kept")
         if len(op.inputs) != 2:
             return Scales(note="product of more than two tensors")
         a, b = op.inputs
@@ -109,13 +116,24 @@ class DivRule(Rule):
         num = op.node.args[0] if op.node.args else None
         den = op.node.args[1] if len(op.node.args) > 1 else None
         if len(op.inputs) == 1:
-            r = op.rms(op.inputs[0])
+            x = op.inputs[0]
+            r = op.rms(x)
             cden, cnum = constant_value(den), constant_value(num)
+            gain = {}
             if cden:
                 r = r / cden
+                if not isinstance(den, fx.Node):
+                    gain = {x: 1.0 / cden}  # the gradient is divided by a plain number too
             elif cnum is not None:
                 r = cnum / r
-            return Scales(out_rms=r, note="quotient with a constant: kept")
+            elif isinstance(den, fx.Node) and den not in op.inputs and op.in_rms.get(den):
+                # divided by a measured integer count (``loss_sum / num_items``): the forward value
+                # is kept, the gradient passed back is made as large as before the division
+                count = float(op.in_rms[den])
+                s = Scales(out_rms=r / count, note=f"quotient with a count ({count:g}): value kept")
+                s.bwd[num], s.grad_gain[num] = count, 1.0 / count
+                return s
+            return Scales(out_rms=r, grad_gain=gain, note="quotient with a constant: kept")
         if len(op.inputs) != 2 or num not in op.inputs or den not in op.inputs:
             return Scales(note="quotient of unexpected operands")
         ra, rb = op.rms(num), op.rms(den)

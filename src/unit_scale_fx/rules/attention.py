@@ -8,6 +8,7 @@ query rows (rows of a causal mask see ``i + 1`` keys).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,6 +45,53 @@ class SoftmaxRule(Rule):
         return Scales(fwd=a, bwd={x: a}, grad_gain={x: out_rms}, note=f"n={n}", calibrate=True, calibrate_bwd=True)
 
 
+#: the probe's query rows (longer sequences are sampled: rows are independent given the keys)
+_PROBE_ROWS = 256
+#: the probe draws enough heads for about this many query rows in all
+_PROBE_TOTAL_ROWS = 4096
+
+
+@functools.lru_cache(maxsize=512)
+def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...],
+                    tk: int) -> tuple[float, float, float, float, float]:
+    """``(out, dq, dk, dv, cross)``: RMS of attention on unit Gaussian q, k, v and a unit Gaussian gradient.
+
+    A Gaussian probe, cached: ``softmax(c q k^T + mask) v`` with ``c = logit_std / sqrt(d)``, query
+    row ``i`` seeing the first ``n_keys[i]`` keys, run forward and backward in float64 on a
+    fixed seed. It gives what closed forms only approximate: the query and key gains depend on the
+    softmax's own Jacobian (``A * (dP - rowsum(A dP))``), which vanishes for rows that see one key
+    and is ``c``-proportional for diffuse rows. For long sequences a sample of query rows is run;
+    each row's contribution to the key and value gradients is independent, so their mean squares
+    are scaled up by ``rows / sampled``. ``cross``: the mean over distinct query rows of
+    ``sum_k A_ik A_jk`` (how much two outputs share; the output correlation for independent values).
+    """
+    tq = len(n_keys)
+    rows = list(range(tq)) if tq <= _PROBE_ROWS else [round(i * (tq - 1) / (_PROBE_ROWS - 1)) for i in range(_PROBE_ROWS)]
+    r = len(rows)
+    heads = max(1, min(64, _PROBE_TOTAL_ROWS // r))
+    gen = torch.Generator().manual_seed(1234)
+    q = torch.randn(heads, r, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(heads, tk, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(heads, tk, dv, generator=gen, dtype=torch.float64, requires_grad=True)
+    visible = torch.tensor([n_keys[i] for i in rows]).unsqueeze(1) > torch.arange(tk).unsqueeze(0)
+    with torch.enable_grad():
+        logits = (q @ k.transpose(-1, -2)) * (logit_std / math.sqrt(d))
+        a = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        out = a @ v
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        gq, gk, gv = torch.autograd.grad(out, (q, k, v), g)
+
+    def ms(t: torch.Tensor) -> float:
+        return float(t.pow(2).mean())
+
+    up = tq / r
+    with torch.no_grad():  # mean over distinct query rows of sum_k A_ik A_jk: what rows share
+        aat = a @ a.transpose(-1, -2)
+        cross = float((aat.sum((-1, -2)) - aat.diagonal(dim1=-2, dim2=-1).sum(-1)).mean()) / max(1, r * (r - 1))
+    return (math.sqrt(ms(out.detach())), math.sqrt(ms(gq)), math.sqrt(ms(gk) * up), math.sqrt(ms(gv) * up),
+            cross)
+
+
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
 class SDPARule(Rule):
     name = "sdpa"
@@ -51,25 +99,45 @@ class SDPARule(Rule):
 
     def scales(self, op: OpView) -> Scales:
         q, k, v = op.arg(0, "query"), op.arg(1, "key"), op.arg(2, "value")
-        qs, ks = op.shape(q), op.shape(k)
+        qs, ks, vs = op.shape(q), op.shape(k), op.shape(v)
         if qs is None or ks is None:
             return Scales(note="shapes unknown")
         d, tq, tk = qs[-1], qs[-2], ks[-2]
+        dv = vs[-1] if vs else d
         scale = op.arg(6, "scale", None)
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        logit_std = scale * math.sqrt(d) * op.rms(q) * op.rms(k)
+        rq, rk, rv = op.rms(q), op.rms(k), op.rms(v)
+        logit_std = scale * math.sqrt(d) * rq * rk
         causal = bool(op.arg(5, "is_causal", False))
         # with a causal mask, query row i sees keys 0 .. i + (tk - tq)
-        n_keys = [min(tk, i + 1 + tk - tq) for i in range(tq)] if causal else tk
+        n_keys = [max(1, min(tk, i + 1 + tk - tq)) for i in range(tq)] if causal else [tk] * tq
         mask = op.arg(3, "attn_mask")
         if isinstance(mask, fx.Node) and mask.meta.get(MASK_KEYS):  # measured by the constants pass
-            n_keys = [max(1, k) for k in mask.meta[MASK_KEYS]]
-        out_rms = op.rms(v) * math.sqrt(mean_sq_weight(logit_std, n_keys))
+            n_keys = [max(1, min(tk, k)) for k in mask.meta[MASK_KEYS]][:tq]
+            n_keys += [tk] * (tq - len(n_keys))
+        out, gq, gk, gv, cross = attention_gains(round(min(logit_std, 8.0), 2), d, dv, tuple(n_keys), tk)
+        # values correlated across positions (rho): each output is a weighted mean of them, so
+        # RMS^2 = rho + (1 - rho) sum_k w_k^2 (relative to the values'), and outputs share more
+        rho = op.rho(v)
+        mean_sq = rho + (1.0 - rho) * out * out
+        out_rho = min(1.0, (rho + (1.0 - rho) * cross) / mean_sq)
+        out = math.sqrt(mean_sq)
+        # grouped-query attention: each key / value head serves several query heads
+        group = qs[-3] / ks[-3] if len(qs) >= 3 and len(ks) >= 3 and ks[-3] and qs[-3] > ks[-3] else 1.0
+        out_rms = rv * out
         a = 1.0 / out_rms
         # Forward: values of nearby positions grow correlated with depth, so the output RMS
-        # is measured when possible. Backward: the gradient into the values is A^T g with
-        # g uncorrelated across positions, so the analytic estimate stays right.
-        s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal}", calibrate=True)
+        # is measured when possible. Backward: the rule's gains come from a Gaussian probe of
+        # the attention's own Jacobian (scaled to the operands' RMS: dq ~ c rk rv, dk ~ c rq rv).
+        s = Scales(fwd=a, note=f"d={d} tq={tq} tk={tk} causal={causal} logit std={logit_std:.3g} value rho={rho:.2f}",
+                   calibrate=True, out_rho=out_rho)
+        # the query and key gradients see dP = g v^T only through the softmax's centring
+        # (dP - rowsum(A dP)): the part of v shared by all positions cancels, leaving sqrt(1 - rho)
+        shared = math.sqrt(max(0.0, 1.0 - rho))
+        gains = {q: gq * rv / rq * shared, k: gk * rv / rk * shared * math.sqrt(group), v: gv * math.sqrt(group)}
         for n in op.inputs:
-            s.bwd[n], s.grad_gain[n] = a, out_rms
+            g = gains.get(n)
+            if g is None or not (g > 0 and math.isfinite(g)):
+                g = out_rms
+            s.bwd[n], s.grad_gain[n] = 1.0 / g, g
         return s

@@ -44,7 +44,8 @@ class BatchNormRule(Rule):
         rx = op.rms(x)
         xs = op.shape(x)
         rows = max(1, math.prod(xs) // xs[1]) if xs and len(xs) > 1 else 1
-        s = Scales(fwd=1.0, bwd={x: rx}, grad_gain={x: 1.0 / rx}, note=f"rows={rows}")
+        s = Scales(fwd=1.0, bwd={x: rx}, grad_gain={x: 1.0 / rx}, note=f"rows={rows}",
+                   out_rho=0.0)  # each channel's mean over batch and positions is removed
         out2 = 1.0
         w, b = a.get("weight"), a.get("bias")
         if op.module is not None:

@@ -45,6 +45,10 @@ _ADDMM = MatmulLayout(1, 2, False, 0)
 
 LAYOUTS: dict[object, MatmulLayout] = {}
 
+#: ``OpView.context`` key: this matmul of two activations computes attention logits (its output
+#: reaches a softmax through constant factors, masks and views only); set by the plan pass.
+LOGITS = "attention_logits"
+
 
 def _prod(xs) -> int:
     p = 1
@@ -76,14 +80,18 @@ class MatmulRule(Rule):
         batch_r = _prod(rs[:-2]) if len(rs) > 2 else 1
         rows = max(1, _prod(ls[:-1]) // max(1, batch_r)) if len(ls) > 1 else 1
         rl, rr = op.rms(left), op.rms(right)
-        fwd = 1.0 / (rl * rr * math.sqrt(k))
+        # attention logits (q @ k^T feeding a softmax, see LOGITS): only the operands are made unit and
+        # the sum over k is kept, as scaled_dot_product_attention keeps it; the model's own 1/sqrt(d)
+        # then sets the temperature, however the attention is spelled
+        logits = bool(op.context.get(LOGITS))
+        fwd = 1.0 / (rl * rr * (1.0 if logits else math.sqrt(k)))
         s = Scales(fwd=fwd)
         gl, gr = rr * math.sqrt(n), rl * math.sqrt(rows)
         if isinstance(left, fx.Node) and left in op.inputs:
             s.bwd[left], s.grad_gain[left] = 1.0 / gl, gl
         if isinstance(right, fx.Node) and right in op.inputs:
             s.bwd[right], s.grad_gain[right] = 1.0 / gr, gr
-        out_rms2 = 1.0
+        out_rms2 = float(k) if logits else 1.0
         if isinstance(bias, fx.Node) and bias in op.inputs:
             out_rows = max(1, _prod(os_) // max(1, os_[-1] if os_ else 1))
             gb = math.sqrt(out_rows)
@@ -93,7 +101,9 @@ class MatmulRule(Rule):
         s.note = f"k={k} n={n} rows={rows}"
         # two activations (attention scores, weighted values) may be correlated: measure
         params = op.context.get("params", set())
-        s.calibrate = left not in params and right not in params
+        s.calibrate = left not in params and right not in params and not logits
+        if logits:
+            s.note += "; attention logits: operands unit, the model's temperature kept"
         return s
 
     def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
@@ -138,6 +148,42 @@ for _lay, _targets in _MATMUL_TARGETS.items():
         if _t is not None:
             LAYOUTS[_t] = _lay
     register(*_targets)(_rule)
+
+
+def logit_matmul_of(softmax: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[fx.Node]:
+    """The matmul of two activations that computes a softmax's input through views, masks and constant
+    factors only (``softmax(q @ k.T / sqrt(d) + mask)``), or None."""
+    from .registry import float_tensor_inputs, lookup
+
+    n = softmax
+    for _ in range(16):
+        ins = float_tensor_inputs(n)
+        if len(ins) != 1:
+            return None
+        n = ins[0]
+        r = lookup(n, root)
+        if r is None:
+            return None
+        if r.name == "matmul":
+            ops = float_tensor_inputs(n)
+            return n if len(ops) == 2 and all(i.op != "get_attr" for i in ops) else None
+        if not (r.preserves_scale or r.kind in ("mul", "add")):
+            return None
+    return None
+
+
+def logit_matmuls(gm: fx.GraphModule) -> set[fx.Node]:
+    """Every matmul that computes attention logits (see :func:`logit_matmul_of`)."""
+    from .registry import lookup
+
+    out = set()
+    for node in gm.graph.nodes:
+        rule = lookup(node, gm)
+        if rule is not None and rule.kind == "softmax":
+            m = logit_matmul_of(node, gm)
+            if m is not None:
+                out.add(m)
+    return out
 
 
 @register(F.embedding, aten("embedding"))

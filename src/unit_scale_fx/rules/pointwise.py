@@ -44,6 +44,24 @@ def _cached_moments(key: Any, consts: tuple, std: float) -> tuple[float, float]:
     return gaussian_moments(f, std)
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_rho(key: Any, consts: tuple, std: float, rho: float) -> float:
+    """Cross-position correlation of ``f(x)``: ``E[f(x_i) f(x_j)] / E[f(x)^2]`` for jointly Gaussian
+    ``x_i, x_j`` with correlation ``rho`` (``x = sqrt(rho) c + sqrt(1 - rho) a``), by quadrature. At
+    ``rho = 0`` it is ``E[f]^2 / E[f^2]``: a nonlinearity with a mean gives every position a shared part."""
+    fn, args, kwargs = consts[0], consts[1], dict(consts[2])
+    nodes, weights = np.polynomial.hermite_e.hermegauss(48)
+    weights = weights / weights.sum()
+    c = torch.tensor(nodes, dtype=torch.float64)
+    z = (math.sqrt(rho) * c[:, None] + math.sqrt(1.0 - rho) * c[None, :]) * std
+    with torch.no_grad():
+        y = fn(*[z if a is _SLOT else a for a in args], **kwargs).double()
+    w = torch.tensor(weights, dtype=torch.float64)
+    inner = (y * w[None, :]).sum(1)  # E_a f(x | c)
+    second = float((w[:, None] * w[None, :] * y * y).sum())
+    return float((w * inner * inner).sum()) / second if second > 0 else 0.0
+
+
 class _Slot:
     def __repr__(self) -> str:
         return "<x>"
@@ -72,6 +90,11 @@ class PointwiseRule(Rule):
         if not (f_rms > 0 and math.isfinite(f_rms)):
             return Scales(note="zero or non-finite output moment")
         s = Scales(fwd=1.0 / f_rms, note=f"E[f^2]^0.5={f_rms:.4g} E[f'^2]^0.5={d_rms:.4g} at std {r}")
+        try:
+            s.out_rho = _cached_rho(fn, (fn, args, tuple(sorted(op.node.kwargs.items()))), r,
+                                    round(min(op.rho(x), 0.99), 2))
+        except Exception:  # noqa: BLE001 - the correlation is a refinement; without it the input's carries over
+            s.out_rho = None
         if d_rms > 0 and math.isfinite(d_rms):
             s.bwd[x], s.grad_gain[x] = 1.0 / d_rms, d_rms
         return s

@@ -78,12 +78,17 @@ class PoolRule(Rule):
             k = float(math.prod(kernel))
             reads = max(1.0, k / math.prod(stride))
         r = op.rms(x)
+        rho = op.rho(x)
+        out_rho = None
         if self.average:
-            fwd, gain = math.sqrt(k) / r, math.sqrt(reads) / k
+            # positions with correlation rho: the mean of k has RMS r sqrt(rho + (1 - rho) / k)
+            mean_sq = rho + (1.0 - rho) / k
+            fwd, gain = 1.0 / (r * math.sqrt(mean_sq)), math.sqrt(reads) / k
+            out_rho = min(1.0, rho / mean_sq)
         else:
             fwd, gain = 1.0 / (r * max_of_gaussians_rms(max(1, round(k)))), math.sqrt(1.0 / ratio)
-        return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True,
-                      note=f"window={k:.3g} reads={reads:.3g}")
+        return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True, out_rho=out_rho,
+                      note=f"window={k:.3g} reads={reads:.3g} rho={rho:.2f}")
 
 
 register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), aten("avg_pool2d"),

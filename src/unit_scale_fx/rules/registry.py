@@ -77,6 +77,9 @@ class Scales:
     calibrate: bool = False
     #: calibration moves the backward scales by the same factor (they equal ``fwd``)
     calibrate_bwd: bool = False
+    #: cross-position correlation of the output: the mean of ``x_i . x_j / |x|^2`` over distinct
+    #: positions (uncentered: a mean shared by all positions counts). ``None``: the inputs' carries over.
+    out_rho: Optional[float] = None
 
 
 @dataclass
@@ -88,6 +91,12 @@ class OpView:
     in_rms: dict[fx.Node, float]
     module: Optional[torch.nn.Module] = None
     context: dict[str, Any] = field(default_factory=dict)
+    #: predicted cross-position correlation of each input (see ``Scales.out_rho``)
+    in_rho: dict[fx.Node, float] = field(default_factory=dict)
+
+    def rho(self, x: Any) -> float:
+        r = self.in_rho.get(x) if isinstance(x, fx.Node) else None
+        return 0.0 if r is None or not math.isfinite(r) else min(1.0, max(0.0, r))
 
     def arg(self, pos: int, name: str, default: Any = None) -> Any:
         if name in self.node.kwargs:

@@ -1,0 +1,143 @@
+"""Hugging Face models as people build them: default config, the model's own API, true losses.
+
+One tiny Llama (grouped-query attention, ``use_cache=True`` as the library ships it) is
+unit-scaled lazily; the tests check what a Hugging Face user does next: train, call it
+without labels, with a smaller last batch, in eval mode, ``generate``, ``save_pretrained``
+and ``from_pretrained`` and resume, and ``transformers.Trainer`` with ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fixtures.families import FAMILIES
+from unit_scale_fx import UnitScaleError, unit_scale
+from unit_scale_fx.api import PLAN_ATTR, UnitScaledModel, _state
+
+transformers = pytest.importorskip("transformers")
+
+FAM = FAMILIES["llama"]
+
+
+def _batch(seed: int = 1, rows: int = 4, seq: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (rows, seq), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _true_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+
+def test_default_config_decoder_keeps_its_api_and_one_graph():
+    model = FAM.make()
+    assert model.config.use_cache  # the library's default
+    us = unit_scale(model)  # torch.fx cannot trace it: nothing is captured yet, and nothing fails
+    assert isinstance(us, transformers.LlamaForCausalLM) and isinstance(us, UnitScaledModel)
+    assert type(us).__name__ == "LlamaForCausalLM" and us.config is not model.config
+    assert list(us.state_dict()) == list(model.state_dict())
+    assert hasattr(us, "generate") and hasattr(us, "save_pretrained")
+
+    out = us(**_batch())
+    assert type(out).__name__ == "CausalLMOutputWithPast"
+    assert type(out.past_key_values).__name__ == "DynamicCache"  # the cache comes out of the one graph
+    assert us.us_capture == "torch.export" and len(_state(us).graphs) == 1
+    torch.testing.assert_close(out.loss, _true_loss(out.logits, _batch()["labels"]))  # the loss is not rescaled
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in us.parameters())
+
+    # a smaller last batch and another length run the same graph (dimensions are dynamic)
+    small = us(**_batch(2, rows=3, seq=11))
+    torch.testing.assert_close(small.loss, _true_loss(small.logits, _batch(2, rows=3, seq=11)["labels"]))
+    assert len(_state(us).graphs) == 1
+
+    # labels are optional: the same function gives the same logits, with the planned scales
+    with torch.no_grad():
+        plain = us(input_ids=_batch()["input_ids"])
+    assert plain.loss is None
+    torch.testing.assert_close(plain.logits, out.logits.detach(), rtol=1e-5, atol=1e-5)
+    # eval mode, and generation (cache objects cannot enter a graph: generation recomputes the prefix)
+    us.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(us(input_ids=_batch()["input_ids"]).logits, out.logits.detach(),
+                                   rtol=1e-5, atol=1e-5)
+    gen = us.generate(_batch()["input_ids"][:2, :5], max_new_tokens=3, do_sample=False)
+    assert gen.shape == (2, 8)
+    with pytest.raises(UnitScaleError, match="use_cache=False"):
+        us(input_ids=_batch()["input_ids"], past_key_values=transformers.DynamicCache(config=us.config))
+
+
+def test_example_kwargs_alone_take_the_export_path():
+    model = FAM.make()
+    b = _batch(0)
+    us = unit_scale(model, example_kwargs=b)
+    assert us.us_capture == "torch.export" and us.scale_plan()
+    both = unit_scale(model, (b["input_ids"],), example_kwargs={"labels": b["labels"]})  # positional and keyword
+    assert both.us_capture == "torch.export"
+    assert {k: r.fwd for k, r in both.scale_plan().items()} == {k: r.fwd for k, r in us.scale_plan().items()}
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, seeds: list[int]) -> list[float]:
+    losses = []
+    for s in seeds:
+        loss = model(**_batch(s)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_save_pretrained_load_and_resume_is_bit_identical(tmp_path):
+    us = unit_scale(FAM.make(), example_kwargs=_batch(0))
+    opt = torch.optim.AdamW(us.parameters(), lr=1e-3)
+    _train(us, opt, [1])
+    us.save_pretrained(tmp_path)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    reference = copy.deepcopy(us)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    ref_opt.load_state_dict(opt.state_dict())
+    expected = _train(reference, ref_opt, [2, 3])
+
+    # the plan travels in config.json: loading reads it back and measures nothing
+    loaded = unit_scale(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    assert getattr(loaded.config, PLAN_ATTR)["records"]
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    assert _train(loaded, opt2, [2, 3]) == expected
+    for (n, a), (_, b) in zip(reference.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), n
+    # the unit-scaled class loads it too, with the same plan
+    again = type(us).from_pretrained(tmp_path)
+    fresh = unit_scale(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**_batch(5)).loss, fresh(**_batch(5)).loss, rtol=0, atol=0)
+
+
+def test_trainer_and_evaluate_log_the_true_loss(tmp_path):
+    pytest.importorskip("accelerate")
+    us = unit_scale(FAM.make())
+    data = [{k: v[i] for k, v in _batch(7).items()} for i in range(4)]
+    before = copy.deepcopy(us)  # the same weights before any step (not planned yet either)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                          per_device_eval_batch_size=4, max_steps=2, logging_steps=1,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no",
+                                          use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=us, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()  # its first call (with num_items_in_batch: a summed loss divided by a count) plans
+    assert len(_state(us).graphs) == 1
+    with torch.no_grad():
+        out0 = before(**_batch(7))
+    first = _true_loss(out0.logits, _batch(7)["labels"])
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged and abs(logged[0] - float(first)) < 1e-3 * float(first), (logged, float(first))
+    metrics = trainer.evaluate()
+    us.eval()
+    with torch.no_grad():
+        out = us(**_batch(7))
+    true = float(_true_loss(out.logits, _batch(7)["labels"]))
+    assert abs(metrics["eval_loss"] - true) < 1e-3 * true, (metrics["eval_loss"], true)
