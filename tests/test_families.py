@@ -82,6 +82,7 @@ def test_family_is_unit_scaled(name, how):
     assert list(us.state_dict()) == list(model.state_dict()), f"{name}: state_dict keys changed"
     assert isinstance(us, type(model)) or us.us_capture == "symbolic_trace"  # the model's class is kept
     if isinstance(us, torch.fx.GraphModule):  # TODO(issue 11/12): these checks for a model that kept its class
+        args, kwargs = fam.batch(0)
         for loss_fn in (fam.loss, None):  # the family's loss, and a random projection of every output
             eq = check_equivalence(model, us, *args, kwargs=kwargs, loss_fn=loss_fn)
             assert eq.ok, f"{name}: {eq}"
