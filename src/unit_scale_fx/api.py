@@ -72,7 +72,13 @@ class UnitScaledModule(fx.GraphModule):
 
         ctx = PassContext(config=self.us_config, example_args=args, example_kwargs={})
         ctx.give("scales", {})
-        run_passes(self, ctx, [shape_prop, mark_constants, fuse])  # the same graph surgery as planning
+        surgery = [shape_prop, mark_constants, fuse]  # the same graph surgery as planning
+        if self.us_config.parametrization == "u-mup":  # u-muP edits the graph too (attention scale, multipliers)
+            from .passes.mup import mup
+            from .passes.topology import topology
+
+            surgery += [topology, mup]
+        run_passes(self, ctx, surgery)
         matched, unplanned = 0, []
         for n, key in node_keys(self.graph).items():
             entry = records.get(key)
