@@ -21,7 +21,7 @@ from .passes import PassContext
 from .passes.init_weights import parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
-from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original
+from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original, LOST_TYPES
 from .table import format_table
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,13 @@ class UnitScaledModule(fx.GraphModule):
 
         ctx = PassContext(config=self.us_config, example_args=args, example_kwargs={})
         ctx.give("scales", {})
-        run_passes(self, ctx, [shape_prop, mark_constants, fuse])  # the same graph surgery as planning
+        surgery = [shape_prop, mark_constants, fuse]  # the same graph surgery as planning
+        if self.us_config.parametrization == "u-mup":  # u-muP edits the graph too (attention scale, multipliers)
+            from .passes.mup import mup
+            from .passes.topology import topology
+
+            surgery += [topology, mup]
+        run_passes(self, ctx, surgery)
         matched, unplanned = 0, []
         for n, key in node_keys(self.graph).items():
             entry = records.get(key)
@@ -750,6 +756,13 @@ def unit_scale(
         work = model if cfg.inplace else copy.deepcopy(model)
         try:
             gm = symbolic_capture(work, cfg.leaf_modules)
+            lost = gm.meta.get(LOST_TYPES)
+            if lost and given:  # torch.fx returns a ModelOutput as a plain dict; torch.export keeps it
+                raise TypeError(f"torch.fx would return {', '.join(lost)} as a plain dict")
+            if lost:
+                log.warning("unit_scale: torch.fx returns %s as a plain dict; pass example_inputs=(...) to capture "
+                            "%s with torch.export, which keeps the output type", ", ".join(lost),
+                            type(model).__name__)
         except Exception as exc:  # tracing raises many kinds of errors
             # torch.fx cannot trace it (most real models): keep the model's class and capture each call
             # signature with torch.export, now if example inputs are given, else at the first call

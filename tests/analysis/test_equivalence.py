@@ -33,7 +33,7 @@ def test_erased_copy_has_no_scales_and_the_original_is_untouched():
     model = ResidualMLP(layers=2)
     us = unit_scale(model, (x, y))
     erased = scale_erased_copy(us)
-    assert any(n.target is scale for n in us.graph.nodes)
+    assert any(n.target is scale for n in us.us_module.graph.nodes)
     assert not any(n.target is scale for n in erased.graph.nodes)
     before = {k: v.clone() for k, v in us.state_dict().items()}
     report = check_equivalence(model, us, x, y)
@@ -50,7 +50,7 @@ def test_gpt_is_the_users_model_plus_scales(mup):
     x, y = gpt_batch(vocab=64, batch=2, seq=16)
     us = unit_scale(model, (x, y), mup=mup)
     assert check_equivalence(model, us, x, y).ok
-    marked = [n for n in us.graph.nodes if ARG_SCALE_KEY in n.meta]
+    marked = [n for n in us.us_module.graph.nodes if ARG_SCALE_KEY in n.meta]
     assert bool(marked) == mup
     if mup:  # negative control: forget the argument scales and the models differ
         for n in marked:
@@ -64,9 +64,9 @@ def test_changed_op_is_detected():
     x, y = mlp_batch(batch=16)
     model = ResidualMLP(layers=2)
     us = unit_scale(model, (x, y))
-    relu = next(n for n in us.graph.nodes if n.op == "call_function" and n.target is torch.relu)
+    relu = next(n for n in us.us_module.graph.nodes if n.op == "call_function" and n.target is torch.relu)
     relu.target = torch.tanh
-    us.recompile()
+    us.us_module.recompile()
     report = check_equivalence(model, us, x, y)
     assert not report.ok
     assert any(f.startswith("output") for f in report.failures)
@@ -92,13 +92,13 @@ def test_outputs_keep_their_relative_weights():
     total = lambda o: o[0] + 3.0 * o[1]  # noqa: E731
     assert check_equivalence(model, us, x, y, loss_fn=total).ok
     assert min(gradient_cosines(us, x, y, loss_fn=total).values()) >= MIN_COS
-    out = next(n for n in us.graph.nodes if n.op == "output")
+    out = next(n for n in us.us_module.graph.nodes if n.op == "output")
     second = out.args[0][1]
-    with us.graph.inserting_before(out):  # the second loss's gradient arrives x0.5: what a soft anchor did
-        bad = us.graph.call_function(scale, (second, 1.0, 0.5))
+    with us.us_module.graph.inserting_before(out):  # the second loss's gradient arrives x0.5: what a soft anchor did
+        bad = us.us_module.graph.call_function(scale, (second, 1.0, 0.5))
     bad.meta[INSERTED] = True
     out.args = ((out.args[0][0], bad),)
-    us.recompile()
+    us.us_module.recompile()
     assert check_equivalence(model, us, x, y, loss_fn=total).ok  # the forward is unchanged ...
     cos = gradient_cosines(us, x, y, loss_fn=total)
     assert min(cos[k] for k in ("a.weight", "a.bias")) < MIN_COS  # ... but the trunk's gradient is not valid
@@ -122,12 +122,12 @@ def test_soft_target_gets_its_own_backward_scale():
     us = unit_scale(model, (x,))
     assert check_equivalence(model, us, x).ok
     assert min(gradient_cosines(us, x, loss_fn=all_outputs_loss).values()) >= MIN_COS
-    ce = next(n for n in us.graph.nodes if n.target is F.cross_entropy)
+    ce = next(n for n in us.us_module.graph.nodes if n.target is F.cross_entropy)
     logits_scale, target_scale = ce.args[0], ce.args[1]
     assert target_scale.target is scale and logits_scale.target is scale
     x_, f, _ = target_scale.args
     target_scale.args = (x_, f, f * logits_scale.args[2] / logits_scale.args[1])  # the logits' backward factor
-    us.recompile()
+    us.us_module.recompile()
     cos = gradient_cosines(us, x)
     assert min(cos["a.weight"], cos["a.bias"]) < MIN_COS
 

@@ -127,6 +127,14 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     ``us_model`` are left as they were (BatchNorm running stats are restored).
     """
     loss_fn = loss_fn or _default_loss
+    state = getattr(us_model, "__dict__", {}).get("_us_state")
+    if state is not None:  # the user's class kept: its planned graph returns the outputs flat
+        skeleton = next((g.skeleton for gs in state.graphs.values() for g in gs if g.gm is state.primary), None)
+        if skeleton is not None:
+            from ..capture import rebuild_output
+
+            user_loss = loss_fn
+            loss_fn = lambda out: user_loss(rebuild_output(skeleton, out))  # noqa: E731
     gm = _graph_module(us_model)
     buffers = {k: v.detach().clone() for k, v in gm.named_buffers()}
     rng_state = torch.get_rng_state()

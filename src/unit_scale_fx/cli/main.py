@@ -83,9 +83,7 @@ def _unit_scale(target: Any, command: str, debug: bool = False, **overrides: Any
     for w in caught:  # ours, one line each (torch's own deprecation notices are not the user's business)
         if "unit_scale_fx" in str(w.filename).replace("\\", "/"):
             print(f"warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
-    # a model torch.fx cannot trace keeps its class; dump and report work on its planned graph, which
-    # takes the (positional, tensor) inputs flat and returns its outputs as a tuple
-    return getattr(us, "us_module", us)
+    return us
 
 
 def _attr(root: Any, target: str) -> Any:
@@ -130,7 +128,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     target = _load(args)
     inputs = target.require_inputs("dump")
-    us = _unit_scale(target, "dump", args.debug)
+    # a model torch.fx cannot trace keeps its class; dump and report work on its planned graph, which
+    # takes the (positional, tensor) inputs flat and returns its outputs as a tuple
+    us = _unit_scale(target, "dump", args.debug).us_module
     if args.stage == "before":
         gm = captured_original(target.model, us) or traced_graph(target.model)
         if gm is None:
@@ -215,7 +215,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         _matplotlib()
     t0 = time.perf_counter()
-    us = _unit_scale(target, "report", args.debug)  # plans (and calibrates) on the factory's batch
+    model_us = _unit_scale(target, "report", args.debug)  # plans (and calibrates) on the factory's batch
+    us = model_us.us_module  # the planned graph (see dump)
     if args.measure_seed is not None:  # measure on a batch the plan has not seen
         inputs = _load(args, args.measure_seed).require_inputs("report")
     before = track_scales(captured_original(target.model, us) or target.model, *inputs, progress=args.progress)
@@ -230,7 +231,7 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
     print(compare_table(sel_b, sel_a))
     print(band_summary(before.ops(), after.ops()))
-    checks = trust_checks(target.model, us, inputs)
+    checks = trust_checks(target.model, model_us, inputs)
     print(checks["text"])
     if args.analytic:
         print(analytic_gap(target, inputs, after, args))
