@@ -206,16 +206,21 @@ def fuse_linears(graph: fx.Graph) -> int:
                   if v != (1.0, 1.0)}
         with graph.inserting_before(n):
             new = graph.call_function(scaled_linear, (x, w, b), kwargs)
-        new.meta.update(n.meta)
-        if out is not None:
-            out.replace_all_uses_with(new)
-            graph.erase_node(out)
-        n.replace_all_uses_with(new)
-        graph.erase_node(n)
-        for a in absorbed:
-            graph.erase_node(a)
+        _replace_fused(graph, n, new, out, absorbed)
         fused += 1
     return fused
+
+
+def _replace_fused(graph: fx.Graph, n: fx.Node, new: fx.Node, out: Optional[fx.Node], absorbed: list) -> None:
+    """``new`` (one fused op) takes the place of ``n``, its output scale ``out`` and the scales it absorbed."""
+    new.meta.update(n.meta)
+    if out is not None:
+        out.replace_all_uses_with(new)
+        graph.erase_node(out)
+    n.replace_all_uses_with(new)
+    graph.erase_node(n)
+    for a in absorbed:
+        graph.erase_node(a)
 
 
 LAYER_NORMS = frozenset(many([F.layer_norm]))
@@ -255,14 +260,7 @@ def fuse_layer_norms(graph: fx.Graph) -> int:
                 bound.get("eps", 1e-5))
         with graph.inserting_before(n):
             new = graph.call_function(scaled_layer_norm, args, kwargs)
-        new.meta.update(n.meta)
-        if out is not None:
-            out.replace_all_uses_with(new)
-            graph.erase_node(out)
-        n.replace_all_uses_with(new)
-        graph.erase_node(n)
-        for a in absorbed:
-            graph.erase_node(a)
+        _replace_fused(graph, n, new, out, absorbed)
         fused += 1
     return fused
 
@@ -299,14 +297,7 @@ def fuse_attention(graph: fx.Graph) -> int:
             continue
         with graph.inserting_before(n):
             new = graph.call_function(scaled_attention, tuple(args), kwargs)
-        new.meta.update(n.meta)
-        if out is not None:
-            out.replace_all_uses_with(new)
-            graph.erase_node(out)
-        n.replace_all_uses_with(new)
-        graph.erase_node(n)
-        for a in absorbed:
-            graph.erase_node(a)
+        _replace_fused(graph, n, new, out, absorbed)
         fused += 1
     return fused
 
