@@ -6,13 +6,16 @@ positional and keyword inputs). Then, on a fresh batch: capture gave one graph (
 torch.export, no dynamo split), the loss is finite, state_dict keys are unchanged, and a
 dispatch-level recorder (which knows nothing of our bookkeeping) finds at least 95% of matmul
 operands, forward and backward, with RMS in [1/2, 2] and none outside [1/8, 8]. Families that do
-not meet the bands yet are marked, with what was measured. For models returned as a GraphModule
-(torch.fx traced), the rewrite is also checked to be the user's model plus scales (scale-erased
-equivalence for the family's loss and every output) with valid gradients (cosine >= 1 - 1e-6).
+not meet the bands yet are marked, with what was measured. For every family, whether the result is
+a GraphModule (torch.fx traced) or keeps the model's class (torch.export per call), the rewrite is
+also checked to be the user's model plus scales (scale-erased equivalence for the family's loss and
+every output) with valid gradients (cosine >= 1 - 1e-6). A family whose library does not import
+here (torchvision needs torch 2.14.1; ``.ci/run`` installs it) is skipped, saying so.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -51,11 +54,27 @@ def _records(model, fam, args, kwargs):
     return loss, rec.records
 
 
+def _missing(package: str) -> str:
+    """Why ``package`` cannot be used here ("" when it imports)."""
+    if not package:
+        return ""
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # not installed, or built for another torch
+        return f"{package} does not import here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return ""
+
+
+def _needs(name: str) -> list:
+    why = _missing(FAMILIES[name].needs)
+    return [pytest.mark.skip(reason=f"{why}; .ci/run installs it")] if why else []
+
+
 def _cases():
     for name in sorted(FAMILIES):
         for how in ("lazy", "example"):
             marks = [pytest.mark.xfail(reason=f"below the bands: {SHORT[name]}", strict=False)] if name in SHORT else []
-            yield pytest.param(name, how, marks=marks, id=f"{name}-{how}")
+            yield pytest.param(name, how, marks=marks + _needs(name), id=f"{name}-{how}")
 
 
 def _unit_scale(fam, how):
@@ -81,14 +100,13 @@ def test_family_is_unit_scaled(name, how):
     assert not us.us_unsupported, f"{name}: ops without a rule: {[u.op for u in us.us_unsupported]}"
     assert list(us.state_dict()) == list(model.state_dict()), f"{name}: state_dict keys changed"
     assert isinstance(us, type(model)) or us.us_capture == "symbolic_trace"  # the model's class is kept
-    if isinstance(us, torch.fx.GraphModule):  # TODO(issue 11/12): these checks for a model that kept its class
-        args, kwargs = fam.batch(0)
-        for loss_fn in (fam.loss, None):  # the family's loss, and a random projection of every output
-            eq = check_equivalence(model, us, *args, kwargs=kwargs, loss_fn=loss_fn)
-            assert eq.ok, f"{name}: {eq}"
-        cos = gradient_cosines(us, *args, kwargs=kwargs, loss_fn=all_outputs_loss)  # every output counts
-        assert all(c >= 1 - 1e-6 for c in cos.values()), \
-            f"{name}: {[(k, c) for k, c in cos.items() if c < 1 - 1e-6]}"
+    args, kwargs = fam.batch(0)  # the user's model plus scales, whether a GraphModule or the model's class
+    for loss_fn in (fam.loss, None):  # the family's loss, and a random projection of every output
+        eq = check_equivalence(model, us, *args, kwargs=kwargs, loss_fn=loss_fn)
+        assert eq.ok and eq.grads, f"{name}: {eq}"
+    cos = gradient_cosines(us, *args, kwargs=kwargs, loss_fn=all_outputs_loss)  # every output counts
+    assert cos and all(c >= 1 - 1e-6 for c in cos.values()), \
+        f"{name}: {[(k, c) for k, c in cos.items() if c < 1 - 1e-6]}"
 
     args2, kwargs2 = fam.batch(1)  # a fresh batch: the plan must not be fitted to its sample only
     loss, records = _records(us, fam, args2, kwargs2)
@@ -136,11 +154,28 @@ _NOT_YET_ANALYTIC = ("a default-config family added in the same round as the ana
                      "not met yet (measured: below 95% in [1/2, 2]); open")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=_ANALYTIC_GAPS[n], strict=True)) if n in _ANALYTIC_GAPS
-    else pytest.param(n, marks=pytest.mark.xfail(reason=_NOT_YET_ANALYTIC, strict=False)) if n in _NEW_FAMILIES
-    else n
-    for n in sorted(FAMILIES)])
+#: torchvision families (issue 11), measured with measure=False on torch 2.14.1 (in-band fractions fwd / bwd,
+#: operands outside [1/8, 8]); the backward of shape-only planning does not meet the bar on them yet: open
+_TORCHVISION_ANALYTIC = {
+    "tv_resnet18": "fwd 0.95 bwd 0.09, 15 outside [1/8, 8]",
+    "tv_mobilenet_v3_small": "fwd 1.00 bwd 0.20, 14 outside [1/8, 8]",
+    "tv_vit": "fwd 1.00 bwd 0.17, 1 outside [1/8, 8]; readout cosine 0.89 against 0.34 unscaled",
+    "tv_convnext_tiny": "fwd 1.00 bwd 0.84, 2 outside [1/8, 8]",
+}
+
+
+def _analytic_marks(n: str) -> list:
+    if n in _TORCHVISION_ANALYTIC:
+        return [pytest.mark.xfail(reason=f"analytic bands not met yet: {_TORCHVISION_ANALYTIC[n]}",
+                                  strict=False)] + _needs(n)
+    if n in _ANALYTIC_GAPS:
+        return [pytest.mark.xfail(reason=_ANALYTIC_GAPS[n], strict=True)] + _needs(n)
+    if n in _NEW_FAMILIES:
+        return [pytest.mark.xfail(reason=_NOT_YET_ANALYTIC, strict=False)] + _needs(n)
+    return _needs(n)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_analytic_marks(n)) for n in sorted(FAMILIES)])
 def test_family_with_analytic_planning(name):
     """Issue 14's bar with measure=False (what the meta device gets): >= 95% of matmul operands in
     [1/2, 2], none outside [1/8, 8], and the readout input no more collapsed across positions than

@@ -100,8 +100,10 @@ def _cosine(a: Optional[torch.Tensor], b: Optional[torch.Tensor], max_a: float, 
     zero_a, zero_b = na <= VANISHING * max_a, nb <= VANISHING * max_b
     if zero_a and zero_b:
         return 1.0  # both vanish: the scaled gradient is (trivially) a multiple of the true one
-    if zero_a or zero_b:
+    if na == 0.0 or nb == 0.0:
         return 0.0
+    # one gradient may be far below the run's largest (ConvNeXt's layer scale of 1e-6 makes the true
+    # gradient of the layer scale 1e5 times its branch's): it counts if it is parallel to the other
     a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()  # type: ignore[union-attr]
     return float(a64 @ b64) / (na * nb)
 
@@ -116,8 +118,8 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     grad. A valid plan gives values > 0.999 everywhere. A gradient "vanishes"
     when its norm is below ``VANISHING`` times the largest parameter gradient
     norm of the same run (rounding noise, e.g. a bias before BatchNorm): a
-    parameter whose two gradients both vanish counts as 1.0, one whose gradient
-    vanishes in only one of them as 0.0.
+    parameter whose two gradients both vanish counts as 1.0; otherwise the
+    cosine of the two (0.0 when one is exactly zero).
 
     ``loss_fn`` maps the output to a scalar; by default the sum of the scalar outputs
     (the loss), else a fixed random projection of every float output
@@ -127,15 +129,12 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     ``us_model`` are left as they were (BatchNorm running stats are restored).
     """
     loss_fn = loss_fn or _default_loss
-    state = getattr(us_model, "__dict__", {}).get("_us_state")
-    if state is not None:  # the user's class kept: its planned graph returns the outputs flat
-        skeleton = next((g.skeleton for gs in state.graphs.values() for g in gs if g.gm is state.primary), None)
-        if skeleton is not None:
-            from ..capture import rebuild_output
-
-            user_loss = loss_fn
-            loss_fn = lambda out: user_loss(rebuild_output(skeleton, out))  # noqa: E731
-    gm = _graph_module(us_model)
+    inner = getattr(us_model, "module", us_model)  # DistributedDataParallel / DataParallel wrap ``.module``
+    if "_us_state" in inner.__dict__ and not isinstance(inner, fx.GraphModule):
+        gm, inputs, loss_fn = _class_kept_call(inner, inputs, kwargs or {}, loss_fn)
+        kwargs = None
+    else:
+        gm = _graph_module(us_model)
     buffers = {k: v.detach().clone() for k, v in gm.named_buffers()}
     rng_state = torch.get_rng_state()
     try:
@@ -155,6 +154,34 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     max_s = max((_norm(g) for g in scaled.values() if math.isfinite(_norm(g))), default=0.0)
     max_t = max((_norm(g) for g in true.values() if math.isfinite(_norm(g))), default=0.0)
     return {n: _cosine(scaled[n], true[n], max_s, max_t) for n in params}
+
+
+def _class_kept_call(model: nn.Module, inputs: tuple, kwargs: dict,
+                     loss_fn: LossFn) -> tuple[fx.GraphModule, tuple, LossFn]:
+    """For a model that kept its class (``api.UnitScaledModel``): the graph module that runs this call,
+    its flat tensor inputs, and ``loss_fn`` on the output rebuilt in the model's own types.
+
+    The call's graph is captured (and planned or given the plan's scales) the way the model's own
+    forward would; buffers the planning run changed (BatchNorm statistics) are put back.
+    """
+    from ..capture import rebuild_output
+
+    state = model.__dict__["_us_state"]
+    if state.backend is not None:
+        raise UnitScaleError(
+            f"{type(model).__name__} is unit-scaled through dynamo (torch.export could not capture it): "
+            "its graphs are split at graph breaks, with no one graph to compare gradients on",
+            where="gradient_cosines", fix="check a model that torch.fx or torch.export captures as one graph")
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            g, tensors = model._us_graph_for(tuple(inputs), dict(kwargs))
+    finally:
+        _restore(model, buffers)
+    if g is None:  # export failed now and the model fell back to dynamo
+        return _class_kept_call(model, inputs, kwargs, loss_fn)
+    skeleton = g.skeleton
+    return g.gm, tuple(tensors), lambda out: loss_fn(rebuild_output(skeleton, out))
 
 
 def _restore(gm: nn.Module, buffers: dict[str, torch.Tensor]) -> None:

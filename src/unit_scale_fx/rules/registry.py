@@ -156,6 +156,27 @@ class Rule:
 
 
 _RULES: dict[Any, Rule] = {}
+#: ops of optional packages, by import path: ``(module, attribute) -> Rule``. Registered the first time a
+#: lookup finds that module imported (the registry never imports an optional package itself).
+_PENDING: dict[tuple[str, str], Rule] = {}
+
+
+class OptionalTarget:
+    """An op of an optional package named by its import path (``torchvision.ops.stochastic_depth``,
+    ``stochastic_depth``): :func:`register` accepts it; the real function is keyed once its module is imported."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+
+def _resolve_pending() -> None:
+    import sys
+
+    for key in [k for k in _PENDING if k[0] in sys.modules]:
+        rule = _PENDING.pop(key)
+        target = getattr(sys.modules[key[0]], key[1], None)
+        if target is not None and target not in _RULES:
+            _RULES[target] = rule
 
 
 def register(*targets: Any) -> Callable[[Any], Any]:
@@ -168,6 +189,9 @@ def register(*targets: Any) -> Callable[[Any], Any]:
         rule = obj() if isinstance(obj, type) else obj
         for t in targets:
             if t is None:
+                continue
+            if isinstance(t, OptionalTarget):
+                _PENDING[(t.module, t.name)] = rule
                 continue
             if t in _RULES:
                 raise UnitScaleError(
@@ -212,6 +236,8 @@ def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Ru
     key = resolve_target(node, root)
     if key is None:
         return None
+    if _PENDING:
+        _resolve_pending()
     try:
         return _RULES.get(key)
     except TypeError:  # unhashable target
@@ -219,7 +245,9 @@ def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Ru
 
 
 def registered_targets() -> dict[Any, Rule]:
-    """A copy of the registry (for reports and the coverage table)."""
+    """A copy of the registry (for reports and the coverage table); ops of optional packages once imported."""
+    if _PENDING:
+        _resolve_pending()
     return dict(_RULES)
 
 

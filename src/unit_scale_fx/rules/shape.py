@@ -8,7 +8,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from .registry import Kind, OpView, Rule, Scales, aten, many, register, tensor_method
+from .registry import Kind, OpView, OptionalTarget, Rule, Scales, aten, many, register, tensor_method
 
 
 class PreserveRule(Rule):
@@ -38,6 +38,10 @@ _FUNCTIONS = [
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
     torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
+    # stochastic depth drops whole rows and rescales the rest by 1 / (1 - p), as dropout drops elements
+    # (the module stays one call, so train / eval mode is read when it runs, as for Dropout)
+    OptionalTarget("torchvision.ops.stochastic_depth", "StochasticDepth"),
+    OptionalTarget("torchvision.ops.stochastic_depth", "stochastic_depth"),
 ]
 _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "clone", "expand",
                            "contiguous", "squeeze", "alias", "detach", "dropout", "flatten")] + [
