@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture import flatten_output
 from ..errors import UnitScaleError
 from ..record import ARG_SCALE_KEY, INSERTED
 from ..scale import scale
@@ -86,6 +87,10 @@ def scale_erased_copy(us_model: nn.Module) -> nn.Module:
             raise UnitScaleError("the unit-scaled model is not planned yet, or runs through dynamo",
                                  where="scale_erased_copy",
                                  fix="call the model once first; models unit-scaled through dynamo are not supported")
+        if state.config.simulate_format is not None:
+            raise UnitScaleError(
+                "the model simulates a number format (simulate_format): rounding is not a scale and cannot be erased",
+                where="scale_erased_copy", fix="check equivalence on the model unit-scaled without simulate_format")
         erased_model = copy.deepcopy(us_model)  # the copy captures again at its first call, with the same scales
         erased_model.__dict__["_us_state"].post_capture = _erase_module
         return erased_model
@@ -155,6 +160,19 @@ def _cast(x: Any, dtype: Optional[torch.dtype]) -> Any:
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
+def _structure(skel: Any) -> Any:
+    """A comparable description of an output skeleton (:func:`~unit_scale_fx.capture.flatten_output`)."""
+    kind = skel[0]
+    if kind == "tensor":
+        return "tensor"
+    if kind == "const":
+        v = skel[1]
+        return (type(v).__name__, v) if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+    if kind == "seq":
+        return (skel[1].__name__, tuple(_structure(i) for i in skel[2]))
+    return (type(skel[1]).__name__, tuple((k, _structure(v)) for k, v in skel[2].items()))
+
+
 def _float_leaves(out: Any) -> list[Optional[torch.Tensor]]:
     return [t if isinstance(t, torch.Tensor) and t.is_floating_point() else None
             for t in torch.utils._pytree.tree_leaves(out)]
@@ -212,8 +230,11 @@ def check_equivalence(original: nn.Module, unit_scaled: nn.Module, *inputs: Any,
     finally:
         torch.set_rng_state(rng)
     report = Equivalence(tolerance=tol)
-    leaves_ref, spec_ref = torch.utils._pytree.tree_flatten(out_ref)
-    leaves_us, spec_us = torch.utils._pytree.tree_flatten(out_us)
+    # outputs are walked as capture walks them: containers, and the attributes of objects that hold
+    # tensors (a Hugging Face key/value cache), so every tensor of the output is compared
+    leaves_ref, leaves_us = [], []
+    spec_ref = _structure(flatten_output(out_ref, leaves_ref))
+    spec_us = _structure(flatten_output(out_us, leaves_us))
     if spec_ref != spec_us or type(out_ref) is not type(out_us):
         report.failures.append(f"the output's structure differs: {type(out_us).__name__} {spec_us} instead of "
                                f"{type(out_ref).__name__} {spec_ref}")

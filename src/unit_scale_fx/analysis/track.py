@@ -245,11 +245,14 @@ def _loss_terms(out: Any, loss_fn: Optional[Callable[[Any], torch.Tensor]]):
 
 
 def _run_and_differentiate(
-    gm: fx.GraphModule, inputs: tuple, loss_fn: Optional[Callable[[Any], torch.Tensor]], progress: Progress
+    gm: fx.GraphModule, inputs: tuple, loss_fn: Optional[Callable[[Any], torch.Tensor]], progress: Progress,
+    output_of: Optional[Callable[[Any], Any]] = None,
 ) -> tuple[dict[fx.Node, torch.Tensor], dict[fx.Node, Optional[torch.Tensor]], Optional[float]]:
     rec = _Recorder(gm, progress)
     with torch.enable_grad():
         out = rec.run(*inputs)
+        if output_of is not None:  # the model's own output type (a class-kept model's graph returns it flat)
+            out = output_of(out)
         tensors, grads, loss = _loss_terms(out, loss_fn)
         track = {n: t for n, t in rec.values.items() if t.requires_grad}
         uniq: dict[int, torch.Tensor] = {}
@@ -402,13 +405,18 @@ def track_scales(
     loss_fn: Optional[Callable[[Any], torch.Tensor]] = None,
     include_inserted: bool = False,
     progress: Optional[bool] = None,
+    kwargs: Optional[dict] = None,
 ) -> ScaleReport:
-    """Run ``model(*inputs)`` forward and backward once; measure every node's RMS.
+    """Run ``model(*inputs, **kwargs)`` forward and backward once; measure every node's RMS.
 
     Args:
-        model: any ``nn.Module``; a :class:`~unit_scale_fx.UnitScaledModule` adds the
-            plan's predictions and scale factors to each row.
+        model: any ``nn.Module``; a :class:`~unit_scale_fx.UnitScaledModule`, or a model
+            :func:`~unit_scale_fx.unit_scale` returned with its own class kept (a Hugging
+            Face model), adds the plan's predictions and scale factors to each row. The
+            latter is measured on the graph captured for this call (captured and planned
+            now if the call is its first).
         inputs: positional inputs of one forward call.
+        kwargs: keyword inputs of that call.
         loss_fn: maps the output to a scalar loss. Without it the scalar outputs are the
             loss (outputs beside them get no gradient of their own); without a scalar
             output, every output receives a seeded unit-RMS random gradient.
@@ -421,13 +429,25 @@ def track_scales(
     if not isinstance(model, nn.Module):
         raise UnitScaleError(f"track_scales expects an nn.Module, got {type(model).__name__}",
                              where="track_scales(model)", fix="pass the model, then its inputs")
-    from ..api import UnitScaledModule
+    from ..api import UnitScaledModel, UnitScaledModule
 
+    name = type(model).__name__
+    if isinstance(model, UnitScaledModel):  # the user's class kept: measure the graph of this call
+        from .validity import class_kept_graph
+
+        gm, flat, output_of = class_kept_graph(model, inputs, kwargs or {}, "track_scales")
+        with Progress(len(gm.graph.nodes), "track_scales", enabled=progress) as bar:
+            values, grads, loss = _run_and_differentiate(gm, flat, loss_fn, bar, output_of)
+        return ScaleReport(name, _graph_rows(gm, values, grads, include_inserted), mode="graph", unit_scaled=True,
+                           loss=loss)
+    if kwargs:
+        raise UnitScaleError("track_scales takes keyword inputs only for a model unit_scale returned with its "
+                             "own class kept", where="track_scales(model, ..., kwargs=...)",
+                             fix="pass the inputs positionally")
     unit_scaled = isinstance(model, UnitScaledModule)
     if unit_scaled and not model.us_planned:
         model.replan(*inputs)
     gm = traced_graph(model)
-    name = type(model).__name__
     if gm is None:
         with Progress(len(list(model.modules())), "track_scales", enabled=progress) as bar:
             rows, loss = _module_rows(model, inputs, loss_fn, bar)

@@ -156,33 +156,38 @@ def gradient_cosines(us_model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn
     return {n: _cosine(scaled[n], true[n], max_s, max_t) for n in params}
 
 
-def _class_kept_call(model: nn.Module, inputs: tuple, kwargs: dict,
-                     loss_fn: LossFn) -> tuple[fx.GraphModule, tuple, LossFn]:
+def class_kept_graph(model: nn.Module, inputs: tuple, kwargs: dict,
+                     where: str) -> tuple[fx.GraphModule, tuple, Callable[[Any], Any]]:
     """For a model that kept its class (``api.UnitScaledModel``): the graph module that runs this call,
-    its flat tensor inputs, and ``loss_fn`` on the output rebuilt in the model's own types.
+    its flat tensor inputs, and the function that rebuilds the model's own output from the graph's.
 
-    The call's graph is captured (and planned or given the plan's scales) the way the model's own
-    forward would; buffers the planning run changed (BatchNorm statistics) are put back.
+    The call's graph is captured (and planned, or given the plan's scales) as the model's own
+    forward would do it; buffers the planning run changed (BatchNorm statistics) are put back.
     """
     from ..capture import rebuild_output
 
     state = model.__dict__["_us_state"]
     if state.backend is not None:
         raise UnitScaleError(
-            f"{type(model).__name__} is unit-scaled through dynamo (torch.export could not capture it): "
-            "its graphs are split at graph breaks, with no one graph to compare gradients on",
-            where="gradient_cosines", fix="check a model that torch.fx or torch.export captures as one graph")
+            f"{type(model).__name__} is unit-scaled through dynamo (torch.export could not capture it): its "
+            "graphs are split at graph breaks, so there is no one graph to run", where=where,
+            fix="use a model that torch.fx or torch.export captures as one graph (see docs/usage.md#capture)")
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             g, tensors = model._us_graph_for(tuple(inputs), dict(kwargs))
     finally:
         _restore(model, buffers)
-    if g is None:  # export failed now and the model fell back to dynamo
-        return _class_kept_call(model, inputs, kwargs, loss_fn)
+    if g is None:  # export failed on this call and the model fell back to dynamo: raises above
+        return class_kept_graph(model, inputs, kwargs, where)
     skeleton = g.skeleton
-    return g.gm, tuple(tensors), lambda out: loss_fn(rebuild_output(skeleton, out))
+    return g.gm, tuple(tensors), lambda out: rebuild_output(skeleton, out)
 
+
+def _class_kept_call(model: nn.Module, inputs: tuple, kwargs: dict,
+                     loss_fn: LossFn) -> tuple[fx.GraphModule, tuple, LossFn]:
+    gm, tensors, rebuild = class_kept_graph(model, inputs, kwargs, "gradient_cosines")
+    return gm, tensors, lambda out: loss_fn(rebuild(out))
 
 def _restore(gm: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():

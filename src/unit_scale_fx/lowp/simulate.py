@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
-from ..api import UnitScaledModule
+from ..api import UnitScaledModel, UnitScaledModule, _state
 from ..capture import _mirror_state, capture
 from ..errors import UnitScaleError
 from ..passes.base import PassContext
@@ -79,9 +79,10 @@ def simulate_format(
     model's own dtype.
 
     Args:
-        model: a :class:`~unit_scale_fx.UnitScaledModule` (changed in place and
-            returned: the simulation joins its plan, also when it is planned later
-            or re-planned), or any other ``nn.Module`` (captured into a
+        model: a :class:`~unit_scale_fx.UnitScaledModule`, or a model unit_scale
+            returned with its own class kept (changed in place and returned: the
+            simulation joins its plan, also when it is planned later, re-planned or
+            captured for another call signature), or any other ``nn.Module`` (captured into a
             :class:`FormatSimulatedModule`; the model itself is not changed).
         fwd, bwd: format names (``"e4m3"``, ``"e5m2"``, ``"fp16"``, ``"bf16"``),
             torch dtypes, or ``None`` for no rounding in that direction.
@@ -111,6 +112,24 @@ def simulate_format(
             apply_format_simulation(model, sim)
             model.recompile()
         return model
+    if isinstance(model, UnitScaledModel):  # the user's class kept: every captured graph, now and later
+        st = _state(model)
+        where = f"simulate_format({type(model).__name__})"
+        if st.config.simulate_format is not None:
+            raise UnitScaleError("this unit-scaled model already simulates a number format", where=where,
+                                 fix="call simulate_format once, on a model made by unit_scale(...)")
+        if st.backend is not None:
+            raise UnitScaleError(
+                "this model is unit-scaled through dynamo (torch.export could not capture it): its graphs are "
+                "compiled by torch.compile, where no format simulation is placed", where=where,
+                fix="use a model that torch.fx or torch.export captures as one graph (see docs/usage.md#capture)")
+        st.config = replace(st.config, simulate_format=sim)  # graphs captured later plan with it
+        for graphs in st.graphs.values():
+            for g in graphs:
+                g.gm.us_config = st.config
+                apply_format_simulation(g.gm, sim)
+                g.gm.recompile()
+        return model
     if isinstance(model, FormatSimulatedModule):
         raise UnitScaleError(
             "this model already simulates a number format",
@@ -136,7 +155,15 @@ def simulate_format(
 
 
 def format_sites(model: nn.Module) -> dict[str, Quantise]:
-    """Every :class:`Quantise` of a simulated model, by qualified name."""
+    """Every :class:`Quantise` of a simulated model, by qualified name.
+
+    For a model that kept its class (:class:`~unit_scale_fx.api.UnitScaledModel`), the quantisers
+    of every graph captured so far (one per call signature), named ``graph<i>.<name>``.
+    """
+    if isinstance(model, UnitScaledModel):
+        graphs = [g.gm for gs in _state(model).graphs.values() for g in gs]
+        return {f"graph{i}.{name}": m for i, gm in enumerate(graphs)
+                for name, m in gm.named_modules() if isinstance(m, Quantise)}
     return {name: m for name, m in model.named_modules() if isinstance(m, Quantise)}
 
 
