@@ -141,3 +141,21 @@ def test_trainer_and_evaluate_log_the_true_loss(tmp_path):
         out = us(**_batch(7))
     true = float(_true_loss(out.logits, _batch(7)["labels"]))
     assert abs(metrics["eval_loss"] - true) < 1e-3 * true, (metrics["eval_loss"], true)
+
+
+def test_a_saved_plan_that_cannot_be_read_is_refused(tmp_path):
+    """Loading gives back the same function or refuses: a plan this version cannot read is never replaced
+    by a fresh one measured on the trained weights (which would be another function)."""
+    import json
+
+    us = unit_scale(FAM.make(), example_kwargs=_batch(0))
+    us.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg[PLAN_ATTR]["records"]  # the plan travels in config.json
+    cfg[PLAN_ATTR]["version"] = -1  # written by another version of unit_scale_fx
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = unit_scale(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    with pytest.raises(UnitScaleError, match="plan"):
+        loaded(**_batch(1))
+    with pytest.raises(UnitScaleError, match="plan"):
+        type(us).from_pretrained(tmp_path)(**_batch(1))
