@@ -19,7 +19,7 @@ from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis import all_outputs_loss, check_equivalence, gradient_cosines
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from fixtures.families import EXTRA_FAMILIES, FAMILIES  # noqa: E402  (test-only model builders)
+from fixtures.families import EXTRA_FAMILIES, FAMILIES, missing  # noqa: E402  (test-only model builders)
 
 
 def main() -> None:
@@ -32,6 +32,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name in names:
         fam = table[name]
+        if missing(fam.needs):
+            print(f"| {name} | skipped: {missing(fam.needs)} | | | | |", flush=True)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = fam.make()

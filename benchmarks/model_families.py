@@ -25,7 +25,7 @@ import torch
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import MatmulRecorder
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from fixtures.families import EXTRA_FAMILIES, FAMILIES  # noqa: E402  (test-only model builders)
+from fixtures.families import EXTRA_FAMILIES, FAMILIES, missing  # noqa: E402  (test-only model builders)
 
 
 def record(model, fam, args, kwargs):
@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     ]
     for name in args.families.split(","):
         fam = {**FAMILIES, **EXTRA_FAMILIES}[name]
+        if missing(fam.needs):
+            lines.append(f"| {name} | skipped: {missing(fam.needs)} | | | | | | | |")
+            continue
         torch.manual_seed(0)
         model = fam.make()
         plan_args, plan_kwargs = fam.batch(0)

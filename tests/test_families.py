@@ -15,7 +15,6 @@ here (torchvision needs torch 2.14.1; ``.ci/run`` installs it) is skipped, sayin
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 
@@ -26,7 +25,7 @@ from helpers import band_fractions
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis import all_outputs_loss, check_equivalence, gradient_cosines
 from unit_scale_fx.analysis.recorder import MatmulRecorder
-from fixtures.families import FAMILIES
+from fixtures.families import FAMILIES, missing
 
 #: families below the bands today: (forward, backward) in-band fractions measured lazily on batch 1
 #: (python benchmarks/model_families.py prints the table)
@@ -54,19 +53,8 @@ def _records(model, fam, args, kwargs):
     return loss, rec.records
 
 
-def _missing(package: str) -> str:
-    """Why ``package`` cannot be used here ("" when it imports)."""
-    if not package:
-        return ""
-    try:
-        importlib.import_module(package)
-    except Exception as exc:  # not installed, or built for another torch
-        return f"{package} does not import here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    return ""
-
-
 def _needs(name: str) -> list:
-    why = _missing(FAMILIES[name].needs)
+    why = missing(FAMILIES[name].needs)
     return [pytest.mark.skip(reason=f"{why}; .ci/run installs it")] if why else []
 
 

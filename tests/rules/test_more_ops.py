@@ -182,3 +182,29 @@ def test_tensor_causal_mask_is_read_as_causal():
 
     assert math.isclose(fwd(us), fwd(causal), rel_tol=0.05)  # a tensor mask reads like is_causal=True
     assert fwd(plain) > 1.3 * fwd(us)  # causal rows average fewer keys: larger output, smaller scale
+
+
+def test_op_of_an_optional_package_gets_its_rule_once_imported(monkeypatch):
+    """Rules for ops of optional packages (torchvision's stochastic depth) are registered by import path:
+    the registry never imports the package, and the op is known as soon as the package is."""
+    import sys
+    import types
+
+    import torch.fx as fx
+
+    from unit_scale_fx.rules import registry
+
+    rule = registry.Rule()
+    registry.register(registry.OptionalTarget("unit_scale_fx_test_optional_pkg", "drop_rows"))(rule)
+    assert "unit_scale_fx_test_optional_pkg" not in sys.modules
+
+    def drop_rows(x):
+        return x
+
+    graph = fx.Graph()
+    node = graph.call_function(drop_rows, (graph.placeholder("x"),))
+    assert registry.lookup(node) is None  # the package is not imported: nothing is keyed yet
+    pkg = types.ModuleType("unit_scale_fx_test_optional_pkg")
+    pkg.drop_rows = drop_rows
+    monkeypatch.setitem(sys.modules, "unit_scale_fx_test_optional_pkg", pkg)
+    assert registry.lookup(node) is rule and drop_rows in registry.registered_targets()

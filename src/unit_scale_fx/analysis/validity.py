@@ -189,6 +189,7 @@ def _class_kept_call(model: nn.Module, inputs: tuple, kwargs: dict,
     gm, tensors, rebuild = class_kept_graph(model, inputs, kwargs, "gradient_cosines")
     return gm, tensors, lambda out: loss_fn(rebuild(out))
 
+
 def _restore(gm: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in gm.named_buffers():
