@@ -137,6 +137,26 @@ def test_compiled_equals_eager_unit_scale():
     assert len(be.graphs[0].scale_plan()) == len(eager.scale_plan())
 
 
+def test_round_scales_in_the_backend_equals_eager():
+    """round_scales="pow2" through torch.compile: the eager model's plan, every scale a power of two."""
+    from unit_scale_fx.passes.round_scales import is_pow2
+
+    torch.manual_seed(0)
+    ref = GPT(**SMALL)
+    batch = gpt_batch(SMALL["vocab"], 2, 8)
+    eager = unit_scale(copy.deepcopy(ref), batch, round_scales="pow2")
+    be = backend(inner="aot_eager", round_scales="pow2")
+    compiled = torch.compile(_twin(GPT, ref), backend=be)
+    l_e, g_e = _loss_and_grads(eager, *batch)
+    l_c, g_c = _loss_and_grads(compiled, *batch)
+    torch.testing.assert_close(l_c, l_e)
+    for k in g_e:
+        torch.testing.assert_close(g_c[k], g_e[k], rtol=1e-4, atol=1e-4, msg=k)
+    plan = be.graphs[0].scale_plan()
+    assert len(plan) == len(eager.scale_plan())
+    assert all(is_pow2(v) for r in plan.values() for v in [r.fwd, *r.bwd.values(), *r.weights.values()])
+
+
 def test_inductor_matches_aot_eager():
     torch.manual_seed(0)
     ref = ResidualMLP(d_in=8, d=16, layers=1, d_out=4)
