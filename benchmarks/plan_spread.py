@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(vocab=128, d=64, layers=2, heads=4, max_len=32)
 
 
-def plan_factors(seed: int, round_scales: str | None = None) -> dict[tuple, float]:
+def plan_factors(seed: int, round_scales: str | None = None, grads: list | None = None) -> dict[tuple, float]:
+    """Every scale factor of the plan made on batch ``seed``; ``grads``: append the parameters'
+    gradient RMS after one backward on a batch no plan saw (seed 99)."""
     from unit_scale_fx import unit_scale
     from unit_scale_fx.examples import GPT, gpt_batch
 
@@ -32,6 +34,10 @@ def plan_factors(seed: int, round_scales: str | None = None) -> dict[tuple, floa
     us = unit_scale(GPT(**CFG), gpt_batch(CFG["vocab"], 32, 32, seed=seed),
                     **({"round_scales": round_scales} if round_scales else {}))
     vectors = {n.replace(".", "_") for n, p in us.named_parameters() if p.dim() <= 1}
+    if grads is not None:
+        us(*gpt_batch(CFG["vocab"], 32, 32, seed=99)).backward()
+        grads.append({n: (p.dim(), float(p.grad.pow(2).mean().sqrt())) for n, p in us.named_parameters()})
+        us.zero_grad(set_to_none=True)
     out = {}
     for node, r in us.scale_plan(all_nodes=True).items():
         out[(node, "fwd", "")] = r.fwd
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--round-scales", default=None, help="UnitScaleConfig.round_scales (e.g. pow2)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "plan_spread.md"))
     args = p.parse_args(argv)
-    plans = [plan_factors(s, args.round_scales) for s in range(args.batches)]
+    grads: list = []
+    plans = [plan_factors(s, args.round_scales, grads if s == 0 else None) for s in range(args.batches)]
     keys = set.intersection(*(set(pl) for pl in plans))
     spread: dict[str, list[tuple[float, tuple]]] = {}
     for k in keys:
@@ -77,6 +84,11 @@ def main(argv=None) -> int:
         worst, where = s[-1]
         differ = sum(r > 1.0 for r, _ in s)
         rows.append(f"| {kind} | {len(s)} | {worst:.4f} | {where[0]} {where[2]} | {s[len(s) // 2][0]:.4f} | {differ} |")
+    g = grads[0]
+    vec = sorted(r for d, r in g.values() if d <= 1)
+    rows += ["", f"Parameter gradient RMS on a fresh batch (plan of batch 0): {sum(0.5 <= r <= 2 for _, r in g.values())}"
+             f"/{len(g)} in [1/2, 2], {sum(0.125 <= r <= 8 for _, r in g.values())}/{len(g)} in [1/8, 8]; "
+             f"1-D parameters: median {vec[len(vec) // 2]:.3f}, range {vec[0]:.3f}-{vec[-1]:.3f}."]
     f1, f2 = fingerprint_with_threads(1), fingerprint_with_threads(2)
     rows += ["", f"Plan fingerprint with 1 thread: {f1}; with 2 threads: {f2}; equal: {f1 == f2}."]
     text = "\n".join(rows)
