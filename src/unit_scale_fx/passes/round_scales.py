@@ -11,9 +11,12 @@ them again, so they are powers of two and every parameter still gets a positive 
 true gradient. Under the local constraints (``"gmean"``, ``"fwd"``, ``"bwd"``) each factor is
 rounded on its own: factors that were equal (one scale for both directions) stay equal.
 
-Each rounded factor moves by at most ``sqrt(2)``. Runs after ``calibrate_grads`` and before
-``predict_grads``, which predicts the gradients of the rounded plan; the forward predictions
-(``fwd_rms``) of each record are moved by its own factor's change only.
+Each rounded factor moves by at most ``sqrt(2)``. The ``plan`` pass already rounds forward
+factors and residual weights as it goes, so later ops measure (or predict) the rounded values and
+errors do not add up, and ``calibrate_grads`` measures the gradients of the rounded forward. This
+pass runs after ``calibrate_grads`` and before ``predict_grads``: it rounds what was set after
+``plan`` (u-μP's readout), then the potentials and the backward factors. The forward predictions
+(``fwd_rms``) of a record it changes are moved by that record's own factor only.
 """
 
 from __future__ import annotations
