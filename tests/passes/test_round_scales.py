@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from helpers import band_fractions, gradient_cosines
+from helpers import band_fractions, gradient_cosines, graph_code, pipeline_until, run_pass
 from unit_scale_fx import UnitScaleConfig, UnitScaleError, unit_scale
 from unit_scale_fx.analysis import check_equivalence
 from unit_scale_fx.analysis.recorder import MatmulRecorder
 from unit_scale_fx.examples import GPT, gpt_batch
 from unit_scale_fx.passes.round_scales import is_pow2, pow2
+from unit_scale_fx.record import META_KEY
 from unit_scale_fx.scale import scale
 
 
@@ -27,6 +28,25 @@ def test_pow2_rounds_in_log_scale():
 def test_unknown_rounding_is_refused():
     with pytest.raises(UnitScaleError, match="round_scales"):
         UnitScaleConfig(round_scales="pow3")
+
+
+def test_the_pass_rounds_potentials_and_derives_backward_scales_from_them():
+    """On the planned records: potentials in whole powers of two, and b_uv = f_uv * phi_u / phi_v exactly."""
+    torch.manual_seed(0)
+    model = GPT(vocab=32, d=16, layers=1, heads=2, max_len=8)
+    gm, ctx, p = pipeline_until(model, gpt_batch(32, 4, 8, seed=1), "round_scales", round_scales="pow2")
+    pots = ctx.potentials
+    assert any(not is_pow2(b) for n in gm.graph.nodes if META_KEY in n.meta for b in n.meta[META_KEY].bwd.values())
+    before = graph_code(gm)
+    result = run_pass(gm, ctx, p)
+    assert "rounded" in result.info and graph_code(gm) == before  # records only; the rewrite comes later
+    k = pots.log_phi / math.log(2.0)
+    assert abs(k - k.round()).max() < 1e-9  # every potential a power of two
+    for u, v in pots.free:
+        rec = pots.recs[v]
+        f = rec.weights.get(u.name, 1.0) if rec.weights else rec.fwd
+        assert is_pow2(f) and is_pow2(rec.bwd[u.name])
+        assert rec.bwd[u.name] == f * 2.0 ** round(k[pots.cls(u)] - k[pots.cls(v)]), (u, v)
 
 
 def _scale_constants(gm: torch.fx.GraphModule) -> list[float]:
