@@ -252,6 +252,12 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are
     # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
+    # Graph breaks: the break factor from the measured gradients of the inputs from earlier graphs
+    # (measured with the factor so far on each loss); every other gradient follows it
+    before = pots.loss_factor
+    change = pots.join({c: g / before for c, g in true_rms.items()})
+    if change != 1.0:
+        new -= math.log(change)
     for c in pots.pinned():
         new[c] = 0.0
     pots.log_phi = new
