@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from helpers import band_fractions, gradient_cosines, graph_code, pipeline_until, run_pass
+from helpers import band_fractions, gradient_cosines, graph_code, pipeline_until, run_pass, scale_constants
 from unit_scale_fx import UnitScaleConfig, UnitScaleError, unit_scale
 from unit_scale_fx.analysis import check_equivalence
 from unit_scale_fx.analysis.recorder import MatmulRecorder
 from unit_scale_fx.examples import GPT, gpt_batch
 from unit_scale_fx.passes.round_scales import is_pow2, pow2
 from unit_scale_fx.record import META_KEY
-from unit_scale_fx.scale import scale
 
 
 def test_pow2_rounds_in_log_scale():
@@ -49,19 +48,6 @@ def test_the_pass_rounds_potentials_and_derives_backward_scales_from_them():
         assert rec.bwd[u.name] == f * 2.0 ** round(k[pots.cls(u)] - k[pots.cls(v)]), (u, v)
 
 
-def _scale_constants(gm: torch.fx.GraphModule) -> list[float]:
-    """Every scale factor in the generated graph: ``scale`` ops' arguments and fused ops' ``*_scale`` pairs."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is scale:
-            out += [float(a) for a in n.args[1:3]]
-        out += [float(v) for k, pair in n.kwargs.items() if k.endswith("_scale") and isinstance(pair, tuple)
-                for v in pair]
-    return out
-
-
 def _gpt():
     torch.manual_seed(0)
     return GPT(vocab=64, d=32, layers=2, heads=2, max_len=16)
@@ -71,13 +57,13 @@ def _gpt():
 def test_every_scale_is_a_power_of_two_and_the_rewrite_is_the_users_model(constraint):
     model, batch = _gpt(), gpt_batch(64, 8, 16, seed=1)
     us = unit_scale(model, batch, round_scales="pow2", constraint=constraint)
-    consts = _scale_constants(us)
+    consts = scale_constants(us)
     assert len(consts) > 40 and any(c != 1.0 for c in consts)
     assert [c for c in consts if not is_pow2(c)] == []
     for name, r in us.scale_plan(all_nodes=True).items():  # the plan the user inspects says the same
         assert all(is_pow2(v) for v in [r.fwd, *r.bwd.values(), *r.weights.values()]), (name, r)
     # unrounded, the same plan is not made of powers of two (the test can fail)
-    plain = _scale_constants(unit_scale(model, batch, constraint=constraint))
+    plain = scale_constants(unit_scale(model, batch, constraint=constraint))
     assert sum(not is_pow2(c) for c in plain) > 10
     # scales set to 1: the user's model, outputs and gradients; with the scales: valid gradients
     eq = check_equivalence(model, us, *gpt_batch(64, 4, 16, seed=3))

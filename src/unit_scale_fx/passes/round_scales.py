@@ -61,6 +61,8 @@ def round_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         pots.log_phi = np.round(pots.log_phi / ln2) * ln2
         for c in pots.pinned():
             pots.log_phi[c] = 0.0
+        # graph breaks: the factor on every returned loss, shared with the program's other graphs
+        pots.loss_factor = pow2(pots.loss_factor)
         pots.assign()
     for rec in recs:  # exact powers of two (the derived factors are, up to the last bit)
         rec.bwd = {k: pow2(b) for k, b in rec.bwd.items()}
