@@ -265,7 +265,8 @@ def fuse_layer_norms(graph: fx.Graph) -> int:
     return fused
 
 
-ATTENTIONS = frozenset(many([F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention]))
+ATTENTIONS = frozenset(many([F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+                             aten("scaled_dot_product_attention")]))
 
 
 def fuse_attention(graph: fx.Graph) -> int:

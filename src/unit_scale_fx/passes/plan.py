@@ -346,6 +346,13 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     """
     measured = measured or {}
     grad: dict[fx.Node, float] = {}
+    # beside a returned loss (a 0-dim float), the other returned values get no gradient from outside,
+    # as in training (tensor_stats.loss_outputs): a returned cache or hidden state that nothing inside
+    # reads has no gradient, rather than a unit one
+    out = gm.graph.find_nodes(op="output")
+    leaves = [n for n in torch.utils._pytree.tree_leaves(out[0].args) if isinstance(n, fx.Node)] if out else []
+    returns_loss = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0
+                       and n.meta["val"].is_floating_point() for n in leaves)
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
@@ -361,6 +368,11 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             contribs.append(g * gain * edge_factor(rec, node))
+        if not contribs and returns_loss and node not in measured:
+            val = node.meta.get("val")
+            if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):
+                grad[node] = 0.0
+                continue
         if node in measured:
             grad[node] = measured[node]
         elif isinstance(node.meta.get("val"), (tuple, list)):
