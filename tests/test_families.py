@@ -28,17 +28,7 @@ from fixtures.families import FAMILIES
 #: families below the bands today: (forward, backward) in-band fractions measured lazily on batch 1
 #: (python benchmarks/model_families.py prints the table)
 SHORT = {
-    "gpt2": "fwd 0.88 bwd 0.85 (dropout on, as the default config has it)",
-    "llama": "bwd 0.88: grouped k/v projections' gradients at 0.44-0.47",
-    "mistral": "bwd 0.88: grouped k/v projections' gradients at 0.44",
-    "bert": "fwd 0.83 bwd 0.89, 2 operands outside [1/8, 8]",
-    "opt": "fwd 0.94 bwd 0.86",
-    "falcon": "fwd 0.85 bwd 0.85 (multi-query attention)",
-    "phi": "bwd 0.86",
     "mixtral": "bwd 0.08, 22 operands outside [1/8, 8]: expert dispatch (index ops) is not unit-scaled",
-    "roberta_classifier": "bwd 0.00: only the first token's gradient is non-zero (RMS diluted by 1/sqrt(seq))",
-    "bart": "bwd 0.94",
-    "vit": "bwd 0.97, 1 operand outside [1/8, 8]",
 }
 
 

@@ -338,8 +338,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Te
 
 
 def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple = _ONE, k_scale: tuple = _ONE,
-                     v_scale: tuple = _ONE, out_scale: tuple = _ONE, **kwargs: Any) -> Tensor:
+                     v_scale: tuple = _ONE, out_scale: tuple = _ONE, q_unit: float = 1.0, **kwargs: Any) -> Tensor:
     """``scaled_dot_product_attention`` with ``scale`` on query, key, value and output, as one op.
+
+    ``q_unit``: the kernel reads ``q * q_unit`` with the softmax scale divided by ``q_unit`` (the same
+    logits, so the same function): a query the model scaled down itself reaches the kernel unit.
 
     The same as ``scale(sdpa(scale(q, *q_scale), scale(k, *k_scale), scale(v, *v_scale), ...),
     *out_scale)`` forward and backward. In eager autograd, backward keeps the scaled output
@@ -348,6 +351,10 @@ def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple
     """
     (fq, gq), (fk, gk), (fv, gv), (fo, go) = q_scale, k_scale, v_scale, out_scale
     sdpa = _attention
+    if q_unit != 1.0:  # the kernel reads q * q_unit with the softmax scale divided by q_unit: the same logits
+        s = kwargs.get("scale")
+        kwargs = {**kwargs, "scale": (1.0 / math.sqrt(q.size(-1)) if s is None else float(s)) / q_unit}
+        q = q * q_unit
     if ((fq, fk, fv) != (1.0, 1.0, 1.0) or not fo > 0 or torch.compiler.is_compiling()
             or not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v))
             or not _plain_tensors(q, k, v)

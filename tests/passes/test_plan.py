@@ -164,3 +164,27 @@ def test_measured_gradients_replace_the_prediction_and_flow_upstream():
     assert got["gelu"] == 3.0
     assert got["linear_1"] == plain["linear_1"]  # downstream of the measurement: unchanged
     assert got["linear"] == pytest.approx(plain["linear"] * 3.0 / plain["gelu"])  # upstream: scaled with it
+
+
+def test_returned_values_beside_a_loss_get_no_gradient_in_the_sweep():
+    """A value returned beside a scalar loss (a cache, a hidden state) receives no gradient in training
+    (tensor_stats.loss_outputs): the reverse sweep predicts none there, not a unit gradient that would
+    skew the potentials of everything it was computed from."""
+    from unit_scale_fx.passes.plan import true_grad_rms
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            h = self.a(x)
+            cache = h.transpose(0, 1)  # returned only
+            return F.mse_loss(self.b(h), t), cache
+
+    gm, ctx, _ = pipeline_until(M(), (torch.randn(16, 8), torch.randn(16, 8)), "balance")
+    grads = true_grad_rms(gm, ctx.scales)
+    cache = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "transpose")
+    assert grads[cache] == 0.0
+    h = next(n for n in gm.graph.nodes if n.target is F.linear)
+    assert 0.0 < grads[h] < 0.5  # only what the loss sends back (mean-squared error of 16 x 8 values)
