@@ -27,9 +27,7 @@ from fixtures.families import FAMILIES
 
 #: families below the bands today: (forward, backward) in-band fractions measured lazily on batch 1
 #: (python benchmarks/model_families.py prints the table)
-SHORT = {
-    "mixtral": "bwd 0.08, 22 operands outside [1/8, 8]: expert dispatch (index ops) is not unit-scaled",
-}
+SHORT: dict[str, str] = {}
 
 
 def _records(model, fam, args, kwargs):

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .einsum import _operands as einsum_operands
-from .registry import (Kind, OpView, Rule, Scales, aten, lookup, register, register_library_op,
+from .registry import (Kind, OpView, Rule, Scales, aten, lookup, many, register, register_library_op,
                        resolve_library_op, resolve_target, tensor_method)
 
 _EINSUM_TARGETS = frozenset(t for t in (torch.einsum, aten("einsum")) if t is not None)
@@ -158,8 +158,8 @@ def _register_matmul(op: object, lay: MatmulLayout = _MATMUL) -> None:
 
 # Grouped matmuls (mixture-of-experts layers): input [tokens, k] sorted by expert, weight [experts, k, n].
 # The matmul rule's shapes give k and n, and rows = tokens / experts (the rows each expert's weight sees).
-if aten("_grouped_mm") is not None:
-    _register_matmul(aten("_grouped_mm"))
+for _t in many([getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None), aten("_grouped_mm")]):
+    _register_matmul(_t)
 # transformers' fallback for it (an op of its own, known once transformers is imported)
 register_library_op("transformers::grouped_mm_fallback.default", _register_matmul)
 

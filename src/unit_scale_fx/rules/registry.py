@@ -77,6 +77,9 @@ class Scales:
     calibrate: bool = False
     #: calibration moves the backward scales by the same factor (they equal ``fwd``)
     calibrate_bwd: bool = False
+    #: when planning runs on real inputs, measure the input gradient gain too: ``RMS(J^T g)`` for a
+    #: unit Gaussian ``g`` at the real input (one-input functions a Gaussian probe may not represent)
+    calibrate_grad_gain: bool = False
     #: cross-position correlation of the output: the mean of ``x_i . x_j / |x|^2`` over distinct
     #: positions (uncentered: a mean shared by all positions counts). ``None``: the inputs' carries over.
     out_rho: Optional[float] = None
