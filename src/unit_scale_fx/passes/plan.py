@@ -264,7 +264,6 @@ class _MeasuringPlanner(fx.Interpreter):
                 rec.fwd_rms = measured
         return value
 
-
     def _measure_grad_gain(self, n: fx.Node, s: Scales) -> None:
         """``RMS(J^T g)`` at the real input of a one-input op, for a seeded unit Gaussian ``g``."""
         inputs = float_tensor_inputs(n)
