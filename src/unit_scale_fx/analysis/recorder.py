@@ -24,7 +24,8 @@ _MATMULS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.defaul
 if hasattr(aten, "_grouped_mm"):  # mixture-of-experts layers: input [tokens, k], weight [experts, k, n]
     _MATMULS[aten._grouped_mm.default] = (0, 1)
 #: ops of other libraries, by name: forward matmuls (operand positions) and their backward ops (the
-#: position of the incoming gradient); a custom op runs its matmuls out of this mode's sight
+#: position of the incoming gradient, which both backward matmuls read); a custom op runs its matmuls
+#: out of this mode's sight
 _NAMED_MATMULS = {"transformers::grouped_mm_fallback": (0, 1)}
 _NAMED_BWD = {"transformers::grouped_mm_fallback_backward": 3}
 _ATTN_FWD = {getattr(aten, n).default for n in (
@@ -100,8 +101,8 @@ class MatmulRecorder(TorchDispatchMode):
         qual = func._schema.name
         pos = _MATMULS.get(func) or _NAMED_MATMULS.get(qual)
         if qual in _NAMED_BWD and len(args) > _NAMED_BWD[qual]:
-            g = args[_NAMED_BWD[qual]]
-            self.records.append(MatmulOperand(name, "bwd", "grad", tuple(g.shape), rms(g)))
+            g = args[_NAMED_BWD[qual]]  # read by two matmuls (input and weight gradients), as aten's backward does
+            self.records += [MatmulOperand(name, "bwd", "grad", tuple(g.shape), rms(g)) for _ in range(2)]
         elif pos is not None:
             a, b = (args[i] for i in pos)
             if self.phase == "fwd":
