@@ -22,6 +22,7 @@ from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
+from .round_scales import pow2
 from .stats import LOCAL
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ class _Planner:
         s = rule.scales(view)
         if node in self.loss_cone:
             _keep_value(s, rule)
+        if self.cfg.round_scales is not None and s.weights is not None:  # round_scales: the add runs rounded
+            s.weights = {n: pow2(w) for n, w in s.weights.items()}
         if s.out_rho is not None:
             self.rho[node] = s.out_rho
         else:  # carried over from the activations (a weight's rows are not positions)
@@ -140,6 +143,8 @@ class _Planner:
             rec.weights = {n.name: w for n, w in s.weights.items()}
         if self.cfg.constraint != "potential":
             _tie_locally(rec, node, s, self.topo, self.cfg.constraint)
+        if self.cfg.round_scales is not None:  # rounded here, so what later ops measure or predict is rounded
+            rec.fwd = pow2(rec.fwd)
         out = s.out_rms
         if out is not None and s.weights is None and s.fwd:
             out = out * rec.fwd / s.fwd
@@ -249,6 +254,8 @@ class _MeasuringPlanner(fx.Interpreter):
                     s.bwd = {k: b * ratio for k, b in s.bwd.items()}
                     s.grad_gain = {k: g / ratio for k, g in s.grad_gain.items()}
                 s.note += f"; forward calibrated on the example batch (x{ratio:.3g})"
+            if s.calibrate_grad_gain:
+                self._measure_grad_gain(n, s)
         if s is not None:
             rec = p.finalize(n, s)
             if rec.weights is None or not rec.weights:
@@ -261,6 +268,26 @@ class _MeasuringPlanner(fx.Interpreter):
             if rec is not None:
                 rec.fwd_rms = measured
         return value
+
+    def _measure_grad_gain(self, n: fx.Node, s: Scales) -> None:
+        """``RMS(J^T g)`` at the real input of a one-input op, for a seeded unit Gaussian ``g``."""
+        inputs = float_tensor_inputs(n)
+        if len(inputs) != 1 or not isinstance(self.env.get(inputs[0]), torch.Tensor):
+            return
+        (x,) = inputs
+        xi = self.env[x].detach().requires_grad_(True)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = torch.utils._pytree.tree_map(lambda a: xi if a is self.env[x] else a, (args, kwargs))
+        with torch.enable_grad():
+            y = getattr(self, n.op)(n.target, args, kwargs)
+            if not (isinstance(y, torch.Tensor) and y.requires_grad):
+                return
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1234), dtype=y.dtype).to(y.device)
+            (dx,) = torch.autograd.grad(y, xi, g, allow_unused=True)
+        d = self.stats.rms(dx) if dx is not None else None
+        if d is not None and d > 0 and math.isfinite(d):
+            s.bwd[x], s.grad_gain[x] = 1.0 / d, d
+            s.note += f"; gradient gain measured on the example batch ({d:.4g})"
 
 
 @declare('plan', needs=('topology', 'init_kinds'), produces=('scales',))
@@ -346,6 +373,13 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     """
     measured = measured or {}
     grad: dict[fx.Node, float] = {}
+    # beside a returned loss (a 0-dim float), the other returned values get no gradient from outside,
+    # as in training (tensor_stats.loss_outputs): a returned cache or hidden state that nothing inside
+    # reads has no gradient, rather than a unit one
+    out = gm.graph.find_nodes(op="output")
+    leaves = [n for n in torch.utils._pytree.tree_leaves(out[0].args) if isinstance(n, fx.Node)] if out else []
+    returns_loss = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0
+                       and n.meta["val"].is_floating_point() for n in leaves)
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
@@ -361,6 +395,11 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             contribs.append(g * gain * edge_factor(rec, node))
+        if not contribs and returns_loss and node not in measured:
+            val = node.meta.get("val")
+            if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):
+                grad[node] = 0.0
+                continue
         if node in measured:
             grad[node] = measured[node]
         elif isinstance(node.meta.get("val"), (tuple, list)):
