@@ -242,7 +242,9 @@ def flatten_output(value: Any, tensors: list, seen: Optional[set] = None, depth:
     rebuilt output has the same types, with the captured graph's tensors in them.
     """
     seen = set() if seen is None else seen
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, torch.SymInt)):
+        # a symbolic int (a cache's length under dynamic shapes) is an output of the graph too: the
+        # rebuilt output then holds this call's value, not the symbol the capture saw
         tensors.append(value)
         return ("tensor", len(tensors) - 1)
     if depth > 12 or id(value) in seen or isinstance(value, CONSTANT_TYPES):
