@@ -162,3 +162,51 @@ def test_explicit_and_sdpa_attention_have_one_temperature(parametrization, measu
     assert stds[True] == pytest.approx(stds[False], rel=0.10), stds
     target = 1.0 if parametrization == "unit" else 1 / math.sqrt(32)  # u-muP: attn_softmax * q.k / d_head
     assert stds[False] == pytest.approx(target, rel=0.25)
+
+
+class _PrescaledQuery(nn.Module):
+    """Attention that scales its query itself and passes ``scale=1`` (as OPT does)."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.scaling = heads, (d // heads) ** -0.5
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, -1)
+        q = q * self.scaling
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)).pow(2).mean()
+
+
+@pytest.mark.parametrize("parametrization", ["unit", "u-mup"])
+def test_attention_temperature_absorbs_a_query_factor_of_the_model(parametrization):
+    """The query the kernel reads is unit; the temperature takes the model's factor, so the function
+    (scale-erased equivalence) and the gradients (cosines) stay the model's."""
+    from unit_scale_fx.analysis import check_equivalence, gradient_cosines
+
+    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = _PrescaledQuery()
+    us = unit_scale(model, (x,), parametrization=parametrization, measure=False)
+    (rec,) = [r for r in us.scale_plan().values() if r.kind == "attention"]
+    assert list(rec.in_fwd.values()) == [pytest.approx(4.0)]  # d_head 16: the model's 1/4 undone
+    rec_ = MatmulRecorder()
+    with rec_:
+        loss = us(x)
+        rec_.backward()
+        loss.backward()
+    q = [r.rms for r in rec_.records if r.role == "q"]
+    assert q and all(0.5 <= r <= 2.0 for r in q), q
+    probe = _LogitProbe()
+    with probe, torch.no_grad():
+        us(x)
+    target = 1.0 if parametrization == "unit" else 1 / math.sqrt(16)  # the model's own logit scale is kept
+    assert probe.std[0] == pytest.approx(target, rel=0.25)
+    if parametrization == "unit":
+        assert check_equivalence(model, us, x).ok
+    cos = gradient_cosines(us, x)
+    assert min(cos.values()) >= 1 - 1e-6, cos

@@ -69,6 +69,8 @@ class _Planner:
         self.rms: dict[fx.Node, Optional[float]] = {}
         #: predicted cross-position correlation of each value (0 for inputs and parameters)
         self.rho: dict[fx.Node, float] = {}
+        #: predicted first moment of each value relative to its RMS (0 for inputs and parameters)
+        self.mean: dict[fx.Node, float] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
         self.loss_cone = loss_cone(gm, ctx.param_inputs)
@@ -89,6 +91,7 @@ class _Planner:
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
         self.rho[node] = max((self.rho.get(i, 0.0) for i in inputs), default=0.0)
+        self.mean[node] = 0.0
         if node.meta.get(INSERTED):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
@@ -115,7 +118,8 @@ class _Planner:
         in_rms.update({i: self.counts[i] for i in node.all_input_nodes if i in self.counts})
         view = OpView(node, inputs, in_rms,
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
-                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs})
+                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs},
+                      in_mean={i: self.mean.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
         if node in self.loss_cone:
             _keep_value(s, rule)
@@ -125,6 +129,14 @@ class _Planner:
             acts = [i for i in inputs if i not in context["params"]] or inputs
             w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
             self.rho[node] = sum(wi * self.rho.get(i, 0.0) for wi, i in zip(w, acts)) / max(sum(w), 1e-30)
+        if s.out_mean is not None:
+            self.mean[node] = s.out_mean
+        elif rule.kind == Kind.PRESERVE or (rule.kind == Kind.MUL and len(inputs) == 1):
+            # values moved, selected or multiplied by a constant: the first moment goes with them
+            acts = [i for i in inputs if i not in context["params"]] or inputs
+            w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
+            self.mean[node] = sum(math.sqrt(wi) * self.mean.get(i, 0.0) for wi, i in zip(w, acts)) \
+                / max(math.sqrt(sum(w)), 1e-30)
         self.scales[node], self.rules[node] = s, rule
         return s
 
@@ -138,6 +150,7 @@ class _Planner:
         if s.weights is not None:
             rec.fwd = 1.0
             rec.weights = {n.name: w for n, w in s.weights.items()}
+        rec.in_fwd = {n.name: f for n, f in s.in_fwd.items()}
         if self.cfg.constraint != "potential":
             _tie_locally(rec, node, s, self.topo, self.cfg.constraint)
         out = s.out_rms
@@ -340,12 +353,17 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     The gradient sent from ``v`` to its input ``u`` has RMS ``grad(v) * gain_vu * edge_factor(rec_v, u)``
     (``gain_vu``: the rule's ``grad_gain``, the Jacobian's gain); gradients that meet at a value
     with several readers are independent and add in quadrature. A loss starts at 1, and so does a
-    value the graph returns (its gradient comes from outside). With ``edge_factor`` the forward
-    factor this is the *true* gradient of the scaled forward; with the backward scale, what the
-    gradients will measure.
+    value the graph returns (its gradient comes from outside), unless the graph also returns a
+    loss (a single number): then the other returned values (a key/value cache, router logits,
+    hidden states) are taken to receive no gradient from outside, as they do when the caller
+    calls ``loss.backward()``. With ``edge_factor`` the forward factor this is the *true*
+    gradient of the scaled forward; with the backward scale, what the gradients will measure.
     """
     measured = measured or {}
     grad: dict[fx.Node, float] = {}
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    returned = [n for n in _leaves(out.args) if isinstance(n, fx.Node)] if out is not None else []
+    returns_loss = any(_shape(n) == () and is_float(n) for n in returned)
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
@@ -363,6 +381,8 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
             contribs.append(g * gain * edge_factor(rec, node))
         if node in measured:
             grad[node] = measured[node]
+        elif not contribs and returns_loss and _shape(node) != ():
+            grad[node] = 0.0  # returned beside a loss: no gradient from outside
         elif isinstance(node.meta.get("val"), (tuple, list)):
             # readers of a tuple take disjoint pieces: their gradients are concatenated
             grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0
