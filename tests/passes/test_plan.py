@@ -164,3 +164,28 @@ def test_measured_gradients_replace_the_prediction_and_flow_upstream():
     assert got["gelu"] == 3.0
     assert got["linear_1"] == plain["linear_1"]  # downstream of the measurement: unchanged
     assert got["linear"] == pytest.approx(plain["linear"] * 3.0 / plain["gelu"])  # upstream: scaled with it
+
+
+class _ReturnsCache(nn.Module):
+    """Returns a loss and, beside it, a value only the caller reads (a key/value cache)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.k, self.out = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor):
+        k = self.k(x)
+        return self.out(k).pow(2).mean(), k[:, : k.shape[1] // 2]
+
+
+def test_reverse_sweep_gives_values_returned_beside_a_loss_no_gradient_of_their_own():
+    """The caller calls loss.backward(): the cache gets no gradient, so it must not set the potentials."""
+    from unit_scale_fx import unit_scale
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    us = unit_scale(_ReturnsCache(), (x,), measure=False)
+    loss, _ = us(torch.randn(32, 64))
+    loss.backward()
+    w = dict(us.named_parameters())["k.weight"]
+    assert 0.5 <= rms(w.grad) <= 2.0, rms(w.grad)  # with the cache counted as a unit-gradient output: ~0.01

@@ -119,3 +119,41 @@ def test_pointwise_scales_come_from_quadrature_not_a_table():
     z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     f_rms, _ = gaussian_moments(torch.tanh)
     assert math.isclose(f_rms, float(torch.tanh(z).pow(2).mean().sqrt()), rel_tol=2e-3)
+
+
+def test_pointwise_quadrature_takes_the_first_moment():
+    """A ReLU of a shifted Gaussian (a ReLU output after a residual add) passes more than half of it."""
+    from unit_scale_fx.rules.pointwise import gaussian_moments
+
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.6 + 0.8
+    f_rms, d_rms = gaussian_moments(torch.relu, std=0.6, mean=0.8)
+    assert math.isclose(f_rms, float(torch.relu(z).pow(2).mean().sqrt()), rel_tol=2e-3)
+    assert math.isclose(d_rms, float((z > 0).double().mean().sqrt()), rel_tol=2e-2)
+
+
+class _ReluResidual(nn.Module):
+    """A ReLU output as the skip of a residual add, and a ReLU after it (a ResNet block's shape)."""
+
+    def __init__(self, d: int = 256) -> None:
+        super().__init__()
+        self.inp, self.branch, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.inp(x))
+        h = F.relu(h + self.branch(h))
+        return self.head(h).pow(2).mean()
+
+
+def test_first_moments_carry_through_residual_adds_analytically():
+    from unit_scale_fx.analysis.recorder import MatmulRecorder
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    us = unit_scale(_ReluResidual(), (x,), measure=False)
+    relus = [r for r in us.scale_plan().values() if r.rule == "pointwise"]
+    assert "mean" in relus[1].note and "mean" not in relus[0].note  # the second ReLU sees a shifted input
+    rec = MatmulRecorder()
+    with rec:
+        us(torch.randn(64, 256))
+    head_in = [r.rms for r in rec.records if r.phase == "fwd" and r.role == "left"][-1]
+    assert 0.9 <= head_in <= 1.1, head_in  # zero-mean rules predict 0.71 of what the ReLU passes

@@ -30,8 +30,12 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 
 
 def valid_tap_fraction(in_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
-                       padding: Any, dilation: tuple[int, ...], out_size: tuple[int, ...]) -> float:
-    """The share of (output position, kernel tap) pairs that read an input inside the borders (not padding)."""
+                       padding: Any, dilation: tuple[int, ...], out_size: tuple[int, ...], side: str = "out") -> float:
+    """The share of (output position, kernel tap) pairs that read an input inside the borders (not padding).
+
+    ``side="in"``: the reads per input position relative to ``kernel / stride`` (what the input's
+    gradient sums), which differs where the padding is wider than the kernel's half.
+    """
     nd = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
@@ -44,7 +48,7 @@ def valid_tap_fraction(in_size: tuple[int, ...], kernel: tuple[int, ...], stride
         if O <= 0 or K <= 0:
             continue
         valid = sum(1 for o in range(O) for t in range(K) if 0 <= o * S - P + t * D < L)
-        frac *= valid / (O * K)
+        frac *= valid / (O * K) if side == "out" else valid * S / (L * K)
     return max(frac, 1e-6)
 
 
@@ -75,12 +79,12 @@ class ConvRule(Rule):
         groups = int(a.get("groups", 1) or 1)
         stride = _tuple(a.get("stride", 1), nd)
         k = math.prod(ws[2:])
-        frac = 1.0
+        frac = frac_in = 1.0
         if len(xs) == nd + 2 and len(os_) == nd + 2:
-            frac = valid_tap_fraction(xs[2:], tuple(ws[2:]), stride, a.get("padding", 0),
-                                      _tuple(a.get("dilation", 1), nd), os_[2:])
+            geometry = (xs[2:], tuple(ws[2:]), stride, a.get("padding", 0), _tuple(a.get("dilation", 1), nd), os_[2:])
+            frac, frac_in = valid_tap_fraction(*geometry), valid_tap_fraction(*geometry, side="in")
         fan_in = ws[1] * k * frac
-        reads = max(1.0, ws[0] / groups * k / math.prod(stride)) * frac
+        reads = max(1.0, ws[0] / groups * k / math.prod(stride)) * frac_in
         rows = max(1, math.prod(os_) // os_[1] if len(os_) > 1 else 1) * frac
         rx, rw = op.rms(x), op.rms(w)
         s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)),
