@@ -21,7 +21,7 @@ from .passes import PassContext
 from .passes.init_weights import parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
-from .record import ARG_SCALE_KEY, CAPTURE, INSERTED, META_KEY, ScaleRecord, original, LOST_TYPES
+from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original, LOST_TYPES
 from .table import format_table
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,6 @@ class UnitScaledModule(fx.GraphModule):
             rec = copy.deepcopy(rec)
             rec.bwd = {rename[k]: v for k, v in rec.bwd.items() if k in rename}
             rec.weights = {rename[k]: v for k, v in rec.weights.items() if k in rename}
-            rec.in_fwd = {rename[k]: v for k, v in rec.in_fwd.items() if k in rename}
             rec.ideal_bwd = {rename.get(k, k): v for k, v in rec.ideal_bwd.items()}
             n.meta[META_KEY] = rec
             matched += 1
@@ -237,17 +236,7 @@ def node_keys(graph: fx.Graph) -> dict[fx.Node, str]:
         op = str(n.target).rstrip("0123456789_") if n.op == "call_module" else str(n.target)
         k = seen.get((path, op), 0)
         seen[(path, op)] = k + 1
-        args, kwargs = list(n.args), dict(n.kwargs)
-        info = n.meta.get(ARG_SCALE_KEY)
-        if isinstance(info, dict) and "kwarg" in info:  # an argument the plan set: the user's value names the op
-            name, pos, old = info["kwarg"]
-            if len(args) > pos:
-                args[pos] = old
-            elif old is None:
-                kwargs.pop(name, None)
-            else:
-                kwargs[name] = old
-        consts = [a for a in args + list(kwargs.values())
+        consts = [a for a in list(n.args) + list(n.kwargs.values())
                   if isinstance(a, (bool, int, float, str)) or a is None]
         out[n] = f"{path}|{op}|{k}|{consts}"  # the op's own options (a loss's reduction) are part of it
     return out

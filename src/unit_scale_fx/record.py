@@ -72,8 +72,6 @@ class ScaleRecord:
         constrained: True when forward and backward scales were tied.
         weights: for residual / weighted adds, the forward weight per input node name
             (``bwd`` then holds the backward weight where it differs).
-        in_fwd: forward factors on inputs that the op's own temperature undoes (attention: a query
-            or key factor; the op's ``scale`` argument is divided by their product), by input name.
         fwd_rms: predicted RMS of the output after scaling.
         bwd_rms: predicted RMS of the gradient w.r.t. the output.
         note: free text (why a choice was made).
@@ -89,7 +87,6 @@ class ScaleRecord:
     ideal_bwd: dict[str, float] = field(default_factory=dict)
     constrained: bool = False
     weights: dict[str, float] = field(default_factory=dict)
-    in_fwd: dict[str, float] = field(default_factory=dict)
     fwd_rms: Optional[float] = None
     bwd_rms: Optional[float] = None
     note: str = ""
@@ -100,7 +97,6 @@ class ScaleRecord:
             self.fwd != 1.0
             or any(b != 1.0 for b in self.bwd.values())
             or any(w != 1.0 for w in self.weights.values())
-            or any(w != 1.0 for w in self.in_fwd.values())
         )
 
     def to_dict(self) -> dict[str, Any]:

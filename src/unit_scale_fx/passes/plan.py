@@ -150,7 +150,6 @@ class _Planner:
         if s.weights is not None:
             rec.fwd = 1.0
             rec.weights = {n.name: w for n, w in s.weights.items()}
-        rec.in_fwd = {n.name: f for n, f in s.in_fwd.items()}
         if self.cfg.constraint != "potential":
             _tie_locally(rec, node, s, self.topo, self.cfg.constraint)
         out = s.out_rms
@@ -353,17 +352,19 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     The gradient sent from ``v`` to its input ``u`` has RMS ``grad(v) * gain_vu * edge_factor(rec_v, u)``
     (``gain_vu``: the rule's ``grad_gain``, the Jacobian's gain); gradients that meet at a value
     with several readers are independent and add in quadrature. A loss starts at 1, and so does a
-    value the graph returns (its gradient comes from outside), unless the graph also returns a
-    loss (a single number): then the other returned values (a key/value cache, router logits,
-    hidden states) are taken to receive no gradient from outside, as they do when the caller
-    calls ``loss.backward()``. With ``edge_factor`` the forward factor this is the *true*
-    gradient of the scaled forward; with the backward scale, what the gradients will measure.
+    value the graph returns (its gradient comes from outside). With ``edge_factor`` the forward
+    factor this is the *true* gradient of the scaled forward; with the backward scale, what the
+    gradients will measure.
     """
     measured = measured or {}
     grad: dict[fx.Node, float] = {}
-    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
-    returned = [n for n in _leaves(out.args) if isinstance(n, fx.Node)] if out is not None else []
-    returns_loss = any(_shape(n) == () and is_float(n) for n in returned)
+    # beside a returned loss (a 0-dim float), the other returned values get no gradient from outside,
+    # as in training (tensor_stats.loss_outputs): a returned cache or hidden state that nothing inside
+    # reads has no gradient, rather than a unit one
+    out = gm.graph.find_nodes(op="output")
+    leaves = [n for n in torch.utils._pytree.tree_leaves(out[0].args) if isinstance(n, fx.Node)] if out else []
+    returns_loss = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0
+                       and n.meta["val"].is_floating_point() for n in leaves)
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
@@ -379,10 +380,13 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             contribs.append(g * gain * edge_factor(rec, node))
+        if not contribs and returns_loss and node not in measured:
+            val = node.meta.get("val")
+            if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):
+                grad[node] = 0.0
+                continue
         if node in measured:
             grad[node] = measured[node]
-        elif not contribs and returns_loss and _shape(node) != ():
-            grad[node] = 0.0  # returned beside a loss: no gradient from outside
         elif isinstance(node.meta.get("val"), (tuple, list)):
             # readers of a tuple take disjoint pieces: their gradients are concatenated
             grad[node] = math.sqrt(sum(c * c for c in contribs) / len(contribs)) if contribs else 1.0

@@ -3,19 +3,17 @@
 * adds with weights (residual adds): each input becomes ``scale(x, w_fwd, w_bwd)``;
 * matmul-class ops (matmul, attention): each input with a backward scale becomes ``scale(x, 1, bwd)``
   and the output ``scale(y, fwd, 1)``: backward scales act after the op's own
-  backward, so the gradients that matmuls consume stay unit; a query or key factor the record
-  absorbs (``in_fwd``) becomes ``scale(x, a, a * bwd)`` and the op's ``scale`` argument is divided by it;
+  backward, so the gradients that matmuls consume stay unit;
 * other ops whose inputs share one backward scale: one ``scale(y, fwd, bwd)``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch.fx as fx
 
-from ..record import ARG_SCALE_KEY, INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
+from ..record import INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
 from ..rules.registry import Kind
 from ..scale import scale
 from .base import PassContext, PassResult, declare
@@ -66,25 +64,6 @@ def _inputs_by_original_name(node: fx.Node) -> dict[str, fx.Node]:
     return {original(n).name: n for n in node.all_input_nodes}
 
 
-def _absorb_into_temperature(node: fx.Node, factors: dict[fx.Node, float]) -> None:
-    """Divide an attention op's ``scale`` argument by the forward factors put on its query and key.
-
-    ``sdpa(a q, b k, v, scale=s / (a b))`` is ``sdpa(q, k, v, scale=s)``: the function is unchanged.
-    The user's argument is kept under :data:`~unit_scale_fx.record.ARG_SCALE_KEY`, so erasing the
-    scales (``analysis.scale_erased_copy``) gives back the user's op exactly.
-    """
-    q = node.args[0] if node.args else node.kwargs.get("query")
-    val = q.meta.get("val") if isinstance(q, fx.Node) else None
-    old = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-    base = float(old) if old is not None else 1.0 / math.sqrt(int(val.shape[-1]))
-    new = base / math.prod(factors.values())
-    node.meta.setdefault(ARG_SCALE_KEY, {"kwarg": ("scale", 6, old)})  # u-muP may have set it first
-    if len(node.args) > 6:
-        node.args = node.args[:6] + (new,) + node.args[7:]
-    else:
-        node.kwargs = {**node.kwargs, "scale": new}
-
-
 @declare('rewrite', needs=('scales',))
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     count = 0
@@ -107,14 +86,9 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 out_bwd = shared.pop() if shared else 1.0
             else:
                 out_bwd = 1.0
-                absorbed = {inputs[k]: f for k, f in rec.in_fwd.items() if k in inputs and _snap(f) != 1.0}
-                for inp in dict.fromkeys(list(bwd) + list(absorbed)):
-                    # a forward factor the op's temperature undoes: the backward factor on top of it
-                    a, b = absorbed.get(inp, 1.0), bwd.get(inp, 1.0)
-                    if (a, b) != (1.0, 1.0):
-                        scale_input(gm, node, inp, a, _snap(a * b))
-                if absorbed:
-                    _absorb_into_temperature(node, absorbed)
+                for inp, b in bwd.items():
+                    if b != 1.0:
+                        scale_input(gm, node, inp, 1.0, b)
             if _snap(rec.fwd) != 1.0 or out_bwd != 1.0:
                 scale_output(gm, node, _snap(rec.fwd), out_bwd)
         log.debug("rewrite: %s %s fwd=%.4g bwd=%s weights=%s", rec.rule, node.name, rec.fwd, rec.bwd, rec.weights)

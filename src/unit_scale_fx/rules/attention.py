@@ -92,11 +92,6 @@ def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...],
             cross)
 
 
-#: a query or key whose RMS is further than this (in log) from 1 is made unit, its factor absorbed
-#: into the attention's temperature
-ABSORB_LOG = 0.5 * math.log(2.0)
-
-
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
 class SDPARule(Rule):
     name = "sdpa"
@@ -145,13 +140,4 @@ class SDPARule(Rule):
             if g is None or not (g > 0 and math.isfinite(g)):
                 g = out_rms
             s.bwd[n], s.grad_gain[n] = 1.0 / g, g
-        # A query or key the model itself scales (OPT multiplies q by d^-1/2 and passes scale=1):
-        # sdpa(a q, b k, v, scale=s / (a b)) is the same function, so the plan makes the operands
-        # the kernel reads unit and the temperature takes the factor. Operands within sqrt(2) of
-        # unit are left as they are (no scale op for nothing).
-        for n, r in ((q, rq), (k, rk)):
-            if isinstance(n, fx.Node) and n in op.inputs and q is not k and abs(math.log(r)) > ABSORB_LOG:
-                s.in_fwd[n] = 1.0 / r
-        if s.in_fwd:
-            s.note += "; temperature absorbs " + ", ".join(f"{n.name} x{f:.3g}" for n, f in s.in_fwd.items())
         return s

@@ -84,10 +84,6 @@ class Scales:
     #: 0.56). ``None``: carried over from the inputs by ops that move values (views, dropout), else 0
     #: (a matmul with zero-mean weights, a norm).
     out_mean: Optional[float] = None
-    #: a forward factor on an input that the op itself undoes, so the function stays the same:
-    #: attention's temperature absorbs a factor of the query or key (``sdpa(a q, k, v, scale=s / a)``
-    #: is ``sdpa(q, k, v, scale=s)``); the operand the kernel reads is then unit
-    in_fwd: dict[fx.Node, float] = field(default_factory=dict)
 
 
 @dataclass
