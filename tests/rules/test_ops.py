@@ -157,3 +157,32 @@ def test_first_moments_carry_through_residual_adds_analytically():
         us(torch.randn(64, 256))
     head_in = [r.rms for r in rec.records if r.phase == "fwd" and r.role == "left"][-1]
     assert 0.9 <= head_in <= 1.1, head_in  # zero-mean rules predict 0.71 of what the ReLU passes
+
+
+class _FirstToken(nn.Module):
+    """A classifier that reads the first position only, and a half-width slice (partial rotary's shape)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.enc, self.mix, self.head = nn.Linear(d, d), nn.Linear(d // 2, d), nn.Linear(d, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x)
+        h = self.mix(h[..., : h.shape[-1] // 2])
+        return self.head(h[:, 0]).pow(2).mean()
+
+
+def test_selecting_views_pass_back_a_sparse_gradient_analytically():
+    """A slice's gradient is zero outside what it read: RMS sqrt(out / in) of the output's; planning on
+    shapes alone makes the gradients the matmuls consume unit anyway."""
+    from unit_scale_fx.analysis.recorder import MatmulRecorder
+
+    torch.manual_seed(0)
+    us = unit_scale(_FirstToken(), (torch.randn(4, 32, 64),), measure=False)
+    rec = MatmulRecorder()
+    with rec:
+        loss = us(torch.randn(4, 32, 64))
+        rec.backward()
+        loss.backward()
+    grads = [r.rms for r in rec.records if r.phase == "bwd"]
+    assert grads and all(0.5 <= g <= 2.0 for g in grads), grads  # without the gain: 1/sqrt(32) and 1/sqrt(64)
