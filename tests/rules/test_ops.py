@@ -186,3 +186,34 @@ def test_selecting_views_pass_back_a_sparse_gradient_analytically():
         loss.backward()
     grads = [r.rms for r in rec.records if r.phase == "bwd"]
     assert grads and all(0.5 <= g <= 2.0 for g in grads), grads  # without the gain: 1/sqrt(32) and 1/sqrt(64)
+
+
+class _MeanPooledAttention(nn.Module):
+    """Attention, then a mean over positions (``nn.TransformerEncoder`` classifiers pool this way)."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.head(y.mean(1)).pow(2).mean()
+
+
+def test_a_gradient_shared_by_all_positions_reaches_the_values_coherently():
+    """Below a mean over positions every position gets the same gradient; attention's value gradient
+    A^T g then sums it coherently (about sqrt(t) more than for independent gradients)."""
+    from unit_scale_fx.analysis.recorder import MatmulRecorder
+
+    torch.manual_seed(0)
+    us = unit_scale(_MeanPooledAttention(), (torch.randn(8, 32, 64),), measure=False)
+    rec = MatmulRecorder()
+    with rec:
+        loss = us(torch.randn(8, 32, 64))
+        rec.backward()
+        loss.backward()
+    grads = [r.rms for r in rec.records if r.phase == "bwd"]
+    assert grads and all(0.5 <= g <= 2.0 for g in grads), grads

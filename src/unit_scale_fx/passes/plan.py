@@ -365,21 +365,32 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     leaves = [n for n in torch.utils._pytree.tree_leaves(out[0].args) if isinstance(n, fx.Node)] if out else []
     returns_loss = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0
                        and n.meta["val"].is_floating_point() for n in leaves)
+    #: cross-position correlation of each gradient: a mean over positions sends every position the same
+    #: gradient, and attention's value gradient (``A^T g``) then sums it coherently (Scales.shared_grad_gain)
+    grho: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
-        contribs = []
+        contribs, rhos = [], []
         for user in node.users:
             if user.op == "output" or user not in grad:
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
             g = 1.0 if rec is not None and rec.kind == Kind.LOSS else grad[user]
+            ru = 0.0 if rec is not None and rec.kind == Kind.LOSS else grho.get(user, 0.0)
             if s is None or rec is None:
                 contribs.append(g)
+                rhos.append(ru)
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
+            shared = s.shared_grad_gain.get(node)
+            if shared is not None and ru > 0:
+                gain = math.sqrt((1.0 - ru) * gain * gain + ru * shared * shared)
             contribs.append(g * gain * edge_factor(rec, node))
+            rhos.append(s.grad_rho.get(node, ru))
+        total = sum(c * c for c in contribs)
+        grho[node] = sum(c * c * r for c, r in zip(contribs, rhos)) / total if total > 0 else 0.0
         if not contribs and returns_loss and node not in measured:
             val = node.meta.get("val")
             if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):

@@ -84,6 +84,12 @@ class Scales:
     #: 0.56). ``None``: carried over from the inputs by ops that move values (views, dropout), else 0
     #: (a matmul with zero-mean weights, a norm).
     out_mean: Optional[float] = None
+    #: backward: the cross-position correlation the op gives an input's gradient (a mean over positions:
+    #: 1, every position gets the same gradient); inputs not listed keep the output gradient's
+    grad_rho: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: an input's gradient gain when the output gradient is the same at every position
+    #: (attention's value gradient then sums coherently); inputs not listed use ``grad_gain``
+    shared_grad_gain: dict[fx.Node, float] = field(default_factory=dict)
 
 
 @dataclass
