@@ -70,14 +70,22 @@ class ResNet(nn.Module):
         return F.cross_entropy(self.fc(h), y)
 
 
+#: ``small``: the sizes the exact memory rows use (fast); ``issue``: issue 16's sizes (GPT d=512, 4 layers,
+#: seq 256; ReLU MLP d=512, 4 blocks, batch 512; ResNet width 64 on 32 x 32 images)
+SIZE = "small"
+
+
 def make(name: str) -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
+    big = SIZE == "issue"
     if name == "gpt":
-        return GPT(vocab=256, d=128, layers=4, heads=4, max_len=128), gpt_batch(256, batch=8, seq=64)
+        d, seq, batch = (512, 256, 4) if big else (128, 64, 8)
+        return GPT(vocab=256, d=d, layers=4, heads=d // 32, max_len=seq), gpt_batch(256, batch=batch, seq=seq)
     if name == "mlp":
-        return ResidualMLP(d_in=64, d=256, layers=4, d_out=16), mlp_batch(64, 16, batch=256)
+        d, batch = (512, 512) if big else (256, 256)
+        return ResidualMLP(d_in=64, d=d, layers=4, d_out=16), mlp_batch(64, 16, batch=batch)
     g = torch.Generator().manual_seed(0)
-    return ResNet(), (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    return ResNet(64 if big else 32), (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
 
 
 def step_fn(call: nn.Module, owner: nn.Module, batch: tuple) -> Callable[[], None]:
@@ -118,7 +126,8 @@ def memory_rows(name: str) -> list[list[str]]:
     return rows
 
 
-def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool) -> list[list[str]]:
+def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool,
+              clock: Callable[[], float] = time.perf_counter) -> list[list[str]]:
     model, batch = make(name)
     variants: dict[str, Callable[[], None]] = {}
     m = copy.deepcopy(model)
@@ -138,10 +147,10 @@ def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool) -
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds):
         for label in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(steps):
                 variants[label]()
-            times[label].append((time.perf_counter() - t0) / steps)
+            times[label].append((clock() - t0) / steps)
     rows = []
     for mode in ("eager", "compiled"):
         if f"original {mode}" not in times:
@@ -162,8 +171,16 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (compiling takes minutes)")
     ap.add_argument("--no-time", action="store_true", help="memory rows only (exact, independent of load)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--size", choices=["small", "issue"], default="small",
+                    help="model sizes: small (fast) or issue 16's (GPT d=512 seq 256, MLP d=512 batch 512)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: process_time (less sensitive to other processes on a shared "
+                         "machine; one thread only)")
     ap.add_argument("--name", default="free_scaling", help="results file name (benchmarks/results/NAME.md)")
     args = ap.parse_args()
+    global SIZE
+    SIZE = args.size
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     logging.basicConfig(level=logging.ERROR)
@@ -171,10 +188,10 @@ def main() -> None:
     for name in args.models:
         rows += memory_rows(name)
         if not args.no_time:
-            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile)
+            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock)
     text = table(["model", "measure", "original", "unit-scaled", "ratio"], rows)
     print(text)
-    note = (f"Times: {args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps, "
+    note = (f"Sizes: {args.size}; clock: {args.clock}. Times: {args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps, "
             "variants interleaved per round; ratio = median over rounds of unit-scaled / original. The machine "
             f"is shared (load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end): times are "
             "noisy, memory counts are exact. Memory: bytes of tensor storages (see the script's docstring); the "

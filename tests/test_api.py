@@ -215,13 +215,13 @@ def test_data_dependent_model_is_unit_scaled_through_dynamo():
     assert us.us_backend.graphs and us.us_backend.scale_plan()
     loss = us(*mlp_batch(16, 4, 64, seed=3))
     loss.backward()
-    # after the graph break (the graph holding the loss) gradients are unit-scaled; the break itself
-    # passes the true gradient back, so the first graph's weight gets a true-size gradient
-    for name in ("fc1.weight", "fc2.weight", "out.weight"):
+    # the graph holding the loss sends a unit-sized gradient back across the break (one factor for
+    # everything before it), so the first graph's weight is unit-scaled too (it got RMS ~0.003 without)
+    for name in ("inp.weight", "fc1.weight", "fc2.weight", "out.weight"):
         assert 0.25 <= rms(us.get_parameter(name).grad) <= 4, name
-    assert torch.isfinite(us.get_parameter("inp.weight").grad).all()
     recs = record_matmul_operands(us, x, y)
-    assert band_fractions(recs)["fwd"] >= 0.9
+    frac = band_fractions(recs)
+    assert frac["fwd"] >= 0.95 and frac["bwd"] >= 0.95, frac
     with pytest.raises(UnitScaleError, match="already unit-scaled"):
         unit_scale(us, (x, y))
 

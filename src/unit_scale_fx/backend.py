@@ -238,6 +238,15 @@ _PREPARE_PASSES = frozenset({"strip_asserts", "normalize", "init_weights", "shap
                              "constants", "fuse"})
 
 
+def _returns_loss(gm: fx.GraphModule) -> bool:
+    """Whether the graph returns a 0-dim floating-point value (a loss, where gradients start)."""
+    for n in output_leaves(gm):
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point():
+            return True
+    return False
+
+
 def structure_key(gm: fx.GraphModule, scalars: frozenset[str] = frozenset()) -> tuple:
     """What identifies a graph's plan: every floating-point op's name, target and float inputs (no shapes).
 
@@ -346,6 +355,9 @@ class UnitScaleBackend:
         self._tracked = _Tracked()
         self.initialised: int = 0
         self.store = PlanStore()
+        #: graph breaks: the factor on every loss of every graph (``PassContext.join_breaks``); None until the
+        #: first graph that returns a loss in a program dynamo split is planned
+        self.break_factor: float | None = None
         self.generation = 0
         #: how each compiled graph got its scales: "planned", "reused" or "analytic"
         self.decisions: list[str] = []
@@ -356,6 +368,7 @@ class UnitScaleBackend:
     def replan(self) -> None:
         """Forget the plan: every compiled graph plans again (measured, on the current weights) at its next call."""
         self.store.clear()
+        self.break_factor = None
         self.generation += 1
 
     # -- the dynamo entry ---------------------------------------------------
@@ -398,6 +411,16 @@ class UnitScaleBackend:
         run_passes(gm, ctx, head)
         key = structure_key(gm, frozenset(n.name for n, v in zip(placeholders, example_inputs)
                                           if not isinstance(v, torch.Tensor)))
+        # Graph breaks: every loss sends its gradient in times one factor, set by the first graph with a
+        # loss so that the gradient it sends back across the break is unit-sized (1 if that graph has no
+        # input from an earlier graph: its own loss, of size 1, comes before the later ones)
+        joins = _returns_loss(gm) and bool(ctx.boundary)
+        if joins:
+            ctx.join_breaks = True
+            from_earlier = any(n.name in ctx.boundary for n in placeholders)
+            if self.break_factor is None and not from_earlier:
+                self.break_factor = 1.0
+            ctx.break_factor = self.break_factor
         param_list = [params[n.name] for n in placeholders if n.name in params]
         stored = self.store.lookup(key, param_list)
         shapes = self.store.shapes.setdefault(key, set())
@@ -417,6 +440,10 @@ class UnitScaleBackend:
             tail = [p for p in passes if p.name not in _PREPARE_PASSES]
         shapes.add(sig)
         run_passes(gm, ctx, tail)
+        if joins and self.break_factor is None and ctx.potentials is not None:
+            self.break_factor = ctx.potentials.loss_factor
+            log.info("unit_scale backend: graph breaks: every loss's gradient enters times %.4g, so that the "
+                     "gradient sent back across a break is unit-sized", self.break_factor)
         if stored is None:
             self.store.add(key, param_list, {n.name: copy.deepcopy(n.meta[META_KEY]) for n in gm.graph.nodes
                                              if META_KEY in n.meta and not n.meta.get("unit_scale_inserted")})

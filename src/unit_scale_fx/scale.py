@@ -7,6 +7,7 @@ floats, so torch.compile folds them into the surrounding kernels.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -233,9 +234,115 @@ def _plain_tensors(*ts: Tensor) -> bool:
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in ts)
 
 
+class _DynScaleFn(torch.autograd.Function):
+    """``x * f`` forward, ``grad * b`` backward, for 0-dim tensor factors (``None``: 1)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, f: Any, b: Any) -> Tensor:  # type: ignore[override]
+        ctx.b = b
+        return x * f if f is not None else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return (g * ctx.b if ctx.b is not None else g), None, None
+
+
+class _GradNormFn(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by its RMS and keeps that RMS in ``box``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, box: list) -> Tensor:  # type: ignore[override]
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        r = g.detach().float().pow(2).mean().sqrt().clamp_min(1e-30).to(g.dtype)
+        ctx.box.append(r)
+        return g / r, None
+
+
+class _GradUnnormFn(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by the RMS :class:`_GradNormFn` kept in ``box``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, box: list) -> Tensor:  # type: ignore[override]
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return (g * ctx.box[-1] if ctx.box else g), None
+
+
+def _rms_of(t: Tensor) -> Tensor:
+    return t.detach().float().pow(2).mean().sqrt().clamp_min(1e-30).to(t.dtype)
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> Tensor:
+    """Attention as PyTorch's math path computes it (``scaled_dot_product_attention`` with dropout on the
+    CPU), with every matmul inside it reading unit-RMS operands, forward and backward.
+
+    The probabilities are multiplied by ``a = 1 / RMS`` before they meet the values and the product
+    by ``1 / a`` after it (the values' gradient takes ``1 / a``, the probabilities' gradient nothing):
+    forward and every gradient are exactly PyTorch's. The gradient of the logits is divided by its
+    RMS before the query-key matmul's backward and multiplied back after it. These factors cancel
+    inside the op, so they are not scales of the plan: only the numbers the matmuls see change.
+    The dropout mask is drawn as PyTorch draws it (same RNG use).
+    """
+    lq, lk = q.size(-2), k.size(-2)
+    s = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    if enable_gqa and k.dim() >= 3 and q.size(-3) != k.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
+    box: list = []
+    qn, kn = _GradUnnormFn.apply(q, box), _GradUnnormFn.apply(k, box)
+    logits = _GradNormFn.apply(torch.matmul(qn, kn.transpose(-2, -1)), box) * s
+    if is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=0)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else logits + attn_mask
+    p = torch.ops.aten._safe_softmax(logits, -1)
+    if dropout_p > 0.0:
+        keep_mask = torch.empty_like(p).bernoulli_(1.0 - dropout_p)
+        keep_mask.div_(1.0 - dropout_p)
+        p = p * keep_mask
+    a = 1.0 / _rms_of(p)
+    out = torch.matmul(_DynScaleFn.apply(p, a, None), _DynScaleFn.apply(v, None, 1.0 / a))
+    return _DynScaleFn.apply(out, 1.0 / a, None)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """``scaled_dot_product_attention``, computed so that the matmuls inside read unit operands.
+
+    Where PyTorch would take its math path in eager autograd (dropout on the CPU), that path is
+    :func:`_attention_math`; key and value heads shared by all query heads (multi-query attention
+    written as broadcasting) are expanded to the query heads (a view), so a fused kernel takes them.
+    Both compute the same function as ``scaled_dot_product_attention``.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = {**dict(zip(names, args)), **kwargs}
+    if torch.compiler.is_compiling() or not _plain_tensors(q, k, v) or set(bound) - set(names):
+        return sdpa(q, k, v, *args, **kwargs)
+    if (bound.get("dropout_p") or 0.0) > 0.0 and q.device.type == "cpu" and torch.is_grad_enabled():
+        return _attention_math(q, k, v, **bound)
+    if (not bound.get("enable_gqa") and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and k.size(1) == 1
+            and v.size(1) == 1 and q.size(1) > 1):
+        k = k.expand(k.size(0), q.size(1), *k.shape[2:])
+        v = v.expand(v.size(0), q.size(1), *v.shape[2:])
+    return sdpa(q, k, v, *args, **kwargs)
+
+
 def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple = _ONE, k_scale: tuple = _ONE,
-                     v_scale: tuple = _ONE, out_scale: tuple = _ONE, **kwargs: Any) -> Tensor:
+                     v_scale: tuple = _ONE, out_scale: tuple = _ONE, q_unit: float = 1.0, **kwargs: Any) -> Tensor:
     """``scaled_dot_product_attention`` with ``scale`` on query, key, value and output, as one op.
+
+    ``q_unit``: the kernel reads ``q * q_unit`` with the softmax scale divided by ``q_unit`` (the same
+    logits, so the same function): a query the model scaled down itself reaches the kernel unit.
 
     The same as ``scale(sdpa(scale(q, *q_scale), scale(k, *k_scale), scale(v, *v_scale), ...),
     *out_scale)`` forward and backward. In eager autograd, backward keeps the scaled output
@@ -243,7 +350,11 @@ def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple
     tracing, and for forward input factors other than 1, it is that chain of scales.
     """
     (fq, gq), (fk, gk), (fv, gv), (fo, go) = q_scale, k_scale, v_scale, out_scale
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa = _attention
+    if q_unit != 1.0:  # the kernel reads q * q_unit with the softmax scale divided by q_unit: the same logits
+        s = kwargs.get("scale")
+        kwargs = {**kwargs, "scale": (1.0 / math.sqrt(q.size(-1)) if s is None else float(s)) / q_unit}
+        q = q * q_unit
     if ((fq, fk, fv) != (1.0, 1.0, 1.0) or not fo > 0 or torch.compiler.is_compiling()
             or not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v))
             or not _plain_tensors(q, k, v)

@@ -104,3 +104,26 @@ def test_a_boundary_value_keeps_the_true_gradient():
     for c in pots.boundary():
         assert pots.log_phi[c] == 0.0
     assert pots.boundary()
+
+
+def test_no_hook_outlives_the_measurement():
+    """Planning leaves nothing behind: no parameter keeps a gradient hook, so a training step after
+    planning runs no measurement (no extra kernels, no host syncs) -- issue 16's eager step time."""
+    from unit_scale_fx import unit_scale
+
+    torch.manual_seed(0)
+    x, y = _batch()
+    model = Attn()
+    us = unit_scale(model, (x, y))
+    for name, p in list(us.named_parameters()) + list(model.named_parameters()):
+        assert not p._backward_hooks, f"{name} keeps {len(p._backward_hooks)} hook(s) after planning"
+    calls = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        us(x, y).backward()
+    assert torch.ops.aten._local_scalar_dense.default not in calls  # no .item(): nothing measured

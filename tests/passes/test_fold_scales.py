@@ -333,3 +333,43 @@ def test_scaled_attention_is_the_chain_and_keeps_a_learned_mask_gradient():
     n_ref, _ = saved_tensor_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
     n, _ = saved_tensor_bytes(lambda: scaled_attention(q, k, v, **s))
     assert n == n_ref
+
+
+@pytest.mark.parametrize("kw", [dict(dropout_p=0.1), dict(dropout_p=0.2, is_causal=True),
+                                dict(dropout_p=0.1, attn_mask="bool", scale=0.3), dict(dropout_p=0.1, attn_mask="add"),
+                                dict(dropout_p=0.1, enable_gqa=True), dict(heads_kv=1), dict(q_unit=4.0)])
+def test_attention_kernels_read_unit_operands_and_compute_the_same_function(kw):
+    """Attention with dropout (PyTorch's math path on the CPU), broadcast key/value heads and a query the
+    model scaled itself: the same outputs and gradients as ``scaled_dot_product_attention`` on the same RNG
+    state, and every matmul inside reads unit operands, forward and backward (the dispatch-level recorder)."""
+    from unit_scale_fx.analysis.recorder import MatmulRecorder
+
+    kw = dict(kw)
+    q_unit = kw.pop("q_unit", 1.0)
+    hk = kw.pop("heads_kv", 2 if kw.get("enable_gqa") else 4)
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 4, 16, 8, generator=gen) / q_unit).requires_grad_()
+    k, v = (torch.randn(2, hk, 16, 8, generator=gen).requires_grad_() for _ in range(2))
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(16, 16, generator=gen) > 0.3
+    elif kw.get("attn_mask") == "add":
+        kw["attn_mask"] = torch.randn(16, 16, generator=gen)
+    ref_kw = dict(kw)
+    if hk == 1 and not kw.get("enable_gqa"):
+        ref_kw["enable_gqa"] = False  # broadcasting over heads, as the model wrote it
+    g = torch.randn(2, 4, 16, 8, generator=gen)
+    torch.manual_seed(1)
+    ref = F.scaled_dot_product_attention(q, k, v, **ref_kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    rec = MatmulRecorder()
+    torch.manual_seed(1)
+    with rec:
+        out = scaled_attention(q, k, v, q_unit=q_unit, **kw)
+        rec.backward()
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert {r.phase for r in rec.records} == {"fwd", "bwd"}
+    bad = [(r.op, r.phase, r.role, round(r.rms, 3)) for r in rec.records if not 0.5 <= r.rms <= 2.0]
+    assert not bad, bad

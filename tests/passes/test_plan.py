@@ -188,3 +188,30 @@ def test_returned_values_beside_a_loss_get_no_gradient_in_the_sweep():
     assert grads[cache] == 0.0
     h = next(n for n in gm.graph.nodes if n.target is F.linear)
     assert 0.0 < grads[h] < 0.5  # only what the loss sends back (mean-squared error of 16 x 8 values)
+
+
+def test_a_fused_function_of_a_positive_input_is_measured_on_it():
+    """Routing weights renormalised (``w / w.sum(-1)`` of top-k softmax probabilities): a Gaussian probe
+    (zero mean) puts sums near zero and finds gradient gains of ~1e7; with real inputs the region's
+    forward and gradient gains are measured at the real input."""
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(16, 8)
+
+        def forward(self, x):
+            w, _ = torch.topk(torch.softmax(self.gate(x), -1), 2, dim=-1)
+            return w / w.sum(-1, keepdim=True)
+
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    model = Router()
+    gm, ctx, _ = pipeline_until(model, (x,), "balance")
+    (node,) = [n for n in gm.graph.nodes if getattr(n.meta.get(META_KEY), "rule", "") == "fused"]
+    rec = node.meta[META_KEY]
+    assert "gradient gain measured" in rec.note
+    # the gain at the real input: J^T g for a unit Gaussian g, w of RMS ~0.7 (two weights summing to 1)
+    (gain,) = ctx.scales[node].grad_gain.values()
+    assert 0.05 < gain < 5.0, rec.note
+    assert rec.fwd_rms == pytest.approx(1.0, rel=0.02)  # the forward scale measured too: unit output
+    assert "forward calibrated on the example batch" in rec.note

@@ -82,3 +82,36 @@ def test_simulate_format_rounds_every_matmul_class_op():
     sim = simulate_format(Ein())
     sites = [m.role for m in sim.modules() if isinstance(m, Quantise)]
     assert sorted(sites) == ["matmul grad", "matmul operand", "matmul operand"]  # the einsum; not the lookup
+
+
+class GroupedExperts(nn.Module):
+    """A mixture-of-experts layer's grouped matmul: tokens sorted by expert, one weight per expert."""
+
+    def __init__(self, experts: int = 3, k: int = 16, n: int = 32) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, k, n) * 0.02)  # a library's small init
+
+    def forward(self, x, offs):
+        return torch._grouped_mm(x, self.w, offs=offs)
+
+
+def test_grouped_matmul_is_matmul_class_and_unit_scaled():
+    """``torch._grouped_mm`` (and transformers' fallback op for it) is a matmul: fan-in k, fan-out n,
+    rows per expert; its weight is initialised unit; the recorder sees its operands, forward and backward."""
+    from helpers import band_fractions
+    from unit_scale_fx import unit_scale
+    from unit_scale_fx.analysis.recorder import record_matmul_operands
+
+    model = GroupedExperts()
+    gm = fx.symbolic_trace(model)
+    (mm,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.name for n in matmul_operands(mm, gm)] == ["x", "w"]
+    gen = torch.Generator().manual_seed(0)
+    offs = torch.tensor([40, 80, 120], dtype=torch.int32)
+    x = torch.randn(120, 16, generator=gen)
+    before = record_matmul_operands(model, x, offs)
+    assert {r.op for r in before} == {"_grouped_mm"} and {r.phase for r in before} == {"fwd", "bwd"}
+    assert band_fractions(before)["fwd"] < 1.0  # the 0.02 weight
+    us = unit_scale(model, (x, offs))
+    frac = band_fractions(record_matmul_operands(us, torch.randn(120, 16, generator=gen), offs))
+    assert frac == {"fwd": 1.0, "bwd": 1.0}, frac

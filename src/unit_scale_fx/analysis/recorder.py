@@ -21,6 +21,13 @@ aten = torch.ops.aten
 
 _MATMULS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
             aten.baddbmm.default: (1, 2), aten.convolution.default: (0, 1)}  # a convolution is a matmul too
+if hasattr(aten, "_grouped_mm"):  # mixture-of-experts layers: input [tokens, k], weight [experts, k, n]
+    _MATMULS[aten._grouped_mm.default] = (0, 1)
+#: ops of other libraries, by name: forward matmuls (operand positions) and their backward ops (the
+#: position of the incoming gradient, which both backward matmuls read); a custom op runs its matmuls
+#: out of this mode's sight
+_NAMED_MATMULS = {"transformers::grouped_mm_fallback": (0, 1)}
+_NAMED_BWD = {"transformers::grouped_mm_fallback_backward": 3}
 _ATTN_FWD = {getattr(aten, n).default for n in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -91,8 +98,13 @@ class MatmulRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = str(func.overloadpacket.__name__)
-        if func in _MATMULS:
-            a, b = (args[i] for i in _MATMULS[func])
+        qual = func._schema.name
+        pos = _MATMULS.get(func) or _NAMED_MATMULS.get(qual)
+        if qual in _NAMED_BWD and len(args) > _NAMED_BWD[qual]:
+            g = args[_NAMED_BWD[qual]]  # read by two matmuls (input and weight gradients), as aten's backward does
+            self.records += [MatmulOperand(name, "bwd", "grad", tuple(g.shape), rms(g)) for _ in range(2)]
+        elif pos is not None:
+            a, b = (args[i] for i in pos)
             if self.phase == "fwd":
                 for role, t in (("left", a), ("right", b)):
                     self.records.append(MatmulOperand(name, "fwd", role, tuple(t.shape), rms(t),

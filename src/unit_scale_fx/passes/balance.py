@@ -127,6 +127,11 @@ def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: 
     return x
 
 
+def _is_loss_value(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()
+
+
 class Potentials:
     """Union-find classes of nodes that must share a potential, and the potentials."""
 
@@ -137,6 +142,11 @@ class Potentials:
         self.free: list[tuple[fx.Node, fx.Node]] = []
         self.gm = gm
         self.boundary_names = set(ctx.boundary)
+        #: the break factor on every returned loss (``ctx.join_breaks``; 1 otherwise): :meth:`join` sets it
+        #: where no earlier graph fixed it
+        self.joins = bool(ctx.join_breaks)
+        self.fixed_factor = ctx.break_factor
+        self.loss_factor = float(ctx.break_factor) if self.joins and ctx.break_factor else 1.0
         for u, v in self.g.edges:
             rec = self.recs.get(v)
             if rec is None or rec.kind in FIXED_KINDS:
@@ -166,9 +176,25 @@ class Potentials:
         return {self.output_cls} | self.boundary()
 
     def output_bwd(self) -> dict[str, float]:
-        """Backward factor of the edge from each returned float value ``n`` to the caller: ``phi_n / 1``."""
+        """Backward factor of the edge from each returned float value ``n`` to the caller: ``phi_n / 1``
+        (times the break factor for a returned loss)."""
         return {n.name: math.exp(self.log_phi[self.cls(n)] - self.log_phi[self.output_cls])
+                * (self.loss_factor if _is_loss_value(n) else 1.0)
                 for n in self.output_leaves}
+
+    def join(self, true_rms: dict[int, float]) -> float:
+        """With ``ctx.join_breaks`` and no factor fixed yet: the break factor that makes the gradient of
+        the inputs from earlier graphs unit-sized (``true_rms``: class -> RMS of its gradient with 1 into
+        each loss; the inverse of their geometric mean). Returns the factor by which it changed."""
+        if not self.joins or self.fixed_factor is not None:
+            return 1.0
+        inputs = {self.cls(n) for n in self.g if n.name in self.boundary_names and n.op == "placeholder"}
+        logs = [math.log(true_rms[c]) for c in inputs if c in true_rms and 0 < true_rms[c] < math.inf]
+        if not logs:
+            return 1.0
+        new = math.exp(-float(np.mean(logs)))
+        change, self.loss_factor = new / self.loss_factor, new
+        return change
 
     def boundary(self) -> set[int]:
         """Classes of values linked to code outside the graph (``ctx.boundary``): their potential is 1.
@@ -242,11 +268,12 @@ class Potentials:
         if not best:
             return 0
         typical = float(np.median([g for _, g in best.values()]))
+        self.join({c: g for c, (_, g) in best.items()})  # the sweep starts from 1 into each loss
         done = 0
         for c, (_, g) in best.items():
             if g < 1e-4 * typical:
                 continue  # a gradient that is zero up to rounding (a bias before a norm): keep the fit
-            self.log_phi[c] = -math.log(g)
+            self.log_phi[c] = -math.log(g * self.loss_factor)
             done += 1
         for c in self.pinned():  # the outputs' class and values shared with other graphs stay at exactly 1
             self.log_phi[c] = 0.0

@@ -49,6 +49,13 @@ class PassContext:
     #: earlier graphs, outputs read by later ones); topology joins them through one virtual node, so an
     #: edge is called a cut edge only if it is one whatever the outside does.
     boundary: set[str] = field(default_factory=set)
+    #: graph breaks: this graph's losses (0-dim float outputs) send their gradient in times the program's
+    #: *break factor*, one constant for every loss of every graph (as a loss scale is), so the gradient
+    #: crossing each break back to earlier graphs is unit-sized and every parameter's gradient stays a
+    #: positive multiple of its true one. ``break_factor``: the factor an earlier graph fixed; None with
+    #: ``join_breaks``: set it here, from the gradients of the inputs that came from earlier graphs.
+    join_breaks: bool = False
+    break_factor: Optional[float] = None
     #: RMS of floating-point placeholders by name; shape_prop measures the ones not given here.
     input_rms: dict[str, float] = field(default_factory=dict)
     #: how measurements become numbers (:class:`~.stats.Stats`): local, or summed over a process group

@@ -71,6 +71,8 @@ class _ScaledRun(fx.Interpreter):
         #: node -> number of elements and dimensions of its value
         self.sizes: dict[fx.Node, int] = {}
         self.dims: dict[fx.Node, int] = {}
+        #: every hook this run registered: removed after its backward (a parameter would keep its hook)
+        self.handles: list[Any] = []
 
     def run_node(self, n: fx.Node) -> Any:
         rec: ScaleRecord | None = n.meta.get(META_KEY)
@@ -100,7 +102,7 @@ class _ScaledRun(fx.Interpreter):
                 value = scale(value, rec.fwd, 1.0)
         if isinstance(value, torch.Tensor) and value.requires_grad and n.op != "output":
             self.sizes[n], self.dims[n] = value.numel(), value.dim()
-            value.register_hook(self._measure(n))
+            self.handles.append(value.register_hook(self._measure(n)))
         return value
 
     def _measure(self, n: fx.Node):
@@ -204,6 +206,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
             log.info("calibrate_grads: no backward possible (%s); keeping analytic scales", exc)
             return PassResult(False, "skipped (no gradient)")
+        finally:  # hooks on parameters outlive the run: every later training step would measure again
+            for h in run.handles:
+                h.remove()
+            run.handles.clear()
         del loss
         # reduce over ranks in graph order (the same on every rank)
         grads: dict[fx.Node, float] = {}
@@ -254,6 +260,12 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are
     # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
+    # Graph breaks: the break factor from the measured gradients of the inputs from earlier graphs
+    # (measured with the factor so far on each loss); every other gradient follows it
+    before = pots.loss_factor
+    change = pots.join({c: g / before for c, g in true_rms.items()})
+    if change != 1.0:
+        new -= math.log(change)
     for c in pots.pinned():
         new[c] = 0.0
     pots.log_phi = new

@@ -24,6 +24,7 @@ factor: they are the arguments of the remaining ``scale`` nodes.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -33,7 +34,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
-from ..record import FOLDED, INSERTED, SCALE_ROLE
+from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
 #: FOLDED, ``(a2, b2)``: the factors of a consumer's input scale folded into a node (or moved through it)
@@ -265,7 +266,23 @@ def fuse_layer_norms(graph: fx.Graph) -> int:
     return fused
 
 
-ATTENTIONS = frozenset(many([F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention]))
+ATTENTIONS = frozenset(many([F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+                             aten("scaled_dot_product_attention")]))
+
+
+#: a query whose planned RMS lies outside this band reaches the attention kernel made unit (``q_unit``)
+QUERY_BAND = (0.5, 2.0)
+
+
+def _planned_rms(n: Any) -> Optional[float]:
+    """The planned RMS of the value ``n`` (its record's prediction times the scale nodes on top of it)."""
+    factor = 1.0
+    while _is_scale(n):
+        factor *= float(n.args[1])
+        n = n.args[0]
+    rec = n.meta.get(META_KEY) if isinstance(n, fx.Node) else None
+    r = getattr(rec, "fwd_rms", None)
+    return r * factor if isinstance(r, float) and r > 0 and math.isfinite(r) else None
 
 
 def fuse_attention(graph: fx.Graph) -> int:
@@ -293,7 +310,10 @@ def fuse_attention(graph: fx.Graph) -> int:
         out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
         if out is not None:
             kwargs["out_scale"] = _factors(out)
-        if not absorbed and out is None:
+        rq = _planned_rms(n.args[0])
+        if rq is not None and not QUERY_BAND[0] <= rq <= QUERY_BAND[1]:
+            kwargs["q_unit"] = 1.0 / rq  # a query the model scaled itself: unit for the kernel, same logits
+        if not absorbed and out is None and "q_unit" not in kwargs:
             continue
         with graph.inserting_before(n):
             new = graph.call_function(scaled_attention, tuple(args), kwargs)

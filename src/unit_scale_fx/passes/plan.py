@@ -261,6 +261,8 @@ class _MeasuringPlanner(fx.Interpreter):
                     s.bwd = {k: b * ratio for k, b in s.bwd.items()}
                     s.grad_gain = {k: g / ratio for k, g in s.grad_gain.items()}
                 s.note += f"; forward calibrated on the example batch (x{ratio:.3g})"
+            if s.calibrate_grad_gain:
+                self._measure_grad_gain(n, s)
         if s is not None:
             rec = p.finalize(n, s)
             if rec.weights is None or not rec.weights:
@@ -273,6 +275,26 @@ class _MeasuringPlanner(fx.Interpreter):
             if rec is not None:
                 rec.fwd_rms = measured
         return value
+
+    def _measure_grad_gain(self, n: fx.Node, s: Scales) -> None:
+        """``RMS(J^T g)`` at the real input of a one-input op, for a seeded unit Gaussian ``g``."""
+        inputs = float_tensor_inputs(n)
+        if len(inputs) != 1 or not isinstance(self.env.get(inputs[0]), torch.Tensor):
+            return
+        (x,) = inputs
+        xi = self.env[x].detach().requires_grad_(True)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = torch.utils._pytree.tree_map(lambda a: xi if a is self.env[x] else a, (args, kwargs))
+        with torch.enable_grad():
+            y = getattr(self, n.op)(n.target, args, kwargs)
+            if not (isinstance(y, torch.Tensor) and y.requires_grad):
+                return
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1234), dtype=y.dtype).to(y.device)
+            (dx,) = torch.autograd.grad(y, xi, g, allow_unused=True)
+        d = self.stats.rms(dx) if dx is not None else None
+        if d is not None and d > 0 and math.isfinite(d):
+            s.bwd[x], s.grad_gain[x] = 1.0 / d, d
+            s.note += f"; gradient gain measured on the example batch ({d:.4g})"
 
 
 @declare('plan', needs=('topology', 'init_kinds'), produces=('scales',))

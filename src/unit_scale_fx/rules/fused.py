@@ -78,7 +78,10 @@ class FusedRule(Rule):
         ops = ", ".join(getattr(op.module, "ops", []))
         if not (f_rms > 0 and math.isfinite(f_rms)):
             return Scales(out_rms=None, note=f"zero or non-finite output on the probe; ops [{ops}]")
-        s = Scales(fwd=1.0 / f_rms, note=f"[{ops}] RMS(f)={f_rms:.4g} RMS(J^T g)={d_rms:.4g} at std {r:.4g}")
+        # the probe is zero-mean: on real inputs (a positive input: x / sum(x) of routing weights) the function
+        # is measured instead, forward and backward
+        s = Scales(fwd=1.0 / f_rms, note=f"[{ops}] RMS(f)={f_rms:.4g} RMS(J^T g)={d_rms:.4g} at std {r:.4g}",
+                   calibrate=True, calibrate_grad_gain=True)
         if d_rms > 0 and math.isfinite(d_rms):
             s.bwd[x], s.grad_gain[x] = 1.0 / d_rms, d_rms
         return s

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..record import INDEX_RHO
 from .einsum import _operands as einsum_operands
-from .registry import Kind, OpView, Rule, Scales, aten, lookup, register, resolve_target, tensor_method
+from .registry import (Kind, OpView, Rule, Scales, aten, lookup, many, register, register_library_op,
+                       resolve_library_op, resolve_target, tensor_method)
 
 _EINSUM_TARGETS = frozenset(t for t in (torch.einsum, aten("einsum")) if t is not None)
 
@@ -151,6 +152,19 @@ for _lay, _targets in _MATMUL_TARGETS.items():
     register(*_targets)(_rule)
 
 
+def _register_matmul(op: object, lay: MatmulLayout = _MATMUL) -> None:
+    LAYOUTS[op] = lay
+    register(op)(_rule)
+
+
+# Grouped matmuls (mixture-of-experts layers): input [tokens, k] sorted by expert, weight [experts, k, n].
+# The matmul rule's shapes give k and n, and rows = tokens / experts (the rows each expert's weight sees).
+for _t in many([getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None), aten("_grouped_mm")]):
+    _register_matmul(_t)
+# transformers' fallback for it (an op of its own, known once transformers is imported)
+register_library_op("transformers::grouped_mm_fallback.default", _register_matmul)
+
+
 def logit_matmul_of(softmax: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[fx.Node]:
     """The matmul of two activations that computes a softmax's input through views, masks and constant
     factors only (``softmax(q @ k.T / sqrt(d) + mask)``), or None."""
@@ -256,6 +270,7 @@ def matmul_operands(node: fx.Node, root: Optional[torch.nn.Module] = None,
         return []
     target = resolve_target(node, root)
     try:
+        resolve_library_op(target)
         lay = LAYOUTS.get(target)
         conv = target in CONV_TARGETS
     except TypeError:  # an unhashable target

@@ -77,6 +77,9 @@ class Scales:
     calibrate: bool = False
     #: calibration moves the backward scales by the same factor (they equal ``fwd``)
     calibrate_bwd: bool = False
+    #: when planning runs on real inputs, measure the input gradient gain too: ``RMS(J^T g)`` for a
+    #: unit Gaussian ``g`` at the real input (one-input functions a Gaussian probe may not represent)
+    calibrate_grad_gain: bool = False
     #: cross-position correlation of the output: the mean of ``x_i . x_j / |x|^2`` over distinct
     #: positions (uncentered: a mean shared by all positions counts). ``None``: the inputs' carries over.
     out_rho: Optional[float] = None
@@ -198,6 +201,29 @@ def register(*targets: Any) -> Callable[[Any], Any]:
     return deco
 
 
+#: ops of other libraries (``"namespace::name.overload"``) that exist only once that library is imported:
+#: the callback registers the op object when a graph first calls it (see :func:`register_library_op`)
+_LIBRARY_OPS: dict[str, Callable[[Any], None]] = {}
+
+
+def register_library_op(qualified: str, on_found: Callable[[Any], None]) -> None:
+    """Know an op of another library by name (``"transformers::grouped_mm_fallback.default"``).
+
+    The package never imports that library; when a graph calls an op object with this name,
+    ``on_found(op)`` registers it (a rule through :func:`register`, and whatever table the rule reads).
+    """
+    _LIBRARY_OPS[qualified] = on_found
+
+
+def resolve_library_op(target: Any) -> None:
+    """Register ``target`` if it is a library op known by name (:func:`register_library_op`)."""
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        cb = _LIBRARY_OPS.pop(f"{schema.name}.{schema.overload_name or 'default'}", None)
+        if cb is not None:
+            cb(target)
+
+
 def aten(name: str, overload: str = "default") -> Any:
     """An aten overload if this torch has it, else None (skipped by register)."""
     packet = getattr(torch.ops.aten, name, None)
@@ -229,6 +255,8 @@ def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Ru
     key = resolve_target(node, root)
     if key is None:
         return None
+    if _LIBRARY_OPS:
+        resolve_library_op(key)
     try:
         return _RULES.get(key)
     except TypeError:  # unhashable target

@@ -44,13 +44,14 @@ _METHODS = [
     "unsqueeze", "squeeze", "expand", "expand_as", "t", "flip", "roll", "split", "chunk", "unbind", "narrow",
     "select", "repeat", "repeat_interleave", "clone", "to", "type", "type_as", "float", "half", "bfloat16",
     "double", "masked_fill", "index_select", "gather", "movedim", "swapaxes", "tril", "triu", "detach",
+    "topk", "sort",
 ]
 _FUNCTIONS = [
     operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
     torch.unsqueeze, torch.squeeze, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
     torch.unbind, torch.narrow, torch.select, torch.flip, torch.roll, torch.clone, torch.masked_fill,
     torch.index_select, torch.gather, torch.movedim, torch.swapaxes, torch.tril, torch.triu, torch.t,
-    torch.repeat_interleave, torch.where, torch.detach,
+    torch.repeat_interleave, torch.where, torch.detach, torch.topk, torch.sort,
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
     torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
@@ -64,6 +65,6 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("flatten", "using_ints"), aten("unflatten", "int"), aten("broadcast_tensors"), aten("expand_as"),
     aten("view_as"), aten("reshape_as"), aten("squeeze", "dims"), aten("contiguous"), aten("repeat"),
     aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
-    aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"),
+    aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("topk"), aten("sort"),
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
