@@ -20,6 +20,21 @@ def band_fractions(records: list[MatmulOperand], lo: float = 0.5, hi: float = 2.
     return out
 
 
+def scale_constants(gm) -> list[float]:
+    """Every scale factor in a generated graph: ``scale`` ops' arguments and fused ops' ``*_scale`` pairs."""
+    from unit_scale_fx.scale import scale
+
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is scale:
+            out += [float(a) for a in n.args[1:3]]
+        out += [float(v) for k, pair in n.kwargs.items() if k.endswith("_scale") and isinstance(pair, tuple)
+                for v in pair]
+    return out
+
+
 # -- running passes on tiny graphs, and the code they write -------------------------------------------
 
 def graph_code(gm, digits: int = 3) -> str:

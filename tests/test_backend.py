@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unit_scale_fx import UnitScaleConfig, UnitScaleError, backend, init_weights, unit_scale
-from helpers import band_fractions
+from helpers import band_fractions, scale_constants
 from unit_scale_fx.analysis.recorder import fraction_in_band, record_matmul_operands
 from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
 from unit_scale_fx.scale import scale
@@ -155,6 +155,26 @@ def test_compiled_equals_eager_unit_scale():
     assert len(be.graphs[0].scale_plan()) == len(eager.scale_plan())
 
 
+def test_round_scales_in_the_backend_equals_eager():
+    """round_scales="pow2" through torch.compile: the eager model's plan, every scale a power of two."""
+    from unit_scale_fx.passes.round_scales import is_pow2
+
+    torch.manual_seed(0)
+    ref = GPT(**SMALL)
+    batch = gpt_batch(SMALL["vocab"], 2, 8)
+    eager = unit_scale(copy.deepcopy(ref), batch, round_scales="pow2")
+    be = backend(inner="aot_eager", round_scales="pow2")
+    compiled = torch.compile(_twin(GPT, ref), backend=be)
+    l_e, g_e = _loss_and_grads(eager, *batch)
+    l_c, g_c = _loss_and_grads(compiled, *batch)
+    torch.testing.assert_close(l_c, l_e)
+    for k in g_e:
+        torch.testing.assert_close(g_c[k], g_e[k], rtol=1e-4, atol=1e-4, msg=k)
+    plan = be.graphs[0].scale_plan()
+    assert len(plan) == len(eager.scale_plan())
+    assert all(is_pow2(v) for r in plan.values() for v in [r.fwd, *r.bwd.values(), *r.weights.values()])
+
+
 def test_inductor_matches_aot_eager():
     torch.manual_seed(0)
     ref = ResidualMLP(d_in=8, d=16, layers=1, d_out=4)
@@ -211,6 +231,29 @@ def test_graph_break_gradients_are_positive_multiples(model_cls):
         assert cos > 0.9999, f"{k}: cos={cos:.6f}"
         compared += 1
     assert compared >= len(g_t) // 2
+
+
+def test_round_scales_across_graph_breaks():
+    """round_scales="pow2" on a program dynamo splits: powers of two in every graph, gradients still valid."""
+    from unit_scale_fx.passes.round_scales import is_pow2
+
+    torch.manual_seed(0)
+    ref = BreakGPT(**SMALL)
+    batch = gpt_batch(SMALL["vocab"], 2, 8)
+    be = backend(inner="eager", round_scales="pow2")
+    be_true = backend(inner=_true_gradient_inner, round_scales="pow2")
+    l_s, g_s = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be), *batch)
+    l_t, g_t = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be_true), *batch)
+    assert len(be.graphs) >= 2 and be.break_factor is not None and is_pow2(be.break_factor)
+    plan = be.scale_plan()
+    assert all(is_pow2(v) for r in plan.values() for v in [r.fwd, *r.bwd.values(), *r.weights.values()])
+    consts = [c for g in be.graphs for c in scale_constants(g.gm)]  # the code, output scales included
+    assert len(consts) > 20 and all(is_pow2(c) for c in consts)
+    torch.testing.assert_close(l_s, l_t)
+    for k in g_t:
+        a, b = g_s[k].flatten().double(), g_t[k].flatten().double()
+        if b.norm() > 0:
+            assert float(a @ b / (a.norm() * b.norm())) > 0.9999, k
 
 
 @pytest.mark.parametrize("model_cls", [BreakGPT, BreakInBranchGPT])

@@ -63,6 +63,7 @@ NodeFilter = Callable[[str, "torch.fx.Node"], bool]
 Constraint = Literal["potential", "gmean", "fwd", "bwd"]
 UnsupportedPolicy = Literal["warn", "error", "ignore"]
 Parametrization = Literal["unit", "u-mup"]
+Rounding = Literal["pow2"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,10 @@ class UnitScaleConfig:
             read only under ``parametrization="u-mup"``. Under u-μP, the
             residual shares come from ``mup`` and ``attn_tau`` / ``mlp_tau``
             are not used.
+        round_scales: ``"pow2"`` rounds every scale of the plan (forward, backward, residual
+            weights) to the nearest power of two, which is exact in FP8, FP16 and BF16
+            arithmetic; gradients stay valid (potentials are rounded too, see
+            :mod:`unit_scale_fx.passes.round_scales`). ``None`` (default): scales as planned.
     """
 
     attn_tau: Optional[float] = None
@@ -143,6 +148,7 @@ class UnitScaleConfig:
     simulate_format: Optional["FormatSimulation"] = None
     parametrization: Parametrization = "unit"
     mup: MupConfig = field(default_factory=MupConfig)
+    round_scales: Optional[Rounding] = None
 
     def with_overrides(self, where: str, **overrides: object) -> "UnitScaleConfig":
         """A copy with the given fields replaced; an unknown field is a :class:`UnitScaleError`."""
@@ -187,6 +193,12 @@ class UnitScaleConfig:
                 f"UnitScaleConfig.mup must be a MupConfig, got {type(self.mup).__name__}",
                 where="UnitScaleConfig.mup",
                 fix="pass mup=MupConfig(attn_softmax=..., ...)",
+            )
+        if self.round_scales not in (None, "pow2"):
+            raise UnitScaleError(
+                f"unknown round_scales {self.round_scales!r}",
+                where="UnitScaleConfig.round_scales",
+                fix="use 'pow2' (every scale a power of two) or None",
             )
         if self.unsupported not in ("warn", "error", "ignore"):
             raise UnitScaleError(

@@ -3,11 +3,11 @@
     capture -> strip_asserts -> normalize -> init_weights                  (stage "prepare")
             -> shape_prop -> [boundary_outputs] -> constants -> fuse -> topology -> roles
             -> [mup] -> [calibrate] -> plan -> [mup_readout] -> balance -> calibrate_grads
-            -> predict_grads                                               (stage "plan")
+            -> [round_scales] -> predict_grads                             (stage "plan")
             -> rewrite -> fold_scales -> [simulate_format] -> recompile    (stage "transform")
 
 Bracketed passes are in the list only when the config asks for them (u-muP, calibrate=True,
-simulate_format) or the caller does (``boundary=True``: the graph is one piece of a larger
+round_scales, simulate_format) or the caller does (``boundary=True``: the graph is one piece of a larger
 program, as in the torch.compile backend). :func:`build_pipeline` is the one way to get a pass
 list; :func:`~unit_scale_fx.passes.base.run_passes` checks that each pass finds the context
 fields it needs.
@@ -35,6 +35,7 @@ from .passes.normalize import normalize
 from .passes.plan import plan, predict_grads
 from .passes.rewrite import rewrite
 from .passes.roles import roles
+from .passes.round_scales import round_scales
 from .passes.shape_prop import shape_prop
 from .passes.simulate_format import simulate_formats
 from .passes.strip_asserts import strip_asserts
@@ -69,7 +70,10 @@ def _plan(cfg: UnitScaleConfig, boundary: bool, after_calibrate: bool = False) -
     tail: list[Pass] = [plan]
     if mup_on:
         tail.append(mup_readout)  # before balance, which derives backward scales from it
-    tail += [balance, calibrate_grads, predict_grads]
+    tail += [balance, calibrate_grads]
+    if cfg.round_scales is not None:
+        tail.append(round_scales)
+    tail.append(predict_grads)
     return tail if after_calibrate else head + tail
 
 

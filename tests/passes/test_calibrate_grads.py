@@ -62,8 +62,8 @@ def test_measured_potentials_make_weight_gradients_unit():
     assert (abs(ctx.potentials.log_phi - old) > 1e-3).any()  # it moved some potentials
     assert all("gradient scales calibrated" in r.note for r in ctx.potentials.recs.values()
                if r.kind not in ("preserve", "unsupported", "excluded"))
-    # what it says the gradients will measure is 1 at activations; parameters take the rule's value with one
-    # pooled measured correction (issue 13: their own measurement is sampling noise), so near 1 ...
+    # what it says the gradients will measure is 1 at activations; parameters take the rule's
+    # value from the measured class they feed (issue 13: their own measurement is sampling noise), so near 1 ...
     grads = {n.name: g for n, g in ctx.measured_grads.items()}
     params = {n.name for n in ctx.measured_grads if n.op == "get_attr"}
     assert {k for k, g in grads.items() if k not in params and not 0.99 < g < 1.01} == set(), grads
@@ -77,7 +77,7 @@ def test_measured_potentials_make_weight_gradients_unit():
     gm3.recompile()
     calibrated, analytic = _weight_grad_rms(gm2, x, y), _weight_grad_rms(gm3, x, y)
     err = lambda d: max(abs(torch.log(torch.tensor(v)).item()) for v in d.values())  # noqa: E731
-    assert err(calibrated) < math.log(2.0), calibrated  # in [1/2, 2]; parameters pooled (issue 13)
+    assert err(calibrated) < math.log(2.0), calibrated  # in [1/2, 2]; parameters from their consumer (issue 13)
     assert err(calibrated) < err(analytic), (calibrated, analytic)
     # and gradients stay valid: each is a positive multiple of the true one
     cos = gradient_cosines(gm2, *_batch(1))

@@ -124,8 +124,8 @@ def _target(n: fx.Node) -> Any:
 
 
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
-                      rows: dict[fx.Node, float], measured: dict[int, float], pool: dict[int, int]) -> int:
-    """Potentials of vector-parameter classes from the measured classes they feed, through the rules.
+                      rows: dict[fx.Node, float]) -> int:
+    """Potentials of parameter classes from the measured classes they feed, through the rules.
 
     On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
     ``v``'s is; ``b_uv = f_uv * phi_u / phi_v`` then gives ``log phi_u``. The ideal scale
@@ -133,13 +133,13 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
     it is corrected from the local to the global row count (``rows``: local / global).
     A class with no measured consumer moves with the mean shift of the measured classes.
 
-    The rules assume rows that are independent; real gradients are not (a bias gradient has
-    a mean over the batch). One correction, the median over all these classes of measured
-    minus analytic (``measured``: class -> measured log potential), pools their measurements:
-    the level stays measured, the per-class noise goes.
+    No measured correction: a parameter's gradient sums its rows over the batch, and the
+    part of it that the rules do not predict (rows that are not independent) is, on one
+    batch, as much sampling noise as signal. A correction taken from it (even one median
+    over all such classes) moved every bias and gain scale by up to 1.28x between two
+    batches of 32 (benchmarks/README.md, plan spread); what it corrected was about 1.1x.
     """
     shift = float(np.mean([new[c] - old[c] for c in done])) if done else 0.0
-    analytic: dict[int, float] = {}
     for cls in noisy:
         logs = []
         for u, v in pots.free:
@@ -151,15 +151,10 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
             if not ideal or not f:
                 continue
             logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0)))
-        analytic[cls] = float(np.mean(logs)) if logs else old[cls] + shift
-    pooled = {}
-    for k in set(pool.values()):
-        both = [measured[c] - a for c, a in analytic.items() if c in measured and pool.get(c) == k]
-        pooled[k] = float(np.median(both)) if both else 0.0
-    for cls, a in analytic.items():
+        a = float(np.mean(logs)) if logs else old[cls] + shift
         # rounded as measurements are: the same on every rank and for one process on the whole batch
-        new[cls] = math.log(round_bits(math.exp(a + pooled.get(pool.get(cls), 0.0))))
-    return len(analytic)
+        new[cls] = math.log(round_bits(math.exp(a)))
+    return len(noisy)
 
 
 #: measured gradients this far below the typical one are rounding noise, not signal
@@ -214,7 +209,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # reduce over ranks in graph order (the same on every rank)
         grads: dict[fx.Node, float] = {}
         rows: dict[fx.Node, float] = {}  # batch-carrying nodes: local / global element count
-        vector: dict[fx.Node, int] = {}  # parameters (pool: 1-D or more): noise-dominated measurements
+        vector: set[fx.Node] = set()  # parameters (1-D or more): noise-dominated measurements
         for n in gm.graph.nodes:
             if n in run.batch_acc:
                 r, count = stats.rms_of_sums(run.batch_acc[n], bits=None)
@@ -224,14 +219,13 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 # held whole by every rank: its global gradient is the sum of the ranks' shares
                 grads[n] = stats.tensor_rms(run.whole[n], bits=None) if n in run.whole else run.whole_rms[n]
                 if run.dims[n] >= 1 and (n.op == "get_attr" or n.name in ctx.param_inputs):
-                    vector[n] = min(run.dims[n], 2)
+                    vector.add(n)
         sizes = run.sizes
         run.whole.clear()
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
     noisy: set[int] = set()
-    pool: dict[int, int] = {}
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
@@ -241,7 +235,6 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 true_rms[cls] = g
                 if node in vector:
                     noisy.add(cls)
-                    pool[cls] = vector[node]
     updated = 0
     done: set[int] = set()
     if true_rms:
@@ -255,8 +248,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             done.add(cls)
             updated += 1
-    measured_log = {c: -math.log(g) for c, g in true_rms.items() if c in noisy}
-    updated += _analytic_vectors(pots, noisy, done, new, old, rows, measured_log, pool)
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows)
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are
     # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.

@@ -22,6 +22,7 @@ from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
+from .round_scales import pow2
 from .stats import LOCAL
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class _Planner:
         s = rule.scales(view)
         if node in self.loss_cone:
             _keep_value(s, rule)
+        if self.cfg.round_scales is not None and s.weights is not None:  # round_scales: the add runs rounded
+            s.weights = {n: pow2(w) for n, w in s.weights.items()}
         if s.out_rho is not None:
             self.rho[node] = s.out_rho
         else:  # carried over from the activations (a weight's rows are not positions)
@@ -152,6 +155,8 @@ class _Planner:
             rec.weights = {n.name: w for n, w in s.weights.items()}
         if self.cfg.constraint != "potential":
             _tie_locally(rec, node, s, self.topo, self.cfg.constraint)
+        if self.cfg.round_scales is not None:  # rounded here, so what later ops measure or predict is rounded
+            rec.fwd = pow2(rec.fwd)
         out = s.out_rms
         if out is not None and s.weights is None and s.fwd:
             out = out * rec.fwd / s.fwd

@@ -17,6 +17,7 @@ from ..record import INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
 from ..rules.registry import Kind
 from ..scale import scale
 from .base import PassContext, PassResult, declare
+from .round_scales import pow2
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         out = gm.graph.find_nodes(op="output")[0]
         inputs = _inputs_by_original_name(out)
         for name, b in ctx.potentials.output_bwd().items():
+            if ctx.config.round_scales is not None:  # a power of two up to the last bit: exactly one
+                b = pow2(b)
             if _snap(b) != 1.0 and name in inputs:
                 scale_input(gm, out, inputs[name], 1.0, _snap(b))
     return PassResult(count > 0, f"{count} nodes scaled")
