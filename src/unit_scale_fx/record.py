@@ -23,6 +23,9 @@ CONSTANT = "unit_scale_constant"
 CONSTANT_RMS = "unit_scale_constant_rms"
 #: On an attention mask: the number of visible keys per query row.
 MASK_KEYS = "unit_scale_mask_keys"
+#: On an embedding's index that no input reaches (a buffer, an expand of one row: BERT's token types):
+#: the share of position pairs that look up the same row (measured when example inputs are real).
+INDEX_RHO = "unit_scale_index_rho"
 #: True on every ``scale`` node the rewrite inserted.
 INSERTED = "unit_scale_inserted"
 #: What an inserted scale node does: ``("output", node name)`` or ``("input", consumer name)``.

@@ -68,3 +68,31 @@ def test_keys_per_row_reads_bool_and_additive_masks():
     assert keys_per_row(causal) == [1, 2, 3]
     additive = torch.zeros(3, 3).masked_fill(~causal, float("-inf"))
     assert keys_per_row(additive) == [1, 2, 3]
+
+
+class _TokenTypes(nn.Module):
+    """BERT's token types: a buffer of zeros, sliced and expanded to the batch, looked up in a table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words, self.types = nn.Embedding(32, 16), nn.Embedding(2, 16)
+        self.register_buffer("type_ids", torch.zeros(1, 64, dtype=torch.long))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        types = self.type_ids[:, : ids.shape[1]].expand(ids.shape[0], ids.shape[1])
+        return self.words(ids) + self.types(types)
+
+
+def test_an_embedding_index_no_input_reaches_is_summarised_as_shared_rows():
+    from unit_scale_fx.record import INDEX_RHO
+
+    ids = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(0))
+    gm, ctx, p = pipeline_until(_TokenTypes(), (ids,), "constants")
+    run_pass(gm, ctx, p)
+    rhos = {n.name: n.meta[INDEX_RHO] for n in gm.graph.nodes if INDEX_RHO in n.meta}
+    assert list(rhos.values()) == [1.0], rhos  # the token types: one row at every position; the ids: not marked
+    from unit_scale_fx import unit_scale
+
+    us = unit_scale(_TokenTypes(), (ids,), measure=False)
+    (rec,) = [r for r in us.scale_plan().values() if "index rho=1.00" in r.note]
+    assert rec.rule == "embedding"

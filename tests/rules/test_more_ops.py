@@ -116,8 +116,28 @@ def test_conv_scales_follow_fan_in_times_kernel():
     us = unit_scale(nn.Conv2d(8, 16, 3, padding=1, bias=False), (_x(2, 8, 6, 6),), measure=False)
     (rec,) = [r for r in us.scale_plan().values() if r.rule == "conv"]
     x_name = next(k for k in rec.ideal_bwd if "weight" not in k)
-    assert math.isclose(rec.ideal_fwd, 1 / math.sqrt(8 * 9), rel_tol=0.05)  # input RMS ~1, weight RMS 1
-    assert math.isclose(rec.ideal_bwd[x_name], 1 / math.sqrt(16 * 9), rel_tol=1e-6)
+    inside = (16 / 18) ** 2  # 6 wide, 3 taps, padding 1: 16 of 18 (position, tap) pairs read the input
+    assert math.isclose(rec.ideal_fwd, 1 / math.sqrt(8 * 9 * inside), rel_tol=0.05)  # input RMS ~1, weight RMS 1
+    assert math.isclose(rec.ideal_bwd[x_name], 1 / math.sqrt(16 * 9 * inside), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("size,padding", [(3, 1), (4, 2), (5, "same")])
+def test_conv_on_small_maps_counts_the_padding(size, padding):
+    """On a map not much larger than the kernel, zero padding is a large share of what is read."""
+    from unit_scale_fx.rules.conv import valid_tap_fraction
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=padding, bias=False)
+    us = unit_scale(conv, (_x(8, 32, size, size),), measure=False)
+    x = _x(8, 32, size, size).requires_grad_(True)
+    y = us(x)
+    assert 0.85 <= rms(y) <= 1.15, rms(y)
+    y.backward(torch.randn_like(y))
+    assert 0.8 <= rms(x.grad) <= 1.25, rms(x.grad)
+    out = y.shape[-1]
+    pads = 1 if padding == "same" else padding
+    brute = sum(0 <= o - pads + t < size for o in range(out) for t in range(3)) / (3 * out)
+    assert valid_tap_fraction((size, size), (3, 3), (1, 1), padding, (1, 1), (out, out)) == pytest.approx(brute ** 2)
 
 
 def test_max_of_gaussians_matches_sampling():

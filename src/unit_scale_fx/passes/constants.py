@@ -16,7 +16,10 @@ by running the graph once on the example inputs (``no_grad``, state preserved)
 when those are real tensors; in the same run, each attention mask given to
 ``scaled_dot_product_attention`` is summarised as the number of keys each query
 row sees (:data:`~unit_scale_fx.rules.registry.MASK_KEYS`), so the attention
-rule knows a causal mask passed as a tensor.
+rule knows a causal mask passed as a tensor; and each embedding index that no input's values reach
+(a buffer, an expand or slice of one: BERT's token types) is summarised as the share of position
+pairs that look up the same row (:data:`~unit_scale_fx.record.INDEX_RHO`): the embedding's output
+is that correlated across positions.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..record import CONSTANT, CONSTANT_RMS, MASK_KEYS
+from ..record import CONSTANT, CONSTANT_RMS, INDEX_RHO, MASK_KEYS
 from ..rules.registry import has_float_value
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
@@ -77,6 +80,42 @@ def _mask_nodes(gm: fx.GraphModule, live: set[fx.Node]) -> set[fx.Node]:
     return out
 
 
+_EMBEDDINGS = (torch.nn.functional.embedding, torch.ops.aten.embedding.default)
+
+
+def _data_live(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose tensor value an input reaches through tensors (not only through its shape)."""
+    live: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            live.add(n)
+        elif n.op in ("call_function", "call_method", "call_module") and any(
+                a in live and isinstance(a.meta.get("val"), torch.Tensor) for a in n.all_input_nodes):
+            live.add(n)
+    return live
+
+
+def _constant_indices(gm: fx.GraphModule) -> set[fx.Node]:
+    """Embedding indices that no input's values reach: a buffer, an expand or slice of one."""
+    live, out = _data_live(gm), set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _EMBEDDINGS:
+            idx = n.args[1] if n.target is torch.ops.aten.embedding.default else n.args[0]
+            if isinstance(idx, fx.Node) and idx not in live:
+                out.add(idx)
+    return out
+
+
+def same_row_share(index: torch.Tensor) -> float:
+    """The share of distinct position pairs (over the last dim, per leading row) with the same index."""
+    rows = index.reshape(-1, index.shape[-1]) if index.dim() else index.reshape(1, 1)
+    t = rows.shape[-1]
+    if t < 2:
+        return 0.0
+    same = (rows.unsqueeze(-1) == rows.unsqueeze(-2)).float().sum((-1, -2)) - t
+    return float(same.mean()) / (t * (t - 1))
+
+
 def keys_per_row(mask: torch.Tensor) -> list[int]:
     """Visible keys of each query row of an attention mask (bool, or additive float)."""
     visible = mask if mask.dtype == torch.bool else mask.float() > -1e4
@@ -87,7 +126,7 @@ def keys_per_row(mask: torch.Tensor) -> list[int]:
 
 
 def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node],
-             masks: set[fx.Node] = frozenset()) -> dict[fx.Node, float]:
+             masks: set[fx.Node] = frozenset(), indices: set[fx.Node] = frozenset()) -> dict[fx.Node, float]:
     values = placeholder_values(gm, ctx.example_args or (), ctx.example_kwargs or {})
     tensors = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
     if any(t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
@@ -102,6 +141,8 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node],
                 out[n] = r if math.isfinite(r) else float("inf")
             if n in masks and isinstance(result, torch.Tensor) and result.dim() >= 2:
                 n.meta[MASK_KEYS] = keys_per_row(result.detach())
+            if n in indices and isinstance(result, torch.Tensor) and result.dim() >= 1:
+                n.meta[INDEX_RHO] = same_row_share(result.detach()[..., :_MAX_ROWS])
             return result
 
     try:
@@ -127,12 +168,13 @@ def mark_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if n.op in ("call_function", "call_method", "call_module", "get_attr") and has_float_value(n) and n not in live
     }
     for n in gm.graph.nodes:
-        for key in (CONSTANT, CONSTANT_RMS, MASK_KEYS):
+        for key in (CONSTANT, CONSTANT_RMS, MASK_KEYS, INDEX_RHO):
             n.meta.pop(key, None)
     masks = _mask_nodes(gm, live)
-    if not consts and not masks:
+    indices = _constant_indices(gm)
+    if not consts and not masks and not indices:
         return PassResult(False, "no constant float values")
-    measured = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"}, masks)
+    measured = _measure(gm, ctx, {n for n in consts if n.op != "get_attr"}, masks, indices)
     for n in consts:
         n.meta[CONSTANT] = True
         if n.op == "get_attr":

@@ -70,6 +70,8 @@ class _Planner:
         self.rms: dict[fx.Node, Optional[float]] = {}
         #: predicted cross-position correlation of each value (0 for inputs and parameters)
         self.rho: dict[fx.Node, float] = {}
+        #: predicted first moment of each value relative to its RMS (0 for inputs and parameters)
+        self.mean: dict[fx.Node, float] = {}
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
         self.loss_cone = loss_cone(gm, ctx.param_inputs)
@@ -90,6 +92,7 @@ class _Planner:
         passthrough = math.sqrt(sum(r * r for r in known) / len(known)) if known else None
         self.rms[node] = passthrough
         self.rho[node] = max((self.rho.get(i, 0.0) for i in inputs), default=0.0)
+        self.mean[node] = 0.0
         if node.meta.get(INSERTED):
             return None
         op_name, qual = node_op_name(node, self.gm), module_path(node)
@@ -116,7 +119,8 @@ class _Planner:
         in_rms.update({i: self.counts[i] for i in node.all_input_nodes if i in self.counts})
         view = OpView(node, inputs, in_rms,
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
-                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs})
+                      context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs},
+                      in_mean={i: self.mean.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
         if node in self.loss_cone:
             _keep_value(s, rule)
@@ -128,6 +132,14 @@ class _Planner:
             acts = [i for i in inputs if i not in context["params"]] or inputs
             w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
             self.rho[node] = sum(wi * self.rho.get(i, 0.0) for wi, i in zip(w, acts)) / max(sum(w), 1e-30)
+        if s.out_mean is not None:
+            self.mean[node] = s.out_mean
+        elif rule.kind == Kind.PRESERVE or (rule.kind == Kind.MUL and len(inputs) == 1):
+            # values moved, selected or multiplied by a constant: the first moment goes with them
+            acts = [i for i in inputs if i not in context["params"]] or inputs
+            w = [(self.rms.get(i) or 1.0) ** 2 for i in acts]
+            self.mean[node] = sum(math.sqrt(wi) * self.mean.get(i, 0.0) for wi, i in zip(w, acts)) \
+                / max(math.sqrt(sum(w)), 1e-30)
         self.scales[node], self.rules[node] = s, rule
         return s
 
@@ -380,21 +392,32 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     leaves = [n for n in torch.utils._pytree.tree_leaves(out[0].args) if isinstance(n, fx.Node)] if out else []
     returns_loss = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 0
                        and n.meta["val"].is_floating_point() for n in leaves)
+    #: cross-position correlation of each gradient: a mean over positions sends every position the same
+    #: gradient, and attention's value gradient (``A^T g``) then sums it coherently (Scales.shared_grad_gain)
+    grho: dict[fx.Node, float] = {}
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
-        contribs = []
+        contribs, rhos = [], []
         for user in node.users:
             if user.op == "output" or user not in grad:
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
             g = 1.0 if rec is not None and rec.kind == Kind.LOSS else grad[user]
+            ru = 0.0 if rec is not None and rec.kind == Kind.LOSS else grho.get(user, 0.0)
             if s is None or rec is None:
                 contribs.append(g)
+                rhos.append(ru)
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
+            shared = s.shared_grad_gain.get(node)
+            if shared is not None and ru > 0:
+                gain = math.sqrt((1.0 - ru) * gain * gain + ru * shared * shared)
             contribs.append(g * gain * edge_factor(rec, node))
+            rhos.append(s.grad_rho.get(node, ru))
+        total = sum(c * c for c in contribs)
+        grho[node] = sum(c * c * r for c, r in zip(contribs, rhos)) / total if total > 0 else 0.0
         if not contribs and returns_loss and node not in measured:
             val = node.meta.get("val")
             if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):

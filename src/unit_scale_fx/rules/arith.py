@@ -38,6 +38,11 @@ def _const(op: OpView) -> float:
     return c
 
 
+def _subtracts(op: OpView) -> bool:
+    t = op.node.target
+    return t in (operator.sub, torch.sub, aten("sub", "Tensor")) or (op.node.op == "call_method" and t in ("sub", "__sub__"))
+
+
 @register(operator.add, operator.sub, torch.add, torch.sub, tensor_method("add"), tensor_method("sub"),
           tensor_method("__add__"), tensor_method("__radd__"), tensor_method("__sub__"),
           aten("add", "Tensor"), aten("sub", "Tensor"))
@@ -65,15 +70,21 @@ class AddRule(Rule):
             rs = max(op.rms(skip), 1e-12)
             rbr = max(op.rms(branch), 1e-12)
             w = {skip: math.sqrt(1 - tau) / rs, branch: math.sqrt(tau) / rbr}
-            s = Scales(weights=w, out_rms=1.0, note=f"residual tau={tau}",
-                       out_rho=(1 - tau) * op.rho(skip) + tau * op.rho(branch))
+            # independent fluctuations add in quadrature; first moments add (a ReLU output as the skip)
+            ms, mb = math.sqrt(1 - tau) * op.mean(skip), math.sqrt(tau) * op.mean(branch)
+            out = math.sqrt(max(1e-12, 1.0 + 2.0 * ms * mb))
+            s = Scales(weights=w, out_rms=out, note=f"residual tau={tau}",
+                       out_rho=min(1.0, ((1 - tau) * op.rho(skip) + tau * op.rho(branch) + 2.0 * ms * mb) / out ** 2),
+                       out_mean=(ms + mb) / out)
             for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal
                 s.bwd[n], s.grad_gain[n] = 1.0, 1.0
             return s
-        total = math.sqrt(ra * ra + rb * rb)
+        sign = -1.0 if _subtracts(op) else 1.0
+        ma, mb = op.mean(a) * ra, sign * op.mean(b) * rb  # first moments: their product adds to the square
+        total = math.sqrt(max(0.0, ra * ra + rb * rb + 2.0 * ma * mb))
         if total <= 0:
             return Scales(out_rms=0.0, note="both operands zero")
-        s = Scales(fwd=1.0 / total, note="independent add")
+        s = Scales(fwd=1.0 / total, note="independent add", out_mean=(ma + mb) / total)
         for n in (a, b):
             # an add passes its gradient on unchanged; an operand broadcast over k copies receives
             # the sum of k independent gradients: the Jacobian's gain is sqrt(k) (not the forward scale)

@@ -92,6 +92,23 @@ def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...],
             cross)
 
 
+@functools.lru_cache(maxsize=512)
+def shared_value_gain(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int) -> float:
+    """RMS of the value gradient ``A^T g`` when ``g`` is the same unit Gaussian row at every query
+    position (the gradient of a mean over positions): the column sums of ``A``, not their squares."""
+    tq = len(n_keys)
+    rows = list(range(tq)) if tq <= _PROBE_ROWS else [round(i * (tq - 1) / (_PROBE_ROWS - 1)) for i in range(_PROBE_ROWS)]
+    heads = max(1, min(64, _PROBE_TOTAL_ROWS // len(rows)))
+    gen = torch.Generator().manual_seed(1234)
+    q = torch.randn(heads, len(rows), d, generator=gen, dtype=torch.float64)
+    k = torch.randn(heads, tk, d, generator=gen, dtype=torch.float64)
+    visible = torch.tensor([n_keys[i] for i in rows]).unsqueeze(1) > torch.arange(tk).unsqueeze(0)
+    logits = (q @ k.transpose(-1, -2)) * (logit_std / math.sqrt(d))
+    a = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    col = a.sum(-2) * (tq / len(rows))  # [heads, tk]: what each key receives of the shared gradient
+    return float(col.pow(2).mean().sqrt())
+
+
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
 class SDPARule(Rule):
     name = "sdpa"
@@ -140,4 +157,9 @@ class SDPARule(Rule):
             if g is None or not (g > 0 and math.isfinite(g)):
                 g = out_rms
             s.bwd[n], s.grad_gain[n] = 1.0 / g, g
+        if isinstance(v, fx.Node) and v in op.inputs and v is not q and v is not k:
+            # an output gradient shared by all positions (a mean-pooled readout) reaches each value as
+            # g times its key's column sum of A: coherent, not a sum of independent parts
+            s.shared_grad_gain[v] = shared_value_gain(round(min(logit_std, 8.0), 2), d, tuple(n_keys), tk) \
+                * math.sqrt(group)
         return s

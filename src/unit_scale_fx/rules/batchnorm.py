@@ -1,6 +1,7 @@
 """Batch normalisation: in training mode the output is unit, like layer norm.
 
-The input gradient is ``g / RMS(x)`` (scale ``RMS(x)``); gain and bias gradients sum
+The input gradient is ``g / std(x)`` (scale ``std(x)``: the RMS less the part of it shared by
+all positions of a channel, ``RMS(x) sqrt(1 - rho)``); gain and bias gradients sum
 over every position but the channel (``N * prod(spatial)`` rows). Scales are planned
 for training (batch statistics), whatever mode the module is in while planning; in
 eval mode the running statistics stand in for the batch ones.
@@ -44,7 +45,10 @@ class BatchNormRule(Rule):
         rx = op.rms(x)
         xs = op.shape(x)
         rows = max(1, math.prod(xs) // xs[1]) if xs and len(xs) > 1 else 1
-        s = Scales(fwd=1.0, bwd={x: rx}, grad_gain={x: 1.0 / rx}, note=f"rows={rows}",
+        # the input is divided by each channel's standard deviation, not its RMS: the part shared by all
+        # positions (a conv of a ReLU output carries one per channel: rho of its square) is removed first
+        sd = rx * math.sqrt(max(1e-3, 1.0 - op.rho(x)))
+        s = Scales(fwd=1.0, bwd={x: sd}, grad_gain={x: 1.0 / sd}, note=f"rows={rows} rho={op.rho(x):.2f}",
                    out_rho=0.0)  # each channel's mean over batch and positions is removed
         out2 = 1.0
         w, b = a.get("weight"), a.get("bias")

@@ -5,7 +5,9 @@ weight RMS ``rw``: forward ``1 / (rx rw sqrt(fan_in))``; each input value is rea
 ``C_out / groups * prod(K) / prod(stride)`` outputs, so its gradient scale is
 ``1 / (rw sqrt(that))``; the weight gradient sums over ``N * prod(out spatial)``
 positions (scale ``1 / (rx sqrt(rows))``), the bias gradient over the same rows.
-Zero padding at the borders is ignored (it lowers border outputs slightly).
+Zero padding: border outputs read fewer inputs. The share of kernel taps that land inside the
+input (:func:`valid_tap_fraction`, exact from the shapes) multiplies the fan-in, the reads and
+the rows; on a 3 x 3 map with a 3 x 3 kernel it is 0.6, not a detail.
 """
 
 from __future__ import annotations
@@ -25,6 +27,29 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
         return (v,) * n
     v = tuple(int(a) for a in v)
     return v * n if len(v) == 1 else v
+
+
+def valid_tap_fraction(in_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+                       padding: Any, dilation: tuple[int, ...], out_size: tuple[int, ...], side: str = "out") -> float:
+    """The share of (output position, kernel tap) pairs that read an input inside the borders (not padding).
+
+    ``side="in"``: the reads per input position relative to ``kernel / stride`` (what the input's
+    gradient sums), which differs where the padding is wider than the kernel's half.
+    """
+    nd = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 1.0
+        pads = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))  # "same": the extra one goes right
+    else:
+        pads = _tuple(padding, nd)
+    frac = 1.0
+    for L, K, S, P, D, O in zip(in_size, kernel, stride, pads, dilation, out_size):
+        if O <= 0 or K <= 0:
+            continue
+        valid = sum(1 for o in range(O) for t in range(K) if 0 <= o * S - P + t * D < L)
+        frac *= valid / (O * K) if side == "out" else valid * S / (L * K)
+    return max(frac, 1e-6)
 
 
 class ConvRule(Rule):
@@ -54,11 +79,16 @@ class ConvRule(Rule):
         groups = int(a.get("groups", 1) or 1)
         stride = _tuple(a.get("stride", 1), nd)
         k = math.prod(ws[2:])
-        fan_in = ws[1] * k
-        reads = max(1.0, ws[0] / groups * k / math.prod(stride))
-        rows = max(1, math.prod(os_) // os_[1] if len(os_) > 1 else 1)
+        frac = frac_in = 1.0
+        if len(xs) == nd + 2 and len(os_) == nd + 2:
+            geometry = (xs[2:], tuple(ws[2:]), stride, a.get("padding", 0), _tuple(a.get("dilation", 1), nd), os_[2:])
+            frac, frac_in = valid_tap_fraction(*geometry), valid_tap_fraction(*geometry, side="in")
+        fan_in = ws[1] * k * frac
+        reads = max(1.0, ws[0] / groups * k / math.prod(stride)) * frac_in
+        rows = max(1, math.prod(os_) // os_[1] if len(os_) > 1 else 1) * frac
         rx, rw = op.rms(x), op.rms(w)
-        s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)), note=f"fan_in={fan_in} reads={reads:.3g} rows={rows}")
+        s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)),
+                   note=f"fan_in={fan_in:.4g} reads={reads:.3g} rows={rows:.4g} (inside the padding: {frac:.3g})")
         for node, gain in ((x, rw * math.sqrt(reads)), (w, rx * math.sqrt(rows)), (b, math.sqrt(rows))):
             if isinstance(node, fx.Node) and node in op.inputs:
                 s.bwd[node], s.grad_gain[node] = 1.0 / gain, gain

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..record import INDEX_RHO
 from .einsum import _operands as einsum_operands
 from .registry import (Kind, OpView, Rule, Scales, aten, lookup, many, register, register_library_op,
                        resolve_library_op, resolve_target, tensor_method)
@@ -217,8 +218,11 @@ class EmbeddingRule(Rule):
         vocab = ws[0]
         lookups = max(1, _prod(os_[:-1]))
         gain = math.sqrt(lookups / vocab)
-        return Scales(fwd=1.0 / op.rms(w), bwd={w: 1.0 / gain}, grad_gain={w: gain},
-                      note=f"vocab={vocab} lookups={lookups}")
+        # an index no input reaches (a buffer of token types): positions that look up one row share it
+        idx = op.node.args[1] if op.node.target is aten("embedding") else op.node.args[0]
+        rho = idx.meta.get(INDEX_RHO) if isinstance(idx, fx.Node) else None
+        return Scales(fwd=1.0 / op.rms(w), bwd={w: 1.0 / gain}, grad_gain={w: gain}, out_rho=rho,
+                      note=f"vocab={vocab} lookups={lookups}" + (f" index rho={rho:.2f}" if rho is not None else ""))
 
     def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         return {a: "unit" for a in node.all_input_nodes}

@@ -22,38 +22,53 @@ _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(160)
 _WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
 
 
-def gaussian_moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float = 1.0) -> tuple[float, float]:
-    """``(RMS(f(x)), RMS(f'(x)))`` for ``x ~ N(0, std^2)`` by quadrature."""
+def gaussian_moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float = 1.0,
+                     mean: float = 0.0) -> tuple[float, float]:
+    """``(RMS(f(x)), RMS(f'(x)))`` for ``x ~ N(mean, std^2)`` by quadrature."""
+    return _moments(fn, std, mean)[:2]
+
+
+def _moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float, mean: float) -> tuple[float, float, float]:
+    """``(RMS(f(x)), RMS(f'(x)), E[f(x)])`` for ``x ~ N(mean, std^2)``."""
     with torch.enable_grad():  # planning may run under no_grad
-        z = torch.tensor(_NODES * std, dtype=torch.float64, requires_grad=True)
+        z = torch.tensor(_NODES * std + mean, dtype=torch.float64, requires_grad=True)
         y = fn(z)
         (dy,) = torch.autograd.grad(y.sum(), z, allow_unused=True) if y.requires_grad else (None,)
     w = torch.tensor(_WEIGHTS, dtype=torch.float64)
     f_rms = float((w * y.detach().double() ** 2).sum().sqrt())
     d_rms = float((w * dy.double() ** 2).sum().sqrt()) if dy is not None else 0.0
-    return f_rms, d_rms
+    return f_rms, d_rms, float((w * y.detach().double()).sum())
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_moments(key: Any, consts: tuple, std: float) -> tuple[float, float]:
+def _cached_moments(key: Any, consts: tuple, std: float, mean: float = 0.0) -> tuple[float, float, float]:
     fn, args, kwargs = consts[0], consts[1], dict(consts[2])
 
     def f(t: torch.Tensor) -> torch.Tensor:
         return fn(*[t if a is _SLOT else a for a in args], **kwargs)
 
-    return gaussian_moments(f, std)
+    return _moments(f, std, mean)
+
+
+def split_moments(rms: float, mean_ratio: float, rho: float) -> tuple[float, float, float]:
+    """``(mean, std, centred rho)`` of a value with RMS ``rms``, first moment ``mean_ratio * rms`` and
+    uncentred cross-position correlation ``rho`` (which counts the shared mean: ``rho >= mean_ratio^2``)."""
+    m2 = min(mean_ratio * mean_ratio, 0.99)
+    centred = max(0.0, min(0.99, (rho - m2) / (1.0 - m2)))
+    return mean_ratio * rms, rms * math.sqrt(1.0 - m2), centred
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_rho(key: Any, consts: tuple, std: float, rho: float) -> float:
+def _cached_rho(key: Any, consts: tuple, std: float, rho: float, mean: float = 0.0) -> float:
     """Cross-position correlation of ``f(x)``: ``E[f(x_i) f(x_j)] / E[f(x)^2]`` for jointly Gaussian
-    ``x_i, x_j`` with correlation ``rho`` (``x = sqrt(rho) c + sqrt(1 - rho) a``), by quadrature. At
-    ``rho = 0`` it is ``E[f]^2 / E[f^2]``: a nonlinearity with a mean gives every position a shared part."""
+    ``x_i, x_j`` with mean ``mean`` and centred correlation ``rho`` (``x = mean + std (sqrt(rho) c +
+    sqrt(1 - rho) a)``), by quadrature. At ``rho = 0`` it is ``E[f]^2 / E[f^2]``: a nonlinearity with a
+    mean gives every position a shared part."""
     fn, args, kwargs = consts[0], consts[1], dict(consts[2])
     nodes, weights = np.polynomial.hermite_e.hermegauss(48)
     weights = weights / weights.sum()
     c = torch.tensor(nodes, dtype=torch.float64)
-    z = (math.sqrt(rho) * c[:, None] + math.sqrt(1.0 - rho) * c[None, :]) * std
+    z = (math.sqrt(rho) * c[:, None] + math.sqrt(1.0 - rho) * c[None, :]) * std + mean
     with torch.no_grad():
         y = fn(*[z if a is _SLOT else a for a in args], **kwargs).double()
     w = torch.tensor(weights, dtype=torch.float64)
@@ -82,17 +97,22 @@ class PointwiseRule(Rule):
         args = tuple(_SLOT if a is x else a for a in op.node.args)
         if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in op.node.kwargs.values()):
             return Scales(note="non-constant extra arguments; left unscaled")
-        r = round(op.rms(x), 4)
+        # the input as a Gaussian with its predicted first moment (a ReLU output after a residual add
+        # is not centred: the ReLU after it passes more than half of it)
+        mu, sd, rho_c = split_moments(op.rms(x), round(op.mean(x), 2), op.rho(x))
+        r, mu = round(sd, 4), round(mu, 4)
+        consts = (fn, args, tuple(sorted(op.node.kwargs.items())))
         try:
-            f_rms, d_rms = _cached_moments(fn, (fn, args, tuple(sorted(op.node.kwargs.items()))), r)
+            f_rms, d_rms, f_mean = _cached_moments(fn, consts, r, mu)
         except Exception as exc:  # an op that cannot run on float64 CPU points
             return Scales(note=f"quadrature failed ({type(exc).__name__}); left unscaled")
         if not (f_rms > 0 and math.isfinite(f_rms)):
             return Scales(note="zero or non-finite output moment")
-        s = Scales(fwd=1.0 / f_rms, note=f"E[f^2]^0.5={f_rms:.4g} E[f'^2]^0.5={d_rms:.4g} at std {r}")
+        at = f"at std {r}" + (f" mean {mu}" if mu else "")
+        s = Scales(fwd=1.0 / f_rms, note=f"E[f^2]^0.5={f_rms:.4g} E[f'^2]^0.5={d_rms:.4g} {at}",
+                   out_mean=f_mean / f_rms if math.isfinite(f_mean) else None)
         try:
-            s.out_rho = _cached_rho(fn, (fn, args, tuple(sorted(op.node.kwargs.items()))), r,
-                                    round(min(op.rho(x), 0.99), 2))
+            s.out_rho = _cached_rho(fn, consts, r, round(rho_c, 2), mu)
         except Exception:  # noqa: BLE001 - the correlation is a refinement; without it the input's carries over
             s.out_rho = None
         if d_rms > 0 and math.isfinite(d_rms):

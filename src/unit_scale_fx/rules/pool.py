@@ -52,6 +52,17 @@ def _tuple(v: Any, n: int) -> Optional[tuple[int, ...]]:
     return v * n if len(v) == 1 else v
 
 
+@functools.lru_cache(maxsize=256)
+def max_of_gaussians_mean(k: int) -> float:
+    """``E[M]`` for ``M`` the max of ``k`` independent unit Gaussians."""
+    if k <= 1:
+        return 0.0
+    from math import erf
+
+    cdf = np.array([0.5 * (1 + erf(v / math.sqrt(2))) for v in _X])
+    return float(np.sum(_W * k * cdf ** (k - 1) * _X))
+
+
 class PoolRule(Rule):
     def __init__(self, name: str, average: bool, adaptive: bool) -> None:
         self.name = name
@@ -79,16 +90,24 @@ class PoolRule(Rule):
             reads = max(1.0, k / math.prod(stride))
         r = op.rms(x)
         rho = op.rho(x)
+        m = op.mean(x)
         out_rho = None
         if self.average:
             # positions with correlation rho: the mean of k has RMS r sqrt(rho + (1 - rho) / k)
             mean_sq = rho + (1.0 - rho) / k
             fwd, gain = 1.0 / (r * math.sqrt(mean_sq)), math.sqrt(reads) / k
             out_rho = min(1.0, rho / mean_sq)
+            out_mean = m / math.sqrt(mean_sq)  # the first moment is kept
         else:
-            fwd, gain = 1.0 / (r * max_of_gaussians_rms(max(1, round(k)))), math.sqrt(1.0 / ratio)
+            # the window as k values m + s z (z unit Gaussians): the max is m + s max(z)
+            kk = max(1, round(k))
+            sd = math.sqrt(max(0.0, 1.0 - m * m))
+            e1, e2 = max_of_gaussians_mean(kk), max_of_gaussians_rms(kk) ** 2
+            out = math.sqrt(max(1e-12, m * m + 2 * m * sd * e1 + sd * sd * e2))
+            fwd, gain = 1.0 / (r * out), math.sqrt(1.0 / ratio)
+            out_mean = (m + sd * e1) / out
         return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True, out_rho=out_rho,
-                      note=f"window={k:.3g} reads={reads:.3g} rho={rho:.2f}")
+                      out_mean=out_mean, note=f"window={k:.3g} reads={reads:.3g} rho={rho:.2f} mean={m:.2f}")
 
 
 register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), aten("avg_pool2d"),

@@ -41,8 +41,19 @@ class ReduceRule(Rule):
             out = r / math.sqrt(n) if self.mean else r * math.sqrt(n)
             return Scales(fwd=1.0, fixed_fwd=True, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, out_rms=out,
                           note=note + ", reduced to one number: value kept")
-        fwd = math.sqrt(n) / r if self.mean else 1.0 / (r * math.sqrt(n))
-        return Scales(fwd=fwd, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, calibrate=True, note=note)
+        # over positions (the feature dim kept), values share a part rho of their square: the mean of n
+        # has RMS r sqrt(rho + (1 - rho) / n), which a mean-pooled readout input shows
+        dims = op.arg(1, "dim")
+        dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else []
+        rho = op.rho(x) if dims and len(xs) - 1 not in [d % len(xs) for d in dims if isinstance(d, int)] else 0.0
+        mean_sq = rho + (1.0 - rho) / n
+        fwd = 1.0 / (r * math.sqrt(mean_sq)) if self.mean else 1.0 / (r * n * math.sqrt(mean_sq))
+        if rho:
+            note += f" rho={rho:.2f}"
+        over_positions = bool(dims) and len(xs) - 1 not in [d % len(xs) for d in dims if isinstance(d, int)]
+        return Scales(fwd=fwd, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, calibrate=True, note=note,
+                      out_rho=min(1.0, rho / mean_sq) if rho else None, out_mean=op.mean(x) / math.sqrt(mean_sq),
+                      grad_rho={x: 1.0} if over_positions else {})  # each position gets the same gradient
 
 
 register(*many([torch.mean, tensor_method("mean"), aten("mean", "dim"), aten("mean", "default")]))(

@@ -83,6 +83,16 @@ class Scales:
     #: cross-position correlation of the output: the mean of ``x_i . x_j / |x|^2`` over distinct
     #: positions (uncentered: a mean shared by all positions counts). ``None``: the inputs' carries over.
     out_rho: Optional[float] = None
+    #: first moment of the output relative to its RMS, ``E[y] / RMS(y)`` in [-1, 1] (a ReLU's output:
+    #: 0.56). ``None``: carried over from the inputs by ops that move values (views, dropout), else 0
+    #: (a matmul with zero-mean weights, a norm).
+    out_mean: Optional[float] = None
+    #: backward: the cross-position correlation the op gives an input's gradient (a mean over positions:
+    #: 1, every position gets the same gradient); inputs not listed keep the output gradient's
+    grad_rho: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: an input's gradient gain when the output gradient is the same at every position
+    #: (attention's value gradient then sums coherently); inputs not listed use ``grad_gain``
+    shared_grad_gain: dict[fx.Node, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,10 +106,17 @@ class OpView:
     context: dict[str, Any] = field(default_factory=dict)
     #: predicted cross-position correlation of each input (see ``Scales.out_rho``)
     in_rho: dict[fx.Node, float] = field(default_factory=dict)
+    #: predicted first moment of each input relative to its RMS (see ``Scales.out_mean``)
+    in_mean: dict[fx.Node, float] = field(default_factory=dict)
 
     def rho(self, x: Any) -> float:
         r = self.in_rho.get(x) if isinstance(x, fx.Node) else None
         return 0.0 if r is None or not math.isfinite(r) else min(1.0, max(0.0, r))
+
+    def mean(self, x: Any) -> float:
+        """``E[x] / RMS(x)`` of an input (0 when unknown)."""
+        m = self.in_mean.get(x) if isinstance(x, fx.Node) else None
+        return 0.0 if m is None or not math.isfinite(m) else min(1.0, max(-1.0, m))
 
     def arg(self, pos: int, name: str, default: Any = None) -> Any:
         if name in self.node.kwargs:

@@ -12,6 +12,15 @@ from .registry import Kind, OpView, OptionalTarget, Rule, Scales, aten, many, re
 
 
 class PreserveRule(Rule):
+    """Values moved, selected or repeated: the RMS is kept.
+
+    The gradient is not always: an op of one tensor whose output has ``f`` times its input's
+    elements sends back a gradient of RMS ``sqrt(f)`` times the output's. A slice (``f < 1``)
+    leaves the rest of the input's gradient zero (a classifier reading the first token, one half
+    of a partial rotary embedding); an expand or repeat (``f > 1``, grouped key/value heads) sums
+    ``f`` independent gradients into each input value.
+    """
+
     name = "preserve"
     kind = Kind.PRESERVE
     preserves_scale = True
@@ -20,7 +29,14 @@ class PreserveRule(Rule):
         rs = [op.in_rms.get(n) for n in op.inputs]
         rs = [r for r in rs if r is not None and math.isfinite(r)]
         out = math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None
-        return Scales(out_rms=out)
+        s = Scales(out_rms=out)
+        if len(op.inputs) == 1:
+            (x,) = op.inputs
+            xs, os_ = op.shape(x), op.out_shape
+            if xs is not None and os_ is not None and math.prod(xs) > 0 and math.prod(os_) > 0 \
+                    and math.prod(xs) != math.prod(os_):
+                s.grad_gain[x] = math.sqrt(math.prod(os_) / math.prod(xs))
+        return s
 
 
 _METHODS = [
