@@ -29,10 +29,7 @@ from fixtures.families import FAMILIES, missing
 
 #: families below the bands today: (forward, backward) in-band fractions measured lazily on batch 1
 #: (python benchmarks/model_families.py prints the table)
-SHORT: dict[str, str] = {
-    "tv_mobilenet_v3_small": "bwd 0.73 lazy / 0.93 example: squeeze-excitation 1x1 conv gradients at 2.0-2.5 "
-                             "(1.00 / 1.00 before merging main 5e9be4c; open)",
-}
+SHORT: dict[str, str] = {}
 
 
 def _records(model, fam, args, kwargs):
