@@ -257,7 +257,7 @@ class _GradNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        r = g.detach().float().pow(2).mean().sqrt().clamp_min(1e-30).to(g.dtype)
+        r = _rms_of(g)
         ctx.box.append(r)
         return g / r, None
 
