@@ -70,14 +70,11 @@ class ResNet(nn.Module):
         return F.cross_entropy(self.fc(h), y)
 
 
-#: ``small``: the sizes the exact memory rows use (fast); ``issue``: issue 16's sizes (GPT d=512, 4 layers,
-#: seq 256; ReLU MLP d=512, 4 blocks, batch 512; ResNet width 64 on 32 x 32 images)
-SIZE = "small"
-
-
-def make(name: str) -> tuple[nn.Module, tuple]:
+def make(name: str, size: str = "small") -> tuple[nn.Module, tuple]:
+    """The model and batch. ``size``: ``small`` (fast) or ``issue``, issue 16's sizes (GPT d=512, 4 layers,
+    seq 256; ReLU MLP d=512, 4 blocks, batch 512; ResNet width 64 on 32 x 32 images)."""
     torch.manual_seed(0)
-    big = SIZE == "issue"
+    big = size == "issue"
     if name == "gpt":
         d, seq, batch = (512, 256, 4) if big else (128, 64, 8)
         return GPT(vocab=256, d=d, layers=4, heads=d // 32, max_len=seq), gpt_batch(256, batch=batch, seq=seq)
@@ -99,8 +96,8 @@ def step_fn(call: nn.Module, owner: nn.Module, batch: tuple) -> Callable[[], Non
     return step
 
 
-def memory_rows(name: str) -> list[list[str]]:
-    model, batch = make(name)
+def memory_rows(name: str, size: str = "small") -> list[list[str]]:
+    model, batch = make(name, size)
     rows = []
     orig = copy.deepcopy(model)
     lazy = unit_scale(copy.deepcopy(model))  # planned at its first call
@@ -127,8 +124,8 @@ def memory_rows(name: str) -> list[list[str]]:
 
 
 def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool,
-              clock: Callable[[], float] = time.perf_counter) -> list[list[str]]:
-    model, batch = make(name)
+              clock: Callable[[], float] = time.perf_counter, size: str = "small") -> list[list[str]]:
+    model, batch = make(name, size)
     variants: dict[str, Callable[[], None]] = {}
     m = copy.deepcopy(model)
     variants["original eager"] = step_fn(m, m, batch)
@@ -178,17 +175,15 @@ def main() -> None:
                          "machine; one thread only)")
     ap.add_argument("--name", default="free_scaling", help="results file name (benchmarks/results/NAME.md)")
     args = ap.parse_args()
-    global SIZE
-    SIZE = args.size
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     logging.basicConfig(level=logging.ERROR)
     rows = []
     for name in args.models:
-        rows += memory_rows(name)
+        rows += memory_rows(name, args.size)
         if not args.no_time:
-            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock)
+            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size)
     text = table(["model", "measure", "original", "unit-scaled", "ratio"], rows)
     print(text)
     note = (f"Sizes: {args.size}; clock: {args.clock}. Times: {args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps, "

@@ -158,6 +158,12 @@ def _factors(n: fx.Node) -> tuple[float, float]:
     return float(n.args[1]), float(n.args[2])
 
 
+def _output_scale(n: fx.Node) -> Optional[fx.Node]:
+    """The scale node that is ``n``'s only reader, if there is one (the output scale a fused op absorbs)."""
+    users = list(n.users)
+    return users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+
+
 def fuse_linears(graph: fx.Graph) -> int:
     """Replace each ``linear`` and the scale nodes around it by one ``scaled_linear`` call.
 
@@ -197,8 +203,7 @@ def fuse_linears(graph: fx.Graph) -> int:
         if isinstance(b, fx.Node) and _lone_scale(b) and _factors(b)[0] == 1.0:
             absorbed.append(b)
             sb, b = _factors(b), b.args[0]
-        users = list(n.users)
-        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        out = _output_scale(n)
         if out is not None:
             so = _factors(out)
         if (sx, sw, sb, so) == ((1.0, 1.0),) * 4:
@@ -250,8 +255,7 @@ def fuse_layer_norms(graph: fx.Graph) -> int:
                 kwargs[key] = _factors(a)
                 bound[arg] = a.args[0]
                 absorbed.append(a)
-        users = list(n.users)
-        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        out = _output_scale(n)
         if out is not None:
             kwargs["out_scale"] = _factors(out)
         kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
@@ -306,8 +310,7 @@ def fuse_attention(graph: fx.Graph) -> int:
                 kwargs[key] = _factors(a)
                 args[i] = a.args[0]
                 absorbed.append(a)
-        users = list(n.users)
-        out = users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+        out = _output_scale(n)
         if out is not None:
             kwargs["out_scale"] = _factors(out)
         rq = _planned_rms(n.args[0])
