@@ -4,7 +4,8 @@
 * a residual add (found by the topology pass) becomes
   ``sqrt(1 - tau) * skip / RMS(skip) + sqrt(tau) * branch / RMS(branch)``;
 * any other add of two tensors is scaled by ``1 / sqrt(ra^2 + rb^2)``;
-* a product of two tensors is scaled by ``1 / (ra rb)`` (gradients ``1 / rb``, ``1 / ra``);
+* a product of two tensors is scaled by ``1 / (ra rb)`` (gradients ``1 / rb``, ``1 / ra``); the
+  factors' cross-position correlations and first moments multiply;
 * a product with a constant keeps the constant (it is part of the model's meaning,
   e.g. a temperature) and only the predicted RMS follows it.
 """
@@ -93,6 +94,19 @@ class AddRule(Rule):
         return s
 
 
+def _shared_rho(op: OpView, x: fx.Node) -> float:
+    """A factor's cross-position correlation as the product sees it: 1 for one the same at every position
+    it is broadcast over (a gate per sample and channel, a per-feature parameter), else its own."""
+    if x in op.context.get("params", ()):
+        return 1.0
+    xs, os_ = op.shape(x), op.out_shape
+    if xs and os_ and len(xs) <= len(os_):
+        padded = (1,) * (len(os_) - len(xs)) + tuple(xs)
+        if any(p == 1 and o > 1 for p, o in zip(padded[1:], os_[1:])):
+            return 1.0
+    return op.rho(x)
+
+
 @register(operator.mul, torch.mul, tensor_method("mul"), tensor_method("__mul__"), tensor_method("__rmul__"),
           aten("mul", "Tensor"))
 class MulRule(Rule):
@@ -111,9 +125,15 @@ class MulRule(Rule):
             return Scales(note="product of more than two tensors")
         a, b = op.inputs
         ra, rb = op.rms(a), op.rms(b)
-        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors", calibrate=True)
-        s.bwd[a], s.grad_gain[a] = 1.0 / rb, rb
-        s.bwd[b], s.grad_gain[b] = 1.0 / ra, ra
+        # independent factors: the uncentered cross-position correlations and the first moments (relative
+        # to the RMS) multiply; a gate shared by all positions (squeeze-excitation, rho 1) keeps the other's
+        s = Scales(fwd=1.0 / (ra * rb), note="product of two tensors", calibrate=True,
+                   out_rho=_shared_rho(op, a) * _shared_rho(op, b), out_mean=op.mean(a) * op.mean(b))
+        # a factor broadcast over k copies (a gate per channel, a per-feature weight) receives the sum of
+        # k independent products: its gradient gain is sqrt(k) times the other factor's RMS
+        ga, gb = rb * math.sqrt(_broadcast(op, a)), ra * math.sqrt(_broadcast(op, b))
+        s.bwd[a], s.grad_gain[a] = 1.0 / ga, ga
+        s.bwd[b], s.grad_gain[b] = 1.0 / gb, gb
         return s
 
 
