@@ -117,6 +117,9 @@ class _Planner:
         in_rms = {i: self.rms.get(i) for i in inputs}
         # integer tensors measured on the example batch (a token count a loss is divided by)
         in_rms.update({i: self.counts[i] for i in node.all_input_nodes if i in self.counts})
+        # a number computed from shapes (``total_rows = 0.0 + x.shape[0] + ...``) is known without a batch
+        in_rms.update({i: abs(float(i.meta["val"])) for i in node.all_input_nodes if i not in in_rms
+                       and type(i.meta.get("val")) in (int, float)})
         view = OpView(node, inputs, in_rms,
                       module=self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None,
                       context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs},
@@ -423,6 +426,9 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
             if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):
                 grad[node] = 0.0
                 continue
+        if not contribs and node not in measured and not any(u.op == "output" or u in grad for u in node.users):
+            grad[node] = 0.0  # unread (top-k values a loss ignores), or read only by ops no gradient flows through
+            continue
         if node in measured:
             grad[node] = measured[node]
         elif isinstance(node.meta.get("val"), (tuple, list)):

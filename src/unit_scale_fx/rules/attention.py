@@ -42,7 +42,9 @@ class SoftmaxRule(Rule):
         n = shape[dim]
         out_rms = math.sqrt(mean_sq_weight(op.rms(x), n) / n)
         a = 1.0 / out_rms
-        return Scales(fwd=a, bwd={x: a}, grad_gain={x: out_rms}, note=f"n={n}", calibrate=True, calibrate_bwd=True)
+        # every weight is positive and a row's weights sum to one: E[w] = 1 / n
+        return Scales(fwd=a, bwd={x: a}, grad_gain={x: out_rms}, note=f"n={n}", calibrate=True, calibrate_bwd=True,
+                      out_mean=min(1.0, (1.0 / n) / out_rms))
 
 
 #: the probe's query rows (longer sequences are sampled: rows are independent given the keys)

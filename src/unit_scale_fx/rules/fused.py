@@ -1,8 +1,9 @@
 """The rule of a fused single-input subgraph (see :mod:`unit_scale_fx.passes.fuse`).
 
 The subgraph is one function ``f`` of one tensor. Its scales come from ``f`` itself
-on a Gaussian probe shaped like the real input: ``z ~ N(0, r^2)`` with ``r`` the
-predicted input RMS, a unit-Gaussian cotangent ``g``; forward scale
+on a Gaussian probe shaped like the real input: ``z`` with the predicted input RMS ``r`` and
+first moment (``N(0, r^2)`` for a zero-mean input; the top weights of a softmax are near their
+mean), a unit-Gaussian cotangent ``g``; forward scale
 ``1 / RMS(f(z))``, backward scale ``1 / RMS(J_f(z)^T g)``. For an elementwise chain
 this is the pointwise rule's quadrature done by sampling; for a hand-written norm
 (``x * rsqrt(mean(x^2) + eps)``) it finds that the output is already unit and the
@@ -21,6 +22,7 @@ import torch.fx as fx
 from .registry import Kind, OpView, Rule, Scales
 
 MIN_SAMPLES = 16384
+POSITIVE_MEAN = 0.8
 _SEED = 1234
 
 
@@ -35,14 +37,26 @@ class FusedRegion(fx.GraphModule):
         return "ops=[" + ", ".join(self.ops) + "]"
 
 
-def probe_moments(fn, shape: Sequence[int], std: float, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
-    """``(RMS(f(z)), RMS(J^T g))`` for ``z ~ N(0, std^2)`` of ``shape`` and unit Gaussian ``g``."""
+def probe_moments(fn, shape: Sequence[int], std: float, dtype: torch.dtype = torch.float32,
+                  mean: float = 0.0) -> tuple[float, float]:
+    """``(RMS(f(z)), RMS(J^T g))`` for ``z ~ N(mean std, (1 - mean^2) std^2)`` of ``shape`` (RMS ``std``, first
+    moment ``mean`` of it) and unit Gaussian ``g``."""
+    mean = max(-1.0, min(1.0, mean))
+    sd = math.sqrt(max(0.0, 1.0 - mean * mean))
+    # a first moment over POSITIVE_MEAN of the RMS: a positive variable (top-k softmax weights, a norm), probed
+    # log-normal with that first moment (E[x] / RMS(x) = exp(-s^2 / 2)); a Gaussian would put mass near zero
+    # that such a value does not have, and x / sum(x) on it has no finite variance
+    log_sd = math.sqrt(-2.0 * math.log(abs(mean))) if abs(mean) >= POSITIVE_MEAN else None
     gen = torch.Generator().manual_seed(_SEED)
     numel = max(1, math.prod(shape))
     draws = max(1, math.ceil(MIN_SAMPLES / numel))
     fs, ds, nf, nd = 0.0, 0.0, 0, 0
     for _ in range(draws):
-        z = (torch.randn(tuple(shape), generator=gen, dtype=dtype) * std).requires_grad_(True)
+        u = torch.randn(tuple(shape), generator=gen, dtype=dtype)
+        if log_sd is not None:  # RMS std: exp(log_sd u - log_sd^2) has mean square 1
+            z = (math.copysign(std, mean) * torch.exp(log_sd * u - log_sd * log_sd)).requires_grad_(True)
+        else:
+            z = ((u * sd + mean) * std).requires_grad_(True)
         y = fn(z)
         g = torch.randn(y.shape, generator=gen, dtype=y.dtype)
         (dz,) = torch.autograd.grad(y, z, g, allow_unused=True)
@@ -72,14 +86,14 @@ class FusedRule(Rule):
         dtype = val.dtype if val.dtype in (torch.float32, torch.float64) else torch.float32
         try:
             with torch.enable_grad():
-                f_rms, d_rms = probe_moments(op.module, shape, r, dtype)
+                f_rms, d_rms = probe_moments(op.module, shape, r, dtype, op.mean(x))
         except Exception as exc:  # the function cannot run on a CPU probe
             return Scales(out_rms=None, note=f"probe failed ({type(exc).__name__}: {exc})")
         ops = ", ".join(getattr(op.module, "ops", []))
         if not (f_rms > 0 and math.isfinite(f_rms)):
             return Scales(out_rms=None, note=f"zero or non-finite output on the probe; ops [{ops}]")
-        # the probe is zero-mean: on real inputs (a positive input: x / sum(x) of routing weights) the function
-        # is measured instead, forward and backward
+        # the probe has the input's predicted first moment (x / sum(x) of top-k routing weights); on real
+        # inputs the function is measured instead, forward and backward
         s = Scales(fwd=1.0 / f_rms, note=f"[{ops}] RMS(f)={f_rms:.4g} RMS(J^T g)={d_rms:.4g} at std {r:.4g}",
                    calibrate=True, calibrate_grad_gain=True)
         if d_rms > 0 and math.isfinite(d_rms):

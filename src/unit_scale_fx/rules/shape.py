@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -44,14 +45,14 @@ _METHODS = [
     "unsqueeze", "squeeze", "expand", "expand_as", "t", "flip", "roll", "split", "chunk", "unbind", "narrow",
     "select", "repeat", "repeat_interleave", "clone", "to", "type", "type_as", "float", "half", "bfloat16",
     "double", "masked_fill", "index_select", "gather", "movedim", "swapaxes", "tril", "triu", "detach",
-    "topk", "sort",
+    "sort",
 ]
 _FUNCTIONS = [
     operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
     torch.unsqueeze, torch.squeeze, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
     torch.unbind, torch.narrow, torch.select, torch.flip, torch.roll, torch.clone, torch.masked_fill,
     torch.index_select, torch.gather, torch.movedim, torch.swapaxes, torch.tril, torch.triu, torch.t,
-    torch.repeat_interleave, torch.where, torch.detach, torch.topk, torch.sort,
+    torch.repeat_interleave, torch.where, torch.detach, torch.sort,
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
     torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
@@ -69,6 +70,49 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("flatten", "using_ints"), aten("unflatten", "int"), aten("broadcast_tensors"), aten("expand_as"),
     aten("view_as"), aten("reshape_as"), aten("squeeze", "dims"), aten("contiguous"), aten("repeat"),
     aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
-    aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("topk"), aten("sort"),
+    aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("sort"),
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
+
+
+@functools.lru_cache(maxsize=256)
+def top_order_moments(n: int, k: int) -> tuple[float, float]:
+    """``(E[z], E[z^2])`` over the ``k`` largest of ``n`` independent unit Gaussians (a seeded sample)."""
+    rows = max(256, (1 << 18) // max(1, n))
+    z = torch.randn(rows, n, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    top = z.topk(min(k, n), dim=-1).values
+    return float(top.mean()), float(top.pow(2).mean())
+
+
+class TopkRule(Rule):
+    """The ``k`` largest (or smallest) of ``n`` values: order statistics, not a plain selection.
+
+    With inputs of RMS ``r`` and first moment ``m r`` (``x = r (m + sd z)``), the values are
+    ``r (m + sd z_top)``: their RMS and first moment come from the order statistics of ``n``
+    Gaussians (the top 2 of 4 softmax weights have a first moment 0.9 of their RMS, all 4 of them
+    0.6). Each value's gradient goes back to one of ``n`` places: gradient RMS ``sqrt(k / n)``.
+    """
+
+    name = "topk"
+    kind = Kind.PRESERVE
+    preserves_scale = True
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(note="topk of unexpected inputs")
+        (x,) = op.inputs
+        xs = op.shape(x)
+        k, dim, largest = op.arg(1, "k"), op.arg(2, "dim", -1), op.arg(3, "largest", True)
+        if not xs or not isinstance(k, int) or not isinstance(dim, int) or k < 1:
+            return Scales(out_rms=op.in_rms.get(x), note="topk: k or dim unknown")
+        n = xs[dim]
+        sign = 1.0 if largest else -1.0
+        m = sign * op.mean(x)
+        sd = math.sqrt(max(0.0, 1.0 - m * m))
+        e1, e2 = top_order_moments(n, k)
+        ms = max(1e-12, m * m + 2.0 * m * sd * e1 + sd * sd * e2)
+        return Scales(out_rms=op.rms(x) * math.sqrt(ms), out_mean=sign * (m + sd * e1) / math.sqrt(ms),
+                      grad_gain={x: math.sqrt(min(k, n) / max(1, n))}, note=f"k={k} of n={n}")
+
+
+register(*many([torch.topk, tensor_method("topk"), aten("topk")]))(TopkRule())
