@@ -110,9 +110,10 @@ def test_unscaled_baseline_is_not_unit(name):
     assert frac["fwd"] < 0.5 and frac["bwd"] < 0.5
 
 
-#: Families where planning on shapes alone (measure=False) does not yet meet issue 14's bar, with what was
-#: measured (``python benchmarks/depth.py --layers "" --families all``, benchmarks/README.md) and why.
-#: strict: the test fails as soon as the family starts to pass; not strict: a margin within run-to-run noise.
+#: Families where planning on shapes alone (measure=False) meets the bands of issue 14's bar but not its cosine,
+#: with what was measured (``python benchmarks/depth.py --layers "" --families all``, benchmarks/README.md) and
+#: why. strict: the test fails as soon as the family meets the cosine too; not strict: a margin within
+#: run-to-run noise.
 _ANALYTIC_GAPS = {
     "bart": (True, "bands met (100% / 100%); the readout input's cross-position cosine is 0.14 against 0.06 "
                    "unscaled, and 0.15 with measured planning: the unit-scaled model at init is more aligned "
@@ -120,33 +121,30 @@ _ANALYTIC_GAPS = {
     "falcon": (True, "bands met (100% / 100%); cosine 0.054 against 0.028 unscaled, 0.053 measured: as for bart"),
     "gpt2": (True, "bands met (100% / 100%); cosine 0.10 against 0.05 unscaled, 0.09 measured: GPT-2's own init "
                    "(std 0.02) keeps the unscaled blocks nearly linear at this width"),
-    "mixtral": (True, "backward 6%, 30 operands below 1/8 (measured planning: 100%): the auxiliary loss reaches "
-                      "the router through top-k and the expert dispatch, whose gradient gains no rule predicts"),
     "roberta_classifier": (False, "bands met (100% / 100%); cosine 0.561 against 0.558 unscaled (0.542 measured): "
                                   "within the run-to-run spread of this criterion"),
 }
 
 
-#: torchvision families (issue 11), measured with measure=False on torch 2.14.1 (in-band fractions fwd / bwd,
-#: operands outside [1/8, 8]); the backward of shape-only planning does not meet the bar on them yet: open
+#: torchvision families (issue 11), measured with measure=False on torch 2.14.1: the bands are met (batch norm over
+#: few values per channel, squeeze-excitation gates and layer scales as broadcast products); the readout input's
+#: cosine across the batch is not, for reasons of the unit-scaled model at init rather than of the prediction
 _TORCHVISION_ANALYTIC = {
-    "tv_resnet18": "fwd 0.95 bwd 0.09, 15 outside [1/8, 8]",
-    "tv_mobilenet_v3_small": "fwd 1.00 bwd 0.20, 14 outside [1/8, 8]",
-    "tv_vit": "fwd 1.00 bwd 0.17, 1 outside [1/8, 8]; readout cosine 0.89 against 0.34 unscaled",
-    "tv_convnext_tiny": "fwd 1.00 bwd 0.84, 2 outside [1/8, 8]",
+    "tv_resnet18": (False, "bands met (100% / 100%); cosine 0.295 against 0.278 unscaled: the last residual add "
+                           "weights its ReLU'd skip sqrt(1 - tau) = 0.82 (depth rule, tau 1/3) where the unscaled "
+                           "model adds it 1:1, so the ReLU after it sees a larger mean"),
+    "tv_mobilenet_v3_small": (True, "bands met (100% / 100%); cosine 0.105 against 0.065 unscaled: the head's "
+                                    "linear layer (init std 0.01) keeps the unscaled hardswish before the readout "
+                                    "nearly linear; unit scaling gives it unit inputs, and a larger mean"),
+    "tv_vit": (True, "bands met (fwd 100%, bwd 96%); cosine 0.89 against 0.34 unscaled: the class token is zero and "
+                     "the position table unit-RMS (std 0.02 unscaled), so the readout row starts as a vector shared "
+                     "by every image, which the residual taus keep at 2/3 of its variance"),
+    "tv_convnext_tiny": (True, "bands met (100% / 100%); cosine 0.24 against 0.001 unscaled: layer scale 1e-6 makes "
+                               "every unscaled block the identity at init; unit scaling normalises it away"),
 }
 
 
-def _analytic_marks(n: str) -> list:
-    if n in _TORCHVISION_ANALYTIC:
-        return [pytest.mark.xfail(reason=f"analytic bands not met yet: {_TORCHVISION_ANALYTIC[n]}",
-                                  strict=False)] + _needs(n)
-    if n in _ANALYTIC_GAPS:
-        return [pytest.mark.xfail(reason=_ANALYTIC_GAPS[n][1], strict=_ANALYTIC_GAPS[n][0])] + _needs(n)
-    return _needs(n)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_analytic_marks(n)) for n in sorted(FAMILIES)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in sorted(FAMILIES)])
 def test_family_with_analytic_planning(name):
     """Issue 14's bar with measure=False (what the meta device gets): >= 95% of matmul operands in
     [1/2, 2], none outside [1/8, 8], and the readout input no more collapsed across positions than
@@ -166,4 +164,12 @@ def test_family_with_analytic_planning(name):
     frac = band_fractions(records)
     assert frac["fwd"] >= 0.95 and frac["bwd"] >= 0.95, f"{name}: in-band fractions {frac}"
     assert all(0.125 <= r.rms <= 8.0 for r in records), f"{name}: operands outside [1/8, 8]"
-    assert last_row_cosine(records) <= last_row_cosine(base) + 1e-6, name
+    # the bands hold for every family; the cosine is a known gap for some (strict: fails once it is met)
+    cos, cos_base = last_row_cosine(records), last_row_cosine(base)
+    gap = _ANALYTIC_GAPS.get(name) or _TORCHVISION_ANALYTIC.get(name)
+    if gap is None:
+        assert cos <= cos_base + 1e-6, f"{name}: cosine {cos:.3f} against {cos_base:.3f} unscaled"
+    elif cos > cos_base + 1e-6:
+        pytest.xfail(f"cosine {cos:.3f} against {cos_base:.3f} unscaled: {gap[1]}")
+    else:
+        assert not gap[0], f"{name} meets the bar now (cosine {cos:.3f} against {cos_base:.3f}): remove its entry"

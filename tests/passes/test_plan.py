@@ -215,3 +215,32 @@ def test_a_fused_function_of_a_positive_input_is_measured_on_it():
     assert 0.05 < gain < 5.0, rec.note
     assert rec.fwd_rms == pytest.approx(1.0, rel=0.02)  # the forward scale measured too: unit output
     assert "forward calibrated on the example batch" in rec.note
+
+
+def test_analytic_routing_weights_and_unread_values():
+    """Shapes only (measure=False): the top-k softmax weights have a first moment near their RMS, so the
+    fused ``w / w.sum(-1)`` is probed on positive values (a zero-mean probe found gradient gains of ~1e7);
+    top-k values that a loss term ignores (it reads the indices only) get no gradient in the reverse sweep,
+    not the unit one that skewed the router's potentials (mixtral's whole backward at 6% in band)."""
+    from unit_scale_fx.passes.plan import true_grad_rms
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(16, 8)
+
+        def forward(self, x):
+            p = torch.softmax(self.gate(x), -1)
+            w, _ = torch.topk(p, 2, dim=-1)
+            _, picked = torch.topk(torch.softmax(self.gate(x), -1), 2, dim=-1)  # values unread
+            aux = (p * picked.float().mean()).sum()
+            return (w / w.sum(-1, keepdim=True)).sum() + aux
+
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    gm, ctx, _ = pipeline_until(Router(), (x,), "balance", measure=False)
+    (node,) = [n for n in gm.graph.nodes if getattr(n.meta.get(META_KEY), "rule", "") == "fused"]
+    (gain,) = ctx.scales[node].grad_gain.values()
+    assert 0.05 < gain < 5.0, node.meta[META_KEY].note
+    grads = true_grad_rms(gm, ctx.scales)
+    topks = [n for n in gm.graph.nodes if n.target is torch.topk]
+    assert grads[topks[1]] == 0.0 and grads[topks[0]] > 0.0

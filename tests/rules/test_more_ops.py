@@ -83,6 +83,12 @@ CASES = {
     "sdpa_gqa": (lambda: Op(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                enable_gqa=True)),
                  lambda: (_x(2, 8, T, 16), _x(2, 2, T, 16), _x(2, 2, T, 16))),
+    # squeeze-excitation: a gate per sample and channel, broadcast over the map, receives the sum over it
+    "mul_gate": (lambda: Op(lambda m, x, g: x * torch.sigmoid(g)), lambda: (_x(4, 16, 8, 8), _x(4, 16, 1, 1))),
+    # mixture-of-experts routing: top-k softmax weights, normalised to sum to one
+    "topk_routing_weights": (lambda: Op(lambda m, x: (lambda w: w / w.sum(-1, keepdim=True))(
+        torch.softmax(F.linear(x, m.w), -1).topk(2, -1).values) * 4.0, {"w": torch.randn(8, D)}),
+        lambda: (_x(B * T, D),)),
     "sdpa_causal_mask_tensor": (
         lambda: Op(lambda m, q, k, v: F.scaled_dot_product_attention(
             q, k, v, attn_mask=torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril())),
@@ -228,3 +234,24 @@ def test_op_of_an_optional_package_gets_its_rule_once_imported(monkeypatch):
     pkg.drop_rows = drop_rows
     monkeypatch.setitem(sys.modules, "unit_scale_fx_test_optional_pkg", pkg)
     assert registry.lookup(node) is rule and drop_rows in registry.registered_targets()
+
+
+def test_few_values_gain_matches_sampling():
+    """Batch norm's input gradient over n values per channel: (g projected off 1 and x_hat) / batch std."""
+    from unit_scale_fx.rules.batchnorm import few_values_gain
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (6, 16):
+        x = torch.randn(20000, n, generator=gen, dtype=torch.float64).requires_grad_(True)
+        y = F.batch_norm(x.T, None, None, training=True, eps=1e-12).T  # each row a channel of n values
+        (gx,) = torch.autograd.grad(y, x, torch.randn(y.shape, generator=gen, dtype=torch.float64))
+        assert math.isclose(float(gx.pow(2).mean().sqrt()), few_values_gain(n), rel_tol=0.05), n
+
+
+def test_topk_order_statistics_match_sampling():
+    from unit_scale_fx.rules.shape import top_order_moments
+
+    z = torch.randn(100_000, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    top = z.topk(3, -1).values
+    e1, e2 = top_order_moments(8, 3)
+    assert math.isclose(e1, float(top.mean()), rel_tol=0.01) and math.isclose(e2, float(top.pow(2).mean()), rel_tol=0.01)
