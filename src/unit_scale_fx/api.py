@@ -761,6 +761,12 @@ def from_pretrained(model_class: type, path: Any, *args: Any, unit_scale_kwargs:
                                  fix="pass the folder save_pretrained wrote, or a Hub repository id") from exc
     with unmarked_view(local) as (folder, marked):
         model = model_class.from_pretrained(str(folder), *args, **kwargs)
+    if marked:  # read through a temporary folder: the model names the one the user gave
+        for obj in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+            if obj is not None and hasattr(obj, "_name_or_path"):
+                obj._name_or_path = str(path)
+        if hasattr(model, "name_or_path"):
+            model.name_or_path = str(path)
     if marked and getattr(getattr(model, "config", None), PLAN_ATTR, None) is None:
         raise UnitScaleError(f"the unit-scaled checkpoint {path} has no plan in its config.json",
                              where="unit_scale_fx.from_pretrained",
