@@ -91,14 +91,14 @@ class _ScaledLinearFn(torch.autograd.Function):
         if go != 1.0:  # the gradient the backward GEMMs consume is the unit one, as in the unfused chain
             g2 = g2 * go
         gx = gw = gb = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:  # first: a compiler fuses it with g2's producer
+            gb = g2.sum(0)
+            if cb != 1.0:
+                gb = gb * cb
         if ctx.needs_input_grad[0]:
             gx = _mm(g2, w, cx).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             gw = _mm(g2.t(), x.reshape(-1, x.shape[-1]), cw)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-            if cb != 1.0:
-                gb = gb * cb
         return gx, gw, gb, None, None
 
 

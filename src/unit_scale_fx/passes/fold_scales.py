@@ -24,6 +24,7 @@ factor: they are the arguments of the remaining ``scale`` nodes.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from typing import Any, Optional
@@ -437,6 +438,22 @@ class _FusedMixin:
         for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
             node._repr_fn = lambda n: namespace.create_name(n.name, n)
         return super()._gen_python_code(fused.nodes, root_module, namespace, **kwargs)  # type: ignore[misc]
+
+
+def fused_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph has the fused ops as nodes (:func:`fuse_ops`), for a compiler that
+    traces the graph again (inductor through AOTAutograd regenerates the code and so would see every
+    scale as a separate multiply: a GEMM's ``alpha``, for one, is free where a multiply after it is
+    one more pass over memory). ``gm`` keeps its scale nodes."""
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    out, out_node = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    new_out = graph.output(out, type_expr=out_node.type)
+    new_out.meta = out_node.meta
+    graph._codegen = copy.copy(gm.graph._codegen)
+    if fuse_ops(graph) == 0:
+        return gm
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 class FusedCodeGen(_FusedMixin, CodeGen):
