@@ -232,6 +232,34 @@ def test_scale_moves_up_through_relu_and_merges_exactly():
     assert gm.code.count("scaled_linear(") == 1 and f"out_scale = {(0.3 * 1.7, 0.2)!r}" in gm.code
 
 
+@pytest.mark.parametrize("pool", [F._max_pool1d, F._adaptive_max_pool1d])
+def test_scale_moves_up_through_max_pooling_as_normalize_leaves_it(pool):
+    """``F.max_pool1d`` is a boolean_dispatch closure that normalize replaces by ``F._max_pool1d``;
+    max pooling is positively homogeneous, so a scale below relu -> pool merges with the one above."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    s1 = g.call_function(scale, (x, 0.3, 1.0))
+    r = g.call_function(torch.relu, (s1,))
+    p = g.call_function(pool, (r, 2))
+    s2 = g.call_function(scale, (p, 1.7, 0.2))
+    g.output(s2)
+    for s, owner in ((s1, x), (s2, p)):
+        s.meta[INSERTED], s.meta[ROLE] = True, ("output", owner.name)
+    for n in g.nodes:
+        if n.op != "output":
+            n.meta["val"] = torch.empty(2, dtype=torch.float64)
+    gm = fx.GraphModule(nn.Module(), g)
+    xin = torch.randn(2, 3, 8, dtype=torch.float64)
+    before = _run(gm, xin)
+    fold_scales(gm, PassContext())
+    gm.recompile()
+    (s,) = _scale_nodes(gm)
+    assert s.args[1:] == (0.3 * 1.7, 1.0 * 0.2)
+    after = _run(gm, xin)
+    for a, b in zip(before[:2], after[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_negative_forward_factor_does_not_move():
     gm = _chain(0.3, 1.0, -1.7, 0.2)
     fold_scales(gm, PassContext())

@@ -50,6 +50,10 @@ SAVES_OUTPUT = frozenset(many([torch.relu, F.relu, tensor_method("relu"), aten("
 HOMOGENEOUS = SAVES_OUTPUT | frozenset(many(
     [F.leaky_relu, aten("leaky_relu"), tensor_method("leaky_relu"),
      F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+     # what normalize replaces the boolean_dispatch closures (F.max_pool2d, ...) with, without indices
+     getattr(F, "_max_pool1d", None), getattr(F, "_max_pool2d", None), getattr(F, "_max_pool3d", None),
+     getattr(F, "_adaptive_max_pool1d", None), getattr(F, "_adaptive_max_pool2d", None),
+     getattr(F, "_adaptive_max_pool3d", None),
      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
      aten("max_pool2d"), aten("avg_pool2d"), aten("adaptive_avg_pool2d"), aten("_adaptive_avg_pool2d"),
      F.dropout, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
