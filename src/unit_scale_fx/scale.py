@@ -212,14 +212,19 @@ class _ScaledAddFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, k: tuple, c: tuple) -> Tensor:  # type: ignore[override]
-        ctx.c = c
+        ctx.c, ctx.shapes = c, (a.shape, b.shape)
         return _weighted_sum(a, b, *k)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        (ca, cb), (na, nb) = ctx.c, ctx.needs_input_grad[:2]
-        return ((g * ca if ca != 1.0 else g) if na else None), ((g * cb if cb != 1.0 else g) if nb else None), \
-            None, None
+        grads = []
+        for f, need, shape in zip(ctx.c, ctx.needs_input_grad[:2], ctx.shapes):
+            t = None
+            if need:
+                t = g.sum_to_size(shape) if g.shape != shape else g  # an input broadcast in forward
+                t = t * f if f != 1.0 else t
+            grads.append(t)
+        return grads[0], grads[1], None, None
 
 
 def _weighted_sum(a: Tensor, b: Tensor, ka: float, kb: float) -> Tensor:
@@ -237,14 +242,14 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
     The same function as ``scale(scale(a, *a_scale) + scale(b, *b_scale), *out_scale)``: forward
     ``(fa fo) a + (fb fo) b``, one ``add`` with ``alpha`` where one of the factors is 1; backward
     ``(go ga) g`` to ``a`` and ``(go gb) g`` to ``b``. Where every forward factor equals its
-    backward factor it is plain autograd. With every factor 1 it is ``a + b``. Inputs of different
-    shapes or dtypes (broadcasting, type promotion) take the chain of scales.
+    backward factor it is plain autograd. With every factor 1 it is ``a + b``. Inputs may broadcast;
+    inputs of different dtypes (type promotion) take the chain of scales.
     """
     (fa, ga), (fb, gb), (fo, go) = a_scale, b_scale, out_scale
     ka, kb, ca, cb = float(fa * fo), float(fb * fo), float(ga * go), float(gb * go)
     if (ka, kb) == (ca, cb) and isinstance(a, Tensor) and isinstance(b, Tensor):
         return _weighted_sum(a, b, ka, kb)
-    if (not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape or a.dtype != b.dtype
+    if (not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dtype != b.dtype
             or not torch.is_grad_enabled()):
         return scale(scale(a, fa, ga) + scale(b, fb, gb), fo, go)
     return _ScaledAddFn.apply(a, b, (ka, kb), (ca, cb))

@@ -395,9 +395,11 @@ def test_scaled_conv_is_the_chain_of_scales(dims, kw, bias):
 @pytest.mark.parametrize("s", [dict(a_scale=(0.6, 0.8), b_scale=(0.7, 0.5), out_scale=(1.1, 1.3)),
                                dict(a_scale=(0.97, 0.93)), dict(b_scale=(1.0, 0.4), out_scale=(0.7, 1.0)),
                                dict(a_scale=(0.8, 0.8), out_scale=(0.5, 0.5))])
-def test_scaled_add_is_the_chain_of_scales(s):
+@pytest.mark.parametrize("shape_b", [(3, 5), (5,), (1, 5)])
+def test_scaled_add_is_the_chain_of_scales(s, shape_b):
     torch.manual_seed(0)
-    a, b = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(*shape_b, dtype=torch.float64, requires_grad=True)
     one = (1.0, 1.0)
     ref = scale(scale(a, *s.get("a_scale", one)) + scale(b, *s.get("b_scale", one)), *s.get("out_scale", one))
     out = scaled_add(a, b, **s)
