@@ -126,7 +126,7 @@ def test_backward_keeps_no_scaled_copy(name):
     assert _saved(us, batch) == _saved(model, batch)
 
 
-@pytest.mark.parametrize("name", ["relu-mlp", "gpt"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_planning_costs_no_more_than_a_training_step(name):
     model, batch = MODELS[name]()
     lazy = unit_scale(copy.deepcopy(model))
