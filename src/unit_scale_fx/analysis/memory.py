@@ -46,7 +46,9 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> tuple[int, Any]:
 
 
 def _ptr(t: torch.Tensor) -> int:
-    """The address of ``t``'s storage (0 where it has none to read)."""
+    """The address of ``t``'s storage (0 where it has none to read: meta, fake, no storage)."""
+    if t.device.type == "meta" or type(t).__name__ == "FakeTensor":
+        return 0
     try:
         return t.untyped_storage().data_ptr()
     except Exception:
