@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import unit_scale_fx
 from fixtures.families import FAMILIES
 from unit_scale_fx import UnitScaleError, unit_scale
 from unit_scale_fx.api import PLAN_ATTR, UnitScaledModel, _state
@@ -103,19 +104,59 @@ def test_save_pretrained_load_and_resume_is_bit_identical(tmp_path):
     ref_opt.load_state_dict(opt.state_dict())
     expected = _train(reference, ref_opt, [2, 3])
 
+    # a loader without the plan refuses the weights (they compute another function without the scales)
+    for plain in (transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM):
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            plain.from_pretrained(tmp_path)
     # the plan travels in config.json: loading reads it back and measures nothing
-    loaded = unit_scale(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    loaded = unit_scale_fx.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
+    assert isinstance(loaded, UnitScaledModel)
     assert getattr(loaded.config, PLAN_ATTR)["records"]
     opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
     opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
     assert _train(loaded, opt2, [2, 3]) == expected
     for (n, a), (_, b) in zip(reference.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), n
-    # the unit-scaled class loads it too, with the same plan
+    # the unit-scaled class and an Auto class load it too, with the same plan
     again = type(us).from_pretrained(tmp_path)
-    fresh = unit_scale(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    fresh = unit_scale_fx.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(**_batch(5)).loss, fresh(**_batch(5)).loss, rtol=0, atol=0)
+
+
+def test_a_plain_checkpoint_loads_and_plans_at_its_first_call(tmp_path):
+    model = FAM.make()
+    model.save_pretrained(tmp_path)
+    us = unit_scale_fx.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
+    assert isinstance(us, UnitScaledModel) and _state(us).records is None
+    expected = unit_scale(model)
+    with torch.no_grad():
+        torch.testing.assert_close(us(**_batch(1)).loss, expected(**_batch(1)).loss, rtol=0, atol=0)
+
+
+def test_trainer_checkpoints_resume_bit_identically(tmp_path):
+    """``Trainer`` saves with ``save_pretrained`` (marked weights, plan in config.json) and resumes with
+    ``load_state_dict``: a run resumed from its first checkpoint ends where the uninterrupted run ends."""
+    pytest.importorskip("accelerate")
+    data = [{k: v[i] for k, v in _batch(7, rows=8).items()} for i in range(8)]
+
+    def trainer(model: torch.nn.Module, out: str) -> "transformers.Trainer":
+        args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=2,
+                                              learning_rate=1e-3, report_to=[], save_strategy="steps",
+                                              save_steps=1, use_cpu=True, dataloader_num_workers=0,
+                                              disable_tqdm=True, logging_steps=1, seed=0, max_grad_norm=0)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    model = FAM.make()
+    first = unit_scale(model, example_kwargs=_batch(0))
+    trainer(first, str(tmp_path / "a")).train()
+    ckpt = tmp_path / "a" / "checkpoint-1"
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
+    second = unit_scale(model, example_kwargs=_batch(0))  # the same model, planned the same way
+    trainer(second, str(tmp_path / "b")).train(resume_from_checkpoint=str(ckpt))
+    for (n, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_trainer_and_evaluate_log_the_true_loss(tmp_path):
@@ -154,7 +195,7 @@ def test_a_saved_plan_that_cannot_be_read_is_refused(tmp_path):
     assert cfg[PLAN_ATTR]["records"]  # the plan travels in config.json
     cfg[PLAN_ATTR]["version"] = -1  # written by another version of unit_scale_fx
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    loaded = unit_scale(transformers.LlamaForCausalLM.from_pretrained(tmp_path))
+    loaded = unit_scale_fx.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
     with pytest.raises(UnitScaleError, match="plan"):
         loaded(**_batch(1))
     with pytest.raises(UnitScaleError, match="plan"):

@@ -77,7 +77,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "record", "scale", "tensor_stats", "table"),
     ("config", "lowp.formats", "lowp.simulated_attention", "rules"),
     ("passes",),
-    ("capture", "pipeline", "weights"),
+    ("capture", "pipeline", "weights", "checkpoint"),
     ("api", "backend"),
     ("lowp", "training", "analysis", "examples", "cli", "__main__", ""),
 ]

@@ -1,7 +1,7 @@
 """unit_scale_fx: automatic unit scaling of PyTorch models with torch.fx."""
 
 from .analysis.track import ScaleReport, track_scales
-from .api import UnitScaledModule, unit_scale
+from .api import UnitScaledModule, from_pretrained, unit_scale
 from .backend import UnitScaleBackend, backend
 from .config import MupConfig, UnitScaleConfig
 from .errors import UnitScaleError
@@ -14,7 +14,7 @@ from .weights import init_weights
 
 __all__ = [
     "MupConfig", "ScaleRecord", "ScaleReport", "UnitScaleConfig", "UnitScaleError", "UnitScaledModule", "scale",
-    "track_scales", "unit_scale",
+    "track_scales", "unit_scale", "from_pretrained",
     "FormatSimulation", "simulate_format", "track_formats", "format_counts", "half_precision", "MasterWeights",
     "use_fp8_linear",
     "UnitScaleBackend", "backend", "init_weights",

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
+import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,6 +18,7 @@ import torch.nn as nn
 
 from .capture import (CallSignature, _location, _mirror_state, export_call, rebuild_output,
                       symbolic_capture)
+from .checkpoint import mark_weight_files, unmark_state_dict, unmarked_view
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
 from .passes import PassContext
@@ -361,7 +365,7 @@ def _check_model(model: Any) -> None:
 # -- the model's own class, forward routed through captured graphs ------------------------------------------
 
 #: Where a unit-scaled model keeps its plan on ``model.config`` (when it has one: Hugging Face's
-#: ``save_pretrained`` writes it to config.json, ``from_pretrained`` reads it back).
+#: ``save_pretrained`` writes it to config.json, :func:`from_pretrained` reads it back).
 PLAN_ATTR = "unit_scale_plan"
 PLAN_VERSION = 1
 
@@ -457,7 +461,8 @@ class UnitScaledModel(nn.Module):
     left out, eval mode, another output mode), so the model computes one function.
 
     The plan is written to ``model.config.unit_scale_plan`` when the model has a
-    ``config`` (Hugging Face's ``save_pretrained`` saves it; ``unit_scale`` and the
+    ``config`` (Hugging Face's ``save_pretrained`` saves it, with the weight files marked so
+    that a loader without the plan refuses them; :func:`from_pretrained`, ``unit_scale`` and the
     unit-scaled class's ``from_pretrained`` read it back without measuring again).
     """
 
@@ -646,7 +651,30 @@ class UnitScaledModel(nn.Module):
                           "trained with; save with save_pretrained (the plan travels in config."
                           f"{PLAN_ATTR}) or plan before loading", UserWarning, stacklevel=2)
         st.init_pending = False
+        # weight files a unit-scaled model saved are marked (a leading axis of size 1): take them as they are
+        state_dict = unmark_state_dict(state_dict, self.state_dict(keep_vars=True))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _us_save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """``save_pretrained``, with the weight files marked as a unit-scaled model's.
+
+        The plan travels in ``config.json``; the weights are stored so that a loader without
+        the plan refuses them (see :mod:`unit_scale_fx.checkpoint`): load the folder with
+        :func:`unit_scale_fx.from_pretrained` or ``type(model).from_pretrained``.
+        """
+        st = _state(self)
+        if kwargs.get("push_to_hub"):
+            raise UnitScaleError("save_pretrained(push_to_hub=True) would upload the weights before they are "
+                                 "marked as a unit-scaled model's", where=f"{st.base.__name__}.save_pretrained",
+                                 fix="save_pretrained(folder), then upload the folder "
+                                 "(huggingface_hub.upload_folder)")
+        if st.records is not None and getattr(self, "config", None) is not None:
+            setattr(self.config, PLAN_ATTR, encode_plan(st.records))
+        since = time.time() - 2.0  # file times may be coarse
+        out = st.base.save_pretrained(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            mark_weight_files(save_directory, since)
+        return out
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (_rebuild_model, (_state(self).base, self.__dict__))
@@ -680,9 +708,21 @@ def unit_scaled_class(base: type) -> type:
 
         # the user's signature and docstring (Trainer picks dataset columns by forward's parameters)
         functools.update_wrapper(forward, base.forward)
-        cls = type(base.__name__, (UnitScaledModel, base), {"__init__": __init__, "forward": forward,
-                                                            "__module__": base.__module__,
-                                                            "__qualname__": base.__qualname__})
+        attrs = {"__init__": __init__, "forward": forward, "__module__": base.__module__,
+                 "__qualname__": base.__qualname__}
+        if callable(getattr(base, "save_pretrained", None)) and callable(getattr(base, "from_pretrained", None)):
+            # a Hugging Face model: its checkpoints carry the plan and refuse a loader without it
+            def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+                return UnitScaledModel._us_save_pretrained(self, save_directory, *args, **kwargs)
+
+            def from_pretrained_(klass: type, path: Any, *args: Any, **kwargs: Any) -> Any:
+                return from_pretrained(base, path, *args, **kwargs)
+
+            functools.update_wrapper(save_pretrained, base.save_pretrained)
+            save_pretrained.__doc__ = UnitScaledModel._us_save_pretrained.__doc__
+            from_pretrained_.__doc__ = from_pretrained.__doc__
+            attrs.update(save_pretrained=save_pretrained, from_pretrained=classmethod(from_pretrained_))
+        cls = type(base.__name__, (UnitScaledModel, base), attrs)
         _SUBCLASSES[base] = cls
     return cls
 
@@ -692,6 +732,48 @@ def _rebuild_model(base: type, state: dict) -> nn.Module:
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
+
+
+def from_pretrained(model_class: type, path: Any, *args: Any, unit_scale_kwargs: Optional[dict] = None,
+                    **kwargs: Any) -> Any:
+    """Load a unit-scaled Hugging Face model saved with ``save_pretrained``: the same function it computed.
+
+    ``model_class`` is the model's own class or an ``AutoModel...`` class; ``path``, ``*args`` and
+    ``**kwargs`` go to its ``from_pretrained``. The weights are read through an unmarked view of
+    the folder (see :mod:`unit_scale_fx.checkpoint`), the plan from ``config.json``; nothing is
+    measured or re-initialised. ``unit_scale_kwargs`` go to :func:`unit_scale` (the model is
+    converted in place). A checkpoint of a plain model loads too; it is planned at its first call.
+
+    Example::
+
+        us.save_pretrained("out")
+        us = unit_scale_fx.from_pretrained(transformers.AutoModelForCausalLM, "out")
+    """
+    local = Path(path) if isinstance(path, (str, os.PathLike)) else None
+    if local is None or not local.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(str(path)))
+        except Exception as exc:
+            raise UnitScaleError(f"cannot find the checkpoint {path!r}: {type(exc).__name__}: {exc}",
+                                 where="unit_scale_fx.from_pretrained",
+                                 fix="pass the folder save_pretrained wrote, or a Hub repository id") from exc
+    with unmarked_view(local) as (folder, marked):
+        model = model_class.from_pretrained(str(folder), *args, **kwargs)
+    if marked:  # read through a temporary folder: the model names the one the user gave
+        for obj in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+            if obj is not None and hasattr(obj, "_name_or_path"):
+                obj._name_or_path = str(path)
+        if hasattr(model, "name_or_path"):
+            model.name_or_path = str(path)
+    if marked and getattr(getattr(model, "config", None), PLAN_ATTR, None) is None:
+        raise UnitScaleError(f"the unit-scaled checkpoint {path} has no plan in its config.json",
+                             where="unit_scale_fx.from_pretrained",
+                             fix=f"restore '{PLAN_ATTR}' in config.json from the folder save_pretrained wrote")
+    kw = dict(unit_scale_kwargs or {})
+    kw.setdefault("inplace", True)
+    return unit_scale(model, **kw)
 
 
 def _as_unit_scaled_model(work: nn.Module, cfg: UnitScaleConfig) -> UnitScaledModel:

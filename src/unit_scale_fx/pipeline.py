@@ -4,7 +4,7 @@
             -> shape_prop -> [boundary_outputs] -> constants -> fuse -> topology -> roles
             -> [mup] -> [calibrate] -> plan -> [mup_readout] -> balance -> calibrate_grads
             -> [round_scales] -> predict_grads                             (stage "plan")
-            -> rewrite -> fold_scales -> [simulate_format] -> recompile    (stage "transform")
+            -> rewrite -> unit_operands -> fold_scales -> [simulate_format] -> recompile    (stage "transform")
 
 Bracketed passes are in the list only when the config asks for them (u-muP, calibrate=True,
 round_scales, simulate_format) or the caller does (``boundary=True``: the graph is one piece of a larger
@@ -34,6 +34,7 @@ from .passes.mup import mup, mup_readout
 from .passes.normalize import normalize
 from .passes.plan import plan, predict_grads
 from .passes.rewrite import rewrite
+from .passes.unit_operands import unit_operands
 from .passes.roles import roles
 from .passes.round_scales import round_scales
 from .passes.shape_prop import shape_prop
@@ -78,7 +79,7 @@ def _plan(cfg: UnitScaleConfig, boundary: bool, after_calibrate: bool = False) -
 
 
 def _transform(cfg: UnitScaleConfig) -> list[Pass]:
-    passes: list[Pass] = [rewrite, fold_scales]
+    passes: list[Pass] = [rewrite, unit_operands, fold_scales]
     if cfg.simulate_format is not None:
         passes.append(simulate_formats)
     return passes + [recompile]

@@ -127,3 +127,42 @@ def test_no_hook_outlives_the_measurement():
     with Count():
         us(x, y).backward()
     assert torch.ops.aten._local_scalar_dense.default not in calls  # no .item(): nothing measured
+
+
+class SharedKV(nn.Module):
+    """Multi-query attention spelled as Hugging Face models spell it: one key/value head, expanded
+    (a view that repeats) to the query heads; the expand's gradient sums the heads' gradients."""
+
+    def __init__(self, d: int = 64, heads: int = 8):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.k, self.v = nn.Linear(d, self.hd), nn.Linear(d, self.hd)
+
+    def forward(self, x, y):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k, v = (p(x).view(b, t, 1, self.hd).transpose(1, 2).expand(b, self.heads, t, self.hd) for p in (self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        return F.mse_loss(self.o(h), y)
+
+
+def test_a_repeated_view_is_made_unit_where_its_gradient_enters_a_matmul():
+    """The key and value projections' output gradients (operands of their backward matmuls) are unit,
+    not the gradient of their 8-fold expanded views (which sum to sqrt(8) times more)."""
+    from unit_scale_fx import unit_scale
+    from unit_scale_fx.analysis.recorder import MatmulRecorder
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 16, 64, generator=g), torch.randn(8, 16, 64, generator=g)
+    us = unit_scale(SharedKV(), (x, y))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 16, 64, generator=g), torch.randn(8, 16, 64, generator=g)
+    rec = MatmulRecorder()
+    with rec:
+        loss = us(x, y)
+        rec.backward()
+        loss.backward()
+    bwd = [r.rms for r in rec.records if r.phase == "bwd"]
+    assert bwd and all(0.5 <= r <= 2 for r in bwd), [round(r, 2) for r in bwd]

@@ -96,3 +96,29 @@ def test_an_embedding_index_no_input_reaches_is_summarised_as_shared_rows():
     us = unit_scale(_TokenTypes(), (ids,), measure=False)
     (rec,) = [r for r in us.scale_plan().values() if "index rho=1.00" in r.note]
     assert rec.rule == "embedding"
+
+
+class _GatheredTokenTypes(nn.Module):
+    """RoBERTa's token types: a buffer of zeros gathered at position ids computed from the input ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words, self.types, self.pos = nn.Embedding(32, 16), nn.Embedding(2, 16), nn.Embedding(64, 16)
+        self.register_buffer("type_ids", torch.zeros(1, 64, dtype=torch.long))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.cumsum(ids.ne(0).int(), dim=1).long()  # depends on the ids' values (padding)
+        types = torch.gather(self.type_ids.expand(ids.shape[0], -1), 1, positions)
+        return self.words(ids) + self.types(types) + self.pos(positions)
+
+
+def test_a_selection_from_a_buffer_holds_the_buffers_values_whatever_selects():
+    """The input reaches the token types only through the gather's index: every position still looks up
+    row 0 (rho 1), while the position ids, which the input's values reach, are not marked."""
+    from unit_scale_fx.record import INDEX_RHO
+
+    ids = torch.randint(1, 32, (4, 16), generator=torch.Generator().manual_seed(0))
+    gm, ctx, p = pipeline_until(_GatheredTokenTypes(), (ids,), "constants")
+    run_pass(gm, ctx, p)
+    rhos = [n.meta[INDEX_RHO] for n in gm.graph.nodes if INDEX_RHO in n.meta]
+    assert rhos == [1.0], rhos

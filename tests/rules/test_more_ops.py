@@ -177,6 +177,19 @@ def test_constant_tensor_counts_as_a_constant():
     assert math.isclose(mul.fwd_rms, 4.0, rel_tol=0.05)
 
 
+@pytest.mark.parametrize("method", ["type_as"])  # (view_as / reshape_as / expand_as are normalised to views)
+def test_an_as_op_takes_its_values_from_its_first_argument(method):
+    """``x.type_as(h)`` (Gemma's norm casts back to its input's dtype) has ``x``'s values: ``h`` (RMS 8 here)
+    gives only a dtype or a shape."""
+    module = Op(lambda m, h: F.linear(getattr((h / h.pow(2).mean(-1, keepdim=True).sqrt()) * (1 + m.g), method)(h),
+                                      m.w), {"w": torch.randn(D, D), "g": torch.zeros(D)})
+    us = unit_scale(module, (8 * _x(B, D),), measure=False)
+    recs = us.scale_plan(all_nodes=True)
+    like = next(r for r in recs.values() if f".{method}." in f".{r.op}.")
+    assert math.isclose(like.fwd_rms, 1.0, rel_tol=0.05), like.fwd_rms
+    assert 0.8 < float(rms(us(8 * _x(B, D)))) < 1.25
+
+
 def test_division_by_a_full_tensor_is_a_constant_division():
     """GPT-2's eager attention divides scores by ``torch.full([], sqrt(d))``: a constant, not a tensor op."""
     module = Op(lambda m, x: (x / torch.full([], 8.0)).softmax(-1))

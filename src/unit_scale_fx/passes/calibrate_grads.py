@@ -180,6 +180,18 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
     return len(noisy)
 
 
+def _feeds_matmul_backward(n: fx.Node) -> bool:
+    """Whether ``n``'s gradient is an operand of a matmul's backward (``n`` is a matmul's output).
+
+    The members of a potential class are views of one value. Their gradients differ in size where a
+    view repeats (the gradient of an expand sums its copies: a key / value head shared by several
+    query heads) or selects: the class is made unit where its gradient enters a matmul, and
+    otherwise at its fullest view.
+    """
+    rec = n.meta.get(META_KEY)
+    return rec is not None and rec.kind == Kind.MATMUL
+
+
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
 #: calibration moves a potential by at most this (log) factor from the analytic fit
@@ -252,7 +264,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
-            node = max(measured, key=sizes.__getitem__)  # the fullest view of the class
+            node = max(measured, key=lambda n: (_feeds_matmul_backward(n), sizes[n]))
             g = round_bits(grads[node] / math.exp(old[cls]))  # the true gradient's RMS, rounded
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g

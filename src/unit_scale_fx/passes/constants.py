@@ -17,7 +17,8 @@ when those are real tensors; in the same run, each attention mask given to
 ``scaled_dot_product_attention`` is summarised as the number of keys each query
 row sees (:data:`~unit_scale_fx.rules.registry.MASK_KEYS`), so the attention
 rule knows a causal mask passed as a tensor; and each embedding index that no input's values reach
-(a buffer, an expand or slice of one: BERT's token types) is summarised as the share of position
+(a buffer, an expand or slice of one: BERT's token types; a selection from one, whatever selects:
+RoBERTa's token types, gathered at its position ids) is summarised as the share of position
 pairs that look up the same row (:data:`~unit_scale_fx.record.INDEX_RHO`): the embedding's output
 is that correlated across positions.
 """
@@ -83,15 +84,25 @@ def _mask_nodes(gm: fx.GraphModule, live: set[fx.Node]) -> set[fx.Node]:
 _EMBEDDINGS = (torch.nn.functional.embedding, torch.ops.aten.embedding.default)
 
 
+#: selections: ``op -> position of the tensor the values come from``; the other arguments (indices) only
+#: choose positions, so an input that reaches only an index does not reach the values
+_SELECTIONS = {torch.ops.aten.gather.default: 0, torch.ops.aten.index_select.default: 0,
+               torch.ops.aten.index.Tensor: 0, torch.gather: 0, torch.index_select: 0}
+
+
 def _data_live(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose tensor value an input reaches through tensors (not only through its shape)."""
+    """Nodes whose tensor value an input reaches through tensors (not only through its shape, nor only
+    through the index of a selection: ``gather(buffer, 1, position_ids)`` holds the buffer's values)."""
     live: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             live.add(n)
-        elif n.op in ("call_function", "call_method", "call_module") and any(
-                a in live and isinstance(a.meta.get("val"), torch.Tensor) for a in n.all_input_nodes):
-            live.add(n)
+        elif n.op in ("call_function", "call_method", "call_module"):
+            src = _SELECTIONS.get(n.target) if n.op == "call_function" else None
+            reads = n.all_input_nodes if src is None else \
+                [a for a in n.args[src:src + 1] if isinstance(a, fx.Node)]
+            if any(a in live and isinstance(a.meta.get("val"), torch.Tensor) for a in reads):
+                live.add(n)
     return live
 
 

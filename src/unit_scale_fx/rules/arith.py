@@ -73,7 +73,8 @@ class AddRule(Rule):
             # independent fluctuations add in quadrature; first moments add (a ReLU output as the skip)
             ms, mb = math.sqrt(1 - tau) * op.mean(skip), math.sqrt(tau) * op.mean(branch)
             out = math.sqrt(max(1e-12, 1.0 + 2.0 * ms * mb))
-            s = Scales(weights=w, out_rms=out, note=f"residual tau={tau}",
+            s = Scales(weights=w, out_rms=out,
+                       note=f"residual tau={tau}; rho skip {op.rho(skip):.3f} branch {op.rho(branch):.3f}",
                        out_rho=min(1.0, ((1 - tau) * op.rho(skip) + tau * op.rho(branch) + 2.0 * ms * mb) / out ** 2),
                        out_mean=(ms + mb) / out)
             for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal

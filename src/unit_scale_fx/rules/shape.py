@@ -8,7 +8,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from .registry import Kind, OpView, OptionalTarget, Rule, Scales, aten, many, register, tensor_method
+from .registry import Kind, OpView, OptionalTarget, Rule, Scales, aten, many, register, resolve_target, tensor_method
 
 
 class PreserveRule(Rule):
@@ -26,7 +26,11 @@ class PreserveRule(Rule):
     preserves_scale = True
 
     def scales(self, op: OpView) -> Scales:
-        rs = [op.in_rms.get(n) for n in op.inputs]
+        inputs = op.inputs
+        x0 = op.node.args[0] if op.node.args else None
+        if resolve_target(op.node) in _LIKE and x0 in inputs:
+            inputs = [x0]  # ``x.type_as(other)``: ``other`` gives a dtype or shape, not values
+        rs = [op.in_rms.get(n) for n in inputs]
         rs = [r for r in rs if r is not None and math.isfinite(r)]
         out = math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None
         s = Scales(out_rms=out)
@@ -38,6 +42,11 @@ class PreserveRule(Rule):
                 s.grad_gain[x] = math.sqrt(math.prod(os_) / math.prod(xs))
         return s
 
+
+#: ops that take their values from the first tensor and only a dtype or shape from the second
+_LIKE = {t for n in ("type_as", "view_as", "reshape_as", "expand_as") for t in (tensor_method(n), aten(n))} \
+    | {aten("to", "other")}
+_LIKE.discard(None)
 
 _METHODS = [
     "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "contiguous", "flatten", "unflatten",
