@@ -40,7 +40,7 @@ from ..rules.registry import Kind, float_tensor_inputs, resolve_target
 from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
-from .fold_scales import _CONV_PARAMS, ADDS, CONVOLUTIONS, SAVES_OUTPUT
+from .fold_scales import CONV_PARAMS, ADDS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL, round_bits, sum_count
 
@@ -93,13 +93,13 @@ class _ScaledRun(fx.Interpreter):
             out = (1.0, 1.0) if rec.weights else (rec.fwd, 1.0)
             value = scaled_add(self.env[a], self.env[b], a_scale=(fa, rec.bwd.get(a.name, fa)),
                                b_scale=(fb, rec.bwd.get(b.name, fb)), out_scale=out)
-        elif (_target(n) in CONVOLUTIONS and not rec.weights and not set(n.kwargs) - set(_CONV_PARAMS)
-              and not set(_CONV_PARAMS[:len(n.args)]) & set(n.kwargs)
-              and not isinstance(dict(zip(_CONV_PARAMS, n.args), **n.kwargs).get("padding"), str)):
+        elif (_target(n) in CONVOLUTIONS and not rec.weights and not set(n.kwargs) - set(CONV_PARAMS)
+              and not set(CONV_PARAMS[:len(n.args)]) & set(n.kwargs)
+              and not isinstance(dict(zip(CONV_PARAMS, n.args), **n.kwargs).get("padding"), str)):
             # likewise a convolution (its output multiplied in place)
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            bound = dict(zip(_CONV_PARAMS, args), **kwargs)
-            nodes = dict(zip(_CONV_PARAMS, n.args), **n.kwargs)
+            bound = dict(zip(CONV_PARAMS, args), **kwargs)
+            nodes = dict(zip(CONV_PARAMS, n.args), **n.kwargs)
             factors = {key: (1.0, rec.bwd.get(nodes[arg].name, 1.0)) if isinstance(nodes.get(arg), fx.Node)
                        else (1.0, 1.0) for key, arg in (("x_scale", "input"), ("weight_scale", "weight"),
                                                          ("bias_scale", "bias"))}

@@ -239,7 +239,7 @@ def _replace_fused(graph: fx.Graph, n: fx.Node, new: fx.Node, out: Optional[fx.N
 
 
 CONVOLUTIONS = frozenset(many([torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d]))
-_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 def fuse_convs(graph: fx.Graph) -> int:
@@ -256,8 +256,8 @@ def fuse_convs(graph: fx.Graph) -> int:
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target not in CONVOLUTIONS:
             continue
-        bound = dict(zip(_CONV_PARAMS, n.args))
-        if set(n.kwargs) - set(_CONV_PARAMS) or set(bound) & set(n.kwargs):
+        bound = dict(zip(CONV_PARAMS, n.args))
+        if set(n.kwargs) - set(CONV_PARAMS) or set(bound) & set(n.kwargs):
             continue
         bound.update(n.kwargs)
         if not isinstance(bound.get("weight"), fx.Node) or isinstance(bound.get("padding"), str):
