@@ -40,7 +40,7 @@ from ..rules.registry import Kind, float_tensor_inputs, resolve_target
 from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
-from .fold_scales import CONV_PARAMS, ADDS, CONVOLUTIONS, SAVES_OUTPUT
+from .fold_scales import ADDS, CONV_PARAMS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL, round_bits, sum_count
 
