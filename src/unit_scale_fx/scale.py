@@ -17,7 +17,12 @@ from torch import Tensor
 class _ScaleFn(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
-        return x * fwd if fwd != 1.0 else x.view_as(x)
+        if fwd != 1.0:
+            return x * fwd
+        # a backward-only scale: a view, no copy. A 0-dim value (a returned loss) is copied instead, so
+        # that callers may scale it in place (``loss *= k``: transformers.Trainer, accelerate), which
+        # autograd forbids on the view a custom Function returns
+        return x.view_as(x) if x.dim() > 0 else x.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
