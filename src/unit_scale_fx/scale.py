@@ -40,7 +40,7 @@ def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
     true gradient); otherwise the gradient is deliberately rescaled, which the
     planner allows only on cut edges of the graph.
     """
-    if fwd == bwd:
+    if fwd == bwd or not isinstance(x, Tensor):  # (a Python number has no gradient to scale)
         return x * fwd if fwd != 1.0 else x
     return _ScaleFn.apply(x, float(fwd), float(bwd))
 
