@@ -99,6 +99,11 @@ def test_a_plain_checkpoint_loads_and_plans_at_its_first_call(tmp_path):
     us = unit_scale_fx.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
     assert isinstance(us, UnitScaledModel) and _state(us).records is None
     expected = unit_scale(model)
+    # saved before its first call, a unit-scaled model holds the user's own weights: a plain checkpoint
+    expected.save_pretrained(tmp_path / "unplanned")
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "unplanned")
+    for (n, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.equal(a, b), n
     with torch.no_grad():
         torch.testing.assert_close(us(**_batch(1)).loss, expected(**_batch(1)).loss, rtol=0, atol=0)
 
