@@ -20,7 +20,12 @@ class _ScaleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
         ctx.bwd = bwd
-        return x * fwd if fwd != 1.0 else x.view_as(x)
+        if fwd != 1.0:
+            return x * fwd
+        # a backward-only scale: a view, no copy. A 0-dim value (a returned loss) is copied instead, so
+        # that callers may scale it in place (``loss *= k``: transformers.Trainer, accelerate), which
+        # autograd forbids on the view a custom Function returns
+        return x.view_as(x) if x.dim() > 0 else x.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -34,7 +39,7 @@ def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
     true gradient); otherwise the gradient is deliberately rescaled, which the
     planner allows only on cut edges of the graph.
     """
-    if fwd == bwd:
+    if fwd == bwd or not isinstance(x, Tensor):  # (a Python number has no gradient to scale)
         return x * fwd if fwd != 1.0 else x
     return _ScaleFn.apply(x, float(fwd), float(bwd))
 
