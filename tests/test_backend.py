@@ -189,6 +189,35 @@ def test_inductor_matches_aot_eager():
         torch.testing.assert_close(g_i[k], g_a[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
+def test_a_named_inner_compiler_gets_the_fused_ops_as_nodes():
+    """A compiler that traces the graph again (inductor) gets each linear with its scales as one
+    ``scaled_linear`` node (a GEMM's alpha, not a multiply after it); the backend's own graph keeps
+    every scale node; losses and gradients equal the eager inner compiler's."""
+    from unit_scale_fx.scale import scaled_linear
+
+    seen: list[fx.GraphModule] = []
+
+    @torch._dynamo.register_backend(name="usfx_test_seen")
+    def _seen(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    ref = ResidualMLP(d_in=8, d=16, layers=2, d_out=4)
+    batch = mlp_batch(8, 4, 16)
+    be = backend(inner="usfx_test_seen")
+    l_n, g_n = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be), *batch)
+    l_e, g_e = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=backend(inner="eager")), *batch)
+    (gm,) = seen
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(scaled_linear) == sum(isinstance(m, nn.Linear) for m in ref.modules())
+    assert F.linear not in targets
+    assert [n for n in be.graphs[0].gm.graph.nodes if n.target is scale]  # the backend's graph keeps them
+    torch.testing.assert_close(l_n, l_e, rtol=0, atol=0)
+    for k in g_e:
+        torch.testing.assert_close(g_n[k], g_e[k], rtol=0, atol=0, msg=k)
+
+
 def test_graph_break_between_blocks_is_consistent():
     """Same forward as the unbroken model; every gradient a positive multiple of the unbroken one's.
 

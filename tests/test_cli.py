@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -216,8 +217,8 @@ def test_dump_combinations(stage: str, fmt: str, factories: Path, capsys) -> Non
         assert pydot.graph_from_dot_data(out)
     elif fmt == "svg":
         assert ET.fromstring(out).tag.endswith("svg")
-    elif fmt == "python" and stage == "after":
-        assert "unit_scale_fx_scale_scale(" in out
+    elif fmt == "python" and stage == "after":  # the code: scales, or fused ops with their scale values
+        assert re.search(r"unit_scale_fx_scale_(scale|scaled_[a-z_]+)\(", out) and "_scale = (" in out
     elif fmt == "python":
         assert out.startswith("# ") and "+++ after.py" in out
     else:

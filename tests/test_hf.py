@@ -93,43 +93,17 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, seeds: list[int])
     return losses
 
 
-def test_save_pretrained_load_and_resume_is_bit_identical(tmp_path):
-    us = unit_scale(FAM.make(), example_kwargs=_batch(0))
-    opt = torch.optim.AdamW(us.parameters(), lr=1e-3)
-    _train(us, opt, [1])
-    us.save_pretrained(tmp_path)
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    reference = copy.deepcopy(us)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
-    ref_opt.load_state_dict(opt.state_dict())
-    expected = _train(reference, ref_opt, [2, 3])
-
-    # a loader without the plan refuses the weights (they compute another function without the scales)
-    for plain in (transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM):
-        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-            plain.from_pretrained(tmp_path)
-    # the plan travels in config.json: loading reads it back and measures nothing
-    loaded = unit_scale_fx.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
-    assert isinstance(loaded, UnitScaledModel)
-    assert getattr(loaded.config, PLAN_ATTR)["records"]
-    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
-    opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
-    assert _train(loaded, opt2, [2, 3]) == expected
-    for (n, a), (_, b) in zip(reference.named_parameters(), loaded.named_parameters()):
-        assert torch.equal(a, b), n
-    # the unit-scaled class and an Auto class load it too, with the same plan
-    again = type(us).from_pretrained(tmp_path)
-    fresh = unit_scale_fx.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**_batch(5)).loss, fresh(**_batch(5)).loss, rtol=0, atol=0)
-
-
 def test_a_plain_checkpoint_loads_and_plans_at_its_first_call(tmp_path):
     model = FAM.make()
     model.save_pretrained(tmp_path)
     us = unit_scale_fx.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
     assert isinstance(us, UnitScaledModel) and _state(us).records is None
     expected = unit_scale(model)
+    # saved before its first call, a unit-scaled model holds the user's own weights: a plain checkpoint
+    expected.save_pretrained(tmp_path / "unplanned")
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "unplanned")
+    for (n, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.equal(a, b), n
     with torch.no_grad():
         torch.testing.assert_close(us(**_batch(1)).loss, expected(**_batch(1)).loss, rtol=0, atol=0)
 
@@ -154,9 +128,17 @@ def test_trainer_checkpoints_resume_bit_identically(tmp_path):
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         transformers.LlamaForCausalLM.from_pretrained(ckpt)
     second = unit_scale(model, example_kwargs=_batch(0))  # the same model, planned the same way
-    trainer(second, str(tmp_path / "b")).train(resume_from_checkpoint=str(ckpt))
+    trainer(second, str(tmp_path / "b")).train(resume_from_checkpoint=str(ckpt))  # AdamW state too
     for (n, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(a, b), n
+    # the checkpoint loads with an Auto class and with the unit-scaled class, plan and weights as saved
+    final = tmp_path / "a" / "checkpoint-2"
+    for loaded in (unit_scale_fx.from_pretrained(transformers.AutoModelForCausalLM, final),
+                   type(first).from_pretrained(final)):
+        assert isinstance(loaded, transformers.LlamaForCausalLM) and isinstance(loaded, UnitScaledModel)
+        assert getattr(loaded.config, PLAN_ATTR) == getattr(first.config, PLAN_ATTR)
+        for (n, a), (_, b) in zip(first.named_parameters(), loaded.named_parameters()):
+            assert torch.equal(a, b), n
 
 
 def test_trainer_and_evaluate_log_the_true_loss(tmp_path):

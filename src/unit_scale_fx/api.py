@@ -670,9 +670,16 @@ class UnitScaledModel(nn.Module):
                                  "(huggingface_hub.upload_folder)")
         if st.records is not None and getattr(self, "config", None) is not None:
             setattr(self.config, PLAN_ATTR, encode_plan(st.records))
+        elif st.backend is not None:
+            warnings.warn(f"{st.base.__name__} was captured through dynamo (torch.export could not capture it): "
+                          "its plan cannot be saved in config.json. The checkpoint resumes into this model "
+                          "(load_state_dict, Trainer), but unit_scale_fx.from_pretrained will refuse it",
+                          UserWarning, stacklevel=3)
         since = time.time() - 2.0  # file times may be coarse
         out = st.base.save_pretrained(self, save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+        planned = st.records is not None or st.backend is not None
+        # before the first call nothing is unit-scaled yet: the weights are the user's own, plainly loadable
+        if planned and kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
             mark_weight_files(save_directory, since)
         return out
 

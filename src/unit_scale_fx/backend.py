@@ -83,6 +83,7 @@ from .errors import UnitScaleError
 from .passes import PassContext, PassResult
 from .passes.base import Pass
 from .passes.boundary import output_leaves
+from .passes.fold_scales import fused_graph_module
 from .passes.init_weights import init_parameter, parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, run_passes
@@ -471,7 +472,10 @@ class UnitScaleBackend:
                  len(inherited), (time.perf_counter() - t0) * 1e3)
         if self._inner_fn is None:
             self._inner_fn = _lookup_inner(self.inner)
-        compiled = self._inner_fn(gm, list(example_inputs))
+        # a named compiler gets the fused ops as nodes (it traces the graph again, and the fused code
+        # the graph generates does not reach it); a callable gets the graph with its scale nodes
+        inner_gm = fused_graph_module(gm) if isinstance(self.inner, str) and self.inner != "eager" else gm
+        compiled = self._inner_fn(inner_gm, list(example_inputs))
         return _Compiled(compiled, self, entry, param_pos, pos_roles, out_rms, gm)
 
     # -- weights ------------------------------------------------------------

@@ -34,13 +34,14 @@ MARK_FORMAT = "unit_scale_fx"
 _HOW = "load it with unit_scale_fx.from_pretrained(ModelClass, path)"
 
 
+def _is_weight_file(p: Path) -> bool:
+    """A model weight file as ``save_pretrained`` names them (not ``training_args.bin`` and the like)."""
+    return p.is_file() and (p.suffix == ".safetensors" or (p.suffix == ".bin" and p.name.startswith("pytorch_model")))
+
+
 def _weight_files(directory: Path, since: float) -> list[Path]:
     """The weight files ``save_pretrained`` wrote into ``directory`` at or after ``since``."""
-    out = []
-    for p in sorted(directory.iterdir()):
-        if p.is_file() and p.suffix in (".safetensors", ".bin") and p.stat().st_mtime >= since:
-            out.append(p)
-    return out
+    return [p for p in sorted(directory.iterdir()) if _is_weight_file(p) and p.stat().st_mtime >= since]
 
 
 def is_marked(path: Path) -> bool:
@@ -96,8 +97,7 @@ def unmarked_view(directory: str | os.PathLike) -> Iterator[tuple[Path, bool]]:
     """A folder holding ``directory``'s files with its marked weight files unmarked (the folder itself when
     none are marked). Yields ``(folder, had_marked_files)``; the copy is removed on exit."""
     src = Path(directory)
-    marked = [p for p in sorted(src.iterdir()) if p.is_file() and p.suffix in (".safetensors", ".bin")
-              and is_marked(p)]
+    marked = [p for p in sorted(src.iterdir()) if _is_weight_file(p) and is_marked(p)]
     if not marked:
         yield src, False
         return

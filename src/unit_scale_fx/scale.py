@@ -15,13 +15,17 @@ from torch import Tensor
 
 
 class _ScaleFn(torch.autograd.Function):
+    # the ``forward(ctx, ...)`` form: with a separate ``setup_context``, every ``apply`` binds its
+    # arguments with ``inspect.signature``, which costs more than the multiply on small tensors
     @staticmethod
-    def forward(x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
-        return x * fwd if fwd != 1.0 else x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.bwd = inputs[2]
+    def forward(ctx, x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
+        ctx.bwd = bwd
+        if fwd != 1.0:
+            return x * fwd
+        # a backward-only scale: a view, no copy. A 0-dim value (a returned loss) is copied instead, so
+        # that callers may scale it in place (``loss *= k``: transformers.Trainer, accelerate), which
+        # autograd forbids on the view a custom Function returns
+        return x.view_as(x) if x.dim() > 0 else x.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -35,7 +39,7 @@ def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
     true gradient); otherwise the gradient is deliberately rescaled, which the
     planner allows only on cut edges of the graph.
     """
-    if fwd == bwd:
+    if fwd == bwd or not isinstance(x, Tensor):  # (a Python number has no gradient to scale)
         return x * fwd if fwd != 1.0 else x
     return _ScaleFn.apply(x, float(fwd), float(bwd))
 
@@ -53,18 +57,25 @@ def _mm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 
 
 class _ScaledLinearFn(torch.autograd.Function):
-    """``kx * (x @ w.T) + kb * b`` forward; with ``d = go * g``: gradients ``cx * d @ w``,
-    ``cw * d.T @ x``, ``cb * sum(d)``.
+    """``kx * (xs @ ws.T) + kb * b`` forward, with ``xs = fx * x`` and ``ws = fw * w``; with
+    ``d = go * g``: gradients ``cx * d @ ws``, ``cw * d.T @ xs``, ``cb * sum(d)``.
 
-    The forward factors act inside the GEMM (``alpha`` / ``beta`` of ``addmm``): no scaled
-    copy of an input or of the output is made, and backward keeps ``x`` and ``w`` as they
-    are. The output's backward factor ``go`` is applied first, so the gradient both
-    backward GEMMs read is the unit gradient the plan made it.
+    The output's forward factors act inside the GEMM (``alpha`` / ``beta`` of ``addmm``):
+    no scaled copy of the output is made. An operand's forward factor other than 1 makes
+    the scaled copy the GEMMs read (and backward keeps), as the chain of scales does; its
+    backward factor is the backward GEMM's ``alpha``. The output's backward factor ``go`` is
+    applied first, so the gradient both backward GEMMs read is the unit gradient the plan
+    made it.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: tuple, c: tuple) -> Tensor:  # type: ignore[override]
-        kx, kb = k
+        kx, kb, fx, fw = k
+        # forward factors of the operands make scaled copies (what the GEMMs read and backward keeps)
+        if fx != 1.0:
+            x = x * fx
+        if fw != 1.0:
+            w = w * fw
         x2 = x.reshape(-1, x.shape[-1])
         if b is None:
             out = _mm(x2, w.t(), kx)
@@ -85,14 +96,14 @@ class _ScaledLinearFn(torch.autograd.Function):
         if go != 1.0:  # the gradient the backward GEMMs consume is the unit one, as in the unfused chain
             g2 = g2 * go
         gx = gw = gb = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:  # first: a compiler fuses it with g2's producer
+            gb = g2.sum(0)
+            if cb != 1.0:
+                gb = gb * cb
         if ctx.needs_input_grad[0]:
             gx = _mm(g2, w, cx).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             gw = _mm(g2.t(), x.reshape(-1, x.shape[-1]), cw)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-            if cb != 1.0:
-                gb = gb * cb
         return gx, gw, gb, None, None
 
 
@@ -114,9 +125,139 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     if x.dim() == 0 or weight.dim() != 2 or (bias is not None and bias.dim() != 1):
         return scale(torch.nn.functional.linear(scale(x, fx, gx), scale(weight, fw, gw),
                                                 None if bias is None else scale(bias, fb, gb)), fo, go)
-    k = (float(fo * fx * fw), float(fo * fb))
-    c = (float(go), float(gx * fw), float(gw * fx), float(gb))
+    # forward factors of the GEMM's operands multiply the operands (the GEMMs read what the plan
+    # made unit, and backward keeps the scaled copy, as the chain does); their backward factors and
+    # the output's forward factor are the GEMMs' ``alpha``
+    k = (float(fo), float(fo * fb), float(fx), float(fw))
+    c = (float(go), float(gx), float(gw), float(gb))
     return _ScaledLinearFn.apply(x, weight, bias, k, c)
+
+
+def _ntuple(v: Any, n: int) -> list:
+    return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v)] * n
+
+
+class _ScaledConvFn(torch.autograd.Function):
+    """``fo * conv(fx * x, fw * w, fb * b)``; backward: with ``d = go * g``, each input's gradient
+    times its backward factor (``convolution_backward``, then in-place multiplies).
+
+    Operands with a forward factor other than 1 are scaled copies (what the convolution reads
+    and backward keeps, as the chain of scales does); the output is multiplied in place (the
+    convolution's backward does not read it).
+    """
+
+    @staticmethod
+    def forward(ctx, conv, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple,  # type: ignore[override]
+                f: tuple, c: tuple) -> Tensor:
+        fx, fw, fb, fo = f
+        stride, padding, dilation, groups = geometry
+        if fx != 1.0:
+            x = x * fx
+        if fw != 1.0:
+            w = w * fw
+        if b is not None and fb != 1.0:
+            b = b * fb
+        out = conv(x, w, b, stride, padding, dilation, groups)
+        if fo != 1.0:
+            out.mul_(fo)
+        ctx.save_for_backward(x, w)  # as the convolution saves
+        n = w.dim() - 2
+        ctx.geometry = (_ntuple(stride, n), _ntuple(padding, n), _ntuple(dilation, n), int(groups))
+        ctx.bias_sizes = None if b is None else [b.shape[0]]
+        ctx.c = c
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        go, gx, gw, gb = ctx.c
+        if go != 1.0:
+            g = g * go
+        stride, padding, dilation, groups = ctx.geometry
+        need = ctx.needs_input_grad
+        mask = [need[1], need[2], ctx.bias_sizes is not None and need[3]]
+        grads = torch.ops.aten.convolution_backward(g, x, w, ctx.bias_sizes, stride, padding, dilation, False,
+                                                    [0] * len(stride), groups, mask)
+        dx, dw, db = (t if m else None for t, m in zip(grads, mask))
+        for t, f in ((dx, gx), (dw, gw), (db, gb)):
+            if t is not None and f != 1.0:
+                t.mul_(f)
+        return None, dx, dw, db, None, None, None
+
+
+#: the convolutions :func:`scaled_conv` computes, by the number of spatial dimensions
+CONVS = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+
+def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+                dilation: Any = 1, groups: int = 1, *, x_scale: tuple = _ONE, weight_scale: tuple = _ONE,
+                bias_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
+    """``conv1d`` / ``conv2d`` / ``conv3d`` (by ``weight``'s dimensions) with ``scale`` on its inputs and
+    output, computed as one op.
+
+    The same as ``scale(conv(scale(x, *x_scale), scale(weight, *weight_scale), scale(bias, *bias_scale),
+    stride, padding, dilation, groups), *out_scale)`` forward and backward. With every factor 1 it is
+    the convolution.
+    """
+    conv = CONVS[weight.dim() - 2]
+    (fx, gx), (fw, gw), (fb, gb), (fo, go) = x_scale, weight_scale, bias_scale, out_scale
+    if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+    if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
+        return scale(conv(scale(x, fx, gx), scale(weight, fw, gw), None if bias is None else scale(bias, fb, gb),
+                          stride, padding, dilation, groups), fo, go)
+    return _ScaledConvFn.apply(conv, x, weight, bias, (stride, padding, dilation, groups),
+                               (float(fx), float(fw), float(fb), float(fo)),
+                               (float(go), float(gx), float(gw), float(gb)))
+
+
+class _ScaledAddFn(torch.autograd.Function):
+    """``ka * a + kb * b`` forward (one ``add`` with ``alpha`` where a factor is 1); backward
+    ``ca * g`` and ``cb * g``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, k: tuple, c: tuple) -> Tensor:  # type: ignore[override]
+        ctx.c, ctx.shapes = c, (a.shape, b.shape)
+        return _weighted_sum(a, b, *k)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        grads = []
+        for f, need, shape in zip(ctx.c, ctx.needs_input_grad[:2], ctx.shapes):
+            t = None
+            if need:
+                t = g.sum_to_size(shape) if g.shape != shape else g  # an input broadcast in forward
+                t = t * f if f != 1.0 else t
+            grads.append(t)
+        return grads[0], grads[1], None, None
+
+
+def _weighted_sum(a: Tensor, b: Tensor, ka: float, kb: float) -> Tensor:
+    if ka == 1.0:
+        return torch.add(a, b, alpha=kb) if kb != 1.0 else a + b
+    if kb == 1.0:
+        return torch.add(b, a, alpha=ka)
+    return torch.add(a * ka, b, alpha=kb)
+
+
+def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = _ONE,
+               out_scale: tuple = _ONE) -> Tensor:
+    """``a + b`` with ``scale`` on both inputs and the output, computed as one op.
+
+    The same function as ``scale(scale(a, *a_scale) + scale(b, *b_scale), *out_scale)``: forward
+    ``(fa fo) a + (fb fo) b``, one ``add`` with ``alpha`` where one of the factors is 1; backward
+    ``(go ga) g`` to ``a`` and ``(go gb) g`` to ``b``. Where every forward factor equals its
+    backward factor it is plain autograd. With every factor 1 it is ``a + b``. Inputs may broadcast;
+    inputs of different dtypes (type promotion) take the chain of scales.
+    """
+    (fa, ga), (fb, gb), (fo, go) = a_scale, b_scale, out_scale
+    ka, kb, ca, cb = float(fa * fo), float(fb * fo), float(ga * go), float(gb * go)
+    if (ka, kb) == (ca, cb) and isinstance(a, Tensor) and isinstance(b, Tensor):
+        return _weighted_sum(a, b, ka, kb)
+    if (not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dtype != b.dtype
+            or not torch.is_grad_enabled()):
+        return scale(scale(a, fa, ga) + scale(b, fb, gb), fo, go)
+    return _ScaledAddFn.apply(a, b, (ka, kb), (ca, cb))
 
 
 class _ScaledLayerNormFn(torch.autograd.Function):

@@ -45,6 +45,16 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> tuple[int, Any]:
     return sum(seen.values()), result
 
 
+def _ptr(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (0 where it has none to read: meta, fake, no storage)."""
+    if t.device.type == "meta" or type(t).__name__ == "FakeTensor":
+        return 0
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:
+        return 0
+
+
 class _LiveBytes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -73,8 +83,11 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
+        # an output on an input's storage (a view, ``detach``, an in-place op) allocated nothing: were it
+        # counted, a parameter's detached alias would count the parameter as memory this call allocated
+        inputs = {_ptr(t) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and _ptr(t) not in inputs:
                 self.track(t)
         return out
 

@@ -37,10 +37,10 @@ import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import Kind, float_tensor_inputs, resolve_target
-from ..scale import scale
+from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
-from .fold_scales import SAVES_OUTPUT
+from .fold_scales import ADDS, CONV_PARAMS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL, round_bits, sum_count
 
@@ -84,6 +84,28 @@ class _ScaledRun(fx.Interpreter):
             return super().run_node(n)
         if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
             value = super().run_node(n)
+        elif (_target(n) in ADDS and len(n.args) == 2 and not n.kwargs and float_tensor_inputs(n) == list(n.args)
+              and all(isinstance(self.env.get(a), torch.Tensor) for a in n.args)):
+            # an add with its scales computed as the fused op the rewrite runs computes it (no scaled
+            # copy of either input): planning then costs no more memory than a training step
+            a, b = n.args
+            fa, fb = (rec.weights.get(u.name, 1.0) if rec.weights else 1.0 for u in (a, b))
+            out = (1.0, 1.0) if rec.weights else (rec.fwd, 1.0)
+            value = scaled_add(self.env[a], self.env[b], a_scale=(fa, rec.bwd.get(a.name, fa)),
+                               b_scale=(fb, rec.bwd.get(b.name, fb)), out_scale=out)
+        elif (_target(n) in CONVOLUTIONS and not rec.weights and not set(n.kwargs) - set(CONV_PARAMS)
+              and not set(CONV_PARAMS[:len(n.args)]) & set(n.kwargs)
+              and not isinstance(dict(zip(CONV_PARAMS, n.args), **n.kwargs).get("padding"), str)):
+            # likewise a convolution (its output multiplied in place)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            bound = dict(zip(CONV_PARAMS, args), **kwargs)
+            nodes = dict(zip(CONV_PARAMS, n.args), **n.kwargs)
+            factors = {key: (1.0, rec.bwd.get(nodes[arg].name, 1.0)) if isinstance(nodes.get(arg), fx.Node)
+                       else (1.0, 1.0) for key, arg in (("x_scale", "input"), ("weight_scale", "weight"),
+                                                         ("bias_scale", "bias"))}
+            value = scaled_conv(bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1),
+                                bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1),
+                                out_scale=(rec.fwd, 1.0), **factors)
         else:
             saved = {}
             inputs = float_tensor_inputs(n)
@@ -111,8 +133,9 @@ class _ScaledRun(fx.Interpreter):
                 self.batch_acc[n] = sum_count(g)
             elif self.keep_whole:
                 self.whole[n] = g.detach()
-            else:  # one process: the RMS now, nothing kept
-                self.whole_rms[n] = rms(g)
+            else:  # one process: the RMS now, nothing kept (a reduction kernel: no full-size temporary)
+                ss, count = sum_count(g).tolist()
+                self.whole_rms[n] = math.sqrt(ss / count) if count else 0.0
 
         return hook
 

@@ -24,7 +24,9 @@ factor: they are the arguments of the remaining ``scale`` nodes.
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 from typing import Any, Optional
 
 import torch
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
-from ..scale import scale, scaled_attention, scaled_layer_norm, scaled_linear
+from ..scale import scale, scaled_add, scaled_attention, scaled_conv, scaled_layer_norm, scaled_linear
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
@@ -48,6 +50,10 @@ SAVES_OUTPUT = frozenset(many([torch.relu, F.relu, tensor_method("relu"), aten("
 HOMOGENEOUS = SAVES_OUTPUT | frozenset(many(
     [F.leaky_relu, aten("leaky_relu"), tensor_method("leaky_relu"),
      F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+     # what normalize replaces the boolean_dispatch closures (F.max_pool2d, ...) with, without indices
+     getattr(F, "_max_pool1d", None), getattr(F, "_max_pool2d", None), getattr(F, "_max_pool3d", None),
+     getattr(F, "_adaptive_max_pool1d", None), getattr(F, "_adaptive_max_pool2d", None),
+     getattr(F, "_adaptive_max_pool3d", None),
      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
      aten("max_pool2d"), aten("avg_pool2d"), aten("adaptive_avg_pool2d"), aten("_adaptive_avg_pool2d"),
      F.dropout, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
@@ -188,9 +194,12 @@ def fuse_linears(graph: fx.Graph) -> int:
         while _homogeneous(cur):
             chain.append(cur)
             cur = cur.args[0]
-        # only a backward factor: a forward factor folded into the GEMM's alpha would make the GEMM
-        # read the unscaled tensor, and matmul operands must stay unit (DESIGN.md, section 4.5)
-        if _lone_scale(cur) and _factors(cur)[0] == 1.0:
+        # an input scale's forward factor is not the GEMM's alpha (the GEMM would read the unscaled
+        # tensor, and matmul operands must stay unit: DESIGN.md, section 4.5): scaled_linear
+        # multiplies the operand; its backward factor is the backward GEMM's alpha
+        # (a forward factor other than 1 multiplies the operand inside the op, so only directly
+        # below the linear: moved through the chain it would round differently)
+        if _lone_scale(cur) and (_factors(cur)[0] == 1.0 or not chain):
             sx, src = _factors(cur), cur.args[0]
             if chain:
                 chain[-1].replace_input_with(cur, src)
@@ -227,6 +236,88 @@ def _replace_fused(graph: fx.Graph, n: fx.Node, new: fx.Node, out: Optional[fx.N
     graph.erase_node(n)
     for a in absorbed:
         graph.erase_node(a)
+
+
+CONVOLUTIONS = frozenset(many([torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d]))
+CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def fuse_convs(graph: fx.Graph) -> int:
+    """Replace each convolution and the scales around it by one ``scaled_conv`` call.
+
+    Absorbed: the scales read only by the convolution on its input, weight and bias (the
+    forward factor multiplies the operand inside the op, the backward factor the gradient
+    the convolution's backward computes), and its output scale (in place on the output).
+    Convolutions with string padding keep their scales (and so, when it runs, does one with an
+    unbatched input: :func:`~unit_scale_fx.scale.scaled_conv`). Nothing here reads ``meta``, so
+    a copy of the module whose graph lost it generates the same code.
+    """
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in CONVOLUTIONS:
+            continue
+        bound = dict(zip(CONV_PARAMS, n.args))
+        if set(n.kwargs) - set(CONV_PARAMS) or set(bound) & set(n.kwargs):
+            continue
+        bound.update(n.kwargs)
+        if not isinstance(bound.get("weight"), fx.Node) or isinstance(bound.get("padding"), str):
+            continue
+        absorbed: list[fx.Node] = []
+        kwargs: dict[str, Any] = {}
+        for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
+            a = bound.get(arg)
+            if _lone_scale(a):
+                kwargs[key] = _factors(a)
+                bound[arg] = a.args[0]
+                absorbed.append(a)
+        out = _output_scale(n)
+        if out is not None:
+            kwargs["out_scale"] = _factors(out)
+        kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
+        if not kwargs:
+            continue
+        args = (bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0),
+                bound.get("dilation", 1), bound.get("groups", 1))
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_conv, args, kwargs)
+        _replace_fused(graph, n, new, out, absorbed)
+        fused += 1
+    return fused
+
+
+ADDS = frozenset([operator.add, torch.add])
+
+
+def fuse_adds(graph: fx.Graph) -> int:
+    """Replace each ``a + b`` of two values and the scales around it (on either input, read only by
+    the add, and on the output) by one ``scaled_add`` call. Where the values are not two tensors of
+    one shape and dtype, ``scaled_add`` computes the chain of scales when it runs."""
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in ADDS or len(n.args) != 2 or n.kwargs:
+            continue
+        a, b = n.args
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or a is b:
+            continue
+        absorbed: list[fx.Node] = []
+        kwargs: dict[str, Any] = {}
+        args = [a, b]
+        for i, key in enumerate(("a_scale", "b_scale")):
+            if _lone_scale(args[i]) and args[i] is not args[1 - i]:
+                kwargs[key] = _factors(args[i])
+                absorbed.append(args[i])
+                args[i] = args[i].args[0]
+        out = _output_scale(n)
+        if out is not None:
+            kwargs["out_scale"] = _factors(out)
+        kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
+        if not kwargs:
+            continue
+        with graph.inserting_before(n):
+            new = graph.call_function(scaled_add, tuple(args), kwargs)
+        _replace_fused(graph, n, new, out, absorbed)
+        fused += 1
+    return fused
 
 
 LAYER_NORMS = frozenset(many([F.layer_norm]))
@@ -326,9 +417,11 @@ def fuse_attention(graph: fx.Graph) -> int:
 
 
 def fuse_ops(graph: fx.Graph) -> int:
-    """Linears, layer norms and attention fused with their scales (:func:`fuse_linears`,
-    :func:`fuse_layer_norms`, :func:`fuse_attention`)."""
-    return fuse_linears(graph) + fuse_layer_norms(graph) + fuse_attention(graph)
+    """Linears, convolutions, layer norms, attention and adds fused with their scales
+    (:func:`fuse_linears`, :func:`fuse_convs`, :func:`fuse_layer_norms`, :func:`fuse_attention`,
+    :func:`fuse_adds`)."""
+    return fuse_linears(graph) + fuse_convs(graph) + fuse_layer_norms(graph) + fuse_attention(graph) \
+        + fuse_adds(graph)
 
 
 class _FusedMixin:
@@ -349,6 +442,22 @@ class _FusedMixin:
         for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
             node._repr_fn = lambda n: namespace.create_name(n.name, n)
         return super()._gen_python_code(fused.nodes, root_module, namespace, **kwargs)  # type: ignore[misc]
+
+
+def fused_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph has the fused ops as nodes (:func:`fuse_ops`), for a compiler that
+    traces the graph again (inductor through AOTAutograd regenerates the code and so would see every
+    scale as a separate multiply: a GEMM's ``alpha``, for one, is free where a multiply after it is
+    one more pass over memory). ``gm`` keeps its scale nodes."""
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    out, out_node = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    new_out = graph.output(out, type_expr=out_node.type)
+    new_out.meta = out_node.meta
+    graph._codegen = copy.copy(gm.graph._codegen)
+    if fuse_ops(graph) == 0:
+        return gm
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 class FusedCodeGen(_FusedMixin, CodeGen):
