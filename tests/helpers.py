@@ -20,6 +20,18 @@ def band_fractions(records: list[MatmulOperand], lo: float = 0.5, hi: float = 2.
     return out
 
 
+def recorded_step(model, *args):
+    """``model(*args)`` forward and backward under a :class:`MatmulRecorder`: ``(loss, records)``."""
+    from unit_scale_fx.analysis.recorder import MatmulRecorder
+
+    rec = MatmulRecorder()
+    with rec:
+        loss = model(*args)
+        rec.backward()
+        loss.backward()
+    return loss, rec.records
+
+
 def scale_constants(gm) -> list[float]:
     """Every scale factor in a generated graph: ``scale`` ops' arguments and fused ops' ``*_scale`` pairs."""
     from unit_scale_fx.scale import scale

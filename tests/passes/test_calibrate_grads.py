@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import gradient_cosines, graph_code, pipeline_until, rms, run_pass
+from helpers import gradient_cosines, graph_code, pipeline_until, recorded_step, rms, run_pass
 from unit_scale_fx.record import META_KEY
 
 
@@ -151,18 +151,12 @@ def test_a_repeated_view_is_made_unit_where_its_gradient_enters_a_matmul():
     """The key and value projections' output gradients (operands of their backward matmuls) are unit,
     not the gradient of their 8-fold expanded views (which sum to sqrt(8) times more)."""
     from unit_scale_fx import unit_scale
-    from unit_scale_fx.analysis.recorder import MatmulRecorder
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 16, 64, generator=g), torch.randn(8, 16, 64, generator=g)
     us = unit_scale(SharedKV(), (x, y))
     g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(8, 16, 64, generator=g), torch.randn(8, 16, 64, generator=g)
-    rec = MatmulRecorder()
-    with rec:
-        loss = us(x, y)
-        rec.backward()
-        loss.backward()
-    bwd = [r.rms for r in rec.records if r.phase == "bwd"]
+    _, records = recorded_step(us, torch.randn(8, 16, 64, generator=g), torch.randn(8, 16, 64, generator=g))
+    bwd = [r.rms for r in records if r.phase == "bwd"]
     assert bwd and all(0.5 <= r <= 2 for r in bwd), [round(r, 2) for r in bwd]

@@ -10,9 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import graph_code, pipeline_until, run_pass
+from helpers import graph_code, pipeline_until, recorded_step, run_pass
 from unit_scale_fx import unit_scale
-from unit_scale_fx.analysis.recorder import MatmulRecorder
 from unit_scale_fx.passes.unit_operands import unit_operands
 from unit_scale_fx.scale import scale
 
@@ -67,12 +66,8 @@ def test_operands_are_unit_and_gradients_exact(measure):
     model = PreScaledAttention()
     us = unit_scale(model, _batch(0), measure=measure)
     x, y = _batch(1)
-    rec = MatmulRecorder()
-    with rec:
-        loss = us(x, y)
-        rec.backward()
-        loss.backward()
-    fwd = [r.rms for r in rec.records if r.phase == "fwd"]
+    loss, records = recorded_step(us, x, y)
+    fwd = [r.rms for r in records if r.phase == "fwd"]
     assert fwd and all(0.5 <= r <= 2 for r in fwd), [round(r, 3) for r in fwd]
     # the same plan without this pass: the rewrite moved powers of two across a bilinear op, so the loss
     # and every gradient are the same bit for bit

@@ -242,6 +242,25 @@ CONVOLUTIONS = frozenset(many([torch.conv1d, torch.conv2d, torch.conv3d, F.conv1
 CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
+def _absorb_scales(n: fx.Node, bound: dict, unit_fwd_only: bool) -> tuple[dict, list, Optional[fx.Node]]:
+    """The scales a fused op with ``input`` / ``weight`` / ``bias`` arguments takes in: the lone scales on
+    those arguments (with ``unit_fwd_only``, only those whose forward factor is 1), which ``bound`` then
+    reads through, and ``n``'s output scale. Returns the fused op's ``*_scale`` keyword arguments (pairs
+    other than ``(1, 1)``), the absorbed input scale nodes and the output scale node."""
+    absorbed: list[fx.Node] = []
+    kwargs: dict[str, Any] = {}
+    for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
+        a = bound.get(arg)
+        if _lone_scale(a) and (not unit_fwd_only or _factors(a)[0] == 1.0):
+            kwargs[key] = _factors(a)
+            bound[arg] = a.args[0]
+            absorbed.append(a)
+    out = _output_scale(n)
+    if out is not None:
+        kwargs["out_scale"] = _factors(out)
+    return {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}, absorbed, out
+
+
 def fuse_convs(graph: fx.Graph) -> int:
     """Replace each convolution and the scales around it by one ``scaled_conv`` call.
 
@@ -262,18 +281,7 @@ def fuse_convs(graph: fx.Graph) -> int:
         bound.update(n.kwargs)
         if not isinstance(bound.get("weight"), fx.Node) or isinstance(bound.get("padding"), str):
             continue
-        absorbed: list[fx.Node] = []
-        kwargs: dict[str, Any] = {}
-        for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
-            a = bound.get(arg)
-            if _lone_scale(a):
-                kwargs[key] = _factors(a)
-                bound[arg] = a.args[0]
-                absorbed.append(a)
-        out = _output_scale(n)
-        if out is not None:
-            kwargs["out_scale"] = _factors(out)
-        kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
+        kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False)
         if not kwargs:
             continue
         args = (bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0),
@@ -338,18 +346,7 @@ def fuse_layer_norms(graph: fx.Graph) -> int:
         if set(n.kwargs) - set(_LN_PARAMS) or set(bound) & set(n.kwargs):
             continue
         bound.update(n.kwargs)
-        absorbed: list[fx.Node] = []
-        kwargs: dict[str, Any] = {}
-        for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
-            a = bound.get(arg)
-            if _lone_scale(a) and _factors(a)[0] == 1.0:
-                kwargs[key] = _factors(a)
-                bound[arg] = a.args[0]
-                absorbed.append(a)
-        out = _output_scale(n)
-        if out is not None:
-            kwargs["out_scale"] = _factors(out)
-        kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
+        kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=True)
         if not kwargs:
             continue
         args = (bound["input"], bound["normalized_shape"], bound.get("weight"), bound.get("bias"),
