@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import rms
+from helpers import recorded_step, rms
 from unit_scale_fx import unit_scale
 
 
@@ -175,16 +175,10 @@ class _FirstToken(nn.Module):
 def test_selecting_views_pass_back_a_sparse_gradient_analytically():
     """A slice's gradient is zero outside what it read: RMS sqrt(out / in) of the output's; planning on
     shapes alone makes the gradients the matmuls consume unit anyway."""
-    from unit_scale_fx.analysis.recorder import MatmulRecorder
-
     torch.manual_seed(0)
     us = unit_scale(_FirstToken(), (torch.randn(4, 32, 64),), measure=False)
-    rec = MatmulRecorder()
-    with rec:
-        loss = us(torch.randn(4, 32, 64))
-        rec.backward()
-        loss.backward()
-    grads = [r.rms for r in rec.records if r.phase == "bwd"]
+    _, records = recorded_step(us, torch.randn(4, 32, 64))
+    grads = [r.rms for r in records if r.phase == "bwd"]
     assert grads and all(0.5 <= g <= 2.0 for g in grads), grads  # without the gain: 1/sqrt(32) and 1/sqrt(64)
 
 
@@ -206,14 +200,8 @@ class _MeanPooledAttention(nn.Module):
 def test_a_gradient_shared_by_all_positions_reaches_the_values_coherently():
     """Below a mean over positions every position gets the same gradient; attention's value gradient
     A^T g then sums it coherently (about sqrt(t) more than for independent gradients)."""
-    from unit_scale_fx.analysis.recorder import MatmulRecorder
-
     torch.manual_seed(0)
     us = unit_scale(_MeanPooledAttention(), (torch.randn(8, 32, 64),), measure=False)
-    rec = MatmulRecorder()
-    with rec:
-        loss = us(torch.randn(8, 32, 64))
-        rec.backward()
-        loss.backward()
-    grads = [r.rms for r in rec.records if r.phase == "bwd"]
+    _, records = recorded_step(us, torch.randn(8, 32, 64))
+    grads = [r.rms for r in records if r.phase == "bwd"]
     assert grads and all(0.5 <= g <= 2.0 for g in grads), grads

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -242,6 +242,17 @@ CONVOLUTIONS = frozenset(many([torch.conv1d, torch.conv2d, torch.conv3d, F.conv1
 CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
+def _bound_call(n: fx.Node, targets: Any, params: Sequence[str]) -> Optional[dict]:
+    """``n``'s arguments by parameter name when it calls one of ``targets`` with ``params`` only, else None."""
+    if n.op != "call_function" or n.target not in targets:
+        return None
+    bound = dict(zip(params, n.args))
+    if set(n.kwargs) - set(params) or set(bound) & set(n.kwargs):
+        return None
+    bound.update(n.kwargs)
+    return bound
+
+
 def _absorb_scales(n: fx.Node, bound: dict, unit_fwd_only: bool) -> tuple[dict, list, Optional[fx.Node]]:
     """The scales a fused op with ``input`` / ``weight`` / ``bias`` arguments takes in: the lone scales on
     those arguments (with ``unit_fwd_only``, only those whose forward factor is 1), which ``bound`` then
@@ -273,12 +284,9 @@ def fuse_convs(graph: fx.Graph) -> int:
     """
     fused = 0
     for n in list(graph.nodes):
-        if n.op != "call_function" or n.target not in CONVOLUTIONS:
+        bound = _bound_call(n, CONVOLUTIONS, CONV_PARAMS)
+        if bound is None:
             continue
-        bound = dict(zip(CONV_PARAMS, n.args))
-        if set(n.kwargs) - set(CONV_PARAMS) or set(bound) & set(n.kwargs):
-            continue
-        bound.update(n.kwargs)
         if not isinstance(bound.get("weight"), fx.Node) or isinstance(bound.get("padding"), str):
             continue
         kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False)
@@ -340,12 +348,9 @@ def fuse_layer_norms(graph: fx.Graph) -> int:
     """
     fused = 0
     for n in list(graph.nodes):
-        if n.op != "call_function" or n.target not in LAYER_NORMS:
+        bound = _bound_call(n, LAYER_NORMS, _LN_PARAMS)
+        if bound is None:
             continue
-        bound = dict(zip(_LN_PARAMS, n.args))
-        if set(n.kwargs) - set(_LN_PARAMS) or set(bound) & set(n.kwargs):
-            continue
-        bound.update(n.kwargs)
         kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=True)
         if not kwargs:
             continue
