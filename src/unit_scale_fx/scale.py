@@ -49,6 +49,12 @@ def weighted_add(a: Tensor, b: Tensor, wa: float, wb: float) -> Tensor:
     return torch.add(a * wa, b, alpha=wb)
 
 
+#: within this factor of 1, the backward factor of a linear's output is the backward GEMMs' ``alpha`` (they read a
+#: gradient within 4.4% of unit instead of the unit one, which no number format's range tells apart) instead of
+#: a multiply of the gradient
+NEAR_ONE = 2.0 ** (1 / 16)
+
+
 def _mm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     """``alpha * (a @ b)`` for 2-D ``a`` and ``b`` in one GEMM (BLAS applies ``alpha``)."""
     if alpha == 1.0:
@@ -93,7 +99,9 @@ class _ScaledLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         go, cx, cw, cb = ctx.c
         g2 = g.reshape(-1, g.shape[-1])
-        if go != 1.0:  # the gradient the backward GEMMs consume is the unit one, as in the unfused chain
+        if 1.0 / NEAR_ONE <= go <= NEAR_ONE:  # one pass over the gradient fewer; the GEMMs read it within 4.4% of unit
+            go, cx, cw, cb = 1.0, cx * go, cw * go, cb * go
+        elif go != 1.0:  # the gradient the backward GEMMs consume is the unit one, as in the unfused chain
             g2 = g2 * go
         gx = gw = gb = None
         if ctx.has_bias and ctx.needs_input_grad[2]:  # first: a compiler fuses it with g2's producer
@@ -110,6 +118,18 @@ class _ScaledLinearFn(torch.autograd.Function):
 _ONE = (1.0, 1.0)
 
 
+def _pair(s: tuple) -> tuple:
+    """A fused op's ``(fwd, bwd)`` factors of one input or output. The generated code may give a tuple
+    of such pairs instead (``((fo, go), (1.0, g2))``: a backward factor moved here from a neighbouring
+    op, so that one multiply does the work of two): their product."""
+    if s and isinstance(s[0], tuple):
+        f = b = 1.0
+        for u, v in s:
+            f, b = f * u, b * v
+        return f, b
+    return s
+
+
 def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_scale: tuple = _ONE,
                   weight_scale: tuple = _ONE, bias_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
     """``linear`` with ``scale`` on its inputs and output, computed as one op.
@@ -119,7 +139,7 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     ``(fwd, bwd)``), without the intermediate scaled tensors. With every factor 1 it is
     ``F.linear``.
     """
-    (fx, gx), (fw, gw), (fb, gb), (fo, go) = x_scale, weight_scale, bias_scale, out_scale
+    (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return torch.nn.functional.linear(x, weight, bias)
     if x.dim() == 0 or weight.dim() != 2 or (bias is not None and bias.dim() != 1):
@@ -200,7 +220,7 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     the convolution.
     """
     conv = CONVS[weight.dim() - 2]
-    (fx, gx), (fw, gw), (fb, gb), (fo, go) = x_scale, weight_scale, bias_scale, out_scale
+    (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return conv(x, weight, bias, stride, padding, dilation, groups)
     if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
@@ -250,7 +270,7 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
     backward factor it is plain autograd. With every factor 1 it is ``a + b``. Inputs may broadcast;
     inputs of different dtypes (type promotion) take the chain of scales.
     """
-    (fa, ga), (fb, gb), (fo, go) = a_scale, b_scale, out_scale
+    (fa, ga), (fb, gb), (fo, go) = map(_pair, (a_scale, b_scale, out_scale))
     ka, kb, ca, cb = float(fa * fo), float(fb * fo), float(ga * go), float(gb * go)
     if (ka, kb) == (ca, cb) and isinstance(a, Tensor) and isinstance(b, Tensor):
         return _weighted_sum(a, b, ka, kb)
@@ -261,14 +281,22 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
 
 
 class _ScaledLayerNormFn(torch.autograd.Function):
-    """``fo * layer_norm(x, w, b)``; backward: with ``d = go * g``, each input's gradient times its factor."""
+    """``fo * layer_norm(x, w, b)``; backward: with ``d = go * g``, each input's gradient times its factor.
+
+    No pass over an activation besides the layer norm's own: ``fo`` multiplies the gain and bias (a
+    missing gain: a constant one); the input gradient is linear in the gain, so backward computes it
+    with the gain times ``go * gx``; the gain and bias gradients (``sum(g * x_hat)``, ``sum(g)``, which
+    do not read the gain) are multiplied by ``go * gw`` and ``go * gb``.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, shape: list, w: Tensor | None, b: Tensor | None, eps: float,  # type: ignore[override]
                 fo: float, c: tuple) -> Tensor:
-        out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, w, b, eps)
+        wf, bf = w, b
         if fo != 1.0:
-            out.mul_(fo)
+            wf = w * fo if w is not None else x.new_full(shape, fo)
+            bf = b * fo if b is not None else None
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, wf, bf, eps)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.shape, ctx.c = shape, c
         return out
@@ -277,12 +305,12 @@ class _ScaledLayerNormFn(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, w, b, mean, rstd = ctx.saved_tensors
         go, gx, gw, gb = ctx.c
-        if go != 1.0:
-            g = g * go
         need = ctx.needs_input_grad
         mask = [need[0], w is not None and need[2], b is not None and need[3]]
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, w, b, mask)
-        for t, f in ((dx, gx), (dw, gw), (db, gb)):
+        kx = go * gx  # the input gradient is linear in the gain: backward reads the gain times kx
+        wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.shape, kx))
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, wb, b, mask)
+        for t, f in ((dw, go * gw), (db, go * gb)):
             if t is not None and f != 1.0:
                 t.mul_(f)
         return dx, None, dw, db, None, None, None
@@ -297,7 +325,7 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
     scale(bias, *bias_scale), eps), *out_scale)`` forward and backward. Inputs' forward
     factors other than 1 (which change what is normalised) run as separate scales.
     """
-    (fx, gx), (fw, gw), (fb, gb), (fo, go) = x_scale, weight_scale, bias_scale, out_scale
+    (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, fw, fb) != (1.0, 1.0, 1.0):
         return scale(torch.nn.functional.layer_norm(
             scale(x, fx, gx), normalized_shape, None if weight is None else scale(weight, fw, gw),
@@ -307,6 +335,87 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
     shape = [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
     return _ScaledLayerNormFn.apply(x, shape, weight, bias, float(eps), float(fo),
                                     (float(go), float(gx), float(gw), float(gb)))
+
+
+class _ScaledBatchNormFn(torch.autograd.Function):
+    """``fo * batch_norm(fx * x)`` in training mode; backward ``gx * J^T (go * g)``, gain and bias
+    gradients times ``go``.
+
+    No pass over an activation besides the batch norm's own. Normalising ``fx * x`` with ``eps`` is
+    normalising ``x`` with ``eps / fx**2`` (its running statistics are ``fx`` and ``fx**2`` times
+    those of ``x``: they are updated through copies divided by these factors); ``fo`` multiplies the
+    gain and bias. The input gradient is linear in the gain: backward computes it with the gain times
+    ``go * gx / fx``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None,  # type: ignore[override]
+                rv: Tensor | None, momentum: float, eps: float, f: tuple, c: tuple) -> Tensor:
+        fx, fo = f
+        c_shape = [x.shape[1]]
+        wf, bf = w, b
+        if fo != 1.0:
+            wf = w * fo if w is not None else x.new_full(c_shape, fo)
+            bf = b * fo if b is not None else None
+        rmt, rvt = rm, rv
+        if fx != 1.0 and rm is not None:
+            rmt, rvt = rm / fx, rv / (fx * fx)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx))
+        if rmt is not rm:
+            rm.copy_(rmt * fx)
+            rv.copy_(rvt * (fx * fx))
+        ctx.save_for_backward(x, w, mean, invstd)
+        ctx.eps, ctx.c, ctx.c_shape = eps / (fx * fx), (c[0], c[1] / fx), c_shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, w, mean, invstd = ctx.saved_tensors
+        go, kx = ctx.c
+        kx = go * kx
+        need = ctx.needs_input_grad
+        mask = [need[0], w is not None and need[1], need[2]]
+        wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.c_shape, kx))
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, ctx.eps,
+                                                               mask)
+        for t in (dw, db):
+            if t is not None and go != 1.0:
+                t.mul_(go)
+        return (dx, dw if mask[1] else None, db if mask[2] else None) + (None,) * 6
+
+
+def _batch_norm_forward() -> Any:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return _BatchNorm.forward
+
+
+def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
+    """A batch-norm layer ``bn`` (``BatchNorm1d/2d/3d``) with ``scale`` on its input and output, as one op.
+
+    The same function as ``scale(bn(scale(x, *x_scale)), *out_scale)``, and the same updates of the
+    running statistics, without a pass over the activation for either scale
+    (:class:`_ScaledBatchNormFn`). In training mode with gradients, for a layer whose ``forward`` is
+    PyTorch's; otherwise (evaluation, ``no_grad``, compiling, another ``forward``) it is that chain.
+    With every factor 1 it is ``bn(x)``.
+    """
+    (fx, gx), (fo, go) = _pair(x_scale), _pair(out_scale)
+    if (fx, gx, fo, go) == (1.0,) * 4:
+        return bn(x)
+    if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _batch_norm_forward()
+            or torch.compiler.is_compiling() or not fx > 0 or not _plain_tensors(x)
+            or not (bn.running_mean is None) == (bn.running_var is None)):
+        return scale(bn(scale(x, fx, gx)), fo, go)
+    bn._check_input_dim(x)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    track = bn.track_running_stats and bn.running_mean is not None
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return _ScaledBatchNormFn.apply(x, bn.weight, bn.bias, bn.running_mean if track else None,
+                                    bn.running_var if track else None, float(momentum), float(bn.eps),
+                                    (float(fx), float(fo)), (float(go), float(gx)))
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:
@@ -490,7 +599,7 @@ def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple
     instead of a second, unscaled copy (:class:`_ScaledOutputFn`); while compiling or
     tracing, and for forward input factors other than 1, it is that chain of scales.
     """
-    (fq, gq), (fk, gk), (fv, gv), (fo, go) = q_scale, k_scale, v_scale, out_scale
+    (fq, gq), (fk, gk), (fv, gv), (fo, go) = map(_pair, (q_scale, k_scale, v_scale, out_scale))
     sdpa = _attention
     if q_unit != 1.0:  # the kernel reads q * q_unit with the softmax scale divided by q_unit: the same logits
         s = kwargs.get("scale")

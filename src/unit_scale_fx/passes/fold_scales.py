@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
-from ..scale import scale, scaled_add, scaled_attention, scaled_conv, scaled_layer_norm, scaled_linear
+from ..scale import (_batch_norm_forward, _pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
+                     scaled_layer_norm, scaled_linear)
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
@@ -164,10 +165,25 @@ def _factors(n: fx.Node) -> tuple[float, float]:
     return float(n.args[1]), float(n.args[2])
 
 
-def _output_scale(n: fx.Node) -> Optional[fx.Node]:
-    """The scale node that is ``n``'s only reader, if there is one (the output scale a fused op absorbs)."""
-    users = list(n.users)
-    return users[0] if len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is n else None
+def _output_scale(n: fx.Node) -> list[fx.Node]:
+    """The output scales a fused op absorbs: the scale node that is ``n``'s only reader, the scale node
+    that is that one's only reader, and so on (a value that an output scale and a consumer's input
+    scale, which stayed apart, both multiply). Empty if there is none."""
+    out: list[fx.Node] = []
+    cur = n
+    while True:
+        users = list(cur.users)
+        if not (len(users) == 1 and _is_scale(users[0]) and users[0].args[0] is cur):
+            return out
+        cur = users[0]
+        out.append(cur)
+
+
+def _out_factors(outs: list[fx.Node]) -> Any:
+    """The ``out_scale`` argument of a fused op that absorbed the scale nodes ``outs``: one ``(fwd, bwd)``
+    pair, or a tuple of pairs (their product; the generated code names each factor)."""
+    pairs = tuple(_factors(o) for o in outs if _factors(o) != (1.0, 1.0))
+    return pairs[0] if len(pairs) == 1 else (pairs or (1.0, 1.0))
 
 
 def fuse_linears(graph: fx.Graph) -> int:
@@ -213,8 +229,8 @@ def fuse_linears(graph: fx.Graph) -> int:
             absorbed.append(b)
             sb, b = _factors(b), b.args[0]
         out = _output_scale(n)
-        if out is not None:
-            so = _factors(out)
+        if out:
+            so = _out_factors(out)
         if (sx, sw, sb, so) == ((1.0, 1.0),) * 4:
             continue
         kwargs = {k: v for k, v in (("x_scale", sx), ("weight_scale", sw), ("bias_scale", sb), ("out_scale", so))
@@ -226,12 +242,13 @@ def fuse_linears(graph: fx.Graph) -> int:
     return fused
 
 
-def _replace_fused(graph: fx.Graph, n: fx.Node, new: fx.Node, out: Optional[fx.Node], absorbed: list) -> None:
-    """``new`` (one fused op) takes the place of ``n``, its output scale ``out`` and the scales it absorbed."""
+def _replace_fused(graph: fx.Graph, n: fx.Node, new: fx.Node, out: list, absorbed: list) -> None:
+    """``new`` (one fused op) takes the place of ``n``, its output scales ``out`` and the scales it absorbed."""
     new.meta.update(n.meta)
-    if out is not None:
-        out.replace_all_uses_with(new)
-        graph.erase_node(out)
+    if out:
+        out[-1].replace_all_uses_with(new)
+        for o in reversed(out):
+            graph.erase_node(o)
     n.replace_all_uses_with(new)
     graph.erase_node(n)
     for a in absorbed:
@@ -253,22 +270,23 @@ def _bound_call(n: fx.Node, targets: Any, params: Sequence[str]) -> Optional[dic
     return bound
 
 
-def _absorb_scales(n: fx.Node, bound: dict, unit_fwd_only: bool) -> tuple[dict, list, Optional[fx.Node]]:
+def _absorb_scales(n: fx.Node, bound: dict, unit_fwd_only: bool, args: Sequence[tuple[str, str]] = (
+        ("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias"))) -> tuple[dict, list, list]:
     """The scales a fused op with ``input`` / ``weight`` / ``bias`` arguments takes in: the lone scales on
     those arguments (with ``unit_fwd_only``, only those whose forward factor is 1), which ``bound`` then
     reads through, and ``n``'s output scale. Returns the fused op's ``*_scale`` keyword arguments (pairs
     other than ``(1, 1)``), the absorbed input scale nodes and the output scale node."""
     absorbed: list[fx.Node] = []
     kwargs: dict[str, Any] = {}
-    for key, arg in (("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias")):
+    for key, arg in args:
         a = bound.get(arg)
         if _lone_scale(a) and (not unit_fwd_only or _factors(a)[0] == 1.0):
             kwargs[key] = _factors(a)
             bound[arg] = a.args[0]
             absorbed.append(a)
     out = _output_scale(n)
-    if out is not None:
-        kwargs["out_scale"] = _factors(out)
+    if out:
+        kwargs["out_scale"] = _out_factors(out)
     return {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}, absorbed, out
 
 
@@ -324,8 +342,8 @@ def fuse_adds(graph: fx.Graph) -> int:
                 absorbed.append(args[i])
                 args[i] = args[i].args[0]
         out = _output_scale(n)
-        if out is not None:
-            kwargs["out_scale"] = _factors(out)
+        if out:
+            kwargs["out_scale"] = _out_factors(out)
         kwargs = {k: v for k, v in kwargs.items() if v != (1.0, 1.0)}
         if not kwargs:
             continue
@@ -404,12 +422,12 @@ def fuse_attention(graph: fx.Graph) -> int:
                 args[i] = a.args[0]
                 absorbed.append(a)
         out = _output_scale(n)
-        if out is not None:
-            kwargs["out_scale"] = _factors(out)
+        if out:
+            kwargs["out_scale"] = _out_factors(out)
         rq = _planned_rms(n.args[0])
         if rq is not None and not QUERY_BAND[0] <= rq <= QUERY_BAND[1]:
             kwargs["q_unit"] = 1.0 / rq  # a query the model scaled itself: unit for the kernel, same logits
-        if not absorbed and out is None and "q_unit" not in kwargs:
+        if not absorbed and not out and "q_unit" not in kwargs:
             continue
         with graph.inserting_before(n):
             new = graph.call_function(scaled_attention, tuple(args), kwargs)
@@ -418,12 +436,153 @@ def fuse_attention(graph: fx.Graph) -> int:
     return fused
 
 
+def fuse_batch_norms(graph: fx.Graph) -> int:
+    """Replace each call of a batch-norm layer (a module whose ``forward`` is PyTorch's ``_BatchNorm.forward``)
+    and the scales around it by one ``scaled_batch_norm`` call.
+
+    Absorbed: the scale read only by the layer on its input (the convolution's output scale, which
+    then costs no multiply: :class:`~unit_scale_fx.scale._ScaledBatchNormFn`) and its output scales.
+    """
+    root = graph.owning_module
+    fused = 0
+    for n in list(graph.nodes):
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs or root is None:
+            continue
+        try:
+            mod = root.get_submodule(str(n.target))
+        except AttributeError:
+            continue
+        if type(mod).forward is not _batch_norm_forward():
+            continue
+        bound = {"input": n.args[0]}
+        kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False, args=(("x_scale", "input"),))
+        if "x_scale" in kwargs and not _pair(kwargs["x_scale"])[0] > 0:
+            continue
+        if not kwargs:
+            continue
+        with graph.inserting_before(n):
+            bn = graph.get_attr(str(n.target))
+            new = graph.call_function(scaled_batch_norm, (bn, bound["input"]), kwargs)
+        _replace_fused(graph, n, new, out, absorbed)
+        fused += 1
+    return fused
+
+
+#: fused ops, their inputs that carry a scale (argument position: keyword), and whether a backward
+#: factor there costs no pass over a tensor (a GEMM's ``alpha``, a norm's gain in backward)
+_IN_SLOTS = {scaled_linear: {0: "x_scale"}, scaled_layer_norm: {0: "x_scale"}, scaled_batch_norm: {1: "x_scale"},
+             scaled_conv: {0: "x_scale"}, scaled_add: {0: "a_scale", 1: "b_scale"}}
+#: fused ops whose ``out_scale`` backward factor multiplies the incoming gradient and nothing else
+_OUT_OPS = (scaled_linear, scaled_layer_norm, scaled_batch_norm, scaled_conv, scaled_attention)
+def _free_in(n: fx.Node, key: str) -> bool:
+    if n.target is scaled_batch_norm:
+        return True
+    if n.target is scaled_layer_norm:  # only a layer norm without input forward factors runs as one op
+        return all(_pair(n.kwargs.get(k, (1.0, 1.0)))[0] == 1.0 for k in ("x_scale", "weight_scale", "bias_scale"))
+    return n.target is scaled_linear and key == "x_scale"
+
+
+def _free_out(n: fx.Node) -> bool:
+    return n.target is scaled_batch_norm or (n.target is scaled_layer_norm and _free_in(n, "x_scale"))
+
+
+def _reader(p: fx.Node) -> Optional[tuple[fx.Node, str, bool]]:
+    """The fused op that alone reads ``p``'s value, directly or through positively homogeneous ops with one
+    reader each (views, relu, pooling): ``(op, keyword of its input scale, directly)``."""
+    cur, direct = p, True
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if not _homogeneous(u):
+            break
+        cur, direct = u, False
+    slots = _IN_SLOTS.get(u.target) if u.op == "call_function" else None
+    if not slots:
+        return None
+    pos = [i for i, a in enumerate(u.args) if a is cur]
+    if len(pos) != 1 or pos[0] not in slots or cur in u.kwargs.values():
+        return None
+    return u, slots[pos[0]], direct
+
+
+def _with(n: fx.Node, key: str, pairs: list) -> None:
+    """Set ``n``'s ``key`` scale argument to the product of ``pairs`` (each factor kept in the code)."""
+    pairs = [tuple(q) for q in pairs if tuple(q) != (1.0, 1.0)]
+    kwargs = {k: v for k, v in n.kwargs.items() if k != key}
+    if pairs:
+        kwargs[key] = pairs[0] if len(pairs) == 1 else tuple(pairs)
+    n.kwargs = kwargs
+
+
+def _pairs(n: fx.Node, key: str) -> list:
+    v = n.kwargs.get(key, (1.0, 1.0))
+    return list(v) if v and isinstance(v[0], tuple) else [v]
+
+
+def place_grad_factors(graph: fx.Graph) -> int:
+    """Move scale factors between fused ops to where they cost no pass over a tensor. Exact in real
+    arithmetic: each op computes the same function, forward and backward.
+
+    * A backward factor on the edge from a fused op's output to the fused op that alone reads it
+      (directly or through views, relu, pooling) acts once on that edge's gradient, wherever it is
+      applied: the operations between are linear in the gradient. Both factors move to the reader
+      when its input factor is free (a GEMM's ``alpha``: the backward GEMMs of both ops read what they
+      read before), else to the producer when its output factor is free (a norm's gain), else, where
+      both cost a multiply, into one of them (the producer's).
+    * A residual add's output factors are its inputs' factors (``scaled_add`` multiplies them), and an
+      input's forward and backward factors move into a producer that alone reads it directly when that
+      producer's output factors are free (a batch norm or layer norm: its gain and bias).
+
+    (And in ``scaled_linear``, an output's backward factor within ``NEAR_ONE`` of 1 is the backward
+    GEMMs' ``alpha``.)
+
+    Returns the number of moves.
+    """
+    moves = 0
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is scaled_add and "out_scale" in n.kwargs:
+            out = _pairs(n, "out_scale")
+            for key in ("a_scale", "b_scale"):
+                _with(n, key, _pairs(n, key) + out)
+            _with(n, "out_scale", [])
+    for p in list(graph.nodes):
+        if p.op != "call_function" or p.target not in _OUT_OPS:
+            continue
+        r = _reader(p)
+        if r is None:
+            continue
+        c, key, direct = r
+        out, inp = _pairs(p, "out_scale"), _pairs(c, key)
+        (fo, gp), (fc, gc) = _pair(tuple(out)), _pair(tuple(inp))
+        if c.target is scaled_add and direct and _free_out(p) and (fc, gc) != (1.0, 1.0):
+            _with(p, "out_scale", out + inp)  # forward and backward
+            _with(c, key, [])
+        elif gp == 1.0 and gc == 1.0:
+            continue
+        elif _free_in(c, key) and gp != 1.0:
+            _with(p, "out_scale", [(f, 1.0) for f, _ in out])
+            _with(c, key, inp + [(1.0, g) for _, g in out])
+        elif _free_out(p) and gc != 1.0 or gp != 1.0 and gc != 1.0:
+            _with(c, key, [(f, 1.0) for f, _ in inp])
+            _with(p, "out_scale", out + [(1.0, g) for _, g in inp])
+        else:
+            continue
+        moves += 1
+    return moves
+
+
 def fuse_ops(graph: fx.Graph) -> int:
-    """Linears, convolutions, layer norms, attention and adds fused with their scales
-    (:func:`fuse_linears`, :func:`fuse_convs`, :func:`fuse_layer_norms`, :func:`fuse_attention`,
-    :func:`fuse_adds`)."""
-    return fuse_linears(graph) + fuse_convs(graph) + fuse_layer_norms(graph) + fuse_attention(graph) \
-        + fuse_adds(graph)
+    """Batch norms, linears, convolutions, layer norms, attention and adds fused with their scales
+    (:func:`fuse_batch_norms`, :func:`fuse_linears`, :func:`fuse_convs`, :func:`fuse_layer_norms`,
+    :func:`fuse_attention`, :func:`fuse_adds`), and their factors placed where they cost least
+    (:func:`place_grad_factors`)."""
+    fused = fuse_batch_norms(graph) + fuse_linears(graph) + fuse_convs(graph) + fuse_layer_norms(graph) \
+        + fuse_attention(graph) + fuse_adds(graph)
+    if fused:
+        place_grad_factors(graph)
+    return fused
 
 
 class _FusedMixin:
