@@ -354,16 +354,18 @@ class _ScaledBatchNormFn(torch.autograd.Function):
         fx, fo = f
         c_shape = [x.shape[1]]
         wf, bf = w, b
-        if fo != 1.0:
+        if fo != 1.0 and w is not None and b is not None:
+            wf, bf = torch._foreach_mul([w, b], fo)  # (one call for the two: small tensors)
+        elif fo != 1.0:
             wf = w * fo if w is not None else x.new_full(c_shape, fo)
             bf = b * fo if b is not None else None
         rmt, rvt = rm, rv
         if fx != 1.0 and rm is not None:
-            rmt, rvt = rm / fx, rv / (fx * fx)
+            rmt, rvt = torch._foreach_div([rm, rv], [fx, fx * fx])
         out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx))
         if rmt is not rm:
-            rm.copy_(rmt * fx)
-            rv.copy_(rvt * (fx * fx))
+            torch.mul(rmt, fx, out=rm)
+            torch.mul(rvt, fx * fx, out=rv)
         ctx.save_for_backward(x, w, mean, invstd)
         ctx.eps, ctx.c, ctx.c_shape = eps / (fx * fx), (c[0], c[1] / fx), c_shape
         return out
@@ -378,16 +380,16 @@ class _ScaledBatchNormFn(torch.autograd.Function):
         wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.c_shape, kx))
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, ctx.eps,
                                                                mask)
-        for t in (dw, db):
-            if t is not None and go != 1.0:
-                t.mul_(go)
+        if go != 1.0:
+            ts = [t for t, m in zip((dw, db), mask[1:]) if m]
+            if ts:
+                torch._foreach_mul_(ts, go)
         return (dx, dw if mask[1] else None, db if mask[2] else None) + (None,) * 6
 
 
 def _batch_norm_forward() -> Any:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return _BatchNorm.forward
+    """PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)."""
+    return torch.nn.modules.batchnorm._BatchNorm.forward
 
 
 def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
