@@ -8,7 +8,7 @@ floats, so torch.compile folds them into the surrounding kernels.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -157,6 +157,43 @@ def _ntuple(v: Any, n: int) -> list:
     return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v)] * n
 
 
+def _conv_forward(ctx: Any, conv: Any, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple, f: tuple,
+                  c: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of :class:`_ScaledConvFn`: the output, and the operands backward keeps."""
+    fx, fw, fb, fo = f
+    stride, padding, dilation, groups = geometry
+    if fx != 1.0:
+        x = x * fx
+    if fw != 1.0:
+        w = w * fw
+    if b is not None and fb != 1.0:
+        b = b * fb
+    out = conv(x, w, b, stride, padding, dilation, groups)
+    if fo != 1.0:
+        out.mul_(fo)
+    n = w.dim() - 2
+    ctx.geometry = (_ntuple(stride, n), _ntuple(padding, n), _ntuple(dilation, n), int(groups))
+    ctx.bias_sizes = None if b is None else [b.shape[0]]
+    ctx.c = c
+    return out, x, w
+
+
+def _conv_backward(ctx: Any, g: Tensor, x: Tensor, w: Tensor, need: Sequence[bool]) -> tuple:
+    """The backward of :class:`_ScaledConvFn`: the gradients of input, weight and bias (``need``: which)."""
+    go, gx, gw, gb = ctx.c
+    if go != 1.0:
+        g = g * go
+    stride, padding, dilation, groups = ctx.geometry
+    mask = [need[0], need[1], ctx.bias_sizes is not None and need[2]]
+    grads = torch.ops.aten.convolution_backward(g, x, w, ctx.bias_sizes, stride, padding, dilation, False,
+                                                [0] * len(stride), groups, mask)
+    dx, dw, db = (t if m else None for t, m in zip(grads, mask))
+    for t, f in ((dx, gx), (dw, gw), (db, gb)):
+        if t is not None and f != 1.0:
+            t.mul_(f)
+    return dx, dw, db
+
+
 class _ScaledConvFn(torch.autograd.Function):
     """``fo * conv(fx * x, fw * w, fb * b)``; backward: with ``d = go * g``, each input's gradient
     times its backward factor (``convolution_backward``, then in-place multiplies).
@@ -169,40 +206,14 @@ class _ScaledConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, conv, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple,  # type: ignore[override]
                 f: tuple, c: tuple) -> Tensor:
-        fx, fw, fb, fo = f
-        stride, padding, dilation, groups = geometry
-        if fx != 1.0:
-            x = x * fx
-        if fw != 1.0:
-            w = w * fw
-        if b is not None and fb != 1.0:
-            b = b * fb
-        out = conv(x, w, b, stride, padding, dilation, groups)
-        if fo != 1.0:
-            out.mul_(fo)
+        out, x, w = _conv_forward(ctx, conv, x, w, b, geometry, f, c)
         ctx.save_for_backward(x, w)  # as the convolution saves
-        n = w.dim() - 2
-        ctx.geometry = (_ntuple(stride, n), _ntuple(padding, n), _ntuple(dilation, n), int(groups))
-        ctx.bias_sizes = None if b is None else [b.shape[0]]
-        ctx.c = c
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, w = ctx.saved_tensors
-        go, gx, gw, gb = ctx.c
-        if go != 1.0:
-            g = g * go
-        stride, padding, dilation, groups = ctx.geometry
-        need = ctx.needs_input_grad
-        mask = [need[1], need[2], ctx.bias_sizes is not None and need[3]]
-        grads = torch.ops.aten.convolution_backward(g, x, w, ctx.bias_sizes, stride, padding, dilation, False,
-                                                    [0] * len(stride), groups, mask)
-        dx, dw, db = (t if m else None for t, m in zip(grads, mask))
-        for t, f in ((dx, gx), (dw, gw), (db, gb)):
-            if t is not None and f != 1.0:
-                t.mul_(f)
-        return None, dx, dw, db, None, None, None
+        return (None,) + _conv_backward(ctx, g, x, w, ctx.needs_input_grad[1:4]) + (None, None, None)
 
 
 #: the convolutions :func:`scaled_conv` computes, by the number of spatial dimensions
@@ -337,6 +348,43 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
                                     (float(go), float(gx), float(gw), float(gb)))
 
 
+def _bn_forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None, rv: Tensor | None,
+                momentum: float, eps: float, f: tuple, c: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of :class:`_ScaledBatchNormFn`: the output, and the batch mean and inverse std."""
+    fx, fo = f
+    c_shape = [x.shape[1]]
+    wf, bf = w, b
+    if fo != 1.0 and w is not None and b is not None:
+        wf, bf = torch._foreach_mul([w, b], fo)  # (one call for the two: small tensors)
+    elif fo != 1.0:
+        wf = w * fo if w is not None else x.new_full(c_shape, fo)
+        bf = b * fo if b is not None else None
+    rmt, rvt = rm, rv
+    if fx != 1.0 and rm is not None:
+        rmt, rvt = torch._foreach_div([rm, rv], [fx, fx * fx])
+    out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx))
+    if rmt is not rm:
+        torch.mul(rmt, fx, out=rm)
+        torch.mul(rvt, fx * fx, out=rv)
+    ctx.bn_eps, ctx.bn_c, ctx.c_shape = eps / (fx * fx), (c[0], c[0] * c[1] / fx), c_shape
+    return out, mean, invstd
+
+
+def _bn_backward(ctx: Any, g: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, invstd: Tensor,
+                 need: Sequence[bool]) -> tuple:
+    """The backward of :class:`_ScaledBatchNormFn`: the gradients of input, gain and bias (``need``: which)."""
+    go, kx = ctx.bn_c
+    mask = [need[0], w is not None and need[1], need[2]]
+    wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.c_shape, kx))
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, ctx.bn_eps,
+                                                           mask)
+    if go != 1.0:
+        ts = [t for t, m in zip((dw, db), mask[1:]) if m]
+        if ts:
+            torch._foreach_mul_(ts, go)
+    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+
+
 class _ScaledBatchNormFn(torch.autograd.Function):
     """``fo * batch_norm(fx * x)`` in training mode; backward ``gx * J^T (go * g)``, gain and bias
     gradients times ``go``.
@@ -351,45 +399,63 @@ class _ScaledBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None,  # type: ignore[override]
                 rv: Tensor | None, momentum: float, eps: float, f: tuple, c: tuple) -> Tensor:
-        fx, fo = f
-        c_shape = [x.shape[1]]
-        wf, bf = w, b
-        if fo != 1.0 and w is not None and b is not None:
-            wf, bf = torch._foreach_mul([w, b], fo)  # (one call for the two: small tensors)
-        elif fo != 1.0:
-            wf = w * fo if w is not None else x.new_full(c_shape, fo)
-            bf = b * fo if b is not None else None
-        rmt, rvt = rm, rv
-        if fx != 1.0 and rm is not None:
-            rmt, rvt = torch._foreach_div([rm, rv], [fx, fx * fx])
-        out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx))
-        if rmt is not rm:
-            torch.mul(rmt, fx, out=rm)
-            torch.mul(rvt, fx * fx, out=rv)
+        out, mean, invstd = _bn_forward(ctx, x, w, b, rm, rv, momentum, eps, f, c)
         ctx.save_for_backward(x, w, mean, invstd)
-        ctx.eps, ctx.c, ctx.c_shape = eps / (fx * fx), (c[0], c[1] / fx), c_shape
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, w, mean, invstd = ctx.saved_tensors
-        go, kx = ctx.c
-        kx = go * kx
+        return _bn_backward(ctx, g, x, w, mean, invstd, ctx.needs_input_grad[:3]) + (None,) * 6
+
+
+class _ScaledConvBatchNormFn(torch.autograd.Function):
+    """A convolution and the batch norm that alone reads it, each with its scales, as one autograd op:
+    :class:`_ScaledConvFn` then :class:`_ScaledBatchNormFn` (the same computation and saved tensors,
+    one Python autograd node instead of two)."""
+
+    @staticmethod
+    def forward(ctx, conv, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple, f: tuple,  # type: ignore[override]
+                c: tuple, bw: Tensor | None, bb: Tensor | None, rm: Tensor | None, rv: Tensor | None,
+                momentum: float, eps: float, fbn: tuple, cbn: tuple) -> Tensor:
+        y, x, w = _conv_forward(ctx, conv, x, w, b, geometry, f, c)
+        out, mean, invstd = _bn_forward(ctx, y, bw, bb, rm, rv, momentum, eps, fbn, cbn)
+        ctx.save_for_backward(x, w, y, bw, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, w, y, bw, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        mask = [need[0], w is not None and need[1], need[2]]
-        wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.c_shape, kx))
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, ctx.eps,
-                                                               mask)
-        if go != 1.0:
-            ts = [t for t, m in zip((dw, db), mask[1:]) if m]
-            if ts:
-                torch._foreach_mul_(ts, go)
-        return (dx, dw if mask[1] else None, db if mask[2] else None) + (None,) * 6
+        conv_need = need[1:4]
+        dy, dbw, dbb = _bn_backward(ctx, g, y, bw, mean, invstd, (any(conv_need),) + tuple(need[7:9]))
+        dx = dw = db = None
+        if dy is not None:
+            dx, dw, db = _conv_backward(ctx, dy, x, w, conv_need)
+        return (None, dx, dw, db, None, None, None, dbw, dbb) + (None,) * 6
 
 
 def _batch_norm_forward() -> Any:
     """PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)."""
     return torch.nn.modules.batchnorm._BatchNorm.forward
+
+
+def _bn_args(bn: torch.nn.Module, x: Tensor, fx: float, gx: float, fo: float, go: float) -> tuple | None:
+    """The arguments of :class:`_ScaledBatchNormFn` for ``bn`` (counting the batch, as ``bn`` does), or None
+    where the layer runs as the chain of scales (evaluation, ``no_grad``, compiling, another ``forward``)."""
+    if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _batch_norm_forward()
+            or torch.compiler.is_compiling() or not fx > 0 or not _plain_tensors(x)
+            or not (bn.running_mean is None) == (bn.running_var is None)):
+        return None
+    bn._check_input_dim(x)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    track = bn.track_running_stats and bn.running_mean is not None
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return (bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+            float(momentum), float(bn.eps), (float(fx), float(fo)), (float(go), float(gx)))
 
 
 def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
@@ -404,20 +470,36 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
     (fx, gx), (fo, go) = _pair(x_scale), _pair(out_scale)
     if (fx, gx, fo, go) == (1.0,) * 4:
         return bn(x)
-    if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _batch_norm_forward()
-            or torch.compiler.is_compiling() or not fx > 0 or not _plain_tensors(x)
-            or not (bn.running_mean is None) == (bn.running_var is None)):
+    args = _bn_args(bn, x, fx, gx, fo, go)
+    if args is None:
         return scale(bn(scale(x, fx, gx)), fo, go)
-    bn._check_input_dim(x)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    track = bn.track_running_stats and bn.running_mean is not None
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # a cumulative moving average
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return _ScaledBatchNormFn.apply(x, bn.weight, bn.bias, bn.running_mean if track else None,
-                                    bn.running_var if track else None, float(momentum), float(bn.eps),
-                                    (float(fx), float(fo)), (float(go), float(gx)))
+    return _ScaledBatchNormFn.apply(x, *args)
+
+
+def scaled_conv_batch_norm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
+                           groups: int, bn: torch.nn.Module, *, x_scale: tuple = _ONE, weight_scale: tuple = _ONE,
+                           bias_scale: tuple = _ONE, mid_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
+    """A convolution and the batch-norm layer ``bn`` that alone reads its output, with their scales, as one op.
+
+    The same as ``scaled_batch_norm(bn, scaled_conv(x, weight, bias, stride, padding, dilation, groups,
+    x_scale=x_scale, weight_scale=weight_scale, bias_scale=bias_scale), x_scale=mid_scale,
+    out_scale=out_scale)`` (:class:`_ScaledConvBatchNormFn`), which it is where either of them would run
+    as a chain of scales.
+    """
+    (fx, gx), (fw, gw), (fb, gb) = _pair(x_scale), _pair(weight_scale), _pair(bias_scale)
+    (fm, gm), (fo, go) = _pair(mid_scale), _pair(out_scale)
+    conv = CONVS.get(weight.dim() - 2)
+    if conv is None or isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
+        args = None
+    else:
+        args = _bn_args(bn, x, fm, gm, fo, go)
+    if args is None:
+        return scaled_batch_norm(bn, scaled_conv(x, weight, bias, stride, padding, dilation, groups, x_scale=(fx, gx),
+                                                 weight_scale=(fw, gw), bias_scale=(fb, gb)),
+                                 x_scale=(fm, gm), out_scale=(fo, go))
+    return _ScaledConvBatchNormFn.apply(conv, x, weight, bias, (stride, padding, dilation, groups),
+                                        (float(fx), float(fw), float(fb), 1.0), (1.0, float(gx), float(gw), float(gb)),
+                                        *args)
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:
