@@ -354,14 +354,12 @@ def _bn_forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Ten
     fx, fo = f
     c_shape = [x.shape[1]]
     wf, bf = w, b
-    if fo != 1.0 and w is not None and b is not None:
-        wf, bf = torch._foreach_mul([w, b], fo)  # (one call for the two: small tensors)
-    elif fo != 1.0:
+    if fo != 1.0:
         wf = w * fo if w is not None else x.new_full(c_shape, fo)
         bf = b * fo if b is not None else None
     rmt, rvt = rm, rv
     if fx != 1.0 and rm is not None:
-        rmt, rvt = torch._foreach_div([rm, rv], [fx, fx * fx])
+        rmt, rvt = rm / fx, rv / (fx * fx)
     out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx))
     if rmt is not rm:
         torch.mul(rmt, fx, out=rm)
@@ -379,9 +377,9 @@ def _bn_backward(ctx: Any, g: Tensor, x: Tensor, w: Tensor | None, mean: Tensor,
     dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, ctx.bn_eps,
                                                            mask)
     if go != 1.0:
-        ts = [t for t, m in zip((dw, db), mask[1:]) if m]
-        if ts:
-            torch._foreach_mul_(ts, go)
+        for t, m in zip((dw, db), mask[1:]):
+            if m:
+                t.mul_(go)
     return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
 
 
