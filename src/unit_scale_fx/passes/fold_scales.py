@@ -486,6 +486,20 @@ def _free_out(n: fx.Node) -> bool:
     return n.target is scaled_batch_norm or (n.target is scaled_layer_norm and _free_in(n, "x_scale"))
 
 
+def _homogeneous_of(n: fx.Node, x: fx.Node) -> bool:
+    """``n`` is a positively homogeneous op of ``x`` alone (views, relu, pooling). Reads no ``meta``: the
+    other arguments of these ops are shapes, dimensions and flags, so a copy whose graph lost its meta
+    (pickled) generates the same code."""
+    if n.op not in ("call_function", "call_method") or n.meta.get(INSERTED) or not n.args or n.args[0] is not x:
+        return False
+    try:
+        if resolve_target(n) not in HOMOGENEOUS:
+            return False
+    except TypeError:  # unhashable target
+        return False
+    return x not in n.args[1:] and x not in n.kwargs.values()
+
+
 def _reader(p: fx.Node) -> Optional[tuple[fx.Node, str, bool]]:
     """The fused op that alone reads ``p``'s value, directly or through positively homogeneous ops with one
     reader each (views, relu, pooling): ``(op, keyword of its input scale, directly)``."""
@@ -495,7 +509,7 @@ def _reader(p: fx.Node) -> Optional[tuple[fx.Node, str, bool]]:
         if len(users) != 1:
             return None
         u = users[0]
-        if not _homogeneous(u):
+        if not _homogeneous_of(u, cur):
             break
         cur, direct = u, False
     slots = _IN_SLOTS.get(u.target) if u.op == "call_function" else None
