@@ -407,32 +407,6 @@ class _ScaledBatchNormFn(torch.autograd.Function):
         return _bn_backward(ctx, g, x, w, mean, invstd, ctx.needs_input_grad[:3]) + (None,) * 6
 
 
-class _ScaledConvBatchNormFn(torch.autograd.Function):
-    """A convolution and the batch norm that alone reads it, each with its scales, as one autograd op:
-    :class:`_ScaledConvFn` then :class:`_ScaledBatchNormFn` (the same computation and saved tensors,
-    one Python autograd node instead of two)."""
-
-    @staticmethod
-    def forward(ctx, conv, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple, f: tuple,  # type: ignore[override]
-                c: tuple, bw: Tensor | None, bb: Tensor | None, rm: Tensor | None, rv: Tensor | None,
-                momentum: float, eps: float, fbn: tuple, cbn: tuple) -> Tensor:
-        y, x, w = _conv_forward(ctx, conv, x, w, b, geometry, f, c)
-        out, mean, invstd = _bn_forward(ctx, y, bw, bb, rm, rv, momentum, eps, fbn, cbn)
-        ctx.save_for_backward(x, w, y, bw, mean, invstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, w, y, bw, mean, invstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        conv_need = need[1:4]
-        dy, dbw, dbb = _bn_backward(ctx, g, y, bw, mean, invstd, (any(conv_need),) + tuple(need[7:9]))
-        dx = dw = db = None
-        if dy is not None:
-            dx, dw, db = _conv_backward(ctx, dy, x, w, conv_need)
-        return (None, dx, dw, db, None, None, None, dbw, dbb) + (None,) * 6
-
-
 def _batch_norm_forward() -> Any:
     """PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)."""
     return torch.nn.modules.batchnorm._BatchNorm.forward
@@ -472,32 +446,6 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
     if args is None:
         return scale(bn(scale(x, fx, gx)), fo, go)
     return _ScaledBatchNormFn.apply(x, *args)
-
-
-def scaled_conv_batch_norm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
-                           groups: int, bn: torch.nn.Module, *, x_scale: tuple = _ONE, weight_scale: tuple = _ONE,
-                           bias_scale: tuple = _ONE, mid_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
-    """A convolution and the batch-norm layer ``bn`` that alone reads its output, with their scales, as one op.
-
-    The same as ``scaled_batch_norm(bn, scaled_conv(x, weight, bias, stride, padding, dilation, groups,
-    x_scale=x_scale, weight_scale=weight_scale, bias_scale=bias_scale), x_scale=mid_scale,
-    out_scale=out_scale)`` (:class:`_ScaledConvBatchNormFn`), which it is where either of them would run
-    as a chain of scales.
-    """
-    (fx, gx), (fw, gw), (fb, gb) = _pair(x_scale), _pair(weight_scale), _pair(bias_scale)
-    (fm, gm), (fo, go) = _pair(mid_scale), _pair(out_scale)
-    conv = CONVS.get(weight.dim() - 2)
-    if conv is None or isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
-        args = None
-    else:
-        args = _bn_args(bn, x, fm, gm, fo, go)
-    if args is None:
-        return scaled_batch_norm(bn, scaled_conv(x, weight, bias, stride, padding, dilation, groups, x_scale=(fx, gx),
-                                                 weight_scale=(fw, gw), bias_scale=(fb, gb)),
-                                 x_scale=(fm, gm), out_scale=(fo, go))
-    return _ScaledConvBatchNormFn.apply(conv, x, weight, bias, (stride, padding, dilation, groups),
-                                        (float(fx), float(fw), float(fb), 1.0), (1.0, float(gx), float(gw), float(gb)),
-                                        *args)
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:

@@ -36,7 +36,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..scale import (_batch_norm_forward, _pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
-                     scaled_conv_batch_norm, scaled_layer_norm, scaled_linear)
+                     scaled_layer_norm, scaled_linear)
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
@@ -587,31 +587,6 @@ def place_grad_factors(graph: fx.Graph) -> int:
     return moves
 
 
-def fuse_conv_batch_norms(graph: fx.Graph) -> int:
-    """Replace each ``scaled_conv`` whose output only a ``scaled_batch_norm`` reads (its output scale is
-    that op's input scale) and that op by one ``scaled_conv_batch_norm`` call (one autograd node)."""
-    fused = 0
-    for n in list(graph.nodes):
-        if n.op != "call_function" or n.target is not scaled_batch_norm or len(n.args) != 2:
-            continue
-        bn, y = n.args
-        if not (isinstance(y, fx.Node) and y.op == "call_function" and y.target is scaled_conv and len(y.users) == 1
-                and len(y.args) == 7 and "out_scale" not in y.kwargs):
-            continue
-        kwargs = dict(y.kwargs)
-        for key, new in (("x_scale", "mid_scale"), ("out_scale", "out_scale")):
-            if key in n.kwargs:
-                kwargs[new] = n.kwargs[key]
-        with graph.inserting_before(n):
-            new_node = graph.call_function(scaled_conv_batch_norm, (*y.args, bn), kwargs)
-        new_node.meta.update(n.meta)
-        n.replace_all_uses_with(new_node)
-        graph.erase_node(n)
-        graph.erase_node(y)
-        fused += 1
-    return fused
-
-
 def fuse_ops(graph: fx.Graph) -> int:
     """Batch norms, linears, convolutions, layer norms, attention and adds fused with their scales
     (:func:`fuse_batch_norms`, :func:`fuse_linears`, :func:`fuse_convs`, :func:`fuse_layer_norms`,
@@ -621,7 +596,6 @@ def fuse_ops(graph: fx.Graph) -> int:
         + fuse_attention(graph) + fuse_adds(graph)
     if fused:
         place_grad_factors(graph)
-        fuse_conv_batch_norms(graph)
     return fused
 
 
