@@ -293,14 +293,25 @@ def rebuild_output(skel: Any, tensors: Sequence[Any]) -> Any:
     return new
 
 
+def dynamic_dims(t: torch.Tensor) -> range:
+    """The dimensions of an example tensor that :func:`export_call` exports as dynamic: all of an integer or
+    boolean tensor's (its sizes are counts of tokens), the first of a float tensor's (the batch)."""
+    return range(t.dim() if not (t.is_floating_point() or t.is_complex()) else min(1, t.dim()))
+
+
 def export_call(model: nn.Module, sig: CallSignature, run: Callable[..., Any],
                 dynamic: bool = True) -> tuple[fx.GraphModule, Any]:
     """Capture ``run(*sig.tensors)`` (which calls ``model``) with torch.export; return (graph, output skeleton).
 
     The graph takes the call's tensors, flat, and returns the output's tensors, flat;
-    :func:`rebuild_output` with the skeleton gives back the output's types. Every
-    dimension is exported as dynamic where the model allows it, so a smaller last
-    batch or a longer sequence runs the same graph.
+    :func:`rebuild_output` with the skeleton gives back the output's types. Exported as
+    dynamic where the model allows it (:func:`dynamic_dims`): every tensor's first
+    (batch) dimension and every dimension of an integer or boolean tensor (token ids,
+    positions, masks, labels), so a smaller last batch or a longer sequence runs the same
+    graph. A float tensor's other sizes (an image's height and width, a spectrogram's bins)
+    stay static: symbolic image sizes can keep export's shape reasoning busy for minutes
+    (Swin's window partition: more than 4 minutes, against 3 seconds static); another size
+    there captures again, with the same scales.
     """
     from torch.export import Dim
 
@@ -313,7 +324,7 @@ def export_call(model: nn.Module, sig: CallSignature, run: Callable[..., Any],
         return tuple(tensors)
 
     # one entry per parameter of the signature: ``*flat`` is one, a tuple of per-tensor specs
-    shapes = (tuple({d: Dim.AUTO for d in range(t.dim())} for t in sig.tensors),) if dynamic else None
+    shapes = (tuple({d: Dim.AUTO for d in dynamic_dims(t)} for t in sig.tensors),) if dynamic else None
     with _forward_replaced(model, flat_forward):
         ep = torch.export.export(model, tuple(sig.tensors), dynamic_shapes=shapes, strict=False)
     gm = ep.module()
