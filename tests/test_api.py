@@ -236,6 +236,30 @@ class DataDependentResidual(nn.Module):
         return F.mse_loss(self.out(h), y)
 
 
+class MaskWrite(nn.Module):
+    """A branch on a tensor's value (export fails), then a write through a boolean mask after the graph break
+    (dynamo fails too: Wav2Vec2's SpecAugment, ``hidden_states[mask_time_indices] = masked_spec_embed``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fill = nn.Linear(8, 8), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if x.max() > 100:
+            h = 2 * h
+        h[x[..., 0] > 0] = self.fill
+        return h.sum()
+
+
+def test_when_dynamo_fails_too_the_error_names_both_places_and_does_not_offer_dynamo():
+    us = unit_scale(MaskWrite())
+    with pytest.raises(UnitScaleError) as info:
+        us(torch.randn(4, 5, 8))
+    err = info.value
+    assert "if x.max() > 100" in err.where and "h[x[..., 0] > 0] = self.fill" in err.where, err.where
+    assert "dynamo_fallback" not in err.fix and "torch.where(mask" in err.fix, err.fix
+
 def test_data_dependent_model_is_unit_scaled_through_dynamo():
     model = DataDependentResidual()
     x, y = torch.randn(64, 16), torch.randn(64, 4)

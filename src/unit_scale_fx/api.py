@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import (CallSignature, _location, _mirror_state, export_call, rebuild_output,
+from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, rebuild_output,
                       symbolic_capture)
 from .checkpoint import mark_weight_files, unmark_state_dict, unmarked_view
 from .config import UnitScaleConfig
@@ -481,7 +481,12 @@ class UnitScaledModel(nn.Module):
             cause = st.cause
             raise UnitScaleError(f"{cause.what}; dynamo could not capture it either: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                                 where=cause.where, fix=cause.fix) from exc
+                                 where=f"torch.export: {cause.where}; dynamo: {_traced_location(exc)}",
+                                 fix="make the code at both places traceable: no Python branch on a tensor's "
+                                 "value (`if x.max() > n:`; torch._check or torch.cond instead), no write "
+                                 "through a boolean mask (`h[mask] = v`; `h = torch.where(mask[..., None], v, h)` "
+                                 "computes the same); or turn the feature that runs there off in the model's "
+                                 "config") from exc
 
     # -- capture and planning ---------------------------------------------------------------------------
     def _us_graph_for(self, args: tuple, kwargs: dict) -> tuple[Optional[_Graph], list]:

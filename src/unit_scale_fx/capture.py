@@ -131,6 +131,19 @@ def _location(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}" if f else "unknown"
 
 
+def _traced_location(exc: BaseException) -> str:
+    """Where a dynamo failure happened in the user's code: the last frame its message gives under
+    "from user code:" (its traceback holds only compiler frames), else :func:`_location`."""
+    import re
+
+    text = str(exc)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s+(.*)', text.split("from user code:", 1)[-1])
+    if "from user code:" in text and frames:
+        f = frames[-1]
+        return f"{f[0]}:{f[1]} in {f[2]}: {f[3].strip()}"
+    return _location(exc)
+
+
 def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
     tracer = UnitScaleTracer(leaf_modules)
     graph = tracer.trace(model)
