@@ -455,8 +455,9 @@ class UnitScaledModel(nn.Module):
     that class: every attribute and method stays (``config``, ``generate``,
     ``save_pretrained``, ``train()`` / ``eval()``); only ``forward`` changes. A call is
     captured with torch.export the first time its signature (which arguments, their
-    dtypes and ranks, the constants, train or eval mode) is seen, with every dimension
-    dynamic where the model allows it. The first capture plans the scales (measured on
+    dtypes and ranks, the constants, train or eval mode) is seen, with the batch and the sizes
+    of integer inputs dynamic where the model allows it (:func:`~unit_scale_fx.capture.dynamic_dims`).
+    The first capture plans the scales (measured on
     that call's inputs); every other signature takes the same scales by node (labels
     left out, eval mode, another output mode), so the model computes one function.
 
