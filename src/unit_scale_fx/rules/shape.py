@@ -95,7 +95,7 @@ class FillRule(Rule):
 
     name = "fill"
     kind = Kind.PRESERVE
-    preserves_scale = True
+    preserves_scale = True  # needs no scale (and is not a value-changing member of a fused chain)
 
     def scales(self, op: OpView) -> Scales:
         name = getattr(resolve_target(op.node), "__name__", "")
@@ -120,6 +120,7 @@ _FILLS = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "ra
 _NEW = ("new_zeros", "new_ones", "new_full", "new_empty")
 register(*dict.fromkeys(many([getattr(torch, n, None) for n in _FILLS] + [tensor_method(n) for n in _NEW]
                              + [aten(n) for n in _FILLS + _NEW])))(FillRule())
+
 
 @functools.lru_cache(maxsize=256)
 def top_order_moments(n: int, k: int) -> tuple[float, float]:
