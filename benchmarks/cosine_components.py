@@ -2,6 +2,8 @@
 
     python benchmarks/cosine_components.py [--families bart,falcon,gpt2,roberta_classifier] [--seed 0]
                                            [--widths 64,256,768] [--out benchmarks/results/cosine_components.md]
+    python benchmarks/cosine_components.py --families gpt2,tv_vit --taus 0.02,0.1,0.33,0.5,0.8 --no-adds \
+                                           --out benchmarks/results/cosine_tau_sweep.md
 
 For each model family (tests/fixtures/families.py, eval mode: no dropout noise), the model is unit-scaled
 with ``measure=False`` and both it and the unscaled model (its own init, the scales of the rewrite erased)
@@ -13,6 +15,8 @@ cosine at the readout's input, as tests/test_families.py measures it (train mode
 ``--widths``: that readout cosine again with the families' Hugging Face configs widened (hidden size w,
 MLP 2w; everything else as in the tests), mean of two inits: the unscaled models' std-0.02 init makes
 their blocks nearly linear and their branches small at width 64, not at a real width.
+``--taus``: the readout cosine with every residual add given the same share ``tau`` (``attn_tau`` =
+``mlp_tau``), against the depth rule's default: whether any residual share meets the unscaled cosine.
 """
 
 from __future__ import annotations
@@ -154,29 +158,63 @@ def width_rows(names: list[str], widths: list[int]) -> list[str]:
     return rows
 
 
+def tau_rows(names: list[str], taus: list[float], seed: int) -> list[str]:
+    """Readout cosine of each family unit-scaled with one residual share for every add."""
+    from fixtures.families import FAMILIES, missing
+
+    rows = ["\n## Readout input cosine under one residual share tau for every add (measure=False, train mode)\n",
+            "| family | unscaled | depth rule | " + " | ".join(f"tau={t:g}" for t in taus) + " |",
+            "|---|---|---|" + "---|" * len(taus)]
+    for name in names:
+        fam = FAMILIES[name]
+        if missing(fam.needs):
+            print(f"{name}: {missing(fam.needs)}; skipped", flush=True)
+            continue
+        torch.manual_seed(seed)
+        model = fam.make()
+        args, kwargs = fam.batch(0)
+        args2, kwargs2 = fam.batch(1)
+        cells = [_readout(model, fam, args2, kwargs2, seed)]
+        for tau in [None, *taus]:
+            model.zero_grad(set_to_none=True)
+            shares = {} if tau is None else {"attn_tau": tau, "mlp_tau": tau}
+            us = unit_scale(model, args, example_kwargs=kwargs, measure=False, **shares)
+            cells.append(_readout(us, fam, args2, kwargs2, seed))
+        rows.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default="bart,falcon,gpt2,roberta_classifier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--widths", default="", help="also the readout cosine at these widths (e.g. 64,256,768)")
+    p.add_argument("--taus", default="", help="also the readout cosine under one residual share (e.g. 0.02,0.5)")
+    p.add_argument("--no-adds", action="store_true", help="skip the per-add tables")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cosine_components.md"))
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
     import logging
 
     logging.disable(logging.WARNING)
-    lines = ["# Cross-position cosine by residual add: unscaled / unit-scaled (measure=False)\n",
+    title = ("Readout cosine under one residual share" if a.no_adds else
+             "Cross-position cosine by residual add: unscaled / unit-scaled")
+    lines = [f"# {title} (measure=False)\n",
              f"`python benchmarks/cosine_components.py --families {a.families} --seed {a.seed}"
-             f"{' --widths ' + a.widths if a.widths else ''}` "
+             f"{' --widths ' + a.widths if a.widths else ''}{' --taus ' + a.taus if a.taus else ''}"
+             f"{' --no-adds' if a.no_adds else ''}` "
              f"(torch {torch.__version__}, CPU; eval mode; each cell: unscaled / unit-scaled). The cosine is over "
              "all rows (pairs from different sequences count, as in the test); the planner's predicted rho is "
              "within one sequence, so an attention branch's is the higher of the two."]
-    for name in a.families.split(","):
+    for name in [] if a.no_adds else a.families.split(","):
         rows = family_rows(name, a.seed)
         lines += rows
         print("\n".join(rows), flush=True)
     if a.widths:
         lines += width_rows(a.families.split(","), [int(w) for w in a.widths.split(",")])
+    if a.taus:
+        lines += tau_rows(a.families.split(","), [float(t) for t in a.taus.split(",")], a.seed)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -72,6 +72,23 @@ def test_default_config_decoder_keeps_its_api_and_one_graph():
         us(input_ids=_batch()["input_ids"], past_key_values=transformers.DynamicCache(config=us.config))
 
 
+def test_a_forward_hook_on_the_unit_scaled_model_runs_around_the_call_not_in_the_capture():
+    """A hook reading ``output.logits`` (a logger, say) would see the capture's flat tuple if export traced
+    it; it used to push the model to dynamo. It now runs once per call, on the model's own output type."""
+    us = unit_scale(FAM.make())
+    seen: list = []
+    handle = us.register_forward_hook(lambda mod, args, out: seen.append(out.logits.detach().clone()))
+    pre: list = []
+    us.register_forward_pre_hook(lambda mod, args, kwargs: pre.append(sorted(kwargs)), with_kwargs=True)
+    out = us(**_batch())
+    assert us.us_capture == "torch.export" and len(_state(us).graphs) == 1
+    assert len(seen) == 1 and pre == [["input_ids", "labels"]]
+    torch.testing.assert_close(seen[0], out.logits.detach(), rtol=0, atol=0)
+    handle.remove()
+    us(**_batch(2))
+    assert len(seen) == 1 and len(pre) == 2
+
+
 def test_example_kwargs_alone_take_the_export_path():
     model = FAM.make()
     b = _batch(0)

@@ -353,8 +353,19 @@ def _input_dims(ep: Any) -> list:
     return out
 
 
+#: the module's own hook tables: they run around the user's call of the model, outside the capture
+_ROOT_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
 class _forward_replaced:
-    """Make ``model(*flat)`` run ``fn`` for the duration of an export (an instance attribute, removed after)."""
+    """Make ``model(*flat)`` run ``fn`` for the duration of an export (an instance attribute, removed after).
+
+    The model's own forward hooks are set aside meanwhile: a hook a user registered on the model runs
+    around their call (which is what captures), and must not run inside the capture, where it would see
+    the flat inputs and outputs of ``fn`` (and could not read, say, ``output.logits``).
+    """
 
     def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
         self.model, self.fn = model, fn
@@ -363,9 +374,13 @@ class _forward_replaced:
         self.had = "forward" in self.model.__dict__
         self.old = self.model.__dict__.get("forward")
         self.model.__dict__["forward"] = self.fn
+        self.hooks = {k: self.model.__dict__[k] for k in _ROOT_HOOKS if k in self.model.__dict__}
+        for k, table in self.hooks.items():
+            self.model.__dict__[k] = type(table)()
 
     def __exit__(self, *exc: Any) -> None:
         if self.had:
             self.model.__dict__["forward"] = self.old
         else:
             del self.model.__dict__["forward"]
+        self.model.__dict__.update(self.hooks)
