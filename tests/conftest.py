@@ -6,7 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+#: Under pytest-xdist (the README's test command runs ``-n 2``), each worker is one process on one of
+#: the 2 cores: one intra-op thread each, else the two workers' thread pools fight over the cores.
+#: Run alone, a test process takes at most 2 threads (the tiny models gain nothing from more).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)

@@ -187,6 +187,38 @@ def test_untraceable_model_with_example_inputs_is_captured_by_export():
     assert {r.rule for r in us.scale_plan().values()} >= {"matmul", "pointwise"}
 
 
+class ImageAndTokens(nn.Module):
+    """An image and token ids in one call; Python control flow on a shape keeps torch.fx out (export captures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.emb, self.lin = nn.Conv2d(3, 8, 3, padding=1), nn.Embedding(16, 8), nn.Linear(8, 8)
+
+    def forward(self, img, ids):
+        h = self.conv(img).mean((2, 3)) + self.emb(ids).mean(1)
+        if img.shape[0] > 0:
+            h = h.relu()
+        return self.lin(h).pow(2).mean()
+
+
+def test_lazy_export_keeps_a_float_inputs_sizes_static_beyond_the_batch():
+    """Lazily, each capture exports the batch and every size of an integer input (a sequence length) as
+    dynamic, a float input's other sizes (image height and width) as static: symbolic image sizes kept
+    torch.export busy for minutes on Swin's window partition (3 s static)."""
+    from unit_scale_fx.api import _state
+
+    us = unit_scale(ImageAndTokens())
+    us(torch.randn(4, 3, 8, 8), torch.randint(0, 16, (4, 5))).backward()
+    (graphs,) = _state(us).graphs.values()
+    (g,) = graphs
+    img_dims, ids_dims = g.static
+    assert img_dims[1:] == (3, 8, 8) and not isinstance(img_dims[0], int), img_dims
+    assert not any(isinstance(d, int) for d in ids_dims), ids_dims
+    us(torch.randn(2, 3, 8, 8), torch.randint(0, 16, (2, 7)))  # another batch and length: the same graph
+    assert len(_state(us).graphs[next(iter(_state(us).graphs))]) == 1
+    us(torch.randn(2, 3, 6, 6), torch.randint(0, 16, (2, 7)))  # another image size: captured again
+    assert sum(len(v) for v in _state(us).graphs.values()) == 2
+
 class DataDependentResidual(nn.Module):
     def __init__(self):
         super().__init__()
@@ -203,6 +235,30 @@ class DataDependentResidual(nn.Module):
             h = h - self.fc2(torch.relu(self.fc1(h)))
         return F.mse_loss(self.out(h), y)
 
+
+class MaskWrite(nn.Module):
+    """A branch on a tensor's value (export fails), then a write through a boolean mask after the graph break
+    (dynamo fails too: Wav2Vec2's SpecAugment, ``hidden_states[mask_time_indices] = masked_spec_embed``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fill = nn.Linear(8, 8), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if x.max() > 100:
+            h = 2 * h
+        h[x[..., 0] > 0] = self.fill
+        return h.sum()
+
+
+def test_when_dynamo_fails_too_the_error_names_both_places_and_does_not_offer_dynamo():
+    us = unit_scale(MaskWrite())
+    with pytest.raises(UnitScaleError) as info:
+        us(torch.randn(4, 5, 8))
+    err = info.value
+    assert "if x.max() > 100" in err.where and "h[x[..., 0] > 0] = self.fill" in err.where, err.where
+    assert "dynamo_fallback" not in err.fix and "torch.where(mask" in err.fix, err.fix
 
 def test_data_dependent_model_is_unit_scaled_through_dynamo():
     model = DataDependentResidual()

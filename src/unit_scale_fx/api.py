@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import (CallSignature, _location, _mirror_state, export_call, rebuild_output,
+from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, rebuild_output,
                       symbolic_capture)
 from .checkpoint import mark_weight_files, unmark_state_dict, unmarked_view
 from .config import UnitScaleConfig
@@ -455,8 +455,9 @@ class UnitScaledModel(nn.Module):
     that class: every attribute and method stays (``config``, ``generate``,
     ``save_pretrained``, ``train()`` / ``eval()``); only ``forward`` changes. A call is
     captured with torch.export the first time its signature (which arguments, their
-    dtypes and ranks, the constants, train or eval mode) is seen, with every dimension
-    dynamic where the model allows it. The first capture plans the scales (measured on
+    dtypes and ranks, the constants, train or eval mode) is seen, with the batch and the sizes
+    of integer inputs dynamic where the model allows it (:func:`~unit_scale_fx.capture.dynamic_dims`).
+    The first capture plans the scales (measured on
     that call's inputs); every other signature takes the same scales by node (labels
     left out, eval mode, another output mode), so the model computes one function.
 
@@ -481,7 +482,12 @@ class UnitScaledModel(nn.Module):
             cause = st.cause
             raise UnitScaleError(f"{cause.what}; dynamo could not capture it either: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                                 where=cause.where, fix=cause.fix) from exc
+                                 where=f"torch.export: {cause.where}; dynamo: {_traced_location(exc)}",
+                                 fix="make the code at both places traceable: no Python branch on a tensor's "
+                                 "value (`if x.max() > n:`; torch._check or torch.cond instead), no write "
+                                 "through a boolean mask (`h[mask] = v`; `h = torch.where(mask[..., None], v, h)` "
+                                 "computes the same); or turn the feature that runs there off in the model's "
+                                 "config") from exc
 
     # -- capture and planning ---------------------------------------------------------------------------
     def _us_graph_for(self, args: tuple, kwargs: dict) -> tuple[Optional[_Graph], list]:

@@ -131,6 +131,19 @@ def _location(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}" if f else "unknown"
 
 
+def _traced_location(exc: BaseException) -> str:
+    """Where a dynamo failure happened in the user's code: the last frame its message gives under
+    "from user code:" (its traceback holds only compiler frames), else :func:`_location`."""
+    import re
+
+    text = str(exc)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s+(.*)', text.split("from user code:", 1)[-1])
+    if "from user code:" in text and frames:
+        f = frames[-1]
+        return f"{f[0]}:{f[1]} in {f[2]}: {f[3].strip()}"
+    return _location(exc)
+
+
 def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
     tracer = UnitScaleTracer(leaf_modules)
     graph = tracer.trace(model)
@@ -293,14 +306,25 @@ def rebuild_output(skel: Any, tensors: Sequence[Any]) -> Any:
     return new
 
 
+def dynamic_dims(t: torch.Tensor) -> range:
+    """The dimensions of an example tensor that :func:`export_call` exports as dynamic: all of an integer or
+    boolean tensor's (its sizes are counts of tokens), the first of a float tensor's (the batch)."""
+    return range(t.dim() if not (t.is_floating_point() or t.is_complex()) else min(1, t.dim()))
+
+
 def export_call(model: nn.Module, sig: CallSignature, run: Callable[..., Any],
                 dynamic: bool = True) -> tuple[fx.GraphModule, Any]:
     """Capture ``run(*sig.tensors)`` (which calls ``model``) with torch.export; return (graph, output skeleton).
 
     The graph takes the call's tensors, flat, and returns the output's tensors, flat;
-    :func:`rebuild_output` with the skeleton gives back the output's types. Every
-    dimension is exported as dynamic where the model allows it, so a smaller last
-    batch or a longer sequence runs the same graph.
+    :func:`rebuild_output` with the skeleton gives back the output's types. Exported as
+    dynamic where the model allows it (:func:`dynamic_dims`): every tensor's first
+    (batch) dimension and every dimension of an integer or boolean tensor (token ids,
+    positions, masks, labels), so a smaller last batch or a longer sequence runs the same
+    graph. A float tensor's other sizes (an image's height and width, a spectrogram's bins)
+    stay static: symbolic image sizes can keep export's shape reasoning busy for minutes
+    (Swin's window partition: more than 4 minutes, against 3 seconds static); another size
+    there captures again, with the same scales.
     """
     from torch.export import Dim
 
@@ -313,7 +337,7 @@ def export_call(model: nn.Module, sig: CallSignature, run: Callable[..., Any],
         return tuple(tensors)
 
     # one entry per parameter of the signature: ``*flat`` is one, a tuple of per-tensor specs
-    shapes = (tuple({d: Dim.AUTO for d in range(t.dim())} for t in sig.tensors),) if dynamic else None
+    shapes = (tuple({d: Dim.AUTO for d in dynamic_dims(t)} for t in sig.tensors),) if dynamic else None
     with _forward_replaced(model, flat_forward):
         ep = torch.export.export(model, tuple(sig.tensors), dynamic_shapes=shapes, strict=False)
     gm = ep.module()

@@ -24,13 +24,36 @@ from dp_common import LR, WORLD, batches, local, make_model, make_opt  # noqa: E
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp")
+def _run_worker(out: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "dp_worker.py"), str(out)], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "dp_worker.py"), out], capture_output=True,
+                              text=True, timeout=300, env=env)
+        rc, err = proc.returncode, proc.stderr[-4000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, err = -1, f"the worker hung: {exc}"
+    with open(os.path.join(out, "stderr.txt"), "w") as f:
+        f.write(err)
+    with open(os.path.join(out, "rc"), "w") as f:  # written last: the run is complete
+        f.write(str(rc))
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory):
+    """The worker's results: one run per test session. Under pytest-xdist (the README's test command) the
+    workers share it through a folder of the session's own temporary root: the first runs it, others wait."""
+    from filelock import FileLock  # a dependency of torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        out = str(tmp_path_factory.getbasetemp().parent / "dp")  # pytest-N/, this session's, shared by workers
+    else:
+        out = str(tmp_path_factory.mktemp("dp"))
+    with FileLock(out + ".lock"):
+        if not os.path.exists(os.path.join(out, "rc")):
+            os.makedirs(out, exist_ok=True)
+            _run_worker(out)
+    with open(os.path.join(out, "rc")) as f, open(os.path.join(out, "stderr.txt")) as e:
+        assert f.read() == "0", e.read()
     return {f[:-3]: torch.load(os.path.join(out, f), weights_only=False) for f in os.listdir(out) if f.endswith(".pt")}
 
 

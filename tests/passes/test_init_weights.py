@@ -77,3 +77,27 @@ def test_added_tables_are_unit_vectors_and_zero_tables_kept():
     assert abs(rms(gm.pos) - 1.0) < 1e-5
     torch.testing.assert_close(gm.pos / gm.pos.norm(), pos0 / pos0.norm())  # direction kept
     assert torch.all(gm.shift == 0.3) and torch.count_nonzero(gm.zero_table) == 0
+
+
+class Probe(nn.Module):
+    """A learned query repeated over the batch and projected (SigLIP's attention-pooling head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.probe = nn.Parameter(0.1 * torch.randn(1, 1, 16))
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        q = self.lin(self.probe.repeat(x.shape[0], 1, 1))
+        if x.shape[0] > 0:  # Python control flow on a shape: captured by torch.export
+            q = q + 0.0
+        return (q * x).sum()
+
+
+def test_a_parameter_repeated_to_the_symbolic_batch_size_is_a_unit_weight():
+    """Lazily the batch is symbolic: ``repeat`` reads the size node too, and is still one tensor's values."""
+    from unit_scale_fx import unit_scale
+
+    us = unit_scale(Probe())
+    us(torch.randn(4, 1, 16)).backward()
+    assert abs(rms(us.probe) - 1.0) < 1e-5, rms(us.probe)

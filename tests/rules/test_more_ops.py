@@ -268,3 +268,56 @@ def test_topk_order_statistics_match_sampling():
     top = z.topk(3, -1).values
     e1, e2 = top_order_moments(8, 3)
     assert math.isclose(e1, float(top.mean()), rel_tol=0.01) and math.isclose(e2, float(top.pow(2).mean()), rel_tol=0.01)
+
+
+class _ExportOnly(nn.Module):
+    """``fn(self, x)``, with Python control flow on a shape so that torch.export (aten ops) captures it."""
+
+    def __init__(self, fn, **modules) -> None:
+        super().__init__()
+        self.fn = fn
+        for k, v in modules.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            return self.fn(self, x)
+        return x
+
+
+def test_convolution_with_string_padding_has_the_conv_rule_under_export():
+    """``Conv2d(padding="valid")`` exports as ``aten.conv2d.padding`` (SigLIP's patch embedding): a convolution."""
+    torch.manual_seed(0)
+    m = _ExportOnly(lambda m, x: m.conv(x), conv=nn.Conv2d(8, 16, 4, stride=4, padding="valid"))
+    us = unit_scale(m, (_x(4, 8, 16, 16),), measure=False, unsupported="error")
+    assert us.us_capture == "torch.export"
+    assert [r.rule for r in us.scale_plan().values()] == ["conv"]
+    x = _x(4, 8, 16, 16).requires_grad_()
+    y = us(x)
+    y.backward(torch.randn_like(y))
+    assert 0.8 < rms(y) < 1.25 and 0.8 < rms(x.grad) < 1.25, (rms(y), rms(x.grad))
+
+
+def _group_routing(m, x):
+    """DeepSeek-V3's group routing: a mask of ones scattered into ``zeros_like`` keeps the chosen groups."""
+    s = F.linear(x, m.w).sigmoid()
+    mask = torch.zeros_like(s).scatter(1, s.topk(2, dim=-1).indices, 1.0)
+    keep = s.masked_fill(mask == 0, 0.0) + torch.ones_like(s) * 0.0 + x.new_zeros(s.shape)
+    return F.linear(keep, m.v)
+
+
+def test_fills_shaped_like_a_tensor_are_constants_not_unsupported_ops():
+    """``zeros_like`` / ``ones_like`` / ``new_zeros`` read only their input's shape and dtype, and ``scatter``
+    of a scalar writes a constant (as ``masked_fill``): rules, not float ops left unscaled."""
+    from unit_scale_fx.rules.registry import Kind
+
+    m = _ExportOnly(_group_routing)
+    m.register_parameter("w", nn.Parameter(torch.randn(8, D)))
+    m.register_parameter("v", nn.Parameter(torch.randn(D, 8)))
+    us = unit_scale(m, (_x(B, D),), measure=False, unsupported="error")
+    recs = us.scale_plan(all_nodes=True).values()
+    fills = {r.op.split(".")[-2]: r for r in recs if r.rule == "fill"}
+    assert set(fills) == {"zeros_like", "ones_like", "new_zeros"}, sorted(fills)
+    assert all(r.kind == Kind.PRESERVE and r.fwd == 1.0 for r in fills.values())
+    assert fills["ones_like"].fwd_rms == 1.0
+    assert any(r.op.endswith("scatter.value") and r.rule == "preserve" for r in recs)

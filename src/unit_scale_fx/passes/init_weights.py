@@ -38,12 +38,22 @@ def param_key(node: fx.Node) -> str:
     return str(node.target) if node.op == "get_attr" else node.name
 
 
+def _is_size(node: fx.Node) -> bool:
+    """A node whose value is a number (a symbolic size under dynamic shapes), not a tensor."""
+    val = node.meta.get("val")
+    return isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def _source_param(node: fx.Node, gm: fx.GraphModule, params: Collection[str] = ()) -> fx.Node | None:
-    """Follow scale-preserving ops (``.t()``, views) back to a ``get_attr`` or parameter placeholder."""
+    """Follow scale-preserving ops (``.t()``, views) back to a ``get_attr`` or parameter placeholder.
+
+    Only tensor inputs count: ``probe.repeat(batch, 1, 1)`` under dynamic shapes also reads the symbolic
+    batch size (a node too), and is still one tensor's values repeated.
+    """
     seen = 0
     while not _is_param(node, params) and seen < 8:
         rule = lookup(node, gm)
-        ins = [n for n in node.all_input_nodes]
+        ins = [n for n in node.all_input_nodes if not _is_size(n)]
         if rule is None or not rule.preserves_scale or len(ins) != 1:
             return None
         node = ins[0]

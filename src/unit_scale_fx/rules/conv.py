@@ -111,4 +111,5 @@ class ConvRule(Rule):
 register(*dict.fromkeys(t for t in (
     F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
     aten("conv1d"), aten("conv2d"), aten("conv3d"), aten("convolution"),
+    aten("conv1d", "padding"), aten("conv2d", "padding"), aten("conv3d", "padding"),  # padding="valid" / "same"
 ) if t is not None))(ConvRule())

@@ -233,6 +233,7 @@ class EmbeddingRule(Rule):
 CONV_TARGETS = frozenset(t for t in (
     F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
     torch.conv1d, torch.conv2d, torch.conv3d, aten("conv1d"), aten("conv2d"), aten("conv3d"), aten("convolution"),
+    aten("conv1d", "padding"), aten("conv2d", "padding"), aten("conv3d", "padding"),
 ) if t is not None)
 
 _LAYOUT_KWARGS = {_LINEAR: ("input", "weight"), _MATMUL: ("input", "other"), _ADDMM: ("mat1", "mat2")}

@@ -80,8 +80,46 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("view_as"), aten("reshape_as"), aten("squeeze", "dims"), aten("contiguous"), aten("repeat"),
     aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
     aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("sort"),
+    aten("scatter", "value"),  # a constant written at some places, as masked_fill with a scalar
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
+
+
+class FillRule(Rule):
+    """A new tensor shaped like its input (``zeros_like``, ``ones_like``, ``full_like``, ``x.new_empty``, ...).
+
+    The input gives a shape and a dtype, never values: the output's RMS is that of the fill (1 for
+    ones, ``|v|`` for ``full_like(x, v)``, 1 for ``randn_like``; unknown for zeros and empty memory,
+    as for ``torch.zeros``), and no gradient flows back to the input.
+    """
+
+    name = "fill"
+    kind = Kind.PRESERVE
+    preserves_scale = True  # needs no scale (and is not a value-changing member of a fused chain)
+
+    def scales(self, op: OpView) -> Scales:
+        name = getattr(resolve_target(op.node), "__name__", "")
+        name = name.split(".")[0]  # aten overloads: "full_like.default"
+        if name in ("ones_like", "new_ones"):
+            out: float | None = 1.0
+        elif name in ("full_like", "new_full"):
+            v = op.node.args[2] if name == "new_full" and len(op.node.args) > 2 else (
+                op.node.args[1] if len(op.node.args) > 1 else op.node.kwargs.get("fill_value"))
+            out = abs(float(v)) if isinstance(v, (int, float)) else None
+        elif name == "randn_like":
+            out = 1.0
+        elif name == "rand_like":
+            out = 1.0 / math.sqrt(3.0)
+        else:
+            out = None
+        return Scales(out_rms=out, grad_gain={x: 0.0 for x in op.inputs},
+                      note="a fill shaped like its input; no gradient to it")
+
+
+_FILLS = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like")
+_NEW = ("new_zeros", "new_ones", "new_full", "new_empty")
+register(*dict.fromkeys(many([getattr(torch, n, None) for n in _FILLS] + [tensor_method(n) for n in _NEW]
+                             + [aten(n) for n in _FILLS + _NEW])))(FillRule())
 
 
 @functools.lru_cache(maxsize=256)
