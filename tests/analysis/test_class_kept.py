@@ -83,6 +83,32 @@ def test_equivalence_and_gradient_cosines_with_keyword_inputs(monkeypatch):
     assert not check_equivalence(model, us, kwargs=_batch(2)).ok
 
 
+def test_the_erased_copy_runs_the_captured_graphs_without_capturing_again(monkeypatch):
+    """The scale-erased copy erases the graphs that train (no second export); a new signature still captures."""
+    from unit_scale_fx import api
+
+    model, us = _class_kept()
+    us(**_batch(1))
+    erased = equivalence.scale_erased_copy(us)
+    erased.load_state_dict(model.state_dict())  # the user's own weights (unit_scale re-initialised its copy's)
+    calls: list = []
+    real = api.export_call
+    monkeypatch.setattr(api, "export_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    want = model(**_batch(1))
+    got = erased(**_batch(1))
+    assert calls == [] and len(_state(erased).graphs) == len(_state(us).graphs)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+    us.load_state_dict(model.state_dict())
+    assert not torch.allclose(us(**_batch(1)).logits, want.logits, rtol=1e-3)  # the scales are really gone
+    us.zero_grad(set_to_none=True)
+    # the erased graphs train the copy's own parameters, not the unit-scaled model's
+    got.loss.backward()
+    assert all(p.grad is not None for p in erased.parameters()) and all(p.grad is None for p in us.parameters())
+    erased(*_batch(1).values())  # positional: another signature, captured and erased now
+    assert calls == [1]
+
+
 def test_simulate_format_joins_every_captured_graph():
     _, us = _class_kept()
     with torch.no_grad():

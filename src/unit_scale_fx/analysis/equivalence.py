@@ -76,6 +76,16 @@ def _erase_module(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _erased_graph(gm: fx.GraphModule, owner: nn.Module) -> fx.GraphModule:
+    """A copy of one captured graph module of a class-kept model, on ``owner``'s parameters, scales erased."""
+    from ..capture import _mirror_state
+
+    erased = copy.deepcopy(gm)
+    _mirror_state(owner, erased)
+    _erase_module(erased)
+    return erased
+
+
 def scale_erased_copy(us_model: nn.Module) -> nn.Module:
     """A copy of the planned unit-scaled module with every inserted scale set to 1 (forward and backward).
 
@@ -91,8 +101,15 @@ def scale_erased_copy(us_model: nn.Module) -> nn.Module:
             raise UnitScaleError(
                 "the model simulates a number format (simulate_format): rounding is not a scale and cannot be erased",
                 where="scale_erased_copy", fix="check equivalence on the model unit-scaled without simulate_format")
-        erased_model = copy.deepcopy(us_model)  # the copy captures again at its first call, with the same scales
-        erased_model.__dict__["_us_state"].post_capture = _erase_module
+        from ..api import _Graph
+
+        erased_model = copy.deepcopy(us_model)  # a new call signature captures again, with the same scales
+        copied = erased_model.__dict__["_us_state"]
+        copied.post_capture = _erase_module
+        for key, graphs in state.graphs.items():  # the graphs already captured: the very ones that train, erased
+            copied.graphs[key] = [_Graph(_erased_graph(g.gm, erased_model), g.static, g.skeleton) for g in graphs]
+        if state.primary is not None:
+            copied.primary = next((g.gm for gs in copied.graphs.values() for g in gs), None)
         return erased_model
     gm = _graph_module(us_model)
     if not getattr(gm, "us_planned", True):
