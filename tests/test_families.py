@@ -64,7 +64,8 @@ def _unit_scale(fam, how):
             us.zero_grad(set_to_none=True)
         else:
             us = unit_scale(model, args, example_kwargs=kwargs)
-    assert not [w for w in caught if "no unit-scaling rule" in str(w.message)]
+    unruled = [str(w.message) for w in caught if "no unit-scaling rule" in str(w.message)]
+    assert not unruled, unruled
     return model, us
 
 

@@ -249,6 +249,45 @@ def test_op_of_an_optional_package_gets_its_rule_once_imported(monkeypatch):
     assert registry.lookup(node) is rule and drop_rows in registry.registered_targets()
 
 
+def test_an_optional_op_keeps_its_rule_through_a_partial_import_and_a_reload(monkeypatch):
+    """A lookup while the package is still importing (its module in sys.modules, the op not yet defined)
+    does not drop the rule, and a second function object of the same op (the module imported again) has it."""
+    import sys
+    import types
+
+    import torch.fx as fx
+
+    from unit_scale_fx.rules import registry
+
+    name = "unit_scale_fx_test_optional_pkg2"
+    rule = registry.Rule()
+    registry.register(registry.OptionalTarget(name, "drop_rows"))(rule)
+
+    def make():
+        def drop_rows(x):
+            return x
+
+        drop_rows.__module__ = name
+        return drop_rows
+
+    pkg = types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, pkg)  # importing: the op is not defined yet
+    graph = fx.Graph()
+    other = graph.call_function(torch.relu, (graph.placeholder("x"),))
+    registry.lookup(other)  # any lookup looks at the pending ops
+    first = make()
+    pkg.drop_rows = first
+    node = graph.call_function(first, (other,))
+    assert registry.lookup(node) is rule
+    again = make()  # the module imported again: another function object, the same op
+    assert again is not first and registry.lookup(graph.call_function(again, (other,))) is rule
+
+    def drop_rows(x):  # same name, defined elsewhere: not that op
+        return x
+
+    assert registry.lookup(graph.call_function(drop_rows, (other,))) is None
+
+
 def test_few_values_gain_matches_sampling():
     """Batch norm's input gradient over n values per channel: (g projected off 1 and x_hat) / batch std."""
     from unit_scale_fx.rules.batchnorm import few_values_gain

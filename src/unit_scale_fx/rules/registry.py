@@ -189,14 +189,28 @@ class OptionalTarget:
         self.module, self.name = module, name
 
 
+#: every optional op ever registered, by ``(module, name)``: an op object that is not keyed (its module
+#: imported again, or still importing when a lookup first looked) is still found by where it was defined
+_OPTIONAL: dict[tuple[str, str], Rule] = {}
+
+
 def _resolve_pending() -> None:
     import sys
 
     for key in [k for k in _PENDING if k[0] in sys.modules]:
-        rule = _PENDING.pop(key)
         target = getattr(sys.modules[key[0]], key[1], None)
-        if target is not None and target not in _RULES:
+        if target is None:  # the module is still importing: look again at the next lookup
+            continue
+        rule = _PENDING.pop(key)
+        if target not in _RULES:
             _RULES[target] = rule
+
+
+def _optional_rule(target: Any) -> Optional[Rule]:
+    """The rule of an optional package's op found by its defining module and name, not by identity."""
+    if not _OPTIONAL or not (callable(target) or isinstance(target, type)):
+        return None
+    return _OPTIONAL.get((getattr(target, "__module__", None), getattr(target, "__name__", None)))
 
 
 def register(*targets: Any) -> Callable[[Any], Any]:
@@ -212,6 +226,7 @@ def register(*targets: Any) -> Callable[[Any], Any]:
                 continue
             if isinstance(t, OptionalTarget):
                 _PENDING[(t.module, t.name)] = rule
+                _OPTIONAL[(t.module, t.name)] = rule
                 continue
             if t in _RULES:
                 raise UnitScaleError(
@@ -284,9 +299,10 @@ def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Ru
     if _LIBRARY_OPS:
         resolve_library_op(key)
     try:
-        return _RULES.get(key)
+        rule = _RULES.get(key)
     except TypeError:  # unhashable target
         return None
+    return rule if rule is not None else _optional_rule(key)
 
 
 def registered_targets() -> dict[Any, Rule]:
