@@ -143,6 +143,14 @@ def test_planning_costs_no_more_than_a_training_step(name):
     assert first <= 1.1 * step, (first, step)
 
 
+def _seeded_step(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """``model(*batch)`` (a scalar loss) and its backward, from the same RNG state every time."""
+    torch.manual_seed(1)
+    loss = model(*batch)
+    loss.backward()
+    return loss
+
+
 def _scale_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is scale]
 
@@ -158,12 +166,7 @@ def test_with_every_scale_one_the_model_is_the_original(name):
     ref = copy.deepcopy(model)
     ref.load_state_dict(us.state_dict())
     ref.train(us.training)
-    torch.manual_seed(1)
-    a = ones(*batch)
-    a.backward()
-    torch.manual_seed(1)
-    b = ref(*batch)
-    b.backward()
+    a, b = _seeded_step(ones, batch), _seeded_step(ref, batch)
     assert torch.equal(a, b)
     grads = dict(ref.named_parameters())
     for k, p in ones.named_parameters():
@@ -520,12 +523,7 @@ def test_fused_code_computes_the_graph_with_its_scales(name):
     plain = _unfused(us)
     batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
     assert "scaled_linear(" in us.code and "scaled_linear(" not in plain.code
-    torch.manual_seed(1)
-    a = us(*batch)
-    a.backward()
-    torch.manual_seed(1)
-    b = plain(*batch)
-    b.backward()
+    a, b = _seeded_step(us, batch), _seeded_step(plain, batch)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
     grads = dict(plain.named_parameters())
     for k, p in us.named_parameters():

@@ -412,18 +412,11 @@ def fuse_attention(graph: fx.Graph) -> int:
             continue
         if {"q_scale", "k_scale", "v_scale", "out_scale"} & set(n.kwargs):
             continue
-        args = list(n.args)
-        absorbed: list[fx.Node] = []
-        kwargs: dict[str, Any] = dict(n.kwargs)
-        for i, key in enumerate(("q_scale", "k_scale", "v_scale")):
-            a = args[i]
-            if _lone_scale(a) and _factors(a)[0] == 1.0 and _factors(a) != (1.0, 1.0):
-                kwargs[key] = _factors(a)
-                args[i] = a.args[0]
-                absorbed.append(a)
-        out = _output_scale(n)
-        if out:
-            kwargs["out_scale"] = _out_factors(out)
+        bound = dict(zip("qkv", n.args[:3]))
+        scales, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=True,
+                                               args=(("q_scale", "q"), ("k_scale", "k"), ("v_scale", "v")))
+        args = [bound["q"], bound["k"], bound["v"], *n.args[3:]]
+        kwargs: dict[str, Any] = {**n.kwargs, **scales}
         rq = _planned_rms(n.args[0])
         if rq is not None and not QUERY_BAND[0] <= rq <= QUERY_BAND[1]:
             kwargs["q_unit"] = 1.0 / rq  # a query the model scaled itself: unit for the kernel, same logits
