@@ -14,6 +14,81 @@ import torch
 from torch import Tensor
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FACTORS: dict = {}
+_EXACT = (torch.float32, torch.float64)
+
+
+def _factor(t: Tensor, f: float) -> Any:
+    """``f`` as what ``t`` is multiplied by: for a plain float32 or float64 CPU or CUDA tensor, a cached 0-dim
+    CPU tensor of its dtype (the kernels read a 0-dim CPU operand as the scalar they read a Python number
+    as, so the product is the same; the multiply skips wrapping the number in a new tensor, a few
+    microseconds an op); otherwise ``f``."""
+    dt = t.dtype
+    if dt not in _EXACT or type(t) not in _PLAIN:
+        return f
+    key = (f, dt)
+    c = _FACTORS.get(key)
+    if c is None:
+        if len(_FACTORS) > 4096:
+            _FACTORS.clear()
+        c = _FACTORS[key] = torch.tensor(f, dtype=dt)
+    return c
+
+
+def _mul(t: Tensor, f: float) -> Tensor:
+    """``t * f`` (``t`` itself for ``f == 1``)."""
+    return t if f == 1.0 else t * _factor(t, f)
+
+
+def _mul_(t: Tensor, f: float) -> Tensor:
+    """``t.mul_(f)`` (nothing for ``f == 1``)."""
+    return t if f == 1.0 else t.mul_(_factor(t, f))
+
+
+def _native_ok(*ts: Tensor | None) -> bool:
+    """The fused ops may run as native autograd ops with backward factors set through what they save
+    (:func:`_set_saved`): plain float32 / float64 tensors, eager (no compiling, no ``functorch`` transform)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or (type(t) in _PLAIN and t.dtype in _EXACT) for t in ts)
+
+
+def _fresh(t: Tensor, f: float) -> Tensor:
+    """A new 0-dim CPU tensor holding ``f``, of ``t``'s dtype: a factor an op multiplies by, which autograd
+    saves for backward and :func:`_set_saved` may change afterwards."""
+    return _factor(t, f).clone()
+
+
+def _set_saved(t: Tensor, f: float) -> None:
+    """Set a factor of backward, after forward has read ``t``: ``t`` (a tensor this op made, which autograd
+    saved for backward) becomes ``t * f`` in place through ``t.data``, which shares its storage but not
+    its version counter, so that backward reads the new value without autograd flagging the change.
+    The standard trick of optimizers and initialisers; here it makes a native op's backward factor
+    differ from its forward one without a Python ``autograd.Function`` (tens of microseconds a call)."""
+    if f != 1.0:
+        t.data.mul_(_factor(t, f))
+
+
+def _fast_apply(cls: type) -> Any:
+    """``cls.apply`` without the per-call Python of ``Function.apply``, which binds the arguments where
+    a ``setup_context`` is defined (the fused ops define none) and builds the argument tuple through a
+    generator: the C ``apply`` directly, with the same unwrapping of tensors a ``functorch`` transform
+    left behind. Under an active transform (``vmap``, ``grad``) or while compiling it is ``cls.apply``
+    (what dynamo and functorch recognise)."""
+    base = super(torch.autograd.Function, cls).apply  # type: ignore[misc]
+    unwrap = torch._C._functorch.unwrap_if_dead
+    active = torch._C._are_functorch_transforms_active
+    compiling = torch.compiler.is_compiling
+
+    def apply(*args: Any) -> Any:
+        if active() or compiling():
+            return cls.apply(*args)
+        return base(*[unwrap(a) if isinstance(a, Tensor) else a for a in args])
+
+    return apply
+
+
 class _ScaleFn(torch.autograd.Function):
     # the ``forward(ctx, ...)`` form: with a separate ``setup_context``, every ``apply`` binds its
     # arguments with ``inspect.signature``, which costs more than the multiply on small tensors
@@ -21,7 +96,7 @@ class _ScaleFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
         ctx.bwd = bwd
         if fwd != 1.0:
-            return x * fwd
+            return _mul(x, fwd)
         # a backward-only scale: a view, no copy. A 0-dim value (a returned loss) is copied instead, so
         # that callers may scale it in place (``loss *= k``: transformers.Trainer, accelerate), which
         # autograd forbids on the view a custom Function returns
@@ -29,7 +104,10 @@ class _ScaleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return (grad * ctx.bwd if ctx.bwd != 1.0 else grad), None, None
+        return _mul(grad, ctx.bwd), None, None
+
+
+_apply_scale = _fast_apply(_ScaleFn)
 
 
 def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
@@ -41,7 +119,7 @@ def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
     """
     if fwd == bwd or not isinstance(x, Tensor):  # (a Python number has no gradient to scale)
         return x * fwd if fwd != 1.0 else x
-    return _ScaleFn.apply(x, float(fwd), float(bwd))
+    return _apply_scale(x, float(fwd), float(bwd))
 
 
 def weighted_add(a: Tensor, b: Tensor, wa: float, wb: float) -> Tensor:
@@ -78,10 +156,7 @@ class _ScaledLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: tuple, c: tuple) -> Tensor:  # type: ignore[override]
         kx, kb, fx, fw = k
         # forward factors of the operands make scaled copies (what the GEMMs read and backward keeps)
-        if fx != 1.0:
-            x = x * fx
-        if fw != 1.0:
-            w = w * fw
+        x, w = _mul(x, fx), _mul(w, fw)
         x2 = x.reshape(-1, x.shape[-1])
         if b is None:
             out = _mm(x2, w.t(), kx)
@@ -102,12 +177,11 @@ class _ScaledLinearFn(torch.autograd.Function):
         if 1.0 / NEAR_ONE <= go <= NEAR_ONE:  # one pass over the gradient fewer; the GEMMs read it within 4.4% of unit
             go, cx, cw, cb = 1.0, cx * go, cw * go, cb * go
         elif go != 1.0:  # the gradient the backward GEMMs consume is the unit one, as in the unfused chain
-            g2 = g2 * go
+            g2 = _mul(g2, go)
         gx = gw = gb = None
         if ctx.has_bias and ctx.needs_input_grad[2]:  # first: a compiler fuses it with g2's producer
             gb = g2.sum(0)
-            if cb != 1.0:
-                gb = gb * cb
+            gb = _mul_(gb, cb)
         if ctx.needs_input_grad[0]:
             gx = _mm(g2, w, cx).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
@@ -115,6 +189,7 @@ class _ScaledLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+_apply_linear = _fast_apply(_ScaledLinearFn)
 _ONE = (1.0, 1.0)
 
 
@@ -150,7 +225,7 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     # the output's forward factor are the GEMMs' ``alpha``
     k = (float(fo), float(fo * fb), float(fx), float(fw))
     c = (float(go), float(gx), float(gw), float(gb))
-    return _ScaledLinearFn.apply(x, weight, bias, k, c)
+    return _apply_linear(x, weight, bias, k, c)
 
 
 def _ntuple(v: Any, n: int) -> list:
@@ -162,15 +237,10 @@ def _conv_forward(ctx: Any, conv: Any, x: Tensor, w: Tensor, b: Tensor | None, g
     """The forward of :class:`_ScaledConvFn`: the output, and the operands backward keeps."""
     fx, fw, fb, fo = f
     stride, padding, dilation, groups = geometry
-    if fx != 1.0:
-        x = x * fx
-    if fw != 1.0:
-        w = w * fw
-    if b is not None and fb != 1.0:
-        b = b * fb
-    out = conv(x, w, b, stride, padding, dilation, groups)
-    if fo != 1.0:
-        out.mul_(fo)
+    x, w = _mul(x, fx), _mul(w, fw)
+    if b is not None:
+        b = _mul(b, fb)
+    out = _mul_(conv(x, w, b, stride, padding, dilation, groups), fo)
     n = w.dim() - 2
     ctx.geometry = (_ntuple(stride, n), _ntuple(padding, n), _ntuple(dilation, n), int(groups))
     ctx.bias_sizes = None if b is None else [b.shape[0]]
@@ -181,22 +251,27 @@ def _conv_forward(ctx: Any, conv: Any, x: Tensor, w: Tensor, b: Tensor | None, g
 def _conv_backward(ctx: Any, g: Tensor, x: Tensor, w: Tensor, need: Sequence[bool]) -> tuple:
     """The backward of :class:`_ScaledConvFn`: the gradients of input, weight and bias (``need``: which)."""
     go, gx, gw, gb = ctx.c
-    if go != 1.0:
-        g = g * go
+    g = _mul(g, go)
     stride, padding, dilation, groups = ctx.geometry
     mask = [need[0], need[1], ctx.bias_sizes is not None and need[2]]
-    grads = torch.ops.aten.convolution_backward(g, x, w, ctx.bias_sizes, stride, padding, dilation, False,
+    wd = w
+    if mask[0] and gx != 1.0 and w.numel() < x.numel():
+        # the input gradient is linear in the weight, which the other gradients do not read: its factor
+        # multiplies the (smaller) weight instead of the gradient
+        wd, gx = _mul(w, gx), 1.0
+    grads = torch.ops.aten.convolution_backward(g, x, wd, ctx.bias_sizes, stride, padding, dilation, False,
                                                 [0] * len(stride), groups, mask)
     dx, dw, db = (t if m else None for t, m in zip(grads, mask))
     for t, f in ((dx, gx), (dw, gw), (db, gb)):
-        if t is not None and f != 1.0:
-            t.mul_(f)
+        if t is not None:
+            _mul_(t, f)
     return dx, dw, db
 
 
 class _ScaledConvFn(torch.autograd.Function):
     """``fo * conv(fx * x, fw * w, fb * b)``; backward: with ``d = go * g``, each input's gradient
-    times its backward factor (``convolution_backward``, then in-place multiplies).
+    times its backward factor (``convolution_backward``, then in-place multiplies; the input gradient's
+    factor multiplies a copy of the weight that backward reads instead, where the weight is the smaller).
 
     Operands with a forward factor other than 1 are scaled copies (what the convolution reads
     and backward keeps, as the chain of scales does); the output is multiplied in place (the
@@ -216,6 +291,7 @@ class _ScaledConvFn(torch.autograd.Function):
         return (None,) + _conv_backward(ctx, g, x, w, ctx.needs_input_grad[1:4]) + (None, None, None)
 
 
+_apply_conv = _fast_apply(_ScaledConvFn)
 #: the convolutions :func:`scaled_conv` computes, by the number of spatial dimensions
 CONVS = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
@@ -237,7 +313,21 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
         return scale(conv(scale(x, fx, gx), scale(weight, fw, gw), None if bias is None else scale(bias, fb, gb),
                           stride, padding, dilation, groups), fo, go)
-    return _ScaledConvFn.apply(conv, x, weight, bias, (stride, padding, dilation, groups),
+    if (fx, fo, go) == (1.0, 1.0, 1.0) and _native_ok(x, weight, bias):
+        # factors on the weight and bias only: the native convolution of a scaled copy of the weight,
+        # whose saved value backward then reads times the input's factor; the weight's and bias's
+        # backward factors are the saved factors of their multiplies
+        sw = _fresh(weight, float(fw))
+        w = weight * sw
+        sb = None if bias is None else _fresh(bias, float(fb))
+        out = conv(x, w, None if bias is None else bias * sb, stride, padding, dilation, groups)
+        if x.requires_grad:
+            _set_saved(w, float(gx))
+        sw.data.fill_(float(gw))
+        if sb is not None:
+            sb.data.fill_(float(gb))
+        return out
+    return _apply_conv(conv, x, weight, bias, (stride, padding, dilation, groups),
                                (float(fx), float(fw), float(fb), float(fo)),
                                (float(go), float(gx), float(gw), float(gb)))
 
@@ -258,9 +348,12 @@ class _ScaledAddFn(torch.autograd.Function):
             t = None
             if need:
                 t = g.sum_to_size(shape) if g.shape != shape else g  # an input broadcast in forward
-                t = t * f if f != 1.0 else t
+                t = _mul(t, f)
             grads.append(t)
         return grads[0], grads[1], None, None
+
+
+_apply_add = _fast_apply(_ScaledAddFn)
 
 
 def _weighted_sum(a: Tensor, b: Tensor, ka: float, kb: float) -> Tensor:
@@ -288,7 +381,7 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
     if (not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dtype != b.dtype
             or not torch.is_grad_enabled()):
         return scale(scale(a, fa, ga) + scale(b, fb, gb), fo, go)
-    return _ScaledAddFn.apply(a, b, (ka, kb), (ca, cb))
+    return _apply_add(a, b, (ka, kb), (ca, cb))
 
 
 class _ScaledLayerNormFn(torch.autograd.Function):
@@ -305,8 +398,8 @@ class _ScaledLayerNormFn(torch.autograd.Function):
                 fo: float, c: tuple) -> Tensor:
         wf, bf = w, b
         if fo != 1.0:
-            wf = w * fo if w is not None else x.new_full(shape, fo)
-            bf = b * fo if b is not None else None
+            wf = _mul(w, fo) if w is not None else x.new_full(shape, fo)
+            bf = _mul(b, fo) if b is not None else None
         out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, wf, bf, eps)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.shape, ctx.c = shape, c
@@ -319,12 +412,15 @@ class _ScaledLayerNormFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         mask = [need[0], w is not None and need[2], b is not None and need[3]]
         kx = go * gx  # the input gradient is linear in the gain: backward reads the gain times kx
-        wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.shape, kx))
+        wb = _mul(w, kx) if w is not None else (None if kx == 1.0 else x.new_full(ctx.shape, kx))
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, wb, b, mask)
         for t, f in ((dw, go * gw), (db, go * gb)):
-            if t is not None and f != 1.0:
-                t.mul_(f)
+            if t is not None:
+                _mul_(t, f)
         return dx, None, dw, db, None, None, None
+
+
+_apply_layer_norm = _fast_apply(_ScaledLayerNormFn)
 
 
 def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -344,43 +440,8 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
     if (gx, gw, gb, fo, go) == (1.0,) * 5:
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     shape = [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
-    return _ScaledLayerNormFn.apply(x, shape, weight, bias, float(eps), float(fo),
+    return _apply_layer_norm(x, shape, weight, bias, float(eps), float(fo),
                                     (float(go), float(gx), float(gw), float(gb)))
-
-
-def _bn_forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None, rv: Tensor | None,
-                momentum: float, eps: float, f: tuple, c: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward of :class:`_ScaledBatchNormFn`: the output, and the batch mean and inverse std."""
-    fx, fo = f
-    c_shape = [x.shape[1]]
-    wf, bf = w, b
-    if fo != 1.0:
-        wf = w * fo if w is not None else x.new_full(c_shape, fo)
-        bf = b * fo if b is not None else None
-    rmt, rvt = rm, rv
-    if fx != 1.0 and rm is not None:
-        rmt, rvt = rm / fx, rv / (fx * fx)
-    out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx))
-    if rmt is not rm:
-        torch.mul(rmt, fx, out=rm)
-        torch.mul(rvt, fx * fx, out=rv)
-    ctx.bn_eps, ctx.bn_c, ctx.c_shape = eps / (fx * fx), (c[0], c[0] * c[1] / fx), c_shape
-    return out, mean, invstd
-
-
-def _bn_backward(ctx: Any, g: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, invstd: Tensor,
-                 need: Sequence[bool]) -> tuple:
-    """The backward of :class:`_ScaledBatchNormFn`: the gradients of input, gain and bias (``need``: which)."""
-    go, kx = ctx.bn_c
-    mask = [need[0], w is not None and need[1], need[2]]
-    wb = w if kx == 1.0 else (w * kx if w is not None else x.new_full(ctx.c_shape, kx))
-    dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, ctx.bn_eps,
-                                                           mask)
-    if go != 1.0:
-        for t, m in zip((dw, db), mask[1:]):
-            if m:
-                t.mul_(go)
-    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
 
 
 class _ScaledBatchNormFn(torch.autograd.Function):
@@ -389,45 +450,54 @@ class _ScaledBatchNormFn(torch.autograd.Function):
 
     No pass over an activation besides the batch norm's own. Normalising ``fx * x`` with ``eps`` is
     normalising ``x`` with ``eps / fx**2`` (its running statistics are ``fx`` and ``fx**2`` times
-    those of ``x``: they are updated through copies divided by these factors); ``fo`` multiplies the
-    gain and bias. The input gradient is linear in the gain: backward computes it with the gain times
-    ``go * gx / fx``.
+    those of ``x``: they are divided by these factors in place for the update and multiplied back
+    after it); ``fo`` multiplies the gain and bias. The input gradient is linear in the gain:
+    backward computes it with the gain times ``go * gx / fx``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None,  # type: ignore[override]
                 rv: Tensor | None, momentum: float, eps: float, f: tuple, c: tuple) -> Tensor:
-        out, mean, invstd = _bn_forward(ctx, x, w, b, rm, rv, momentum, eps, f, c)
+        fx, fo = f
+        wf, bf = w, b
+        if fo != 1.0:
+            wf = _mul(w, fo) if w is not None else x.new_full((x.shape[1],), fo)
+            bf = _mul(b, fo) if b is not None else None
+        eps_x = eps / (fx * fx)
+        if fx != 1.0 and rm is not None:
+            _mul_(rm, 1.0 / fx), _mul_(rv, 1.0 / (fx * fx))
+            try:
+                out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rm, rv, True, momentum, eps_x)
+            finally:
+                _mul_(rm, fx), _mul_(rv, fx * fx)
+        else:
+            out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rm, rv, True, momentum, eps_x)
         ctx.save_for_backward(x, w, mean, invstd)
+        ctx.bn = (eps_x, c[0], c[0] * c[1] / fx)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, w, mean, invstd = ctx.saved_tensors
-        return _bn_backward(ctx, g, x, w, mean, invstd, ctx.needs_input_grad[:3]) + (None,) * 6
+        eps_x, go, kx = ctx.bn
+        need = ctx.needs_input_grad
+        mask = [need[0], w is not None and need[1], need[2]]
+        wb = _mul(w, kx) if w is not None else (None if kx == 1.0 else x.new_full((x.shape[1],), kx))
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, eps_x, mask)
+        dw, db = (dw if mask[1] else None), (db if mask[2] else None)
+        for t in (dw, db):
+            if t is not None:
+                _mul_(t, go)
+        return dx if mask[0] else None, dw, db, None, None, None, None, None, None
+
+
+_apply_batch_norm = _fast_apply(_ScaledBatchNormFn)
+_BN_FORWARD = torch.nn.modules.batchnorm._BatchNorm.forward
 
 
 def _batch_norm_forward() -> Any:
     """PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)."""
-    return torch.nn.modules.batchnorm._BatchNorm.forward
-
-
-def _bn_args(bn: torch.nn.Module, x: Tensor, fx: float, gx: float, fo: float, go: float) -> tuple | None:
-    """The arguments of :class:`_ScaledBatchNormFn` for ``bn`` (counting the batch, as ``bn`` does), or None
-    where the layer runs as the chain of scales (evaluation, ``no_grad``, compiling, another ``forward``)."""
-    if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _batch_norm_forward()
-            or torch.compiler.is_compiling() or not fx > 0 or not _plain_tensors(x)
-            or not (bn.running_mean is None) == (bn.running_var is None)):
-        return None
-    bn._check_input_dim(x)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    track = bn.track_running_stats and bn.running_mean is not None
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # a cumulative moving average
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return (bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
-            float(momentum), float(bn.eps), (float(fx), float(fo)), (float(go), float(gx)))
+    return _BN_FORWARD
 
 
 def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
@@ -442,10 +512,54 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
     (fx, gx), (fo, go) = _pair(x_scale), _pair(out_scale)
     if (fx, gx, fo, go) == (1.0,) * 4:
         return bn(x)
-    args = _bn_args(bn, x, fx, gx, fo, go)
-    if args is None:
+    # the checks ``bn.forward`` makes, read from the module's dicts (``Module.__getattr__`` is slow)
+    buffers, params = bn._buffers, bn._parameters
+    rm, rv = buffers.get("running_mean"), buffers.get("running_var")
+    if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _BN_FORWARD
+            or torch.compiler.is_compiling() or not fx > 0 or type(x) not in _PLAIN
+            or (rm is None) != (rv is None)):
         return scale(bn(scale(x, fx, gx)), fo, go)
-    return _ScaledBatchNormFn.apply(x, *args)
+    bn._check_input_dim(x)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    track = bn.track_running_stats
+    nbt = buffers.get("num_batches_tracked")
+    if track and nbt is not None:
+        nbt.add_(1)
+        if bn.momentum is None:  # a cumulative moving average
+            momentum = 1.0 / float(nbt)
+    if not (track and rm is not None):
+        rm = rv = None
+    w, b = params.get("weight"), params.get("bias")
+    if _native_ok(x, w, b):
+        return _native_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), float(fx), float(fo), float(go),
+                                  float(gx))
+    return _apply_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), (float(fx), float(fo)),
+                             (float(go), float(gx)))
+
+
+def _native_batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None, rv: Tensor | None,
+                       momentum: float, eps: float, fx: float, fo: float, go: float, gx: float) -> Tensor:
+    """What :class:`_ScaledBatchNormFn` computes, as native autograd ops: ``torch.batch_norm`` of ``x``
+    with ``eps / fx**2`` (it updates copies of the running statistics divided by ``fx`` and ``fx**2``,
+    which are multiplied back into them), with
+    the gain and bias times a fresh factor ``fo``. After forward, the gain the batch norm saved becomes
+    the gain times ``go * gx / fx`` (what the input gradient is linear in), and the saved factor of
+    the gain's and bias's multiplies becomes ``go`` (:func:`_set_saved`)."""
+    kx = go * gx / fx
+    s = _fresh(x, fo)
+    wf = w * s if w is not None else x.new_full((x.shape[1],), fo)
+    bf = b * s if b is not None else None
+    eps_x = eps / (fx * fx)
+    rmt, rvt = rm, rv
+    if fx != 1.0 and rm is not None:  # copies (autograd saves the statistics the batch norm reads)
+        rmt, rvt = _mul(rm, 1.0 / fx), _mul(rv, 1.0 / (fx * fx))
+    out = torch.batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps_x, torch.backends.cudnn.enabled)
+    if rmt is not rm:
+        torch.mul(rmt, _factor(rmt, fx), out=rm)
+        torch.mul(rvt, _factor(rvt, fx * fx), out=rv)
+    _set_saved(wf, kx / fo)
+    s.data.fill_(go)
+    return out
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:

@@ -120,13 +120,14 @@ def _saved(model: nn.Module, batch: tuple) -> int:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_backward_keeps_no_scaled_copy(name):
-    """The unit-scaled model saves exactly the bytes the original saves for backward, less the running
-    statistics of batch norms (buffers, alive anyway), which a fused batch norm's backward does not read."""
+    """The unit-scaled model saves exactly the bytes the original saves for backward, plus one 0-dim
+    float32 factor per convolution and batch norm (4 bytes each: the saved factor of the multiply that
+    sets its weight's, gain's and bias's backward factors, ``scale._set_saved``). A batch norm saves
+    copies of its running statistics in place of the buffers."""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
-    stats = sum(b.numel() * b.element_size() for k, b in model.named_buffers() if k.endswith(("running_mean",
-                                                                                            "running_var")))
-    assert _saved(us, batch) == _saved(model, batch) - stats
+    factors = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
+    assert _saved(us, batch) == _saved(model, batch) + 4 * factors
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -555,13 +556,15 @@ def _activation_passes(model: nn.Module, batch: tuple) -> int:
     return Count.n
 
 
-@pytest.mark.parametrize("name,extra", [("relu-mlp", 2), ("resnet", 8)])
+@pytest.mark.parametrize("name,extra", [("relu-mlp", 2), ("resnet", 1)])
 def test_scales_cost_few_passes_over_activations(name, extra):
     """What the scales still cost in one training step, counted exactly: the passes over activations
     that the original model does not make, none of them in forward. Relu MLP: the skip gradient's factor
     of each of the two residual adds (the skip also feeds the next layer norm: its gradient sums two
-    terms). ResNet: the input-gradient factors of the five convolutions and three skips whose input feeds
-    two ops. (Before factors were placed between fused ops and batch norms were fused: 8 and 39.)"""
+    terms). ResNet: the factor of the one skip that a residual add produces; the other skips' factors go
+    into the batch norms that produce them (``factor_shared_grads``), and the convolutions' input-gradient
+    factors multiply the weight that their backward reads. (Before: 8; before factors were placed
+    between fused ops and batch norms were fused: 39.)"""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
     assert _activation_passes(us, batch) - _activation_passes(model, batch) == extra
@@ -595,7 +598,8 @@ def test_scaled_batch_norm_is_the_chain_of_scales(dims, affine, momentum, track)
             torch.testing.assert_close(u, v, rtol=1e-12, atol=0, msg=k)
     n_ref, _ = saved_tensor_bytes(lambda: scale(ref_bn(scale(x, 0.3, 0.7)), 1.54, 0.1))
     n, _ = saved_tensor_bytes(lambda: scaled_batch_norm(bn, x, **s))
-    assert n <= n_ref
+    # at most a gain of its own (one value a channel) and the 0-dim factor of the gain's and bias's multiplies
+    assert n <= n_ref + 8 * (x.shape[1] + 1)
     bn.eval(), ref_bn.eval()  # evaluation: the chain itself
     torch.testing.assert_close(scaled_batch_norm(bn, x, **s), scale(ref_bn(scale(x, 0.3, 0.7)), 1.54, 0.1))
     bn.train()

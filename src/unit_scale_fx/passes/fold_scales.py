@@ -528,6 +528,75 @@ def _pairs(n: fx.Node, key: str) -> list:
     return list(v) if v and isinstance(v[0], tuple) else [v]
 
 
+def _slot_of(u: fx.Node, v: fx.Node) -> Optional[str]:
+    """The keyword of the input scale with which the fused op ``u`` reads ``v`` (once, by position), or None."""
+    slots = _IN_SLOTS.get(u.target) if u.op == "call_function" else None
+    pos = [i for i, a in enumerate(u.args) if a is v]
+    if not slots or len(pos) != 1 or pos[0] not in slots or v in u.kwargs.values():
+        return None
+    return slots[pos[0]]
+
+
+def _absorber(v: fx.Node) -> Optional[tuple[fx.Node, list[str]]]:
+    """Where a backward factor on all of ``v``'s gradient costs no pass over a tensor: the fused op that
+    produces ``v``, directly or through positively homogeneous ops with one reader each, if its output
+    factor is free (a norm's gain), or a residual add whose inputs are each produced by such an op for it
+    alone (its inputs' factors then move into them): ``(op, keywords to take the factor)``."""
+    p = v
+    while _homogeneous_of_input(p):
+        p = p.args[0]
+    if p.op != "call_function":
+        return None
+    if _free_out(p):
+        return p, ["out_scale"]
+    if p.target is scaled_add and "out_scale" not in p.kwargs:
+        ins = p.args[:2]
+        if all(isinstance(a, fx.Node) and len(a.users) == 1 and a.op == "call_function" and _free_out(a)
+               for a in ins) and ins[0] is not ins[1]:
+            return p, ["a_scale", "b_scale"]
+    return None
+
+
+def _homogeneous_of_input(n: fx.Node) -> bool:
+    """``n`` is a positively homogeneous op of its first argument, which ``n`` alone reads."""
+    x = n.args[0] if n.args else None
+    return isinstance(x, fx.Node) and len(x.users) == 1 and _homogeneous_of(n, x)
+
+
+def factor_shared_grads(graph: fx.Graph) -> int:
+    """A residual add's backward factor on an input that other fused ops read too (a skip that also feeds
+    a convolution) is a pass over the gradient. The gradient of that input is the sum of what each reader
+    sends back, each times its factor: the add's factor ``k`` is taken out of the sum, into the op that
+    produces the input where that costs nothing (:func:`_absorber`), and every other reader's factor is
+    divided by ``k`` (a GEMM's ``alpha``, or a convolution's weight in backward). Exact in real
+    arithmetic. Returns the number of moves."""
+    moves = 0
+    for c in list(graph.nodes):
+        if c.op != "call_function" or c.target is not scaled_add:
+            continue
+        for i, key in enumerate(("a_scale", "b_scale")):
+            v = c.args[i] if i < len(c.args) else None
+            (fc, k) = _pair(tuple(_pairs(c, key)))
+            if not isinstance(v, fx.Node) or k == 1.0 or not k > 0 or len(v.users) < 2 or c.args.count(v) != 1:
+                continue
+            others = [u for u in v.users if u is not c]
+            keys = [_slot_of(u, v) for u in others]
+            if any(kk is None for kk in keys):
+                continue
+            where = _absorber(v)
+            if where is None:
+                continue
+            p, pkeys = where
+            moved = [g for _, g in _pairs(c, key) if g != 1.0]  # each factor kept in the code
+            _with(c, key, [(f, 1.0) for f, _ in _pairs(c, key)])
+            for u, kk in zip(others, keys):
+                _with(u, kk, _pairs(u, kk) + [(1.0, 1.0 / g) for g in moved])
+            for pk in pkeys:
+                _with(p, pk, _pairs(p, pk) + [(1.0, g) for g in moved])
+            moves += 1
+    return moves
+
+
 def place_grad_factors(graph: fx.Graph) -> int:
     """Move scale factors between fused ops to where they cost no pass over a tensor. Exact in real
     arithmetic: each op computes the same function, forward and backward.
@@ -554,6 +623,7 @@ def place_grad_factors(graph: fx.Graph) -> int:
             for key in ("a_scale", "b_scale"):
                 _with(n, key, _pairs(n, key) + out)
             _with(n, "out_scale", [])
+    moves += factor_shared_grads(graph)
     for p in list(graph.nodes):
         if p.op != "call_function" or p.target not in _OUT_OPS:
             continue
