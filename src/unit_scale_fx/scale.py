@@ -440,8 +440,34 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
     if (gx, gw, gb, fo, go) == (1.0,) * 5:
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     shape = [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
+    if torch.is_grad_enabled() and _native_ok(x, weight, bias):
+        return _native_layer_norm(x, shape, weight, bias, float(eps), float(fo), float(go), float(gx), float(gw),
+                                  float(gb))
     return _apply_layer_norm(x, shape, weight, bias, float(eps), float(fo),
-                                    (float(go), float(gx), float(gw), float(gb)))
+                             (float(go), float(gx), float(gw), float(gb)))
+
+
+def _native_layer_norm(x: Tensor, shape: list, w: Tensor | None, b: Tensor | None, eps: float, fo: float, go: float,
+                       gx: float, gw: float, gb: float) -> Tensor:
+    """What :class:`_ScaledLayerNormFn` computes, as native autograd ops: the layer norm with the gain and bias
+    times fresh factors ``fo``; after forward, the gain it saved becomes the gain times ``go * gx`` (what
+    the input gradient is linear in), and the saved factors of the gain's and bias's multiplies become
+    ``go * gw`` and ``go * gb`` (:func:`_set_saved`)."""
+    kx = go * gx
+    sw = _fresh(x, fo)
+    sb = sw if gb == gw else _fresh(x, fo)
+    if w is not None:
+        wf: Tensor | None = w * sw
+    else:
+        wf = None if fo == 1.0 and kx == 1.0 else x.new_full(shape, fo)
+    bf = b * sb if b is not None else None
+    out = torch.nn.functional.layer_norm(x, shape, wf, bf, eps)
+    if wf is not None:
+        _set_saved(wf, kx / fo)
+    sw.data.fill_(go * gw)
+    if sb is not sw:
+        sb.data.fill_(go * gb)
+    return out
 
 
 class _ScaledBatchNormFn(torch.autograd.Function):
