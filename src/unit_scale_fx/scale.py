@@ -48,8 +48,13 @@ def _mul_(t: Tensor, f: float) -> Tensor:
 
 def _native_ok(*ts: Tensor | None) -> bool:
     """The fused ops may run as native autograd ops with backward factors set through what they save
-    (:func:`_set_saved`): plain float32 / float64 tensors, eager (no compiling, no ``functorch`` transform)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    (:func:`_set_saved`): plain float32 / float64 tensors, eager (no compiling, no ``functorch`` transform),
+    and no saved-tensor hooks. (A hook may stand between a saved tensor and backward: non-reentrant
+    checkpointing recomputes the forward in backward and stops right after the last tensor is saved, which
+    may be before the saved values are set. Under hooks the fused ops are ``autograd.Function`` s, which
+    save the same activations.)"""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
         return False
     return all(t is None or (type(t) in _PLAIN and t.dtype in _EXACT) for t in ts)
 

@@ -45,6 +45,50 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> tuple[int, Any]:
     return sum(seen.values()), result
 
 
+def graph_saved_bytes(out: Any) -> int:
+    """The distinct storages that the autograd graph behind ``out`` (a tensor, or a structure of tensors)
+    holds for backward, read from its nodes without hooks: native nodes' saved variables
+    (``grad_fn._saved_*``), custom Functions' ``saved_tensors`` and the tensors (and their graphs) they
+    keep on their context. Unlike :func:`saved_tensor_bytes`,
+    this sees what runs when no saved-tensor hook is active (the fused ops of a unit-scaled model then
+    run as native autograd ops). Call it before backward frees what is saved."""
+    from torch.utils._pytree import tree_leaves
+
+    seen: dict[int, int] = {}
+    todo = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    visited: set[int] = set()
+
+    def add(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.device.type != "meta":
+                ptr, n = _storage_key(v)
+                if n:
+                    seen[ptr] = max(n, seen.get(ptr, 0))
+            if v.grad_fn is not None:  # a graph a custom Function keeps (its own backward runs it)
+                todo.append(v.grad_fn)
+        elif isinstance(v, (list, tuple)):
+            for u in v:
+                add(u)
+
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        names = [k for k in dir(node) if k.startswith("_saved_")]
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            names.append("saved_tensors")
+            for v in vars(node).values():  # what a custom Function keeps on its context
+                add(v)
+        for k in names:
+            try:
+                add(getattr(node, k))
+            except RuntimeError:  # already freed (after backward)
+                pass
+        todo.extend(f for f, _ in node.next_functions if f is not None)
+    return sum(seen.values())
+
+
 def _ptr(t: torch.Tensor) -> int:
     """The address of ``t``'s storage (0 where it has none to read: meta, fake, no storage)."""
     if t.device.type == "meta" or type(t).__name__ == "FakeTensor":
