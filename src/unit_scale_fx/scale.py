@@ -75,6 +75,29 @@ def _set_saved(t: Tensor, f: float) -> None:
         t.data.mul_(_factor(t, f))
 
 
+class _GradFactor:
+    """A gradient hook: the gradient times a factor, in place. Only for a view that one op alone reads
+    (:func:`_grad_scaled`): the gradient the hook gets is that op's own new output, shared with nothing."""
+
+    __slots__ = ("f",)
+
+    def __init__(self, f: float) -> None:
+        self.f = f
+
+    def __call__(self, g: Tensor) -> Tensor:
+        return _mul_(g, self.f)
+
+
+def _grad_scaled(t: Tensor, g: float) -> Tensor:
+    """``t``, or a new view of it whose gradient is multiplied by ``g`` (a hook on the view; ``t`` itself,
+    a parameter, gets no hook). The caller passes the view to one op only."""
+    if g == 1.0 or not t.requires_grad:
+        return t
+    v = t.view_as(t)
+    v.register_hook(_GradFactor(g))
+    return v
+
+
 def _fast_apply(cls: type) -> Any:
     """``cls.apply`` without the per-call Python of ``Function.apply``, which binds the arguments where
     a ``setup_context`` is defined (the fused ops define none) and builds the argument tuple through a
@@ -318,20 +341,13 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
         return scale(conv(scale(x, fx, gx), scale(weight, fw, gw), None if bias is None else scale(bias, fb, gb),
                           stride, padding, dilation, groups), fo, go)
-    if (fx, fo, go) == (1.0, 1.0, 1.0) and _native_ok(x, weight, bias):
-        # factors on the weight and bias only: the native convolution of a scaled copy of the weight,
-        # whose saved value backward then reads times the input's factor; the weight's and bias's
-        # backward factors are the saved factors of their multiplies
-        sw = _fresh(weight, float(fw))
-        w = weight * sw
-        sb = None if bias is None else _fresh(bias, float(fb))
-        out = conv(x, w, None if bias is None else bias * sb, stride, padding, dilation, groups)
-        if x.requires_grad:
-            _set_saved(w, float(gx))
-        sw.data.fill_(float(gw))
-        if sb is not None:
-            sb.data.fill_(float(gb))
-        return out
+    if ((fx, fw, fb, fo, go) == (1.0,) * 5 and (gx == 1.0 or not x.requires_grad)
+            and _native_ok(x, weight, bias)):
+        # factors on the weight's and bias's gradients only: the native convolution, which saves the
+        # weight itself, of views whose gradients a hook multiplies (no copy of the weight alive until
+        # backward, as a scaled copy would be)
+        return conv(x, _grad_scaled(weight, float(gw)), None if bias is None else _grad_scaled(bias, float(gb)),
+                    stride, padding, dilation, groups)
     return _apply_conv(conv, x, weight, bias, (stride, padding, dilation, groups),
                                (float(fx), float(fw), float(fb), float(fo)),
                                (float(go), float(gx), float(gw), float(gb)))

@@ -124,10 +124,11 @@ def test_backward_keeps_no_scaled_copy(name):
     unit-scaled model saves exactly the bytes the original saves for backward, less the running
     statistics of batch norms (buffers, alive anyway), which a fused batch norm's backward does not read.
 
-    Read from the autograd graph without hooks (convolutions, batch norms and layer norms then run as
-    native ops, ``scale._set_saved``): exactly the original's bytes plus one 0-dim float32 factor per
-    convolution, batch norm and layer norm (4 bytes: the saved factor of the multiply that sets its
-    weight's, gain's and bias's backward factors; here the gain and bias of a layer norm share one).
+    Read from the autograd graph without hooks (batch norms, layer norms and convolutions with factors
+    on their parameters' gradients only then run as native ops): exactly the original's bytes plus one
+    0-dim float32 factor per batch norm and layer norm (4 bytes: the saved factor of the multiply that
+    sets its gain's and bias's backward factors, ``scale._set_saved``; here the gain and bias of a layer
+    norm share one). A native convolution saves its weight itself (a hook scales its gradient).
     (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
     makes a new tensor.)"""
     model, batch = MODELS[name]()
@@ -137,7 +138,7 @@ def test_backward_keeps_no_scaled_copy(name):
     assert _saved(us, batch) == _saved(model, batch) - stats
     if name == "gpt":
         return
-    factors = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
+    factors = sum(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
     assert factors > 0
     sizes = []
     for m in (model, us):
@@ -421,10 +422,10 @@ def test_scaled_conv_is_the_chain_of_scales(dims, kw, bias):
     assert n == n_ref
 
 
-def _conv_bn(x, w, bn):
+def _conv_bn(x, w, bn, x_scale=(1.0, 0.3), weight_scale=(1.2, 0.7)):
     from unit_scale_fx.scale import scaled_batch_norm
 
-    h = scaled_conv(x, w, None, 1, 1, x_scale=(1.0, 0.3), weight_scale=(1.2, 0.7))
+    h = scaled_conv(x, w, None, 1, 1, x_scale=x_scale, weight_scale=weight_scale)
     return scaled_batch_norm(bn, h, x_scale=(0.4, 1.0), out_scale=(1.5, 0.6))
 
 
@@ -439,11 +440,12 @@ def _conv_bn_inputs():
 
 
 def test_convolution_and_batch_norm_with_weight_factors_run_as_native_ops():
-    """Factors on a convolution's weight and input gradient, and a batch norm's: native autograd ops
-    (no Python ``autograd.Function`` in the graph), the chain of scales forward and backward."""
+    """A convolution with factors on its weight's gradient only, and a batch norm with factors: native
+    autograd ops (no Python ``autograd.Function`` in the graph), the chain of scales forward and backward,
+    and the weight itself saved (no scaled copy)."""
     x, w, bn = _conv_bn_inputs()
     ref_bn = copy.deepcopy(bn)
-    out = _conv_bn(x, w, bn)
+    out = _conv_bn(x, w, bn, x_scale=(1.0, 1.0), weight_scale=(1.0, 0.7))
     seen, todo = [], [out.grad_fn]
     while todo:
         node = todo.pop()
@@ -451,7 +453,9 @@ def test_convolution_and_batch_norm_with_weight_factors_run_as_native_ops():
             seen.append(node)
             todo.extend(f for f, _ in node.next_functions)
     assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in seen)
-    ref = scale(ref_bn(scale(F.conv2d(scale(x, 1.0, 0.3), scale(w, 1.2, 0.7), None, 1, 1), 0.4, 1.0)), 1.5, 0.6)
+    assert any(t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+               for n in seen if type(n).__name__.startswith("Convolution") for t in (n._saved_weight,))
+    ref = scale(ref_bn(scale(F.conv2d(x, scale(w, 1.0, 0.7), None, 1, 1), 0.4, 1.0)), 1.5, 0.6)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
     g = torch.randn_like(ref)
     ins, ref_ins = [x, w, bn.weight, bn.bias], [x, w, ref_bn.weight, ref_bn.bias]
@@ -631,15 +635,16 @@ def _activation_passes(model: nn.Module, batch: tuple) -> int:
     return Count.n
 
 
-@pytest.mark.parametrize("name,extra", [("relu-mlp", 2), ("resnet", 1)])
+@pytest.mark.parametrize("name,extra", [("relu-mlp", 2), ("resnet", 2)])
 def test_scales_cost_few_passes_over_activations(name, extra):
     """What the scales still cost in one training step, counted exactly: the passes over activations
     that the original model does not make, none of them in forward. Relu MLP: the skip gradient's factor
     of each of the two residual adds (the skip also feeds the next layer norm: its gradient sums two
-    terms). ResNet: the factor of the one skip that a residual add produces; the other skips' factors go
-    into the batch norms that produce them (``factor_shared_grads``), and the convolutions' input-gradient
-    factors multiply the weight that their backward reads. (Before: 8; before factors were placed
-    between fused ops and batch norms were fused: 39.)"""
+    terms). ResNet: the input-gradient factor of the one convolution whose weight has more elements than
+    its input (the others multiply the weight that backward reads), and the factor of the one skip that
+    a residual add produces; the other skips' factors go into the batch norms that produce them
+    (``factor_shared_grads``). (Before: 8; before factors were placed between fused ops and batch norms
+    were fused: 39.)"""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
     assert _activation_passes(us, batch) - _activation_passes(model, batch) == extra
