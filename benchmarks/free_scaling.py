@@ -2,6 +2,7 @@
 
     python benchmarks/free_scaling.py                       # GPT, ReLU MLP, ResNet; eager and compiled
     python benchmarks/free_scaling.py --models mlp --no-compile --rounds 9
+    python benchmarks/free_scaling.py --no-compile --size issue --clock cpu --processes 5 --rounds 40 --steps 1
 
 For each model, against the original model:
 
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -159,6 +163,32 @@ def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool,
     return rows
 
 
+def process_rows(args: argparse.Namespace, name: str) -> list[list[str]]:
+    """The time rows of ``name`` measured in ``args.processes`` fresh processes one after another (each:
+    this script with ``--processes 1``): a process's memory layout moves its times by a few percent
+    however many rounds it runs, so the table gives the median over processes of each process's
+    median ratio, and their range."""
+    per: dict[str, list[tuple[float, float, float]]] = {}
+    for i in range(args.processes):
+        cmd = [sys.executable, __file__, "--models", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--size", args.size, "--clock",
+               args.clock, "--processes", "1", "--rows-only"] + (["--no-compile"] if args.no_compile else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("ROW "):
+                mode, a, b, r = json.loads(line[4:])
+                per.setdefault(mode, []).append((a, b, r))
+        print(f"  {name}: process {i + 1}/{args.processes}: "
+              + ", ".join(f"{m} {v[-1][2]:.3f}" for m, v in per.items()), flush=True)
+    rows = []
+    for mode, v in per.items():
+        ratios = sorted(r for _, _, r in v)
+        rows.append([name, f"{mode} step time (median ms; {len(v)} processes, ratio range "
+                     f"{ratios[0]:.3f}-{ratios[-1]:.3f})", f"{median([a for a, _, _ in v]):.2f}",
+                     f"{median([b for _, b, _ in v]):.2f}", f"{median(ratios):.3f}"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["gpt", "mlp", "resnet"], choices=["gpt", "mlp", "resnet"])
@@ -174,15 +204,28 @@ def main() -> None:
                     help="wall: perf_counter; cpu: process_time (less sensitive to other processes on a shared "
                          "machine; one thread only)")
     ap.add_argument("--name", default="free_scaling", help="results file name (benchmarks/results/NAME.md)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="measure the times in this many fresh processes, one after another (median of their "
+                         "medians; a process's memory layout moves its times by a few percent)")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # one process of --processes
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     logging.basicConfig(level=logging.ERROR)
+    if args.rows_only:
+        for name in args.models:
+            for row in time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size):
+                print("ROW " + json.dumps([row[1].split()[0], float(row[2]), float(row[3]), float(row[4])]))
+        return
     rows = []
     for name in args.models:
         rows += memory_rows(name, args.size)
-        if not args.no_time:
+        if args.no_time:
+            continue
+        if args.processes > 1:
+            rows += process_rows(args, name)
+        else:
             rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size)
     text = table(["model", "measure", "original", "unit-scaled", "ratio"], rows)
     print(text)

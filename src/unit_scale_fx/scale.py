@@ -341,13 +341,11 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
         return scale(conv(scale(x, fx, gx), scale(weight, fw, gw), None if bias is None else scale(bias, fb, gb),
                           stride, padding, dilation, groups), fo, go)
-    if ((fx, fw, fb, fo, go) == (1.0,) * 5 and (gx == 1.0 or not x.requires_grad)
-            and _native_ok(x, weight, bias)):
-        # factors on the weight's and bias's gradients only: the native convolution, which saves the
-        # weight itself, of views whose gradients a hook multiplies (no copy of the weight alive until
-        # backward, as a scaled copy would be)
-        return conv(x, _grad_scaled(weight, float(gw)), None if bias is None else _grad_scaled(bias, float(gb)),
-                    stride, padding, dilation, groups)
+    if (fx, fw, fb, fo, go) == (1.0,) * 5 and _native_ok(x, weight, bias):
+        # backward factors only: the native convolution (it saves the weight itself, as the original does:
+        # no scaled copy alive until backward) of views whose gradients a hook multiplies in place
+        return conv(_grad_scaled(x, float(gx)), _grad_scaled(weight, float(gw)),
+                    None if bias is None else _grad_scaled(bias, float(gb)), stride, padding, dilation, groups)
     return _apply_conv(conv, x, weight, bias, (stride, padding, dilation, groups),
                                (float(fx), float(fw), float(fb), float(fo)),
                                (float(go), float(gx), float(gw), float(gb)))
