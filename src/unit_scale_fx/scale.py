@@ -473,8 +473,8 @@ def _native_layer_norm(x: Tensor, shape: list, w: Tensor | None, b: Tensor | Non
     the input gradient is linear in), and the saved factors of the gain's and bias's multiplies become
     ``go * gw`` and ``go * gb`` (:func:`_set_saved`)."""
     kx = go * gx
-    sw = _fresh(x, fo)
-    sb = sw if gb == gw else _fresh(x, fo)
+    sw = _fresh(w if w is not None else x, fo)  # of the gain's dtype: the factor is read as that of a number
+    sb = sw if gb == gw else _fresh(b if b is not None else x, fo)
     if w is not None:
         wf: Tensor | None = w * sw
     else:
@@ -591,7 +591,7 @@ def _native_batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor
     the gain times ``go * gx / fx`` (what the input gradient is linear in), and the saved factor of
     the gain's and bias's multiplies becomes ``go`` (:func:`_set_saved`)."""
     kx = go * gx / fx
-    s = _fresh(x, fo)
+    s = _fresh(w if w is not None else (b if b is not None else x), fo)
     wf = w * s if w is not None else x.new_full((x.shape[1],), fo)
     bf = b * s if b is not None else None
     eps_x = eps / (fx * fx)
