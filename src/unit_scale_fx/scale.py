@@ -75,6 +75,55 @@ def _set_saved(t: Tensor, f: float) -> None:
         t.data.mul_(_factor(t, f))
 
 
+def _gain(x: Tensor, w: Tensor | None, shape: Sequence[int], f: float) -> Tensor | None:
+    """A norm's gain times ``f``: ``w * f``, or for a norm without a gain the constant ``f`` (none if 1)."""
+    if w is not None:
+        return _mul(w, f)
+    return None if f == 1.0 else x.new_full(tuple(shape), f)
+
+
+def _native_affine(x: Tensor, w: Tensor | None, b: Tensor | None, shape: Sequence[int], fo: float, kx: float,
+                   gw: float, gb: float) -> tuple[Tensor | None, Tensor | None, Any]:
+    """The gain and bias a native norm reads, and what to call once it has run (:func:`_set_saved`).
+
+    The gain and bias are multiplied by fresh 0-dim factors ``fo`` (a missing gain: the constant ``fo``,
+    or none where ``fo`` and ``kx`` are 1). Afterwards the gain the norm saved becomes the gain times
+    ``kx`` (the input gradient is linear in it), and the saved factors of the gain's and bias's
+    multiplies become ``gw`` and ``gb`` (their gradients' factors)."""
+    # of the gain's (bias's) dtype: a 0-dim factor is read as a number of that dtype
+    sw = _fresh(w if w is not None else x, fo)
+    sb = sw if gb == gw else _fresh(b if b is not None else x, fo)
+    if w is not None:
+        wf: Tensor | None = w * sw
+    else:
+        wf = None if fo == 1.0 and kx == 1.0 else x.new_full(tuple(shape), fo)
+    bf = b * sb if b is not None else None
+
+    def after() -> None:
+        if wf is not None:
+            _set_saved(wf, kx / fo)
+        sw.data.fill_(gw)
+        if sb is not sw:
+            sb.data.fill_(gb)
+
+    return wf, bf, after
+
+
+def _stats_copies(rm: Tensor | None, rv: Tensor | None, fx: float) -> tuple[Tensor | None, Tensor | None]:
+    """The running statistics a batch norm of ``x`` updates for a batch norm of ``fx * x``: copies divided
+    by ``fx`` and ``fx**2`` (the buffers themselves for ``fx == 1`` or none); :func:`_stats_back` after."""
+    if fx == 1.0 or rm is None or rv is None:
+        return rm, rv
+    return _mul(rm, 1.0 / fx), _mul(rv, 1.0 / (fx * fx))
+
+
+def _stats_back(rm: Tensor | None, rv: Tensor | None, rmt: Tensor | None, rvt: Tensor | None, fx: float) -> None:
+    """Write the updated copies of :func:`_stats_copies` back into the running statistics."""
+    if rm is not None and rv is not None and rmt is not rm:
+        torch.mul(rmt, _factor(rmt, fx), out=rm)
+        torch.mul(rvt, _factor(rvt, fx * fx), out=rv)
+
+
 class _GradFactor:
     """A gradient hook: the gradient times a factor, in place. Only for a view that one op alone reads
     (:func:`_grad_scaled`): the gradient the hook gets is that op's own new output, shared with nothing."""
@@ -415,10 +464,7 @@ class _ScaledLayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, shape: list, w: Tensor | None, b: Tensor | None, eps: float,  # type: ignore[override]
                 fo: float, c: tuple) -> Tensor:
-        wf, bf = w, b
-        if fo != 1.0:
-            wf = _mul(w, fo) if w is not None else x.new_full(shape, fo)
-            bf = _mul(b, fo) if b is not None else None
+        wf, bf = _gain(x, w, shape, fo), (None if b is None else _mul(b, fo))
         out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, wf, bf, eps)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.shape, ctx.c = shape, c
@@ -430,8 +476,7 @@ class _ScaledLayerNormFn(torch.autograd.Function):
         go, gx, gw, gb = ctx.c
         need = ctx.needs_input_grad
         mask = [need[0], w is not None and need[2], b is not None and need[3]]
-        kx = go * gx  # the input gradient is linear in the gain: backward reads the gain times kx
-        wb = _mul(w, kx) if w is not None else (None if kx == 1.0 else x.new_full(ctx.shape, kx))
+        wb = _gain(x, w, ctx.shape, go * gx)  # the input gradient is linear in the gain
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, wb, b, mask)
         for t, f in ((dw, go * gw), (db, go * gb)):
             if t is not None:
@@ -468,24 +513,11 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
 
 def _native_layer_norm(x: Tensor, shape: list, w: Tensor | None, b: Tensor | None, eps: float, fo: float, go: float,
                        gx: float, gw: float, gb: float) -> Tensor:
-    """What :class:`_ScaledLayerNormFn` computes, as native autograd ops: the layer norm with the gain and bias
-    times fresh factors ``fo``; after forward, the gain it saved becomes the gain times ``go * gx`` (what
-    the input gradient is linear in), and the saved factors of the gain's and bias's multiplies become
-    ``go * gw`` and ``go * gb`` (:func:`_set_saved`)."""
-    kx = go * gx
-    sw = _fresh(w if w is not None else x, fo)  # of the gain's dtype: the factor is read as that of a number
-    sb = sw if gb == gw else _fresh(b if b is not None else x, fo)
-    if w is not None:
-        wf: Tensor | None = w * sw
-    else:
-        wf = None if fo == 1.0 and kx == 1.0 else x.new_full(shape, fo)
-    bf = b * sb if b is not None else None
+    """What :class:`_ScaledLayerNormFn` computes, as native autograd ops (:func:`_native_affine`): the input
+    gradient's factor is ``go * gx``, the gain's and bias's ``go * gw`` and ``go * gb``."""
+    wf, bf, after = _native_affine(x, w, b, shape, fo, go * gx, go * gw, go * gb)
     out = torch.nn.functional.layer_norm(x, shape, wf, bf, eps)
-    if wf is not None:
-        _set_saved(wf, kx / fo)
-    sw.data.fill_(go * gw)
-    if sb is not sw:
-        sb.data.fill_(go * gb)
+    after()
     return out
 
 
@@ -495,8 +527,7 @@ class _ScaledBatchNormFn(torch.autograd.Function):
 
     No pass over an activation besides the batch norm's own. Normalising ``fx * x`` with ``eps`` is
     normalising ``x`` with ``eps / fx**2`` (its running statistics are ``fx`` and ``fx**2`` times
-    those of ``x``: they are divided by these factors in place for the update and multiplied back
-    after it); ``fo`` multiplies the gain and bias. The input gradient is linear in the gain:
+    those of ``x``: the update runs on copies divided by these factors, :func:`_stats_copies`); ``fo`` multiplies the gain and bias. The input gradient is linear in the gain:
     backward computes it with the gain times ``go * gx / fx``.
     """
 
@@ -504,19 +535,11 @@ class _ScaledBatchNormFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None,  # type: ignore[override]
                 rv: Tensor | None, momentum: float, eps: float, f: tuple, c: tuple) -> Tensor:
         fx, fo = f
-        wf, bf = w, b
-        if fo != 1.0:
-            wf = _mul(w, fo) if w is not None else x.new_full((x.shape[1],), fo)
-            bf = _mul(b, fo) if b is not None else None
+        wf, bf = _gain(x, w, (x.shape[1],), fo), (None if b is None else _mul(b, fo))
         eps_x = eps / (fx * fx)
-        if fx != 1.0 and rm is not None:
-            _mul_(rm, 1.0 / fx), _mul_(rv, 1.0 / (fx * fx))
-            try:
-                out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rm, rv, True, momentum, eps_x)
-            finally:
-                _mul_(rm, fx), _mul_(rv, fx * fx)
-        else:
-            out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rm, rv, True, momentum, eps_x)
+        rmt, rvt = _stats_copies(rm, rv, fx)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps_x)
+        _stats_back(rm, rv, rmt, rvt, fx)
         ctx.save_for_backward(x, w, mean, invstd)
         ctx.bn = (eps_x, c[0], c[0] * c[1] / fx)
         return out
@@ -527,7 +550,7 @@ class _ScaledBatchNormFn(torch.autograd.Function):
         eps_x, go, kx = ctx.bn
         need = ctx.needs_input_grad
         mask = [need[0], w is not None and need[1], need[2]]
-        wb = _mul(w, kx) if w is not None else (None if kx == 1.0 else x.new_full((x.shape[1],), kx))
+        wb = _gain(x, w, (x.shape[1],), kx)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, eps_x, mask)
         dw, db = (dw if mask[1] else None), (db if mask[2] else None)
         for t in (dw, db):
@@ -537,12 +560,8 @@ class _ScaledBatchNormFn(torch.autograd.Function):
 
 
 _apply_batch_norm = _fast_apply(_ScaledBatchNormFn)
+#: PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)
 _BN_FORWARD = torch.nn.modules.batchnorm._BatchNorm.forward
-
-
-def _batch_norm_forward() -> Any:
-    """PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)."""
-    return _BN_FORWARD
 
 
 def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
@@ -584,26 +603,15 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
 
 def _native_batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None, rv: Tensor | None,
                        momentum: float, eps: float, fx: float, fo: float, go: float, gx: float) -> Tensor:
-    """What :class:`_ScaledBatchNormFn` computes, as native autograd ops: ``torch.batch_norm`` of ``x``
-    with ``eps / fx**2`` (it updates copies of the running statistics divided by ``fx`` and ``fx**2``,
-    which are multiplied back into them), with
-    the gain and bias times a fresh factor ``fo``. After forward, the gain the batch norm saved becomes
-    the gain times ``go * gx / fx`` (what the input gradient is linear in), and the saved factor of
-    the gain's and bias's multiplies becomes ``go`` (:func:`_set_saved`)."""
-    kx = go * gx / fx
-    s = _fresh(w if w is not None else (b if b is not None else x), fo)
-    wf = w * s if w is not None else x.new_full((x.shape[1],), fo)
-    bf = b * s if b is not None else None
-    eps_x = eps / (fx * fx)
-    rmt, rvt = rm, rv
-    if fx != 1.0 and rm is not None:  # copies (autograd saves the statistics the batch norm reads)
-        rmt, rvt = _mul(rm, 1.0 / fx), _mul(rv, 1.0 / (fx * fx))
-    out = torch.batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps_x, torch.backends.cudnn.enabled)
-    if rmt is not rm:
-        torch.mul(rmt, _factor(rmt, fx), out=rm)
-        torch.mul(rvt, _factor(rvt, fx * fx), out=rv)
-    _set_saved(wf, kx / fo)
-    s.data.fill_(go)
+    """What :class:`_ScaledBatchNormFn` computes, as native autograd ops: ``torch.batch_norm`` of ``x`` with
+    ``eps / fx**2`` on copies of the running statistics (:func:`_stats_copies`; autograd saves the
+    statistics it reads), the gain and bias of :func:`_native_affine` (the input gradient's factor
+    ``go * gx / fx``, the gain's and bias's ``go``)."""
+    wf, bf, after = _native_affine(x, w, b, (x.shape[1],), fo, go * gx / fx, go, go)
+    rmt, rvt = _stats_copies(rm, rv, fx)
+    out = torch.batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx), torch.backends.cudnn.enabled)
+    _stats_back(rm, rv, rmt, rvt, fx)
+    after()
     return out
 
 

@@ -51,7 +51,8 @@ def graph_saved_bytes(out: Any) -> int:
     (``grad_fn._saved_*``), custom Functions' ``saved_tensors`` and the tensors (and their graphs) they
     keep on their context. Unlike :func:`saved_tensor_bytes`,
     this sees what runs when no saved-tensor hook is active (the fused ops of a unit-scaled model then
-    run as native autograd ops). Call it before backward frees what is saved."""
+    run as native autograd ops). Call it before backward frees what is saved. A saved tensor behind a
+    saved-tensor hook is read through its unpack hook, which may make a new tensor (counted as well)."""
     from torch.utils._pytree import tree_leaves
 
     seen: dict[int, int] = {}

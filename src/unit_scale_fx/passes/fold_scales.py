@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
-from ..scale import (_batch_norm_forward, _pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
+from ..scale import (_BN_FORWARD, _pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
                      scaled_layer_norm, scaled_linear)
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
@@ -445,7 +445,7 @@ def fuse_batch_norms(graph: fx.Graph) -> int:
             mod = root.get_submodule(str(n.target))
         except AttributeError:
             continue
-        if type(mod).forward is not _batch_norm_forward():
+        if type(mod).forward is not _BN_FORWARD:
             continue
         bound = {"input": n.args[0]}
         kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False, args=(("x_scale", "input"),))
@@ -461,13 +461,16 @@ def fuse_batch_norms(graph: fx.Graph) -> int:
     return fused
 
 
-#: fused ops, their inputs that carry a scale (argument position: keyword), and whether a backward
-#: factor there costs no pass over a tensor (a GEMM's ``alpha``, a norm's gain in backward)
+#: fused ops and their inputs that carry a scale (argument position: keyword)
 _IN_SLOTS = {scaled_linear: {0: "x_scale"}, scaled_layer_norm: {0: "x_scale"}, scaled_batch_norm: {1: "x_scale"},
              scaled_conv: {0: "x_scale"}, scaled_add: {0: "a_scale", 1: "b_scale"}}
 #: fused ops whose ``out_scale`` backward factor multiplies the incoming gradient and nothing else
 _OUT_OPS = (scaled_linear, scaled_layer_norm, scaled_batch_norm, scaled_conv, scaled_attention)
+
+
 def _free_in(n: fx.Node, key: str) -> bool:
+    """A backward factor on the fused op ``n``'s input ``key`` costs no pass over a tensor (a GEMM's
+    ``alpha``, a norm's gain in backward)."""
     if n.target is scaled_batch_norm:
         return True
     if n.target is scaled_layer_norm:  # only a layer norm without input forward factors runs as one op
@@ -476,6 +479,7 @@ def _free_in(n: fx.Node, key: str) -> bool:
 
 
 def _free_out(n: fx.Node) -> bool:
+    """A backward factor on the fused op ``n``'s output costs no pass over a tensor (a norm's gain)."""
     return n.target is scaled_batch_norm or (n.target is scaled_layer_norm and _free_in(n, "x_scale"))
 
 
@@ -505,13 +509,8 @@ def _reader(p: fx.Node) -> Optional[tuple[fx.Node, str, bool]]:
         if not _homogeneous_of(u, cur):
             break
         cur, direct = u, False
-    slots = _IN_SLOTS.get(u.target) if u.op == "call_function" else None
-    if not slots:
-        return None
-    pos = [i for i, a in enumerate(u.args) if a is cur]
-    if len(pos) != 1 or pos[0] not in slots or cur in u.kwargs.values():
-        return None
-    return u, slots[pos[0]], direct
+    key = _slot_of(u, cur)
+    return None if key is None else (u, key, direct)
 
 
 def _with(n: fx.Node, key: str, pairs: list) -> None:
@@ -610,6 +609,8 @@ def place_grad_factors(graph: fx.Graph) -> int:
     * A residual add's output factors are its inputs' factors (``scaled_add`` multiplies them), and an
       input's forward and backward factors move into a producer that alone reads it directly when that
       producer's output factors are free (a batch norm or layer norm: its gain and bias).
+    * A residual add's backward factor on an input other fused ops read too moves to where it costs
+      nothing (:func:`factor_shared_grads`).
 
     (And in ``scaled_linear``, an output's backward factor within ``NEAR_ONE`` of 1 is the backward
     GEMMs' ``alpha``.)
