@@ -231,9 +231,10 @@ class _ScaledLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: tuple, c: tuple) -> Tensor:  # type: ignore[override]
-        kx, kb, fx, fw = k
-        # forward factors of the operands make scaled copies (what the GEMMs read and backward keeps)
-        x, w = _mul(x, fx), _mul(w, fw)
+        kx, kb, fx, fw, own = k
+        # forward factors of the operands make scaled copies (what the GEMMs read and backward keeps);
+        # an input this op owns (:func:`_owned`) is scaled in place
+        x, w = (_mul_(x, fx) if own and _owned(x) else _mul(x, fx)), _mul(w, fw)
         x2 = x.reshape(-1, x.shape[-1])
         if b is None:
             out = _mm(x2, w.t(), kx)
@@ -282,14 +283,28 @@ def _pair(s: tuple) -> tuple:
     return s
 
 
+def _owned(x: Tensor) -> bool:
+    """``x`` may be scaled in place by the op that reads it, in eager mode: a plain tensor that is no view
+    and no leaf that needs a gradient (the caller vouches that nothing else reads it and that no backward
+    reads it: :data:`~unit_scale_fx.passes.fold_scales.FRESH_OUTPUT`). While compiling or under a
+    ``functorch`` transform the op makes a scaled copy instead."""
+    return (type(x) in _PLAIN and x._base is None and (x.grad_fn is not None or not x.requires_grad)
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+
+
 def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_scale: tuple = _ONE,
-                  weight_scale: tuple = _ONE, bias_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
+                  weight_scale: tuple = _ONE, bias_scale: tuple = _ONE, out_scale: tuple = _ONE,
+                  x_in_place: bool = False) -> Tensor:
     """``linear`` with ``scale`` on its inputs and output, computed as one op.
 
     The same as ``scale(linear(scale(x, *x_scale), scale(weight, *weight_scale),
     scale(bias, *bias_scale)), *out_scale)`` in forward and backward (each pair is
     ``(fwd, bwd)``), without the intermediate scaled tensors. With every factor 1 it is
     ``F.linear``.
+
+    ``x_in_place``: ``x`` is a new tensor that only this op reads and that no backward reads (the
+    generated code says so where the graph shows it): in eager mode its forward factor multiplies it in
+    place, so no scaled copy is allocated. The values are the same.
     """
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
@@ -300,7 +315,7 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     # forward factors of the GEMM's operands multiply the operands (the GEMMs read what the plan
     # made unit, and backward keeps the scaled copy, as the chain does); their backward factors and
     # the output's forward factor are the GEMMs' ``alpha``
-    k = (float(fo), float(fo * fb), float(fx), float(fw))
+    k = (float(fo), float(fo * fb), float(fx), float(fw), bool(x_in_place))
     c = (float(go), float(gx), float(gw), float(gb))
     return _apply_linear(x, weight, bias, k, c)
 
@@ -668,10 +683,13 @@ class _ScaledOutputFn(torch.autograd.Function):
             g = g * ctx.go
         want = [i for i, d in enumerate(det) if d.requires_grad]
         got = torch.autograd.grad(out, [det[i] for i in want], g, allow_unused=True)
+        # the inner backward's new gradients are scaled in place, unless one is shared (with another or with g)
+        ptrs = [t.untyped_storage().data_ptr() for t in got if t is not None]
+        own = len(set(ptrs)) == len(ptrs) and g.untyped_storage().data_ptr() not in ptrs
         grads: list = [None] * len(det)
         for i, t in zip(want, got):
             f = ctx.gin[i]
-            grads[i] = t * f if (t is not None and f != 1.0) else t
+            grads[i] = t if t is None else (_mul_(t, f) if own and t._base is None else _mul(t, f))
         ctx.inner = None
         return (None,) * 6 + tuple(grads)
 

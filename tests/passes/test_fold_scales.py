@@ -324,6 +324,60 @@ def test_scaled_linear_saves_what_linear_saves():
     assert n == n_ref == x.numel() * 4
 
 
+def _mul_outputs(fn) -> list:
+    """The shapes of the out-of-place ``mul`` results that ``fn()`` computes (new scaled tensors)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes: list = []
+
+    class Muls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.mul:
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Muls():
+        fn()
+    return shapes
+
+
+def test_an_owned_input_is_scaled_in_place_with_the_same_values_and_gradients():
+    """``x_in_place``: the output of a GELU, read by the linear alone, is multiplied in place (no scaled copy
+    of it is made); values and gradients are those of the chain of scales. A leaf, a view, or a tensor
+    under a transform is left as it is."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    s = dict(x_scale=(1.5, 0.3), weight_scale=(1.0, 0.7), bias_scale=(1.0, 0.2), out_scale=(0.25, 1.7))
+    ref = scale(F.linear(scale(F.gelu(x), *s["x_scale"]), scale(w, *s["weight_scale"]), scale(b, *s["bias_scale"])),
+                *s["out_scale"])
+    h = F.gelu(x)
+    made = _mul_outputs(lambda: scaled_linear(h, w, b, **s, x_in_place=True))
+    assert (6, 7) not in made  # no scaled copy of the input
+    torch.testing.assert_close(h, 1.5 * F.gelu(x), rtol=0, atol=0)
+    out = scaled_linear(F.gelu(x), w, b, **s, x_in_place=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(ref)
+    for u, v in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+    # what the op may not own: a leaf that needs a gradient, and a view
+    for t in (x, F.gelu(x)[:, :]):
+        before = t.detach().clone()
+        assert (6, 7) in _mul_outputs(lambda: scaled_linear(t, w, b, **s, x_in_place=True))
+        assert torch.equal(t, before)
+
+
+def test_a_gelu_output_read_by_one_linear_is_scaled_in_place_in_the_generated_code():
+    """The GPT's MLP: GELU's output (its backward reads GELU's input) reaches the down projection, which
+    alone reads it, scaled in place; a ReLU's output (which its backward reads) never is."""
+    us = unit_scale(*_gpt())
+    assert us.code.count("x_in_place = True") == us.code.count("gelu(") > 0
+    mlp = unit_scale(*_mlp())
+    assert "x_in_place" not in mlp.code
+
+
 def test_fuse_linears_absorbs_a_scale_through_views():
     """A backward-only scale whose output goes through views into a linear runs inside the linear."""
     g = fx.Graph()

@@ -47,6 +47,12 @@ _VIEW_METHODS = ("view", "reshape", "transpose", "permute", "flatten", "unflatte
                  "contiguous", "t", "expand", "movedim", "swapaxes")
 #: ops whose backward reads their output (a scaled copy of the output would be kept a second time)
 SAVES_OUTPUT = frozenset(many([torch.relu, F.relu, tensor_method("relu"), aten("relu")]))
+#: ops that return a new tensor which their backward does not read (it reads their inputs, or nothing): a
+#: scale on that tensor, where one op alone reads it, may multiply it in place (no scaled copy)
+FRESH_OUTPUT = frozenset(many(
+    [F.gelu, aten("gelu"), F.silu, aten("silu"), tensor_method("silu"), F.mish, aten("mish"),
+     F.hardswish, aten("hardswish"), operator.mul, torch.mul, tensor_method("mul"), aten("mul", "Tensor"),
+     operator.add, torch.add, tensor_method("add"), aten("add", "Tensor")]))
 #: ops positively homogeneous of degree 1 in their first argument (the only float tensor they read)
 HOMOGENEOUS = SAVES_OUTPUT | frozenset(many(
     [F.leaky_relu, aten("leaky_relu"), tensor_method("leaky_relu"),
@@ -186,6 +192,17 @@ def _out_factors(outs: list[fx.Node]) -> Any:
     return pairs[0] if len(pairs) == 1 else (pairs or (1.0, 1.0))
 
 
+def _fresh_for(n: Any, reader: fx.Node) -> bool:
+    """``n`` is a new tensor that ``reader`` alone reads and that no backward reads (:data:`FRESH_OUTPUT`),
+    and not an output of the graph: ``reader`` may scale it in place."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or list(n.users) != [reader]:
+        return False
+    try:
+        return resolve_target(n) in FRESH_OUTPUT and not n.kwargs.get("out")
+    except TypeError:  # unhashable target
+        return False
+
+
 def fuse_linears(graph: fx.Graph) -> int:
     """Replace each ``linear`` and the scale nodes around it by one ``scaled_linear`` call.
 
@@ -215,12 +232,14 @@ def fuse_linears(graph: fx.Graph) -> int:
         # multiplies the operand; its backward factor is the backward GEMM's alpha
         # (a forward factor other than 1 multiplies the operand inside the op, so only directly
         # below the linear: moved through the chain it would round differently)
+        in_place = False
         if _lone_scale(cur) and (_factors(cur)[0] == 1.0 or not chain):
             sx, src = _factors(cur), cur.args[0]
             if chain:
                 chain[-1].replace_input_with(cur, src)
             else:
                 x = src
+                in_place = sx[0] != 1.0 and _fresh_for(src, cur)
             absorbed.append(cur)
         if _lone_scale(w) and _factors(w)[0] == 1.0:
             sw, w = _factors(w), w.args[0]
@@ -235,6 +254,8 @@ def fuse_linears(graph: fx.Graph) -> int:
             continue
         kwargs = {k: v for k, v in (("x_scale", sx), ("weight_scale", sw), ("bias_scale", sb), ("out_scale", so))
                   if v != (1.0, 1.0)}
+        if in_place:
+            kwargs["x_in_place"] = True
         with graph.inserting_before(n):
             new = graph.call_function(scaled_linear, (x, w, b), kwargs)
         _replace_fused(graph, n, new, out, absorbed)
