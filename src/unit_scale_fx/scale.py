@@ -288,8 +288,8 @@ def _owned(x: Tensor) -> bool:
     and no leaf that needs a gradient (the caller vouches that nothing else reads it and that no backward
     reads it: :data:`~unit_scale_fx.passes.fold_scales.FRESH_OUTPUT`). While compiling or under a
     ``functorch`` transform the op makes a scaled copy instead."""
-    return (type(x) in _PLAIN and x._base is None and (x.grad_fn is not None or not x.requires_grad)
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and type(x) in _PLAIN and x._base is None and (x.grad_fn is not None or not x.requires_grad))
 
 
 def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_scale: tuple = _ONE,
