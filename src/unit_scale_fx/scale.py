@@ -231,10 +231,9 @@ class _ScaledLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: tuple, c: tuple) -> Tensor:  # type: ignore[override]
-        kx, kb, fx, fw, own = k
-        # forward factors of the operands make scaled copies (what the GEMMs read and backward keeps);
-        # an input this op owns (:func:`_owned`) is scaled in place
-        x, w = (_mul_(x, fx) if own and _owned(x) else _mul(x, fx)), _mul(w, fw)
+        kx, kb, fx, fw = k
+        # forward factors of the operands make scaled copies (what the GEMMs read and backward keeps)
+        x, w = _mul(x, fx), _mul(w, fw)
         x2 = x.reshape(-1, x.shape[-1])
         if b is None:
             out = _mm(x2, w.t(), kx)
@@ -292,6 +291,17 @@ def _owned(x: Tensor) -> bool:
             and type(x) in _PLAIN and x._base is None and (x.grad_fn is not None or not x.requires_grad))
 
 
+def _scale_owned(x: Tensor, fx: float) -> tuple[Tensor, float]:
+    """An input's forward factor ``fx`` applied in place where the op owns the input (:func:`_owned`): ``x``
+    times ``fx`` (the value a scaled copy would hold) and the factor left to apply, 1; else ``x`` and ``fx``.
+    The multiply runs without autograd: the gradient's factor stays the op's own backward factor."""
+    if fx == 1.0 or not _owned(x):
+        return x, fx
+    with torch.no_grad():
+        _mul_(x, fx)
+    return x, 1.0
+
+
 def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_scale: tuple = _ONE,
                   weight_scale: tuple = _ONE, bias_scale: tuple = _ONE, out_scale: tuple = _ONE,
                   x_in_place: bool = False) -> Tensor:
@@ -315,7 +325,9 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     # forward factors of the GEMM's operands multiply the operands (the GEMMs read what the plan
     # made unit, and backward keeps the scaled copy, as the chain does); their backward factors and
     # the output's forward factor are the GEMMs' ``alpha``
-    k = (float(fo), float(fo * fb), float(fx), float(fw), bool(x_in_place))
+    if x_in_place:
+        x, fx = _scale_owned(x, fx)
+    k = (float(fo), float(fo * fb), float(fx), float(fw))
     c = (float(go), float(gx), float(gw), float(gb))
     return _apply_linear(x, weight, bias, k, c)
 
@@ -390,18 +402,20 @@ CONVS = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
 def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
                 dilation: Any = 1, groups: int = 1, *, x_scale: tuple = _ONE, weight_scale: tuple = _ONE,
-                bias_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
+                bias_scale: tuple = _ONE, out_scale: tuple = _ONE, x_in_place: bool = False) -> Tensor:
     """``conv1d`` / ``conv2d`` / ``conv3d`` (by ``weight``'s dimensions) with ``scale`` on its inputs and
     output, computed as one op.
 
     The same as ``scale(conv(scale(x, *x_scale), scale(weight, *weight_scale), scale(bias, *bias_scale),
     stride, padding, dilation, groups), *out_scale)`` forward and backward. With every factor 1 it is
-    the convolution.
+    the convolution. ``x_in_place``: as in :func:`scaled_linear`.
     """
     conv = CONVS[weight.dim() - 2]
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return conv(x, weight, bias, stride, padding, dilation, groups)
+    if x_in_place:
+        x, fx = _scale_owned(x, float(fx))
     if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
         return scale(conv(scale(x, fx, gx), scale(weight, fw, gw), None if bias is None else scale(bias, fb, gb),
                           stride, padding, dilation, groups), fo, go)

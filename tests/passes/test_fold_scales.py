@@ -108,7 +108,31 @@ def _resnet():
     return TinyResNet(width=8), (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))
 
 
-MODELS = {"relu-mlp": _mlp, "gpt": _gpt, "resnet": _resnet}
+class SiluConvNet(nn.Module):
+    """Convolutions read a SiLU's, a hardswish's and an in-place SiLU's outputs (a mobile-network block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
+        self.c3, self.b3 = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)
+        self.c4, self.act = nn.Conv2d(8, 8, 1), nn.SiLU(inplace=True)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.b1(self.c1(x)))
+        h = F.hardswish(self.b2(self.c2(h)))
+        h = self.c4(self.act(self.b3(self.c3(h))))
+        return F.cross_entropy(self.fc(F.gelu(h).mean((2, 3))), y)
+
+
+def _silu_convnet():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    return SiluConvNet(), (torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
+
+
+MODELS = {"relu-mlp": _mlp, "gpt": _gpt, "resnet": _resnet, "silu-convnet": _silu_convnet}
 
 
 def _saved(model: nn.Module, batch: tuple) -> int:
@@ -369,6 +393,28 @@ def test_an_owned_input_is_scaled_in_place_with_the_same_values_and_gradients():
         assert torch.equal(t, before)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_an_owned_input_scaled_in_place_under_checkpointing_keeps_its_gradients(reentrant):
+    """Activation checkpointing recomputes GELU in backward: the recomputed output is scaled in place again,
+    and the gradients are those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    s = dict(x_scale=(1.5, 0.3), weight_scale=(1.0, 0.7), out_scale=(0.25, 1.7))
+
+    def block(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return scaled_linear(F.gelu(x), w, **s, x_in_place=True)
+
+    g = torch.randn(6, 4, dtype=torch.float64)
+    want = torch.autograd.grad(block(x, w), (x, w), g)
+    block_ck = checkpoint(block, x, w, use_reentrant=reentrant)
+    block_ck.backward(g)
+    for u, v in zip((x.grad, w.grad), want):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+
+
 def test_a_gelu_output_read_by_one_linear_is_scaled_in_place_in_the_generated_code():
     """The GPT's MLP: GELU's output (its backward reads GELU's input) reaches the down projection, which
     alone reads it, scaled in place; a ReLU's output (which its backward reads) never is."""
@@ -376,6 +422,27 @@ def test_a_gelu_output_read_by_one_linear_is_scaled_in_place_in_the_generated_co
     assert us.code.count("x_in_place = True") == us.code.count("gelu(") > 0
     mlp = unit_scale(*_mlp())
     assert "x_in_place" not in mlp.code
+
+
+def test_convolutions_scale_activation_outputs_in_place_and_never_an_alias():
+    """A SiLU's and a hardswish's outputs reach the convolutions that alone read them scaled in place (the
+    model's in-place SiLU too: the rewrite made it out of place). That the fused code computes the graph's
+    function: ``test_fused_code_computes_the_graph_with_its_scales``. An op that returns its input
+    (``inplace=True``, ``out=``) or a value with a second reader is never scaled in place."""
+    from unit_scale_fx.passes.fold_scales import _fresh_for
+
+    us = unit_scale(*_silu_convnet())
+    lines = [ln for ln in us.code.splitlines() if "scaled_conv(" in ln]
+    assert ["x_in_place = True" in ln for ln in lines] == [False, True, True, True], lines
+    g = fx.Graph()
+    x = g.placeholder("x")
+    ops = [g.call_function(F.silu, (x,)), g.call_function(F.silu, (x,), {"inplace": True}),
+           g.call_function(F.silu, (x, True)), g.call_function(torch.mul, (x, 2.0), {"out": x}),
+           g.call_function(F.gelu, (x,)), g.call_function(torch.relu, (x,))]
+    readers = [g.call_function(scale, (op, 2.0, 1.0)) for op in ops]
+    second = g.call_function(torch.neg, (ops[4],))
+    g.output((*readers, second))
+    assert [_fresh_for(op, r) for op, r in zip(ops, readers)] == [True, False, False, False, False, False]
 
 
 def test_fuse_linears_absorbs_a_scale_through_views():

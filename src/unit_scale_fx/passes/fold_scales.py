@@ -197,8 +197,11 @@ def _fresh_for(n: Any, reader: fx.Node) -> bool:
     and not an output of the graph: ``reader`` may scale it in place."""
     if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or list(n.users) != [reader]:
         return False
+    # ``inplace=True`` (or positionally ``F.silu(x, True)``) and ``out=`` return a tensor that is not new
+    if n.kwargs.get("inplace") or n.kwargs.get("out") is not None or any(a is True for a in n.args):
+        return False
     try:
-        return resolve_target(n) in FRESH_OUTPUT and not n.kwargs.get("out")
+        return resolve_target(n) in FRESH_OUTPUT
     except TypeError:  # unhashable target
         return False
 
@@ -211,7 +214,9 @@ def fuse_linears(graph: fx.Graph) -> int:
     a chain of positively homogeneous ops such as views), and the output scale (its forward
     factor is the forward GEMM's ``alpha``). What each GEMM reads stays what the plan made
     unit. Forward and backward are unchanged. Used on a copy of the graph when code is
-    generated (:class:`FusedCodeGen`, :class:`FusedPyTreeCodeGen`).
+    generated (:class:`FusedCodeGen`, :class:`FusedPyTreeCodeGen`). An input with a forward
+    factor that the linear alone reads and no backward reads (a GELU's output:
+    :data:`FRESH_OUTPUT`) is scaled in place (``x_in_place``): no scaled copy is made.
     """
     fused = 0
     for n in list(graph.nodes):
@@ -317,6 +322,8 @@ def fuse_convs(graph: fx.Graph) -> int:
     Absorbed: the scales read only by the convolution on its input, weight and bias (the
     forward factor multiplies the operand inside the op, the backward factor the gradient
     the convolution's backward computes), and its output scale (in place on the output).
+    An input that only the convolution reads and no backward reads (:data:`FRESH_OUTPUT`) is
+    scaled in place (``x_in_place``), as in :func:`fuse_linears`.
     Convolutions with string padding keep their scales (and so, when it runs, does one with an
     unbatched input: :func:`~unit_scale_fx.scale.scaled_conv`). Nothing here reads ``meta``, so
     a copy of the module whose graph lost it generates the same code.
@@ -328,9 +335,13 @@ def fuse_convs(graph: fx.Graph) -> int:
             continue
         if not isinstance(bound.get("weight"), fx.Node) or isinstance(bound.get("padding"), str):
             continue
+        x = bound.get("input")
+        in_place = _lone_scale(x) and _factors(x)[0] != 1.0 and _fresh_for(x.args[0], x)
         kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False)
         if not kwargs:
             continue
+        if in_place:
+            kwargs["x_in_place"] = True
         args = (bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0),
                 bound.get("dilation", 1), bound.get("groups", 1))
         with graph.inserting_before(n):
