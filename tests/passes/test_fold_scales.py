@@ -445,20 +445,6 @@ def test_convolutions_scale_activation_outputs_in_place_and_never_an_alias():
     assert [_fresh_for(op, r) for op, r in zip(ops, readers)] == [True, False, False, False, False, False]
 
 
-@pytest.mark.parametrize("name,kept", [("resnet", [False] * 10), ("silu-convnet", [False, False, False, True])])
-def test_convolution_weight_gradient_factors_move_into_the_batch_norms_that_read_them(name, kept):
-    """A convolution read by a batch norm alone has no weight-gradient factor of its own (in eager mode it
-    would be a gradient hook per convolution): the batch norm's input factor (its gain) carries it, and
-    the convolution's input and bias factors are divided by it. A convolution that a GELU reads keeps
-    its factor. That the gradients are unchanged: ``test_fused_code_computes_the_graph_with_its_scales``."""
-    model, batch = MODELS[name]()
-    us = unit_scale(model, batch)
-    lines = [ln for ln in us.code.splitlines() if "scaled_conv(" in ln]
-    assert ["weight_scale" in ln for ln in lines] == kept, lines
-    plain = [ln for ln in _unfused(us).code.splitlines() if "weight" in ln and "scale(" in ln]
-    assert len(plain) >= len(lines)  # the graph itself keeps every weight's scale
-
-
 def test_fuse_linears_absorbs_a_scale_through_views():
     """A backward-only scale whose output goes through views into a linear runs inside the linear."""
     g = fx.Graph()

@@ -628,37 +628,6 @@ def factor_shared_grads(graph: fx.Graph) -> int:
     return moves
 
 
-def move_weight_grad_factors(graph: fx.Graph) -> int:
-    """A convolution's weight-gradient factor costs a multiply of the weight's gradient (in eager mode a
-    gradient hook, tens of microseconds a call). Where the convolution's output reaches one fused op alone
-    whose input factor is free (a batch norm's, in its gain; a GEMM's ``alpha``), directly or through
-    views, relu or pooling, the factor ``g`` moves there, onto the output's gradient, and the input's and
-    bias's backward factors are divided by ``g``: all three gradients are linear in the output's gradient,
-    so each is what it was. The input's factor then usually moves on into its producer
-    (:func:`place_grad_factors`), or merges with one it had already; the bias's usually becomes 1.
-    Exact in real arithmetic. Returns the number of moves."""
-    moves = 0
-    for p in list(graph.nodes):
-        if p.op != "call_function" or p.target is not scaled_conv:
-            continue
-        wpairs = _pairs(p, "weight_scale")
-        g = _pair(tuple(wpairs))[1]
-        if g == 1.0 or not g > 0:
-            continue
-        r = _reader(p)
-        if r is None or not _free_in(r[0], r[1]):
-            continue
-        c, key, _ = r
-        moved = [b for _, b in wpairs if b != 1.0]
-        _with(p, "weight_scale", [(f, 1.0) for f, _ in wpairs])
-        keys = ["x_scale"] + (["bias_scale"] if len(p.args) > 2 and isinstance(p.args[2], fx.Node) else [])
-        for k in keys:
-            _with(p, k, _pairs(p, k) + [(1.0, 1.0 / b) for b in moved])
-        _with(c, key, _pairs(c, key) + [(1.0, b) for b in moved])
-        moves += 1
-    return moves
-
-
 def place_grad_factors(graph: fx.Graph) -> int:
     """Move scale factors between fused ops to where they cost no pass over a tensor. Exact in real
     arithmetic: each op computes the same function, forward and backward.
@@ -674,8 +643,6 @@ def place_grad_factors(graph: fx.Graph) -> int:
       producer's output factors are free (a batch norm or layer norm: its gain and bias).
     * A residual add's backward factor on an input other fused ops read too moves to where it costs
       nothing (:func:`factor_shared_grads`).
-    * A convolution's weight-gradient factor moves onto its output's gradient where a batch norm (or a
-      GEMM) reads that output alone (:func:`move_weight_grad_factors`).
 
     (And in ``scaled_linear``, an output's backward factor within ``NEAR_ONE`` of 1 is the backward
     GEMMs' ``alpha``.)
@@ -689,7 +656,6 @@ def place_grad_factors(graph: fx.Graph) -> int:
             for key in ("a_scale", "b_scale"):
                 _with(n, key, _pairs(n, key) + out)
             _with(n, "out_scale", [])
-    moves += move_weight_grad_factors(graph)
     moves += factor_shared_grads(graph)
     for p in list(graph.nodes):
         if p.op != "call_function" or p.target not in _OUT_OPS:
