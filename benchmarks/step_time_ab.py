@@ -12,7 +12,8 @@ ratios.
 Exact, and independent of load: the counts of one training step (after a warm-up step) of each
 variant, read by a dispatch mode: aten ops dispatched, elements written by pointwise ops
 (``torch.Tag.pointwise``: the scales' multiplies among them; GEMMs, convolutions, norms and the like
-are not counted), and Python ``autograd.Function`` calls (each costs tens of microseconds).
+are not counted), of those the elements of new tensors (written out of place: an allocation each, which
+on this machine can cost more than the multiply), and Python ``autograd.Function`` calls (each costs tens of microseconds).
 Models and batches: ``free_scaling.make``.
 """
 
@@ -41,6 +42,10 @@ _VIEWS = {"view", "t", "detach", "transpose", "_unsafe_view", "expand", "as_stri
           "slice", "select", "split", "unsqueeze", "squeeze", "view_as", "split_with_sizes", "unbind"}
 
 
+HEADER = ["model", "variant", "median ms (CPU)", "/ original", "aten ops", "pointwise M elements",
+          "of those, M elements of new tensors", "autograd.Function calls"]
+
+
 def load_ref(src: str) -> Any:
     """The ``unit_scale_fx`` package under ``src``, imported as ``unit_scale_fx_ref`` (a copy in a temp folder)."""
     tmp = tempfile.mkdtemp(prefix="usfx_ref_")
@@ -54,14 +59,19 @@ class _Count(TorchDispatchMode):
         super().__init__()
         self.ops = 0
         self.pointwise = 0
+        self.fresh = 0  # of those, elements of new tensors (out of place: an allocation each)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         if torch.Tag.pointwise in func.tags and func.__name__.split(".")[0] not in _VIEWS:
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
             for t in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(t, torch.Tensor):
                     self.pointwise += t.numel()
+                    if t.untyped_storage().data_ptr() not in inputs:
+                        self.fresh += t.numel()
         return out
 
 
@@ -74,8 +84,9 @@ def _function_classes() -> list[type]:
     return out
 
 
-def counts(step: Callable[[], None]) -> tuple[int, int, int]:
-    """(aten ops, pointwise elements written, autograd.Function calls) of one call of ``step``. A Function
+def counts(step: Callable[[], None]) -> tuple[int, int, int, int]:
+    """(aten ops, pointwise elements written, of those the elements of new tensors (not written in place),
+    autograd.Function calls) of one call of ``step``. A Function
     call is counted at its ``forward``, however it was applied (``Function.apply`` or the C ``apply``)."""
     calls = [0]
     patched = []
@@ -97,7 +108,7 @@ def counts(step: Callable[[], None]) -> tuple[int, int, int]:
     finally:
         for cls, fwd in patched:
             cls.forward = fwd  # type: ignore[method-assign]
-    return c.ops, c.pointwise, calls[0]
+    return c.ops, c.pointwise, c.fresh, calls[0]
 
 
 def run(name: str, ref: Any, size: str, rounds: int, steps: int) -> list[list[str]]:
@@ -123,10 +134,10 @@ def run(name: str, ref: Any, size: str, rounds: int, steps: int) -> list[list[st
     base = times["original"]
     rows = []
     for label in variants:
-        ops, pw, fns = exact[label]
+        ops, pw, fresh, fns = exact[label]
         ratio = median([t / b for t, b in zip(times[label], base)])
         rows.append([name, label, f"{median(times[label]) * 1e3:.1f}", f"{ratio:.3f}", str(ops),
-                     f"{pw / 1e6:.2f}", str(fns)])
+                     f"{pw / 1e6:.2f}", f"{fresh / 1e6:.2f}", str(fns)])
     return rows
 
 
@@ -146,14 +157,12 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += run(name, ref, args.size, args.rounds, args.steps)
-        print(table(["model", "variant", "median ms (CPU)", "/ original", "aten ops", "pointwise M elements",
-                     "autograd.Function calls"], rows), flush=True)
-    text = table(["model", "variant", "median ms (CPU)", "/ original", "aten ops", "pointwise M elements",
-                  "autograd.Function calls"], rows)
+        print(table(HEADER, rows), flush=True)
+    text = table(HEADER, rows)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     note = (f"reference: {args.ref}. Sizes: {args.size}. Times: CPU clock, {args.rounds} rounds x {args.steps} "
             f"steps per variant, interleaved; '/ original' = median over rounds of the per-round ratio. Load "
-            f"average at the end: {load} (the machine is shared: times are noisy; the three count columns are "
+            f"average at the end: {load} (the machine is shared: times are noisy; the count columns are "
             "exact, one training step after a warm-up step).")
     path = write_result(args.name, "Step time A/B: original, reference unit_scale_fx, this one", text + "\n\n" + note)
     print(f"wrote {path}")
