@@ -1,7 +1,8 @@
 """The fixed cost of unit scaling in eager mode: a training step of a ResNet so small that its arithmetic
 is negligible (batch 1, 8 x 8 images, width 8), original and unit-scaled, interleaved round by round on
 the CPU clock (one thread). The difference is what the scales cost per step whatever the size: Python
-(fused ops, gradient hooks) and small ops.
+(fused ops, gradient hooks) and small ops. Also counted: the gradient hooks (``scale._GradFactor``) one
+unit-scaled step calls.
 
     cd benchmarks && PYTHONPATH=../src python fixed_overhead.py --rounds 300
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 
 import torch
@@ -46,8 +48,21 @@ def main() -> None:
             steps[k]()
             times[k].append(time.process_time() - t0)
     a, b = median(times["original"]), median(times["unit-scaled"])
+    factor_cls = sys.modules["unit_scale_fx.scale"]._GradFactor
+    call, calls = factor_cls.__call__, [0]
+
+    def counted(self, g):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return call(self, g)
+
+    factor_cls.__call__ = counted
+    try:
+        steps["unit-scaled"]()
+    finally:
+        factor_cls.__call__ = call
     print(f"batch {args.batch}, {args.size}x{args.size}, width {args.width}, {args.rounds} rounds: original "
-          f"{a * 1e3:.3f} ms, unit-scaled {b * 1e3:.3f} ms, difference {(b - a) * 1e3:.3f} ms a step")
+          f"{a * 1e3:.3f} ms, unit-scaled {b * 1e3:.3f} ms, difference {(b - a) * 1e3:.3f} ms a step; "
+          f"{calls[0]} gradient hooks a unit-scaled step")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ def _mul_(t: Tensor, f: float) -> Tensor:
     return t if f == 1.0 else t.mul_(_factor(t, f))
 
 
+def _eager() -> bool:
+    """Neither compiling nor under a ``functorch`` transform (``vmap``, ``grad``): the fused ops may take
+    their eager shortcuts."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
 def _native_ok(*ts: Tensor | None) -> bool:
     """The fused ops may run as native autograd ops with backward factors set through what they save
     (:func:`_set_saved`): plain float32 / float64 tensors, eager (no compiling, no ``functorch`` transform),
@@ -53,8 +59,7 @@ def _native_ok(*ts: Tensor | None) -> bool:
     checkpointing recomputes the forward in backward and stops right after the last tensor is saved, which
     may be before the saved values are set. Under hooks the fused ops are ``autograd.Function`` s, which
     save the same activations.)"""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+    if not _eager() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return False
     return all(t is None or (type(t) in _PLAIN and t.dtype in _EXACT) for t in ts)
 
@@ -287,8 +292,7 @@ def _owned(x: Tensor) -> bool:
     and no leaf that needs a gradient (the caller vouches that nothing else reads it and that no backward
     reads it: :data:`~unit_scale_fx.passes.fold_scales.FRESH_OUTPUT`). While compiling or under a
     ``functorch`` transform the op makes a scaled copy instead."""
-    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-            and type(x) in _PLAIN and x._base is None and (x.grad_fn is not None or not x.requires_grad))
+    return _eager() and type(x) in _PLAIN and x._base is None and (x.grad_fn is not None or not x.requires_grad)
 
 
 def _scale_owned(x: Tensor, fx: float) -> tuple[Tensor, float]:
@@ -710,7 +714,7 @@ class _ScaledOutputFn(torch.autograd.Function):
 
 def _plain_tensors(*ts: Tensor) -> bool:
     """Real tensors (not fake, functional or other subclasses seen while tracing)."""
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in ts)
+    return all(type(t) in _PLAIN for t in ts)
 
 
 class _DynScaleFn(torch.autograd.Function):

@@ -429,7 +429,7 @@ def test_convolutions_scale_activation_outputs_in_place_and_never_an_alias():
     model's in-place SiLU too: the rewrite made it out of place). That the fused code computes the graph's
     function: ``test_fused_code_computes_the_graph_with_its_scales``. An op that returns its input
     (``inplace=True``, ``out=``) or a value with a second reader is never scaled in place."""
-    from unit_scale_fx.passes.fold_scales import _fresh_for
+    from unit_scale_fx.passes.fold_scales import _in_place
 
     us = unit_scale(*_silu_convnet())
     lines = [ln for ln in us.code.splitlines() if "scaled_conv(" in ln]
@@ -442,7 +442,7 @@ def test_convolutions_scale_activation_outputs_in_place_and_never_an_alias():
     readers = [g.call_function(scale, (op, 2.0, 1.0)) for op in ops]
     second = g.call_function(torch.neg, (ops[4],))
     g.output((*readers, second))
-    assert [_fresh_for(op, r) for op, r in zip(ops, readers)] == [True, False, False, False, False, False]
+    assert [_in_place(r) for r in readers] == [True, False, False, False, False, False]
 
 
 def test_fuse_linears_absorbs_a_scale_through_views():

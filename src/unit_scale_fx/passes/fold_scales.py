@@ -86,14 +86,18 @@ def _compose(meta: dict, a: float, b: float) -> None:
     meta[FOLDED] = (float(a0) * a, float(b0) * b)
 
 
+def _calls(n: fx.Node, table: frozenset) -> bool:
+    """``n`` calls one of the ops in ``table`` (an unhashable target calls none)."""
+    try:
+        return resolve_target(n) in table
+    except TypeError:
+        return False
+
+
 def _homogeneous(n: Any) -> bool:
     if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or n.meta.get(INSERTED):
         return False
-    try:
-        target = resolve_target(n)
-        if target not in HOMOGENEOUS:
-            return False
-    except TypeError:  # unhashable target
+    if not _calls(n, HOMOGENEOUS):
         return False
     x = n.args[0] if n.args else None
     return isinstance(x, fx.Node) and float_tensor_inputs(n) == [x] and len(n.users) == 1
@@ -129,7 +133,7 @@ def _hoist(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not chain:
         return False
     mergeable = _is_scale(top) and len(top.users) == 1 and _role(top) == "output"
-    if not mergeable and not any(resolve_target(f) in SAVES_OUTPUT for f in chain):
+    if not mergeable and not any(_calls(f, SAVES_OUTPUT) for f in chain):
         return False
     first = chain[-1]  # the op that reads ``top``
     own = _role(node) == "output" and node.meta[ROLE][1] == chain[0].name
@@ -192,18 +196,17 @@ def _out_factors(outs: list[fx.Node]) -> Any:
     return pairs[0] if len(pairs) == 1 else (pairs or (1.0, 1.0))
 
 
-def _fresh_for(n: Any, reader: fx.Node) -> bool:
-    """``n`` is a new tensor that ``reader`` alone reads and that no backward reads (:data:`FRESH_OUTPUT`),
-    and not an output of the graph: ``reader`` may scale it in place."""
-    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or list(n.users) != [reader]:
+def _in_place(s: fx.Node) -> bool:
+    """The scale node ``s`` has a forward factor and may apply it in place: what it scales is a new tensor
+    that ``s`` alone reads and that no backward reads (:data:`FRESH_OUTPUT`), not an output of the graph."""
+    n = s.args[0]
+    if _factors(s)[0] == 1.0 or not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") \
+            or list(n.users) != [s]:
         return False
     # ``inplace=True`` (or positionally ``F.silu(x, True)``) and ``out=`` return a tensor that is not new
     if n.kwargs.get("inplace") or n.kwargs.get("out") is not None or any(a is True for a in n.args):
         return False
-    try:
-        return resolve_target(n) in FRESH_OUTPUT
-    except TypeError:  # unhashable target
-        return False
+    return _calls(n, FRESH_OUTPUT)
 
 
 def fuse_linears(graph: fx.Graph) -> int:
@@ -244,7 +247,7 @@ def fuse_linears(graph: fx.Graph) -> int:
                 chain[-1].replace_input_with(cur, src)
             else:
                 x = src
-                in_place = sx[0] != 1.0 and _fresh_for(src, cur)
+                in_place = _in_place(cur)
             absorbed.append(cur)
         if _lone_scale(w) and _factors(w)[0] == 1.0:
             sw, w = _factors(w), w.args[0]
@@ -336,7 +339,7 @@ def fuse_convs(graph: fx.Graph) -> int:
         if not isinstance(bound.get("weight"), fx.Node) or isinstance(bound.get("padding"), str):
             continue
         x = bound.get("input")
-        in_place = _lone_scale(x) and _factors(x)[0] != 1.0 and _fresh_for(x.args[0], x)
+        in_place = _lone_scale(x) and _in_place(x)
         kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False)
         if not kwargs:
             continue
@@ -521,12 +524,7 @@ def _homogeneous_of(n: fx.Node, x: fx.Node) -> bool:
     (pickled) generates the same code."""
     if n.op not in ("call_function", "call_method") or n.meta.get(INSERTED) or not n.args or n.args[0] is not x:
         return False
-    try:
-        if resolve_target(n) not in HOMOGENEOUS:
-            return False
-    except TypeError:  # unhashable target
-        return False
-    return x not in n.args[1:] and x not in n.kwargs.values()
+    return _calls(n, HOMOGENEOUS) and x not in n.args[1:] and x not in n.kwargs.values()
 
 
 def _reader(p: fx.Node) -> Optional[tuple[fx.Node, str, bool]]:
