@@ -360,6 +360,8 @@ def _conv_backward(ctx: Any, g: Tensor, x: Tensor, w: Tensor, need: Sequence[boo
     """The backward of :class:`_ScaledConvFn`: the gradients of input, weight and bias (``need``: which)."""
     go, gx, gw, gb = ctx.c
     g = _mul(g, go)
+    if g.dtype != x.dtype:  # under autocast the forward convolution read copies of the dtype it returned
+        x, w = x.to(g.dtype), w.to(g.dtype)
     stride, padding, dilation, groups = ctx.geometry
     mask = [need[0], need[1], ctx.bias_sizes is not None and need[2]]
     wd = w
@@ -413,11 +415,23 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     The same as ``scale(conv(scale(x, *x_scale), scale(weight, *weight_scale), scale(bias, *bias_scale),
     stride, padding, dilation, groups), *out_scale)`` forward and backward. With every factor 1 it is
     the convolution. ``x_in_place``: as in :func:`scaled_linear`.
+
+    In eager training, for a weight with no more elements than the input and forward factors 1 on the
+    input and output, every factor acts through a copy of the weight (:func:`_native_conv`): no pass over
+    an activation or its gradient. (A forward factor on the input or output stays off the weight: the
+    convolution reads the unit operands the chain gives it.)
     """
     conv = CONVS[weight.dim() - 2]
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return conv(x, weight, bias, stride, padding, dilation, groups)
+    if (fx, fo) == (1.0, 1.0) and torch.is_grad_enabled() and x.dim() == weight.dim() \
+            and weight.numel() <= x.numel() and _native_ok(x, weight, bias) \
+            and not torch.is_autocast_enabled(x.device.type):
+        # the gradients' factors in the (smaller) weight; not under autocast, whose cast copy of the
+        # weight is what the convolution saves
+        return _native_conv(conv, x, weight, bias, (stride, padding, dilation, groups), float(fw), float(fb),
+                            (float(go), float(gx), float(gw), float(gb)))
     if x_in_place:
         x, fx = _scale_owned(x, float(fx))
     if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
@@ -431,6 +445,32 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     return _apply_conv(conv, x, weight, bias, (stride, padding, dilation, groups),
                                (float(fx), float(fw), float(fb), float(fo)),
                                (float(go), float(gx), float(gw), float(gb)))
+
+
+def _native_conv(conv: Any, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple, fw: float, fb: float,
+                 c: tuple) -> Tensor:
+    """What :class:`_ScaledConvFn` computes for input and output forward factors 1, as native autograd ops
+    with every other factor in the weight (:func:`scaled_conv`: for a weight no larger than the input): no
+    pass over an activation or its gradient, and no gradient hook.
+
+    ``conv(x, fw * w, fb * b)`` is ``conv(x, w * sw, b * sb)`` with fresh 0-dim factors ``sw = fw`` and
+    ``sb = fb``: the convolution reads the operands the chain of scales gives it. Once it has run
+    (:func:`_set_saved`): the weight copy it saved for the input gradient becomes ``gx go fw * w`` (the
+    chain's input gradient is ``gx * J_x^T (go * g)``, linear in the weight; the weight gradient does not
+    read it), and the saved factors become the gradients' factors: ``gw go`` for the weight, ``gb go``
+    for the bias. Autograd saves ``x`` and the weight's copy, as the original convolution saves ``x`` and
+    the weight, and the 0-dim factors (one each for the weight and the bias)."""
+    go, gx, gw, gb = c
+    sw = _fresh(w, fw)
+    wf = w * sw
+    sb = None if b is None else _fresh(b, fb)
+    out = conv(x, wf, None if sb is None else b * sb, *geometry)
+    if x.requires_grad:
+        _set_saved(wf, gx * go)
+    sw.data.fill_(gw * go)
+    if sb is not None:
+        sb.data.fill_(gb * go)
+    return out
 
 
 class _ScaledAddFn(torch.autograd.Function):

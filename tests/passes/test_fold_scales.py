@@ -10,6 +10,7 @@ import operator
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -135,6 +136,17 @@ def _silu_convnet():
 MODELS = {"relu-mlp": _mlp, "gpt": _gpt, "resnet": _resnet, "silu-convnet": _silu_convnet}
 
 
+def _grad_nodes(out: torch.Tensor) -> list:
+    """The nodes of the autograd graph behind ``out``."""
+    seen, todo = {}, [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node
+            todo.extend(f for f, _ in node.next_functions)
+    return list(seen.values())
+
+
 def _saved(model: nn.Module, batch: tuple) -> int:
     n, loss = saved_tensor_bytes(lambda: model(*batch))
     loss.backward()
@@ -152,7 +164,10 @@ def test_backward_keeps_no_scaled_copy(name):
     on their parameters' gradients only then run as native ops): exactly the original's bytes plus one
     0-dim float32 factor per batch norm and layer norm (4 bytes: the saved factor of the multiply that
     sets its gain's and bias's backward factors, ``scale._set_saved``; here the gain and bias of a layer
-    norm share one). A native convolution saves its weight itself (a hook scales its gradient).
+    norm share one) and per weight and bias of a convolution whose factors are in a copy of its weight,
+    saved instead of the weight (``scale._native_conv``: a weight no larger than the input, forward
+    factors 1 on input and output). Another native convolution saves its weight itself (a hook scales
+    its gradient).
     (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
     makes a new tensor.)"""
     model, batch = MODELS[name]()
@@ -168,8 +183,15 @@ def test_backward_keeps_no_scaled_copy(name):
     for m in (model, us):
         out = m(*batch)
         sizes.append(graph_saved_bytes(out))
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        folded = [1 + (tuple(n._saved_bias_sym_sizes_opt or ()) not in ((), (0,))) for n in _grad_nodes(out)
+                  if type(n).__name__ == "ConvolutionBackward0"
+                  and n._saved_weight.untyped_storage().data_ptr() not in params]
         out.backward()
         m.zero_grad(set_to_none=True)
+    # (the weight no larger than the input, forward factors 1 on input and output)
+    assert bool(folded) == any(isinstance(m, nn.Conv2d) for m in model.modules())
+    factors += sum(folded)
     assert sizes[1] == sizes[0] + 4 * factors
 
 
@@ -543,6 +565,88 @@ def test_scaled_conv_is_the_chain_of_scales(dims, kw, bias):
     assert n == n_ref
 
 
+_FOLD_SCALES = dict(x_scale=(1.0, 0.3), weight_scale=(1.2, 0.7), bias_scale=(0.9, 0.2), out_scale=(1.0, 1.7))
+
+
+def _conv_chain(x, w, b, s, **kw):
+    return scale(F.conv2d(scale(x, *s["x_scale"]), scale(w, *s["weight_scale"]),
+                          None if b is None else scale(b, *s["bias_scale"]), **kw), *s["out_scale"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias,kw", [(True, dict(padding=1)), (False, dict(padding="same")),
+                                     (True, dict(stride=2, groups=2))])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_convolution_with_a_smaller_weight_carries_every_factor_in_the_weight(dtype, bias, kw, x_grad):
+    """A convolution whose weight is smaller than its input, with backward factors and the weight's and
+    bias's forward factors: the chain of scales forward and backward, as native autograd ops that make no
+    pass over the input, the output or their gradients (the factors are in a copy of the weight and in
+    0-dim factors), that read in forward the operands the chain reads, and that save what the
+    convolution saves (the copy in place of the weight) and the 0-dim factors."""
+    from unit_scale_fx.analysis.memory import graph_saved_bytes
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, dtype=dtype, requires_grad=x_grad)
+    w = torch.randn(6, 4 // kw.get("groups", 1), 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, dtype=dtype, requires_grad=True) if bias else None
+    assert w.numel() < x.numel()
+    ref = _conv_chain(x, w, b, _FOLD_SCALES, **kw)
+    out = scaled_conv(x, w, b, **kw, **_FOLD_SCALES)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    g = torch.randn_like(ref)
+    ins = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    for u, v in zip(torch.autograd.grad(out, ins, g, retain_graph=True), torch.autograd.grad(ref, ins, g)):
+        torch.testing.assert_close(u, v, **tol)
+    seen, todo = [], [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            seen.append(node)
+            todo.extend(f for f, _ in node.next_functions)
+    assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in seen)
+    factors = (1 + bias) * torch.empty((), dtype=dtype).element_size()
+    assert graph_saved_bytes(out) == graph_saved_bytes(F.conv2d(x, w, b, **kw)) + factors
+    big, operands = [], []  # multiplies of tensors of the input's or the output's size; forward operands
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.mul_) and res.numel() > w.numel():
+                big.append(func)
+            if func is torch.ops.aten.convolution.default:
+                operands.append([t.detach().clone() for t in args[:3] if t is not None])
+            return res
+
+    with Count():
+        torch.autograd.grad(scaled_conv(x, w, b, **kw, **_FOLD_SCALES), ins, g)
+    assert big == []
+    want = [x, w * 1.2] + ([b * 0.9] if bias else [])
+    assert len(operands) == 1 and all(torch.equal(u, v) for u, v in zip(operands[0], want))
+
+
+def test_convolution_under_autocast_is_the_chain_of_scales():
+    """Under autocast the convolution reads a cast copy of its weight, so its factors do not go into the
+    weight (the copy carrying them would not be what backward reads): the chain's gradients, exactly, on
+    each path."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    g = torch.randn(4, 6, 8, 8, dtype=torch.bfloat16)
+    for s in (dict(x_scale=(1.0, 0.25), weight_scale=(1.0, 4.0), out_scale=(0.5, 1.0)),
+              dict(x_scale=(1.0, 0.25), weight_scale=(1.0, 4.0))):
+        grads = []
+        for fn in (lambda: _conv_chain(x, w, None, {"bias_scale": (1.0, 1.0), **{k: s.get(k, (1.0, 1.0)) for k in
+                                                     ("x_scale", "weight_scale", "out_scale")}}, padding=1),
+                   lambda: scaled_conv(x, w, None, 1, 1, **s)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fn()
+            assert out.dtype == torch.bfloat16
+            grads.append(torch.autograd.grad(out, (x, w), g))
+        for u, v in zip(*grads):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
 def _conv_bn(x, w, bn, x_scale=(1.0, 0.3), weight_scale=(1.2, 0.7)):
     from unit_scale_fx.scale import scaled_batch_norm
 
@@ -560,11 +664,15 @@ def _conv_bn_inputs():
     return x, w, bn
 
 
-def test_convolution_and_batch_norm_with_weight_factors_run_as_native_ops():
+@pytest.mark.parametrize("batch", [2, 1])
+def test_convolution_and_batch_norm_with_weight_factors_run_as_native_ops(batch):
     """A convolution with factors on its weight's gradient only, and a batch norm with factors: native
-    autograd ops (no Python ``autograd.Function`` in the graph), the chain of scales forward and backward,
-    and the weight itself saved (no scaled copy)."""
+    autograd ops (no Python ``autograd.Function`` in the graph), the chain of scales forward and backward.
+    The convolution saves a weight of the weight's size: for an input larger than the weight (batch 2) a
+    copy that carries the factors, else (batch 1) the weight itself, whose gradient a hook scales."""
     x, w, bn = _conv_bn_inputs()
+    x = x[:batch].detach().requires_grad_()
+    assert (w.numel() <= x.numel()) == (batch == 2)
     ref_bn = copy.deepcopy(bn)
     out = _conv_bn(x, w, bn, x_scale=(1.0, 1.0), weight_scale=(1.0, 0.7))
     seen, todo = [], [out.grad_fn]
@@ -574,8 +682,9 @@ def test_convolution_and_batch_norm_with_weight_factors_run_as_native_ops():
             seen.append(node)
             todo.extend(f for f, _ in node.next_functions)
     assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in seen)
-    assert any(t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
-               for n in seen if type(n).__name__.startswith("Convolution") for t in (n._saved_weight,))
+    saved = [n._saved_weight for n in seen if type(n).__name__.startswith("Convolution")]
+    assert len(saved) == 1 and saved[0].shape == w.shape
+    assert (saved[0].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()) == (batch == 1)
     ref = scale(ref_bn(scale(F.conv2d(x, scale(w, 1.0, 0.7), None, 1, 1), 0.4, 1.0)), 1.5, 0.6)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
     g = torch.randn_like(ref)
@@ -756,17 +865,17 @@ def _activation_passes(model: nn.Module, batch: tuple) -> int:
     return Count.n
 
 
-@pytest.mark.parametrize("name,extra", [("relu-mlp", 2), ("resnet", 6)])
+@pytest.mark.parametrize("name,extra", [("relu-mlp", 2), ("resnet", 2)])
 def test_scales_cost_few_passes_over_activations(name, extra):
     """What the scales still cost in one training step, counted exactly: the passes over activations
     that the original model does not make, none of them in forward. Relu MLP: the skip gradient's factor
     of each of the two residual adds (the skip also feeds the next layer norm: its gradient sums two
-    terms). ResNet: the input-gradient factors of the five convolutions whose input another op reads too
-    (in place, by a hook on the convolution's view of its input: the convolutions run as native autograd
-    ops, not as Python ``autograd.Function`` s, which cost more than these passes), and the factor of the
-    one skip that a residual add produces; the other skips' factors go into the batch norms that produce
-    them (``factor_shared_grads``). (Before factors were placed between fused ops and batch norms were
-    fused: 39.)"""
+    terms). ResNet: the input-gradient factor of the one convolution whose input another op reads too and
+    whose weight is larger than its input (in place, by a hook on the convolution's view of its input;
+    the other convolutions' factors are in a copy of their weight, ``scale._native_conv``: six passes
+    before it), and the factor of the one skip that a residual add produces; the other skips' factors go
+    into the batch norms that produce them (``factor_shared_grads``). (Before factors were placed between
+    fused ops and batch norms were fused: 39.)"""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
     assert _activation_passes(us, batch) - _activation_passes(model, batch) == extra
