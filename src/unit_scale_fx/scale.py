@@ -416,20 +416,21 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     stride, padding, dilation, groups), *out_scale)`` forward and backward. With every factor 1 it is
     the convolution. ``x_in_place``: as in :func:`scaled_linear`.
 
-    In eager training, for a weight with no more elements than the input and forward factors 1 on the
-    input and output, every factor acts through a copy of the weight (:func:`_native_conv`): no pass over
-    an activation or its gradient. (A forward factor on the input or output stays off the weight: the
+    In eager training, for an input gradient with a factor, a weight with no more elements than the
+    input and forward factors 1 on the input and output, every factor acts through a copy of the weight
+    (:func:`_native_conv`): no pass over an activation or its gradient. (Without an input-gradient
+    factor, hooks scale the gradients of the weight and bias: a copy of the weight would save nothing.) (A forward factor on the input or output stays off the weight: the
     convolution reads the unit operands the chain gives it.)
     """
     conv = CONVS[weight.dim() - 2]
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return conv(x, weight, bias, stride, padding, dilation, groups)
-    if (fx, fo) == (1.0, 1.0) and torch.is_grad_enabled() and x.dim() == weight.dim() \
-            and weight.numel() <= x.numel() and _native_ok(x, weight, bias) \
+    if (fx, fo) == (1.0, 1.0) and gx * go != 1.0 and x.requires_grad and torch.is_grad_enabled() \
+            and x.dim() == weight.dim() and weight.numel() <= x.numel() and _native_ok(x, weight, bias) \
             and not torch.is_autocast_enabled(x.device.type):
-        # the gradients' factors in the (smaller) weight; not under autocast, whose cast copy of the
-        # weight is what the convolution saves
+        # the gradients' factors in the (smaller) weight, where the input gradient has one; not under
+        # autocast, whose cast copy of the weight is what the convolution saves
         return _native_conv(conv, x, weight, bias, (stride, padding, dilation, groups), float(fw), float(fb),
                             (float(go), float(gx), float(gw), float(gb)))
     if x_in_place:
@@ -450,8 +451,8 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
 def _native_conv(conv: Any, x: Tensor, w: Tensor, b: Tensor | None, geometry: tuple, fw: float, fb: float,
                  c: tuple) -> Tensor:
     """What :class:`_ScaledConvFn` computes for input and output forward factors 1, as native autograd ops
-    with every other factor in the weight (:func:`scaled_conv`: for a weight no larger than the input): no
-    pass over an activation or its gradient, and no gradient hook.
+    with every other factor in the weight (:func:`scaled_conv`: for an input gradient with a factor and a
+    weight no larger than the input): no pass over an activation or its gradient, and no gradient hook.
 
     ``conv(x, fw * w, fb * b)`` is ``conv(x, w * sw, b * sb)`` with fresh 0-dim factors ``sw = fw`` and
     ``sb = fb``: the convolution reads the operands the chain of scales gives it. Once it has run
