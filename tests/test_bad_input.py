@@ -270,3 +270,63 @@ def test_model_without_parameters():
     x = torch.randn(4, 8)
     us = unit_scale(Fn(), (x,))
     assert torch.isfinite(us(x))
+
+
+class _ConvNet(nn.Module):
+    """Convolution, batch norm, residual add: the fused ops that set backward factors through what autograd saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b1(self.c1(x)))
+        h = F.relu(h + self.b2(self.c2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    model, x = _ConvNet(), torch.randn(4, 3, 8, 8)
+    return model, x, unit_scale(model, (x,))
+
+
+def test_second_derivatives_raise_and_first_derivatives_do_not():
+    """``create_graph=True`` through a unit-scaled model raises a ``UnitScaleError`` that says what and how
+    to get past it (its backward is rescaled, and its fused ops set backward factors through saved
+    tensors: a second derivative would be wrong, silently). First-order gradients are unaffected."""
+    model, x, us = _conv_net()
+    xg = x.clone().requires_grad_()
+    with pytest.raises(UnitScaleError, match="create_graph=True") as err:
+        torch.autograd.grad(us(xg).square().mean(), xg, create_graph=True)
+    assert "where: _ConvNet" in str(err.value) and "fix:" in str(err.value)
+    g1, = torch.autograd.grad(us(xg).square().mean(), xg)
+    us(xg).square().mean().backward()
+    torch.testing.assert_close(xg.grad, g1, rtol=0, atol=0)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in us.parameters())
+
+
+def test_first_order_check_leaves_the_callers_graph_alone():
+    """An output that is an input returned as it is keeps its own autograd node unhooked (the caller's
+    second derivatives through it work); checkpointing the whole model call (reentrant, which runs its
+    backward inside another backward) keeps first-order gradients working."""
+    from torch.utils.checkpoint import checkpoint
+    from unit_scale_fx.api import _first_order_only
+
+    w = torch.randn(4, requires_grad=True)
+    y = w * 2.0
+    mine = (w * 3.0).sin()
+    _first_order_only((mine, y), ((y,), {}), "M")  # ``y`` came in, ``mine`` was made inside
+    g, = torch.autograd.grad(y.pow(3).sum(), w, create_graph=True)
+    gg, = torch.autograd.grad(g.sum(), w)
+    torch.testing.assert_close(gg, 48.0 * w.detach())  # d/dw of sum(d/dw sum((2w)^3)) = d/dw sum(24 w^2)
+    with pytest.raises(UnitScaleError, match="create_graph=True"):
+        torch.autograd.grad(mine.sum(), w, create_graph=True)
+    model, x, cs = _conv_net()
+    xg = x.clone().requires_grad_()
+    ref, = torch.autograd.grad(cs(xg).square().mean(), xg)
+    out = checkpoint(cs, xg, use_reentrant=True)
+    out.square().mean().backward()
+    torch.testing.assert_close(xg.grad, ref)
