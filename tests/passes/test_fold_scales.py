@@ -598,12 +598,7 @@ def test_convolution_with_a_smaller_weight_carries_every_factor_in_the_weight(dt
     ins = [t for t in (x, w, b) if t is not None and t.requires_grad]
     for u, v in zip(torch.autograd.grad(out, ins, g, retain_graph=True), torch.autograd.grad(ref, ins, g)):
         torch.testing.assert_close(u, v, **tol)
-    seen, todo = [], [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None:
-            seen.append(node)
-            todo.extend(f for f, _ in node.next_functions)
+    seen = _grad_nodes(out)
     assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in seen)
     factors = (1 + bias) * torch.empty((), dtype=dtype).element_size()
     assert graph_saved_bytes(out) == graph_saved_bytes(F.conv2d(x, w, b, **kw)) + factors
@@ -676,12 +671,7 @@ def test_convolution_and_batch_norm_with_weight_factors_run_as_native_ops(batch,
     assert (w.numel() <= x.numel()) == (batch == 2)
     ref_bn = copy.deepcopy(bn)
     out = _conv_bn(x, w, bn, x_scale=(1.0, gx), weight_scale=(1.0, 0.7))
-    seen, todo = [], [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None:
-            seen.append(node)
-            todo.extend(f for f, _ in node.next_functions)
+    seen = _grad_nodes(out)
     assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in seen)
     saved = [n._saved_weight for n in seen if type(n).__name__.startswith("Convolution")]
     assert len(saved) == 1 and saved[0].shape == w.shape
