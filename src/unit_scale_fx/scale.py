@@ -418,9 +418,10 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
 
     In eager training, for an input gradient with a factor, a weight with no more elements than the
     input and forward factors 1 on the input and output, every factor acts through a copy of the weight
-    (:func:`_native_conv`): no pass over an activation or its gradient. (Without an input-gradient
-    factor, hooks scale the gradients of the weight and bias: a copy of the weight would save nothing.) (A forward factor on the input or output stays off the weight: the
-    convolution reads the unit operands the chain gives it.)
+    (:func:`_native_conv`): no pass over an activation or its gradient. Without an input-gradient factor,
+    hooks scale the gradients of the weight and bias (a copy of the weight would save nothing). A forward
+    factor on the input or output stays off the weight: the convolution reads the unit operands the
+    chain gives it.
     """
     conv = CONVS[weight.dim() - 2]
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))

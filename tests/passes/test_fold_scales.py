@@ -166,8 +166,8 @@ def test_backward_keeps_no_scaled_copy(name):
     sets its gain's and bias's backward factors, ``scale._set_saved``; here the gain and bias of a layer
     norm share one) and per weight and bias of a convolution whose factors are in a copy of its weight,
     saved instead of the weight (``scale._native_conv``: an input-gradient factor, a weight no larger
-    than the input, forward factors 1 on input and output). Another native convolution saves its weight itself (a hook scales
-    its gradient).
+    than the input, forward factors 1 on input and output). Another native convolution saves its weight
+    itself (a hook scales its gradient).
     (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
     makes a new tensor.)"""
     model, batch = MODELS[name]()
@@ -579,12 +579,10 @@ def _conv_chain(x, w, b, s, **kw):
                                      (True, dict(stride=2, groups=2))])
 def test_convolution_with_a_smaller_weight_carries_every_factor_in_the_weight(dtype, bias, kw):
     """A convolution whose weight is smaller than its input, with an input-gradient factor, other backward
-    factors and the weight's and bias's forward factors: the chain of scales forward and backward, as native autograd ops that make no
-    pass over the input, the output or their gradients (the factors are in a copy of the weight and in
-    0-dim factors), that read in forward the operands the chain reads, and that save what the
-    convolution saves (the copy in place of the weight) and the 0-dim factors."""
-    from unit_scale_fx.analysis.memory import graph_saved_bytes
-
+    factors and the weight's and bias's forward factors: the chain of scales forward and backward, as
+    native autograd ops that make no pass over the input, the output or their gradients (the factors are
+    in a copy of the weight and in 0-dim factors), that read in forward the operands the chain reads, and
+    that save what the convolution saves (the copy in place of the weight) and the 0-dim factors."""
     torch.manual_seed(0)
     x = torch.randn(4, 4, 8, 8, dtype=dtype, requires_grad=True)
     w = torch.randn(6, 4 // kw.get("groups", 1), 3, 3, dtype=dtype, requires_grad=True)
