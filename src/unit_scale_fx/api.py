@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, rebuild_output,
                       symbolic_capture)
@@ -58,8 +59,6 @@ class _FirstOrderOnly:
 def _first_order_only(out: Any, inputs: Sequence[Any], where: str) -> None:
     """Put :class:`_FirstOrderOnly` on the autograd node of each tensor output made inside the model (an
     input returned as it is keeps its node untouched)."""
-    from torch.utils._pytree import tree_leaves
-
     outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     if not outs:
         return

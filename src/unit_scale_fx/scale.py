@@ -87,26 +87,29 @@ def _gain(x: Tensor, w: Tensor | None, shape: Sequence[int], f: float) -> Tensor
     return None if f == 1.0 else x.new_full(tuple(shape), f)
 
 
-def _native_affine(x: Tensor, w: Tensor | None, b: Tensor | None, shape: Sequence[int], fo: float, kx: float,
-                   gw: float, gb: float) -> tuple[Tensor | None, Tensor | None, Any]:
-    """The gain and bias a native norm reads, and what to call once it has run (:func:`_set_saved`).
+def _native_affine(x: Tensor, w: Tensor | None, b: Tensor | None, shape: Sequence[int], fw: float, fb: float,
+                   kx: float, gw: float, gb: float) -> tuple[Tensor | None, Tensor | None, Any]:
+    """The weight and bias a native op reads, and what to call once it has run (:func:`_set_saved`): for an
+    op whose input gradient is linear in its weight and reads neither the bias nor, for the weight's own
+    gradient, the weight (a norm's gain, a convolution's weight).
 
-    The gain and bias are multiplied by fresh 0-dim factors ``fo`` (a missing gain: the constant ``fo``,
-    or none where ``fo`` and ``kx`` are 1). Afterwards the gain the norm saved becomes the gain times
-    ``kx`` (the input gradient is linear in it), and the saved factors of the gain's and bias's
-    multiplies become ``gw`` and ``gb`` (their gradients' factors)."""
-    # of the gain's (bias's) dtype: a 0-dim factor is read as a number of that dtype
-    sw = _fresh(w if w is not None else x, fo)
-    sb = sw if gb == gw else _fresh(b if b is not None else x, fo)
+    The weight and bias are multiplied by fresh 0-dim factors ``fw`` and ``fb`` (a missing weight: the
+    constant ``fw``, or none where ``fw`` and ``kx`` are 1). Afterwards the weight the op saved becomes
+    the weight times ``kx`` (the input gradient's factor, times the weight's own forward factor), and the
+    saved factors of the weight's and bias's multiplies become ``gw`` and ``gb`` (their gradients'
+    factors)."""
+    # of the weight's (bias's) dtype: a 0-dim factor is read as a number of that dtype
+    sw = _fresh(w if w is not None else x, fw)
+    sb = sw if (fb, gb) == (fw, gw) else _fresh(b if b is not None else x, fb)
     if w is not None:
         wf: Tensor | None = w * sw
     else:
-        wf = None if fo == 1.0 and kx == 1.0 else x.new_full(tuple(shape), fo)
+        wf = None if fw == 1.0 and kx == 1.0 else x.new_full(tuple(shape), fw)
     bf = b * sb if b is not None else None
 
     def after() -> None:
         if wf is not None:
-            _set_saved(wf, kx / fo)
+            _set_saved(wf, kx / fw)
         sw.data.fill_(gw)
         if sb is not sw:
             sb.data.fill_(gb)
@@ -455,23 +458,17 @@ def _native_conv(conv: Any, x: Tensor, w: Tensor, b: Tensor | None, geometry: tu
     with every other factor in the weight (:func:`scaled_conv`: for an input gradient with a factor and a
     weight no larger than the input): no pass over an activation or its gradient, and no gradient hook.
 
-    ``conv(x, fw * w, fb * b)`` is ``conv(x, w * sw, b * sb)`` with fresh 0-dim factors ``sw = fw`` and
-    ``sb = fb``: the convolution reads the operands the chain of scales gives it. Once it has run
-    (:func:`_set_saved`): the weight copy it saved for the input gradient becomes ``gx go fw * w`` (the
-    chain's input gradient is ``gx * J_x^T (go * g)``, linear in the weight; the weight gradient does not
-    read it), and the saved factors become the gradients' factors: ``gw go`` for the weight, ``gb go``
-    for the bias. Autograd saves ``x`` and the weight's copy, as the original convolution saves ``x`` and
-    the weight, and the 0-dim factors (one each for the weight and the bias)."""
+    ``conv(x, fw * w, fb * b)`` with the weight and bias of :func:`_native_affine`: the convolution reads
+    the operands the chain of scales gives it. Once it has run, the weight copy it saved for the input
+    gradient is ``gx go fw * w`` (the chain's input gradient is ``gx * J_x^T (go * g)``, linear in the
+    weight; the weight gradient does not read it), and the saved factors are the gradients' factors:
+    ``gw go`` for the weight, ``gb go`` for the bias. Autograd saves ``x`` and the weight's copy, as the
+    original convolution saves ``x`` and the weight, and the 0-dim factors (one, shared, where the
+    weight's and bias's factors agree)."""
     go, gx, gw, gb = c
-    sw = _fresh(w, fw)
-    wf = w * sw
-    sb = None if b is None else _fresh(b, fb)
-    out = conv(x, wf, None if sb is None else b * sb, *geometry)
-    if x.requires_grad:
-        _set_saved(wf, gx * go)
-    sw.data.fill_(gw * go)
-    if sb is not None:
-        sb.data.fill_(gb * go)
+    wf, bf, after = _native_affine(x, w, b, (), fw, fb, gx * go * fw, gw * go, gb * go)
+    out = conv(x, wf, bf, *geometry)
+    after()
     return out
 
 
@@ -590,7 +587,7 @@ def _native_layer_norm(x: Tensor, shape: list, w: Tensor | None, b: Tensor | Non
                        gx: float, gw: float, gb: float) -> Tensor:
     """What :class:`_ScaledLayerNormFn` computes, as native autograd ops (:func:`_native_affine`): the input
     gradient's factor is ``go * gx``, the gain's and bias's ``go * gw`` and ``go * gb``."""
-    wf, bf, after = _native_affine(x, w, b, shape, fo, go * gx, go * gw, go * gb)
+    wf, bf, after = _native_affine(x, w, b, shape, fo, fo, go * gx, go * gw, go * gb)
     out = torch.nn.functional.layer_norm(x, shape, wf, bf, eps)
     after()
     return out
@@ -682,7 +679,7 @@ def _native_batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor
     ``eps / fx**2`` on copies of the running statistics (:func:`_stats_copies`; autograd saves the
     statistics it reads), the gain and bias of :func:`_native_affine` (the input gradient's factor
     ``go * gx / fx``, the gain's and bias's ``go``)."""
-    wf, bf, after = _native_affine(x, w, b, (x.shape[1],), fo, go * gx / fx, go, go)
+    wf, bf, after = _native_affine(x, w, b, (x.shape[1],), fo, fo, go * gx / fx, go, go)
     rmt, rvt = _stats_copies(rm, rv, fx)
     out = torch.batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx), torch.backends.cudnn.enabled)
     _stats_back(rm, rv, rmt, rvt, fx)

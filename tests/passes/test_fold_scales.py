@@ -164,10 +164,10 @@ def test_backward_keeps_no_scaled_copy(name):
     on their parameters' gradients only then run as native ops): exactly the original's bytes plus one
     0-dim float32 factor per batch norm and layer norm (4 bytes: the saved factor of the multiply that
     sets its gain's and bias's backward factors, ``scale._set_saved``; here the gain and bias of a layer
-    norm share one) and per weight and bias of a convolution whose factors are in a copy of its weight,
-    saved instead of the weight (``scale._native_conv``: an input-gradient factor, a weight no larger
-    than the input, forward factors 1 on input and output). Another native convolution saves its weight
-    itself (a hook scales its gradient).
+    norm share one) and per weight and bias of a convolution whose factors are in a copy of its weight
+    (one, shared, where their factors agree), saved instead of the weight (``scale._native_conv``: an
+    input-gradient factor, a weight no larger than the input, forward factors 1 on input and output).
+    Another native convolution saves its weight itself (a hook scales its gradient).
     (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
     makes a new tensor.)"""
     model, batch = MODELS[name]()
@@ -184,7 +184,9 @@ def test_backward_keeps_no_scaled_copy(name):
         out = m(*batch)
         sizes.append(graph_saved_bytes(out))
         params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-        folded = [1 + (tuple(n._saved_bias_sym_sizes_opt or ()) not in ((), (0,))) for n in _grad_nodes(out)
+        # per copied weight, the distinct 0-dim factors its and its bias's multiplies saved
+        folded = [len({f._saved_other.untyped_storage().data_ptr() for f, _ in n.next_functions[1:]
+                       if type(f).__name__ == "MulBackward0"}) for n in _grad_nodes(out)
                   if type(n).__name__ == "ConvolutionBackward0"
                   and n._saved_weight.untyped_storage().data_ptr() not in params]
         out.backward()
