@@ -6,29 +6,16 @@ script runs ``free_scaling.py --processes 1`` of checkout A, then of checkout B,
 (``--pairs`` times), and prints the median over processes of each checkout's per-process ratio, and the
 range.
 
-    cd benchmarks && python ab_processes.py --a <checkout A> --b <checkout B> --models resnet --pairs 20 --rounds 30
+    cd benchmarks && PYTHONPATH=../src python ab_processes.py --a <checkout A> --b <checkout B> --models resnet --pairs 20 --rounds 30
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 
 from _common import median
-
-
-def ratio(checkout: str, model: str, rounds: int) -> float:
-    """One fresh process of ``checkout``'s ``free_scaling.py``: its median eager ratio."""
-    bench = os.path.join(checkout, "benchmarks")
-    env = dict(os.environ, PYTHONPATH=os.path.join(checkout, "src"))
-    cmd = [sys.executable, "free_scaling.py", "--size", "issue", "--clock", "cpu", "--steps", "1", "--no-compile",
-           "--models", model, "--processes", "1", "--rounds", str(rounds), "--warmup", "2", "--rows-only"]
-    out = subprocess.run(cmd, cwd=bench, env=env, check=True, capture_output=True, text=True).stdout
-    rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
-    return float(rows[0][3])
+from free_scaling import one_process
 
 
 def main() -> None:
@@ -39,11 +26,19 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
+    # the options of the issue's eager command (``free_scaling.py --size issue --clock cpu --steps 1 --no-compile``)
+    run = argparse.Namespace(rounds=args.rounds, steps=1, warmup=2, threads=1, size="issue", clock="cpu",
+                             no_compile=True)
+
+    def ratio(checkout: str, model: str) -> float:
+        env = dict(os.environ, PYTHONPATH=os.path.join(checkout, "src"))
+        return one_process(os.path.join(checkout, "benchmarks", "free_scaling.py"), env, run, model)["eager"][2]
+
     for model in args.models:
         got: dict[str, list[float]] = {"A": [], "B": []}
         for i in range(args.pairs):
             for label, checkout in (("A", args.a), ("B", args.b)):
-                got[label].append(ratio(checkout, model, args.rounds))
+                got[label].append(ratio(checkout, model))
             print(f"  {model}: pair {i + 1}/{args.pairs}: A {got['A'][-1]:.3f}, B {got['B'][-1]:.3f}", flush=True)
         for label, checkout in (("A", args.a), ("B", args.b)):
             v = sorted(got[label])

@@ -163,6 +163,22 @@ def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool,
     return rows
 
 
+def one_process(script: str, env: dict, args: argparse.Namespace, name: str) -> dict[str, tuple[float, float, float]]:
+    """Run ``script`` (this script, or another checkout's) with ``--processes 1 --rows-only`` and this run's
+    options, in a fresh process with environment ``env``: ``{mode: (original ms, unit-scaled ms, ratio)}``."""
+    cmd = [sys.executable, script, "--models", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--size", args.size, "--clock",
+           args.clock, "--processes", "1", "--rows-only"] + (["--no-compile"] if args.no_compile else [])
+    out = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(script)), env=env, check=True,
+                         capture_output=True, text=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("ROW "):
+            mode, a, b, r = json.loads(line[4:])
+            rows[mode] = (a, b, r)
+    return rows
+
+
 def process_rows(args: argparse.Namespace, name: str) -> list[list[str]]:
     """The time rows of ``name`` measured in ``args.processes`` fresh processes one after another (each:
     this script with ``--processes 1``): a process's memory layout moves its times by a few percent
@@ -170,14 +186,8 @@ def process_rows(args: argparse.Namespace, name: str) -> list[list[str]]:
     median ratio, and their range."""
     per: dict[str, list[tuple[float, float, float]]] = {}
     for i in range(args.processes):
-        cmd = [sys.executable, __file__, "--models", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--size", args.size, "--clock",
-               args.clock, "--processes", "1", "--rows-only"] + (["--no-compile"] if args.no_compile else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("ROW "):
-                mode, a, b, r = json.loads(line[4:])
-                per.setdefault(mode, []).append((a, b, r))
+        for mode, row in one_process(__file__, os.environ, args, name).items():
+            per.setdefault(mode, []).append(row)
         print(f"  {name}: process {i + 1}/{args.processes}: "
               + ", ".join(f"{m} {v[-1][2]:.3f}" for m, v in per.items()), flush=True)
     rows = []
