@@ -308,17 +308,40 @@ def test_second_derivatives_raise_and_first_derivatives_do_not():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in us.parameters())
 
 
+@pytest.mark.parametrize("inner", ["eager", "callable"])
+def test_compiled_second_derivatives_raise_where_the_fused_ops_run_eagerly(inner):
+    """The compile backend with an inner compiler that runs the rewritten graph eagerly (``"eager"``, or a
+    callable handed the graph) runs the fused ops, whose backward is first-order only: ``create_graph=True``
+    raises a ``UnitScaleError`` there too, and first-order gradients are the uncompiled module's. (AOT
+    autograd, under every named compiler but ``"eager"``, raises at a double backward itself.)"""
+    import copy
+
+    from unit_scale_fx import backend
+
+    model, x, us = _conv_net()
+    inner_fn = "eager" if inner == "eager" else (lambda gm, example_inputs: gm.forward)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend=backend(inner=inner_fn))
+    xg = x.clone().requires_grad_()
+    with pytest.raises(UnitScaleError, match="create_graph=True") as err:
+        torch.autograd.grad(compiled(xg).square().mean(), xg, create_graph=True)
+    assert "where: unit_scale backend, graph 0" in str(err.value)
+    g1, = torch.autograd.grad(compiled(xg).square().mean(), xg)
+    assert torch.isfinite(g1).all() and g1.abs().sum() > 0
+    torch._dynamo.reset()
+
+
 def test_first_order_check_leaves_the_callers_graph_alone():
     """An output that is an input returned as it is keeps its own autograd node unhooked (the caller's
     second derivatives through it work); checkpointing the whole model call (reentrant, which runs its
     backward inside another backward) keeps first-order gradients working."""
     from torch.utils.checkpoint import checkpoint
-    from unit_scale_fx.api import _first_order_only
+    from unit_scale_fx.scale import first_order_only
 
     w = torch.randn(4, requires_grad=True)
     y = w * 2.0
     mine = (w * 3.0).sin()
-    _first_order_only((mine, y), ((y,), {}), "M")  # ``y`` came in, ``mine`` was made inside
+    first_order_only((mine, y), ((y,), {}), "M")  # ``y`` came in, ``mine`` was made inside
     g, = torch.autograd.grad(y.pow(3).sum(), w, create_graph=True)
     gg, = torch.autograd.grad(g.sum(), w)
     torch.testing.assert_close(gg, 48.0 * w.detach())  # d/dw of sum(d/dw sum((2w)^3)) = d/dw sum(24 w^2)

@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
 
 from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, rebuild_output,
                       symbolic_capture)
@@ -26,47 +25,11 @@ from .passes import PassContext
 from .passes.init_weights import parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
+from .scale import first_order_only
 from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original, LOST_TYPES
 from .table import format_table
 
 log = logging.getLogger(__name__)
-
-
-class _FirstOrderOnly:
-    """A pre-hook on the autograd nodes of a unit-scaled model's outputs: backward that builds a graph
-    (``create_graph=True``: double backward, gradient penalties, Hessian-vector products) raises.
-
-    The backward of a unit-scaled model is rescaled on purpose (it is not the derivative of its
-    forward), and the fused ops set backward factors through what autograd saved (``scale._set_saved``),
-    which a second differentiation would read as other values: its result would be wrong and silent."""
-
-    __slots__ = ("where",)
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __call__(self, grad_outputs: Any) -> None:
-        if torch.is_grad_enabled():
-            raise UnitScaleError(
-                "backward with create_graph=True (a second derivative) through a unit-scaled model: its "
-                "gradients are rescaled on purpose and are not differentiable as the forward's derivative",
-                where=self.where,
-                fix="take first-order gradients only (no create_graph=True), or compute higher-order terms "
-                    "(gradient penalty, Hessian-vector product) on the original model")
-        return None
-
-
-def _first_order_only(out: Any, inputs: Sequence[Any], where: str) -> None:
-    """Put :class:`_FirstOrderOnly` on the autograd node of each tensor output made inside the model (an
-    input returned as it is keeps its node untouched)."""
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    if not outs:
-        return
-    theirs = {id(a.grad_fn) for a in tree_leaves(list(inputs)) if isinstance(a, torch.Tensor) and a.grad_fn is not None}
-    hook = _FirstOrderOnly(where)
-    for node in {id(t.grad_fn): t.grad_fn for t in outs}.values():
-        if id(node) not in theirs:
-            node.register_prehook(hook)
 
 
 class UnitScaledModule(fx.GraphModule):
@@ -174,7 +137,7 @@ class UnitScaledModule(fx.GraphModule):
                 self._plan(args, kwargs)
         out = super().__call__(*args, **kwargs)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            _first_order_only(out, (args, kwargs), type(self).__name__)
+            first_order_only(out, (args, kwargs), type(self).__name__)
         return out
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:

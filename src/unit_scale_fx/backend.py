@@ -88,6 +88,7 @@ from .passes.init_weights import init_parameter, parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, run_passes
 from .record import META_KEY, ScaleRecord, original
+from .scale import first_order_only
 from .rules.registry import float_tensor_inputs, is_float, node_op_name
 from .weights import INIT_MARK, is_initialised, mark_initialised
 
@@ -312,6 +313,9 @@ class _Compiled:
         self.first = True
         self.root = root
         self.generation = backend.generation
+        # the inner code runs the fused ops eagerly ("eager", or a callable handed the graph itself), whose
+        # backward is first-order only; a named compiler's AOT autograd raises at a double backward itself
+        self.first_order = not isinstance(backend.inner, str) or backend.inner == "eager"
 
     def __call__(self, *args: Any) -> Any:
         if self.generation != self.backend.generation:  # replan(): plan this graph again on these inputs
@@ -325,6 +329,8 @@ class _Compiled:
                 self.backend._init_one(p, role, name)
                 self.backend.store.remember([p])
         out = self.fn(*args)  # dynamo calls what a backend returns with positional args
+        if self.first_order and torch.is_grad_enabled():
+            first_order_only(out, args, f"unit_scale backend, graph {self.entry.index}")
         if self.first:
             self.first = False
             tracked = self.backend._tracked

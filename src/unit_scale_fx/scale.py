@@ -12,6 +12,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from .errors import UnitScaleError
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -153,6 +156,48 @@ def _grad_scaled(t: Tensor, g: float) -> Tensor:
     v = t.view_as(t)
     v.register_hook(_GradFactor(g))
     return v
+
+
+class _FirstOrderOnly:
+    """A pre-hook on the autograd nodes of a unit-scaled model's outputs: backward that builds a graph
+    (``create_graph=True``: double backward, gradient penalties, Hessian-vector products) raises.
+
+    The backward of a unit-scaled model is rescaled on purpose (it is not the derivative of its
+    forward), and the fused ops set backward factors through what autograd saved (:func:`_set_saved`),
+    which a second differentiation would read as other values: its result would be wrong and silent."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, grad_outputs: Any) -> None:
+        if torch.is_grad_enabled():
+            raise UnitScaleError(
+                "backward with create_graph=True (a second derivative) through a unit-scaled model: its "
+                "gradients are rescaled on purpose and are not differentiable as the forward's derivative",
+                where=self.where,
+                fix="take first-order gradients only (no create_graph=True), or compute higher-order terms "
+                    "(gradient penalty, Hessian-vector product) on the original model")
+        return None
+
+
+def first_order_only(out: Any, inputs: Any, where: str) -> None:
+    """Make backward through ``out`` (what a unit-scaled model or compiled graph returned for ``inputs``)
+    first-order only: :class:`_FirstOrderOnly` on the autograd node of each tensor output made inside
+    (an input returned as it is keeps its node untouched). ``where`` names the model in the error."""
+    if type(out) in _PLAIN:  # one tensor (a loss): no tree to walk
+        node = out.grad_fn
+        outs = [] if node is None else [out]
+    else:
+        outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.grad_fn is not None]
+    if not outs:
+        return
+    theirs = {id(a.grad_fn) for a in tree_leaves(inputs) if isinstance(a, Tensor) and a.grad_fn is not None}
+    hook = _FirstOrderOnly(where)
+    for node in {id(t.grad_fn): t.grad_fn for t in outs}.values():
+        if id(node) not in theirs:
+            node.register_prehook(hook)
 
 
 def _fast_apply(cls: type) -> Any:
