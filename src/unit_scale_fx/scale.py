@@ -566,7 +566,26 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
     if (not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dtype != b.dtype
             or not torch.is_grad_enabled()):
         return scale(scale(a, fa, ga) + scale(b, fb, gb), fo, go)
+    # (a backward factor of 1 on the scaled input: the Function, whose backward passes the gradient on as it
+    # is, where the native op would multiply it by 1)
+    if (ka, ca) == (1.0, 1.0) and cb != 1.0 and _native_ok(a, b):
+        return _native_add(a, b, kb, cb)
+    if (kb, cb) == (1.0, 1.0) and ca != 1.0 and _native_ok(a, b):
+        return _native_add(b, a, ka, ca)
     return _apply_add(a, b, (ka, kb), (ca, cb))
+
+
+def _native_add(a: Tensor, b: Tensor, kb: float, cb: float) -> Tensor:
+    """``a + kb * b`` forward, gradients ``g`` to ``a`` and ``cb * g`` to ``b``, as one native op (no Python
+    ``autograd.Function``, no hook; a residual add whose skip alone has factors, ``cb`` other than 1):
+    ``addcmul(a, b, s)`` with
+    ``s`` a fresh 0-dim factor holding ``kb``, which its backward reads for ``b``'s gradient and which is
+    set to ``cb`` once the op has run (:func:`_set_saved`). One pass forward, one for ``b``'s gradient,
+    as :class:`_ScaledAddFn`; nothing saved but the factor."""
+    s = _fresh(b, kb)
+    out = torch.addcmul(a, b, s)
+    s.data.fill_(cb)
+    return out
 
 
 class _ScaledLayerNormFn(torch.autograd.Function):

@@ -167,8 +167,9 @@ def test_backward_keeps_no_scaled_copy(name):
     norm share one) and per weight and bias of a convolution whose factors are in a copy of its weight
     (one, shared, where their factors agree), saved instead of the weight (``scale._native_conv``: an
     input-gradient factor, a weight no larger than the input, forward factors 1 on input and output).
-    Another native convolution saves its weight itself (a hook scales its gradient).
-    (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
+    Another native convolution saves its weight itself (a hook scales its gradient). And one factor per
+    residual add whose skip alone carries factors, with a backward factor other than 1
+    (``scale._native_add``). (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
     makes a new tensor.)"""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
@@ -189,12 +190,15 @@ def test_backward_keeps_no_scaled_copy(name):
                        if type(f).__name__ == "MulBackward0"}) for n in _grad_nodes(out)
                   if type(n).__name__ == "ConvolutionBackward0"
                   and n._saved_weight.untyped_storage().data_ptr() not in params]
+        # residual adds whose skip alone carries factors: one 0-dim factor each (``scale._native_add``)
+        adds = sum(type(n).__name__ == "AddcmulBackward0" and n._saved_tensor2.dim() == 0 for n in _grad_nodes(out))
         out.backward()
         m.zero_grad(set_to_none=True)
     # (an input-gradient factor, the weight no larger than the input, forward factors 1 on input and output:
     # in the ResNet, not in the SiLU network, whose convolutions read inputs with forward factors)
     assert bool(folded) == (name == "resnet")
-    factors += sum(folded)
+    assert (adds > 0) == (name != "silu-convnet")
+    factors += sum(folded) + adds
     assert sizes[1] == sizes[0] + 4 * factors
 
 
@@ -721,6 +725,13 @@ def test_scaled_add_is_the_chain_of_scales(s, shape_b):
     assert torch.equal(scaled_add(a, b), a + b)
     n, _ = saved_tensor_bytes(lambda: scaled_add(a, b, **s))
     assert n == 0
+    # a Python autograd.Function only where some forward factor differs from its backward one and not one
+    # input alone carries factors with a backward factor other than 1 (a residual add whose skip alone is
+    # scaled: a native op; with backward factor 1 the Function passes the gradient on without a multiply)
+    (fa, ga), (fb, gb), (fo, go) = (s.get(k, one) for k in ("a_scale", "b_scale", "out_scale"))
+    k, c = (fa * fo, fb * fo), (ga * go, gb * go)
+    want_fn = k != c and not any((k[i], c[i]) == (1.0, 1.0) and c[1 - i] != 1.0 for i in (0, 1))
+    assert any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in _grad_nodes(out)) == want_fn
 
 
 def test_resnet_convolutions_and_residual_adds_run_as_fused_ops():
