@@ -3,6 +3,12 @@
 ``scale(x, fwd, bwd)`` multiplies ``x`` by ``fwd`` in the forward pass and the
 incoming gradient by ``bwd`` in the backward pass. Factors are plain Python
 floats, so torch.compile folds them into the surrounding kernels.
+
+The fused ops (``scaled_*``) are first-order only: in eager mode some set their backward
+factors through what autograd saved, after the op has run (:func:`_set_saved`), so a
+second derivative through them would read other values. A unit-scaled model and the
+compile backend's eagerly run graphs guard their outputs (:func:`first_order_only`:
+``create_graph=True`` raises); a direct caller of these functions is not guarded.
 """
 
 from __future__ import annotations
