@@ -312,7 +312,7 @@ def test_second_derivatives_raise_and_first_derivatives_do_not():
 def test_compiled_second_derivatives_raise_where_the_fused_ops_run_eagerly(inner):
     """The compile backend with an inner compiler that runs the rewritten graph eagerly (``"eager"``, or a
     callable handed the graph) runs the fused ops, whose backward is first-order only: ``create_graph=True``
-    raises a ``UnitScaleError`` there too, and first-order gradients are the uncompiled module's. (AOT
+    raises a ``UnitScaleError`` there too, naming the graph, and first-order gradients still flow. (AOT
     autograd, under every named compiler but ``"eager"``, raises at a double backward itself.)"""
     import copy
 

@@ -584,10 +584,9 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
 def _native_add(a: Tensor, b: Tensor, kb: float, cb: float) -> Tensor:
     """``a + kb * b`` forward, gradients ``g`` to ``a`` and ``cb * g`` to ``b``, as one native op (no Python
     ``autograd.Function``, no hook; a residual add whose skip alone has factors, ``cb`` other than 1):
-    ``addcmul(a, b, s)`` with
-    ``s`` a fresh 0-dim factor holding ``kb``, which its backward reads for ``b``'s gradient and which is
-    set to ``cb`` once the op has run (:func:`_set_saved`). One pass forward, one for ``b``'s gradient,
-    as :class:`_ScaledAddFn`; nothing saved but the factor."""
+    ``addcmul(a, b, s)``, with ``s`` a fresh 0-dim factor holding ``kb``, which its backward reads for
+    ``b``'s gradient and which is set to ``cb`` once the op has run (the trick of :func:`_set_saved`). One
+    pass forward and one for ``b``'s gradient, as :class:`_ScaledAddFn`; nothing saved but the factor."""
     s = _fresh(b, kb)
     out = torch.addcmul(a, b, s)
     s.data.fill_(cb)

@@ -169,8 +169,8 @@ def test_backward_keeps_no_scaled_copy(name):
     input-gradient factor, a weight no larger than the input, forward factors 1 on input and output).
     Another native convolution saves its weight itself (a hook scales its gradient). And one factor per
     residual add whose skip alone carries factors, with a backward factor other than 1
-    (``scale._native_add``). (Not for the GPT: reading the attention's saved tensors unpacks them through its hook, which
-    makes a new tensor.)"""
+    (``scale._native_add``). (Not for the GPT: reading the attention's saved tensors unpacks them through
+    its hook, which makes a new tensor.)"""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
     stats = sum(b.numel() * b.element_size() for k, b in model.named_buffers() if k.endswith(("running_mean",
