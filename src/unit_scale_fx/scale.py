@@ -193,8 +193,7 @@ def first_order_only(out: Any, inputs: Any, where: str) -> None:
     first-order only: :class:`_FirstOrderOnly` on the autograd node of each tensor output made inside
     (an input returned as it is keeps its node untouched). ``where`` names the model in the error."""
     if type(out) in _PLAIN:  # one tensor (a loss): no tree to walk
-        node = out.grad_fn
-        outs = [] if node is None else [out]
+        outs = [out] if out.grad_fn is not None else []
     else:
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.grad_fn is not None]
     if not outs:
