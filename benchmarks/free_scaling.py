@@ -128,13 +128,20 @@ def memory_rows(name: str, size: str = "small") -> list[list[str]]:
 
 
 def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool,
-              clock: Callable[[], float] = time.perf_counter, size: str = "small") -> list[list[str]]:
+              clock: Callable[[], float] = time.perf_counter, size: str = "small",
+              control: bool = False) -> list[list[str]]:
+    """The step-time rows of ``name``. ``control``: also time a second copy of the original model, built
+    after the unit-scaled one (after planning), as a variant of its own: its ratio to the original is
+    what this process's memory layout alone gives (an A/A comparison; 1 on a machine without noise)."""
     model, batch = make(name, size)
     variants: dict[str, Callable[[], None]] = {}
     m = copy.deepcopy(model)
     variants["original eager"] = step_fn(m, m, batch)
     us = unit_scale(copy.deepcopy(model), batch)
     variants["unit-scaled eager"] = step_fn(us, us, batch)
+    if control:
+        m = copy.deepcopy(model)
+        variants["control eager"] = step_fn(m, m, batch)
     if compiled:
         m = copy.deepcopy(model)
         variants["original compiled"] = step_fn(torch.compile(m), m, batch)
@@ -160,6 +167,10 @@ def time_rows(name: str, rounds: int, steps: int, warmup: int, compiled: bool,
         ratios = [y / x for x, y in zip(a, b)]
         rows.append([name, f"{mode} step time (median ms)", f"{median(a) * 1e3:.2f}", f"{median(b) * 1e3:.2f}",
                      f"{median(ratios):.3f}"])
+    if "control eager" in times:  # the "unit-scaled" column holds the second copy of the original
+        a, b = times["original eager"], times["control eager"]
+        rows.append([name, "control step time (median ms; a second original vs the original)",
+                     f"{median(a) * 1e3:.2f}", f"{median(b) * 1e3:.2f}", f"{median([y / x for x, y in zip(a, b)]):.3f}"])
     return rows
 
 
@@ -168,7 +179,8 @@ def one_process(script: str, env: dict, args: argparse.Namespace, name: str) -> 
     options, in a fresh process with environment ``env``: ``{mode: (original ms, unit-scaled ms, ratio)}``."""
     cmd = [sys.executable, script, "--models", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--size", args.size, "--clock",
-           args.clock, "--processes", "1", "--rows-only"] + (["--no-compile"] if args.no_compile else [])
+           args.clock, "--processes", "1", "--rows-only"] + (["--no-compile"] if args.no_compile else []) \
+        + (["--control"] if getattr(args, "control", False) else [])
     out = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(script)), env=env, check=True,
                          capture_output=True, text=True).stdout
     rows = {}
@@ -193,7 +205,9 @@ def process_rows(args: argparse.Namespace, name: str) -> list[list[str]]:
     rows = []
     for mode, v in per.items():
         ratios = sorted(r for _, _, r in v)
-        rows.append([name, f"{mode} step time (median ms; {len(v)} processes, ratio range "
+        what = "control step time (a second original vs the original; " if mode == "control" else \
+            f"{mode} step time ("
+        rows.append([name, f"{what}median ms; {len(v)} processes, ratio range "
                      f"{ratios[0]:.3f}-{ratios[-1]:.3f})", f"{median([a for a, _, _ in v]):.2f}",
                      f"{median([b for _, b, _ in v]):.2f}", f"{median(ratios):.3f}"])
     return rows
@@ -217,6 +231,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1,
                     help="measure the times in this many fresh processes, one after another (median of their "
                          "medians; a process's memory layout moves its times by a few percent)")
+    ap.add_argument("--control", action="store_true",
+                    help="also time a second copy of the original model (built after planning) against the "
+                         "original: an A/A row giving the noise of the time ratios")
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # one process of --processes
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -225,7 +242,8 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     if args.rows_only:
         for name in args.models:
-            for row in time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size):
+            for row in time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size,
+                                 args.control):
                 print("ROW " + json.dumps([row[1].split()[0], float(row[2]), float(row[3]), float(row[4])]))
         return
     rows = []
@@ -236,7 +254,8 @@ def main() -> None:
         if args.processes > 1:
             rows += process_rows(args, name)
         else:
-            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size)
+            rows += time_rows(name, args.rounds, args.steps, args.warmup, not args.no_compile, clock, args.size,
+                              args.control)
     text = table(["model", "measure", "original", "unit-scaled", "ratio"], rows)
     print(text)
     note = (f"Sizes: {args.size}; clock: {args.clock}. Times: {args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps, "
