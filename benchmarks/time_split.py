@@ -13,7 +13,8 @@ variant: the unit-scaled model's own graph and weights with every scale erased
 (``analysis.equivalence.scale_erased_copy``), which runs the same plain ops as the original, so its ratio
 separates what the scales cost from what the rewritten graph (a flat ``GraphModule``) costs. Also counted,
 exactly, after the timed rounds: the aten ops and the Python ``autograd.Function`` calls of one step of each
-variant (``step_time_ab.counts``).
+variant (``step_time_ab.counts``). And per step, on the CPU clock: the forward (with ``zero_grad``), the backward and the
+optimizer step apart.
 
     cd benchmarks && PYTHONPATH=../src python time_split.py --processes 8
     cd benchmarks && PYTHONPATH=../src python time_split.py --processes 8 --no-faults
@@ -30,11 +31,13 @@ import os
 import resource
 import subprocess
 import sys
+import time
+from typing import Callable
 
 import torch
 
 from _common import median, table, write_result
-from free_scaling import make, step_fn
+from free_scaling import make
 from step_time_ab import counts
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.equivalence import scale_erased_copy
@@ -42,21 +45,46 @@ from unit_scale_fx.analysis.equivalence import scale_erased_copy
 NO_FAULTS = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
 
 
+def phased_step(model: torch.nn.Module, batch: tuple, phases: list[float]) -> Callable[[], None]:
+    """``free_scaling.step_fn``'s training step (Adam), adding the CPU time of its forward (with
+    ``zero_grad``), backward and optimizer step to ``phases``."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    clock = time.process_time
+
+    def step() -> None:
+        t0 = clock()
+        opt.zero_grad(set_to_none=True)
+        loss = model(*batch)
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        opt.step()
+        t3 = clock()
+        phases[0] += t1 - t0
+        phases[1] += t2 - t1
+        phases[2] += t3 - t2
+
+    return step
+
+
 def child(model_name: str, size: str, rounds: int, warmup: int, erased: bool) -> dict[str, dict[str, float]]:
-    """One process: per variant, the mean user ms, system ms and minor faults of a step."""
+    """One process: per variant, the mean user ms, system ms and minor faults of a step, and the CPU ms of
+    its forward, backward and optimizer step."""
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     model, batch = make(model_name, size)
-    orig = copy.deepcopy(model)
-    us = unit_scale(copy.deepcopy(model), batch)
-    steps = {"original": step_fn(orig, orig, batch), "unit-scaled": step_fn(us, us, batch)}
+    models = {"original": copy.deepcopy(model)}
+    models["unit-scaled"] = unit_scale(copy.deepcopy(model), batch)
     if erased:
-        er = scale_erased_copy(us)
-        steps["scales erased"] = step_fn(er, er, batch)
+        models["scales erased"] = scale_erased_copy(models["unit-scaled"])
+    phases = {k: [0.0, 0.0, 0.0] for k in models}
+    steps = {k: phased_step(m, batch, phases[k]) for k, m in models.items()}
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     acc = {k: [0.0, 0.0, 0.0] for k in steps}
+    for p in phases.values():
+        p[:] = [0.0, 0.0, 0.0]
     for r in range(rounds):
         for k in (list(steps) if r % 2 == 0 else list(reversed(steps))):
             r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -66,7 +94,9 @@ def child(model_name: str, size: str, rounds: int, warmup: int, erased: bool) ->
             a[0] += r1.ru_utime - r0.ru_utime
             a[1] += r1.ru_stime - r0.ru_stime
             a[2] += r1.ru_minflt - r0.ru_minflt
-    res = {k: {"user_ms": u / rounds * 1e3, "sys_ms": s / rounds * 1e3, "faults": f / rounds}
+    res = {k: {"user_ms": u / rounds * 1e3, "sys_ms": s / rounds * 1e3, "faults": f / rounds,
+               "forward_ms": phases[k][0] / rounds * 1e3, "backward_ms": phases[k][1] / rounds * 1e3,
+               "optimizer_ms": phases[k][2] / rounds * 1e3}
            for k, (u, s, f) in acc.items()}
     for k, fn in steps.items():  # exact: aten ops dispatched and Python autograd.Function calls in one step
         ops, _, _, functions = counts(fn)
@@ -119,9 +149,11 @@ def main() -> None:
             return f"{median(rs):.3f} ({rs[0]:.3f}-{rs[-1]:.3f})"
 
         for label, key in (("user ms", "user_ms"), ("system ms", "sys_ms"), ("minor page faults", "faults"),
+                           ("forward ms (CPU clock, with zero_grad)", "forward_ms"), ("backward ms (CPU clock)", "backward_ms"),
+                           ("optimizer step ms (CPU clock)", "optimizer_ms"),
                            ("aten ops (exact)", "aten_ops"), ("Python autograd.Function calls (exact)", "functions")):
             rows.append([name, label, f"{col('original', key):.1f}", f"{col('unit-scaled', key):.1f}",
-                         ratio(key) if key == "user_ms" else "-"])
+                         ratio(key) if key.endswith("_ms") and key != "sys_ms" else "-"])
         rows.append([name, "user + system ms", f"{col('original', 'user_ms') + col('original', 'sys_ms'):.1f}",
                      f"{col('unit-scaled', 'user_ms') + col('unit-scaled', 'sys_ms'):.1f}", ratio(None)])
         if args.erased:  # the "unit-scaled" column holds the scale-erased graph
