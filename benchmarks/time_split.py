@@ -13,8 +13,8 @@ variant: the unit-scaled model's own graph and weights with every scale erased
 (``analysis.equivalence.scale_erased_copy``), which runs the same plain ops as the original, so its ratio
 separates what the scales cost from what the rewritten graph (a flat ``GraphModule``) costs. Also counted,
 exactly, after the timed rounds: the aten ops and the Python ``autograd.Function`` calls of one step of each
-variant (``step_time_ab.counts``). And per step, on the CPU clock: the forward (with ``zero_grad``), the backward and the
-optimizer step apart.
+variant (``step_time_ab.counts``). And per step, on the CPU clock: the forward (with ``zero_grad``), the
+backward and the optimizer step apart.
 
     cd benchmarks && PYTHONPATH=../src python time_split.py --processes 8
     cd benchmarks && PYTHONPATH=../src python time_split.py --processes 8 --no-faults
@@ -149,8 +149,8 @@ def main() -> None:
             return f"{median(rs):.3f} ({rs[0]:.3f}-{rs[-1]:.3f})"
 
         for label, key in (("user ms", "user_ms"), ("system ms", "sys_ms"), ("minor page faults", "faults"),
-                           ("forward ms (CPU clock, with zero_grad)", "forward_ms"), ("backward ms (CPU clock)", "backward_ms"),
-                           ("optimizer step ms (CPU clock)", "optimizer_ms"),
+                           ("forward ms (CPU clock, with zero_grad)", "forward_ms"),
+                           ("backward ms (CPU clock)", "backward_ms"), ("optimizer step ms (CPU clock)", "optimizer_ms"),
                            ("aten ops (exact)", "aten_ops"), ("Python autograd.Function calls (exact)", "functions")):
             rows.append([name, label, f"{col('original', key):.1f}", f"{col('unit-scaled', key):.1f}",
                          ratio(key) if key.endswith("_ms") and key != "sys_ms" else "-"])
@@ -163,8 +163,9 @@ def main() -> None:
     text = table(["model", "per step (median over processes of the per-process means)", "original", "unit-scaled",
                   "ratio: median over processes (range)"], rows)
     print(text)
+    malloc = "glibc trimming and mmap thresholds raised (no page faults)" if args.no_faults else "glibc defaults"
     note = (f"{args.processes} processes, {args.rounds} rounds each after {args.warmup} warm-up steps, size "
-            f"{args.size}, one thread; {'glibc trimming and mmap thresholds raised (no page faults)' if args.no_faults else 'glibc defaults'}. "
+            f"{args.size}, one thread; {malloc}. "
             "Per process: the mean per step of each variant's user time, system time and minor page faults "
             "(resource.getrusage around each step); the ratio column is the median over processes of the "
             "per-process ratio of means, with its range.")
