@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     # the options of the issue's eager command (``free_scaling.py --size issue --clock cpu --steps 1 --no-compile``)
     run = argparse.Namespace(rounds=args.rounds, steps=1, warmup=2, threads=1, size="issue", clock="cpu",
-                             no_compile=True)
+                             no_compile=True, control=False)
 
     def ratio(checkout: str, model: str) -> float:
         env = dict(os.environ, PYTHONPATH=os.path.join(checkout, "src"))

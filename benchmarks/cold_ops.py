@@ -6,7 +6,7 @@ takes a couple of microseconds; inside a step it runs after a kernel that stream
 caches. This script times it there: a forward hook on every convolution and batch norm of the original
 ResNet of ``free_scaling.py`` runs one small multiply (128 floats by a 0-dim factor, as the fused ops do),
 then a second one, each timed with ``time.perf_counter_ns``; then the same multiply in a warm loop. One
-thread; the model itself is not changed (the hooks are on a copy).
+thread; the model is built for this script alone.
 
     cd benchmarks && PYTHONPATH=../src python cold_ops.py --size issue
 """
@@ -14,7 +14,6 @@ thread; the model itself is not changed (the hooks are on a copy).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -31,7 +30,6 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     model, batch = make("resnet", args.size)
-    model = copy.deepcopy(model)
     factor, small = torch.tensor(0.5), torch.randn(128)
     clock = time.perf_counter_ns
     first: list[int] = []

@@ -89,7 +89,11 @@ def make(name: str, size: str = "small") -> tuple[nn.Module, tuple]:
     return ResNet(64 if big else 32), (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
 
 
-def step_fn(call: nn.Module, owner: nn.Module, batch: tuple) -> Callable[[], None]:
+def step_fn(call: nn.Module, owner: nn.Module, batch: tuple,
+            phases: list[float] | None = None) -> Callable[[], None]:
+    """One training step of ``call`` on ``batch``: ``zero_grad``, forward, backward, Adam on ``owner``'s
+    parameters. ``phases``: three numbers the step adds the CPU time of its forward (with ``zero_grad``),
+    backward and optimizer step to."""
     opt = torch.optim.Adam(owner.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -97,7 +101,24 @@ def step_fn(call: nn.Module, owner: nn.Module, batch: tuple) -> Callable[[], Non
         call(*batch).backward()
         opt.step()
 
-    return step
+    if phases is None:
+        return step
+    clock = time.process_time
+
+    def timed() -> None:
+        t0 = clock()
+        opt.zero_grad(set_to_none=True)
+        loss = call(*batch)
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        opt.step()
+        t3 = clock()
+        phases[0] += t1 - t0
+        phases[1] += t2 - t1
+        phases[2] += t3 - t2
+
+    return timed
 
 
 def memory_rows(name: str, size: str = "small") -> list[list[str]]:
@@ -180,7 +201,7 @@ def one_process(script: str, env: dict, args: argparse.Namespace, name: str) -> 
     cmd = [sys.executable, script, "--models", name, "--rounds", str(args.rounds), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--size", args.size, "--clock",
            args.clock, "--processes", "1", "--rows-only"] + (["--no-compile"] if args.no_compile else []) \
-        + (["--control"] if getattr(args, "control", False) else [])
+        + (["--control"] if args.control else [])
     out = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(script)), env=env, check=True,
                          capture_output=True, text=True).stdout
     rows = {}

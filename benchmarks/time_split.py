@@ -31,40 +31,16 @@ import os
 import resource
 import subprocess
 import sys
-import time
-from typing import Callable
 
 import torch
 
 from _common import median, table, write_result
-from free_scaling import make
+from free_scaling import make, step_fn
 from step_time_ab import counts
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.equivalence import scale_erased_copy
 
 NO_FAULTS = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
-
-
-def phased_step(model: torch.nn.Module, batch: tuple, phases: list[float]) -> Callable[[], None]:
-    """``free_scaling.step_fn``'s training step (Adam), adding the CPU time of its forward (with
-    ``zero_grad``), backward and optimizer step to ``phases``."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    clock = time.process_time
-
-    def step() -> None:
-        t0 = clock()
-        opt.zero_grad(set_to_none=True)
-        loss = model(*batch)
-        t1 = clock()
-        loss.backward()
-        t2 = clock()
-        opt.step()
-        t3 = clock()
-        phases[0] += t1 - t0
-        phases[1] += t2 - t1
-        phases[2] += t3 - t2
-
-    return step
 
 
 def child(model_name: str, size: str, rounds: int, warmup: int, erased: bool) -> dict[str, dict[str, float]]:
@@ -78,7 +54,7 @@ def child(model_name: str, size: str, rounds: int, warmup: int, erased: bool) ->
     if erased:
         models["scales erased"] = scale_erased_copy(models["unit-scaled"])
     phases = {k: [0.0, 0.0, 0.0] for k in models}
-    steps = {k: phased_step(m, batch, phases[k]) for k, m in models.items()}
+    steps = {k: step_fn(m, m, batch, phases[k]) for k, m in models.items()}
     for fn in steps.values():
         for _ in range(warmup):
             fn()
