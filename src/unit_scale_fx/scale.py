@@ -733,6 +733,7 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
             momentum = 1.0 / float(nbt)
     if not (track and rm is not None):
         rm = rv = None
+    torch.nn.functional._verify_batch_size(x.size())  # as ``F.batch_norm`` does in training
     w, b = params.get("weight"), params.get("bias")
     if _native_ok(x, w, b):
         return _native_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), float(fx), float(fo), float(go),

@@ -918,6 +918,35 @@ def test_scaled_batch_norm_is_the_chain_of_scales(dims, affine, momentum, track)
     assert torch.equal(scaled_batch_norm(bn, x.detach()), ref_bn.train()(x.detach()))  # every factor 1: the layer
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the native ops, and the Function
+def test_scaled_batch_norm_updates_its_buffers_in_place_and_fails_as_the_original(dtype):
+    """The running statistics are updated in the buffers' own storage, as the original's kernel does; one
+    value per channel in training raises the original's error; a call that fails inside the kernel leaves
+    the buffers as they were."""
+    from unit_scale_fx.scale import scaled_batch_norm
+
+    bn = nn.BatchNorm2d(3).to(dtype)
+    s = dict(x_scale=(0.25, 1.0), out_scale=(1.0, 0.3))
+    ptrs = [t.data_ptr() for t in bn.buffers()]
+    x = torch.randn(4, 3, 5, 5, dtype=dtype, requires_grad=True)
+    if dtype is torch.float32:  # under saved-tensor hooks: the autograd Function
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            scaled_batch_norm(bn, x, **s).sum().backward()
+    else:
+        scaled_batch_norm(bn, x, **s).sum().backward()
+    assert [t.data_ptr() for t in bn.buffers()] == ptrs
+    assert not torch.allclose(bn.running_var, torch.ones(3, dtype=dtype))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm2d(3).to(dtype)(x[:1, :, :1, :1])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        scaled_batch_norm(bn, x[:1, :, :1, :1], **s)
+    before = [t.clone() for t in (bn.running_mean, bn.running_var)]
+    with pytest.raises(RuntimeError):
+        scaled_batch_norm(bn, torch.randn(4, 5, 5, 5, dtype=dtype, requires_grad=True), **s)  # 5 channels, not 3
+    for t, u in zip((bn.running_mean, bn.running_var), before):
+        assert torch.equal(t, u)
+
+
 def test_factors_move_to_where_they_cost_no_pass():
     """In the relu MLP's code, the backward factor of each first linear's output is applied by the
     second linear's input-gradient GEMM (``alpha``), across the relu; the code keeps its value."""
