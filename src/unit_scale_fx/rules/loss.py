@@ -1,4 +1,10 @@
-"""Losses: the forward value is left alone; the gradient into the prediction is made unit."""
+"""Losses: the forward value is left alone; the gradient into the prediction is made unit.
+
+Also ``log_softmax``, the log-probabilities a negative log-likelihood reads (``nll_loss(log_softmax(z), t)``
+is ``cross_entropy(z, t)``, the classifier head of PyTorch's own examples): its values are kept as they are
+(they are what the loss reads, and a model may return them), and the unit gradient it receives passes to
+its logits at unit RMS.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import Kind, OpView, Rule, Scales, aten, register
+from .registry import Kind, OpView, Rule, Scales, aten, register, tensor_method
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's integer encoding
 
@@ -40,6 +46,43 @@ class CrossEntropyRule(Rule):
         s = Scales(fwd=1.0, fixed_fwd=True, out_rms=None, note=f"V={vocab} N={rows} reduction={red}")
         s.bwd[x], s.grad_gain[x] = 1.0 / gain, gain
         return s
+
+
+@register(F.nll_loss, aten("nll_loss"), aten("nll_loss_nd"), aten("nll_loss2d"))
+class NLLLossRule(CrossEntropyRule):
+    """Gradient of the mean negative log-likelihood into the log-probabilities: ``-1 / N`` at each row's
+    target, 0 elsewhere, so RMS ``1 / (N sqrt(V))``, as cross-entropy's into its logits. (Class weights and
+    ignored targets change ``N``; the unweighted count is the plan's estimate, and measured planning
+    corrects it.)"""
+
+    name = "nll_loss"
+
+
+@register(F.log_softmax, torch.log_softmax, tensor_method("log_softmax"), aten("log_softmax", "int"),
+          aten("_log_softmax"))
+class LogSoftmaxRule(Rule):
+    """``z - logsumexp(z)``: values kept (what a likelihood reads); backward ``g - softmax(z) sum(g)``, which
+    keeps the RMS of the gradient ``g`` it receives, both of a negative log-likelihood's (one entry a row)
+    and of a dense one (the correction ``softmax(z) sum(g)`` is of order ``1 / sqrt(V)`` of it).
+
+    Output RMS: for logits of RMS ``r`` over ``V`` classes, ``logsumexp(z) ~ log V + r**2 / 2``, so values
+    ``z - log V - r**2 / 2``: RMS ``sqrt(r**2 + (log V + r**2 / 2)**2)``, all of them negative."""
+
+    name = "log_softmax"
+    kind = Kind.SOFTMAX  # computed in float32 under half precision, as softmax is
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(fixed_fwd=True, out_rms=None, note="log_softmax with several tensor inputs")
+        (x,) = op.inputs
+        shape, dim = op.shape(x), op.arg(1, "dim")
+        if shape is None or not isinstance(dim, int) or not shape:
+            return Scales(fixed_fwd=True, out_rms=None, bwd={x: 1.0}, grad_gain={x: 1.0}, note="dim unknown")
+        v, r = shape[dim], op.rms(x)
+        shift = math.log(v) + r * r / 2
+        out = math.sqrt(r * r + shift * shift)
+        return Scales(fwd=1.0, fixed_fwd=True, bwd={x: 1.0}, grad_gain={x: 1.0}, out_rms=out,
+                      out_mean=max(-1.0, -shift / out), note=f"V={v}: values kept")
 
 
 @register(F.mse_loss, aten("mse_loss"))
