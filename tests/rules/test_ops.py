@@ -89,19 +89,35 @@ def test_op_is_unit_scaled(name, measure):
     assert checked, f"{name}: no input or weight gradient to check"
 
 
+LOSSES = ["cross_entropy", "mse_loss", "nll_log_softmax", "nll_log_softmax_2d", "l1_loss", "smooth_l1_loss",
+          "smooth_l1_loss_beta", "huber_loss", "bce_with_logits", "kl_div", "cross_entropy_sum_div", "mse_sum_div"]
+
+
 @pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse_loss", "nll_log_softmax", "nll_log_softmax_2d"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_loss_value_kept_and_gradient_unit(loss, measure):
     """The loss value is the true one; the gradient into the prediction has unit RMS. ``nll_log_softmax``:
     a negative log-likelihood of ``log_softmax`` (PyTorch's classifier examples), whose log-probabilities
-    keep their values too; ``_2d``: per pixel (``(N, C, H, W)``, ``nll_loss2d``)."""
+    keep their values too; ``_2d``: per pixel (``(N, C, H, W)``, ``nll_loss2d``). ``_sum_div``: a summed
+    loss divided by the number of items (transformers' loss with ``num_items_in_batch``; ``kl_div``'s
+    ``batchmean`` exports so as well), whose gradient arrives divided."""
     fns = {"cross_entropy": F.cross_entropy, "mse_loss": F.mse_loss,
            "nll_log_softmax": lambda x, t: F.nll_loss(F.log_softmax(x, dim=1), t)}
     fns["nll_log_softmax_2d"] = fns["nll_log_softmax"]
+    fns.update(l1_loss=F.l1_loss, smooth_l1_loss=F.smooth_l1_loss, huber_loss=lambda x, t: F.huber_loss(x, t, delta=2.0),
+               smooth_l1_loss_beta=lambda x, t: F.smooth_l1_loss(x, t, beta=0.3),
+               bce_with_logits=F.binary_cross_entropy_with_logits,
+               kl_div=lambda x, t: F.kl_div(x, t, reduction="batchmean"),
+               cross_entropy_sum_div=lambda x, t: F.cross_entropy(x, t, reduction="sum") / 64,
+               mse_sum_div=lambda x, t: F.mse_loss(x, t, reduction="sum") / 64)
+    pair = lambda: (torch.randn(64, 10), torch.randn(64, 10))  # noqa: E731
     makes = {"cross_entropy": lambda: (torch.randn(64, 50), torch.randint(0, 50, (64,))),
-             "mse_loss": lambda: (torch.randn(64, 10), torch.randn(64, 10)),
+             "mse_loss": pair, "l1_loss": pair, "smooth_l1_loss": pair, "smooth_l1_loss_beta": pair, "huber_loss": pair,
              "nll_log_softmax": lambda: (torch.randn(64, 50), torch.randint(0, 50, (64,))),
-             "nll_log_softmax_2d": lambda: (torch.randn(4, 10, 6, 6), torch.randint(0, 10, (4, 6, 6)))}
+             "nll_log_softmax_2d": lambda: (torch.randn(4, 10, 6, 6), torch.randint(0, 10, (4, 6, 6))),
+             "bce_with_logits": lambda: (torch.randn(64, 10), torch.randint(0, 2, (64, 10)).float()),
+             "kl_div": lambda: (torch.randn(64, 10).log_softmax(1), torch.randn(64, 10).softmax(1)),
+             "cross_entropy_sum_div": lambda: (torch.randn(64, 50), torch.randint(0, 50, (64,))), "mse_sum_div": pair}
     fn, make = fns[loss], makes[loss]
     us = unit_scale(Op(lambda m, x, t: fn(x, t)), make(), measure=measure)
     assert not us.us_unsupported, [u.op for u in us.us_unsupported]

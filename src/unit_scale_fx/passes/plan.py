@@ -407,7 +407,7 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
-            g = 1.0 if rec is not None and rec.kind == Kind.LOSS else grad[user]
+            g = grad[user]  # a loss's too: one the graph divides (``sum / n``) receives 1 / n of the gradient
             ru = 0.0 if rec is not None and rec.kind == Kind.LOSS else grho.get(user, 0.0)
             if s is None or rec is None:
                 contribs.append(g)

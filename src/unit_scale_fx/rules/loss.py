@@ -9,6 +9,7 @@ its logits at unit RMS.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -85,23 +86,137 @@ class LogSoftmaxRule(Rule):
                       out_mean=max(-1.0, -shift / out), note=f"V={v}: values kept")
 
 
-@register(F.mse_loss, aten("mse_loss"))
-class MSELossRule(Rule):
-    """Gradient of mean squared error is ``2 (x - t) / M``: RMS ``2 sqrt(rx^2 + rt^2) / M``."""
+def _arg(op: OpView, f_pos: int, aten_pos: int, name: str, default: Any) -> Any:
+    """An argument at its position in the ``torch.nn.functional`` signature or the aten one."""
+    return op.arg(aten_pos if isinstance(op.node.target, torch._ops.OpOverload) else f_pos, name, default)
 
-    name = "mse_loss"
+
+def clipped_rms(s: float) -> float:
+    """RMS of ``clamp(z, -1, 1)`` for ``z ~ N(0, s^2)``: ``E[z^2; |z| <= 1] + P(|z| > 1)``, with ``a = 1 / s``
+    and ``u`` standard normal, ``s^2 (erf(a / sqrt 2) - 2 a phi(a)) + 1 - erf(a / sqrt 2)``."""
+    if s <= 0:
+        return 0.0
+    a = 1.0 / s
+    inside = math.erf(a / math.sqrt(2.0))
+    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    return math.sqrt(max(0.0, s * s * (inside - 2 * a * phi) + 1.0 - inside))
+
+
+class ElementwiseLossRule(Rule):
+    """A loss that sums or averages an elementwise term of a prediction ``x`` and a target ``t``.
+
+    The gradient into each element is the term's derivative divided by ``M`` (the elements averaged:
+    all of them for ``mean``, the batch for ``batchmean``, none for ``sum`` and ``none``). A subclass gives
+    the derivative's RMS (:meth:`derivative_rms`) and where ``reduction`` is in its two signatures. A target
+    that takes a gradient takes the prediction's factor: one factor for the loss's inputs keeps the plan
+    free to put it on the loss's output, and where the target's derivative is of another size (a logit's,
+    a log-probability's) its gradient is still a positive multiple of the true one."""
+
     kind = Kind.LOSS
+    #: position of ``reduction`` in the ``torch.nn.functional`` signature and in the aten one
+    reduction_pos: tuple[int, int] = (4, 2)
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def scales(self, op: OpView) -> Scales:
         x, t = op.arg(0, "input"), op.arg(1, "target")
         xs = op.shape(x)
-        if xs is None:
+        if xs is None or not isinstance(x, fx.Node):
             return Scales(fixed_fwd=True, out_rms=None, note="shape unknown")
-        m = max(1, math.prod(xs))
-        red = _reduction(op, 4, 2)
-        diff = math.sqrt(op.rms(x) ** 2 + op.rms(t) ** 2)
-        gain = 2.0 * diff / (m if red == "mean" else 1)
+        red = _reduction(op, *self.reduction_pos)
+        m = max(1, math.prod(xs)) if red == "mean" else (xs[0] if red == "batchmean" and xs else 1)
+        d = self.derivative_rms(op, x, t)
         s = Scales(fwd=1.0, fixed_fwd=True, out_rms=None, note=f"M={m} reduction={red}")
+        if not d > 0:
+            return s
+        gain = d / m
         for n in op.inputs:
             s.bwd[n], s.grad_gain[n] = 1.0 / gain, gain
         return s
+
+    @staticmethod
+    def diff_rms(op: OpView, x: fx.Node, t: Any) -> float:
+        """RMS of ``x - t`` for independent zero-mean prediction and target."""
+        return math.sqrt(op.rms(x) ** 2 + op.rms(t, 0.0) ** 2)
+
+
+@register(F.mse_loss, aten("mse_loss"))
+class MSELossRule(ElementwiseLossRule):
+    """Gradient of mean squared error is ``2 (x - t) / M``: RMS ``2 sqrt(rx^2 + rt^2) / M``."""
+
+    name = "mse_loss"
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        return 2.0 * self.diff_rms(op, x, t)
+
+
+@register(F.l1_loss, aten("l1_loss"))
+class L1LossRule(ElementwiseLossRule):
+    """Gradient of the mean absolute error is ``sign(x - t) / M``: RMS ``1 / M``."""
+
+    name = "l1_loss"
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        return 1.0
+
+
+@register(F.smooth_l1_loss, aten("smooth_l1_loss"))
+class SmoothL1LossRule(ElementwiseLossRule):
+    """Gradient ``clamp((x - t) / beta, -1, 1) / M`` (``sign(x - t)`` for ``beta = 0``): its RMS for a Gaussian
+    difference (:func:`clipped_rms`)."""
+
+    name = "smooth_l1_loss"
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        beta = _arg(op, 5, 3, "beta", 1.0)
+        if not isinstance(beta, (int, float)):
+            return 0.0
+        return 1.0 if beta <= 0 else clipped_rms(self.diff_rms(op, x, t) / beta)
+
+
+@register(F.huber_loss, aten("huber_loss"))
+class HuberLossRule(ElementwiseLossRule):
+    """Gradient ``clamp(x - t, -delta, delta) / M``: ``delta`` times the RMS of :func:`clipped_rms`."""
+
+    name = "huber_loss"
+    reduction_pos = (2, 2)
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        delta = _arg(op, 3, 3, "delta", 1.0)
+        if not isinstance(delta, (int, float)) or delta <= 0:
+            return 0.0
+        return delta * clipped_rms(self.diff_rms(op, x, t) / delta)
+
+
+@register(F.binary_cross_entropy_with_logits, aten("binary_cross_entropy_with_logits"))
+class BCEWithLogitsRule(ElementwiseLossRule):
+    """Gradient into the logits ``(sigmoid(x) - t) / M``: ``E[sigmoid(x)^2] - E[t] + E[t^2]`` for zero-mean
+    logits (``E[sigmoid(x)] = 1/2``) independent of the target. (Class and positive weights are not
+    counted; measured planning sees the target's real moments.)"""
+
+    name = "binary_cross_entropy_with_logits"
+    reduction_pos = (5, 4)
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        from .pointwise import gaussian_moments
+
+        sig2 = gaussian_moments(torch.sigmoid, std=op.rms(x))[0] ** 2
+        rt = op.rms(t, 0.0)
+        mean_t = op.mean(t) * rt if isinstance(t, fx.Node) else rt
+        return math.sqrt(max(sig2 - mean_t + rt * rt, 1e-12))
+
+
+@register(F.kl_div, aten("kl_div"))
+class KLDivRule(ElementwiseLossRule):
+    """``KL(t || exp(x))`` of log-probabilities ``x``: gradient into them ``-t / M`` (``-exp(t) / M`` for
+    ``log_target``), RMS the target's (probabilities near ``exp(E[t])`` for log-probabilities ``t``).
+    ``batchmean`` averages over the batch (under ``torch.export`` a sum, then a division)."""
+
+    name = "kl_div"
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        rt = op.rms(t, 0.0)
+        if _arg(op, 5, 3, "log_target", False) is True:
+            return math.exp(op.mean(t) * rt) if isinstance(t, fx.Node) else math.exp(rt)
+        return rt
