@@ -53,8 +53,7 @@ class CrossEntropyRule(Rule):
 class NLLLossRule(CrossEntropyRule):
     """Gradient of the mean negative log-likelihood into the log-probabilities: ``-1 / N`` at each row's
     target, 0 elsewhere, so RMS ``1 / (N sqrt(V))``, as cross-entropy's into its logits. (Class weights and
-    ignored targets change ``N``; the unweighted count is the plan's estimate, and measured planning
-    corrects it.)"""
+    ignored targets change ``N``; the plan counts every row, unweighted.)"""
 
     name = "nll_loss"
 
@@ -108,9 +107,8 @@ class ElementwiseLossRule(Rule):
     The gradient into each element is the term's derivative divided by ``M`` (the elements averaged:
     all of them for ``mean``, the batch for ``batchmean``, none for ``sum`` and ``none``). A subclass gives
     the derivative's RMS (:meth:`derivative_rms`) and where ``reduction`` is in its two signatures. A target
-    that takes a gradient takes the prediction's factor: one factor for the loss's inputs keeps the plan
-    free to put it on the loss's output, and where the target's derivative is of another size (a logit's,
-    a log-probability's) its gradient is still a positive multiple of the true one."""
+    that takes a gradient gets the prediction's factor (as the squared error always did): its gradient is a
+    positive multiple of the true one, unit where its derivative is of the prediction's size."""
 
     kind = Kind.LOSS
     #: position of ``reduction`` in the ``torch.nn.functional`` signature and in the aten one
@@ -138,7 +136,7 @@ class ElementwiseLossRule(Rule):
     @staticmethod
     def diff_rms(op: OpView, x: fx.Node, t: Any) -> float:
         """RMS of ``x - t`` for independent zero-mean prediction and target."""
-        return math.sqrt(op.rms(x) ** 2 + op.rms(t, 0.0) ** 2)
+        return math.sqrt(op.rms(x) ** 2 + op.rms(t) ** 2)
 
 
 @register(F.mse_loss, aten("mse_loss"))
@@ -192,8 +190,8 @@ class HuberLossRule(ElementwiseLossRule):
 @register(F.binary_cross_entropy_with_logits, aten("binary_cross_entropy_with_logits"))
 class BCEWithLogitsRule(ElementwiseLossRule):
     """Gradient into the logits ``(sigmoid(x) - t) / M``: ``E[sigmoid(x)^2] - E[t] + E[t^2]`` for zero-mean
-    logits (``E[sigmoid(x)] = 1/2``) independent of the target. (Class and positive weights are not
-    counted; measured planning sees the target's real moments.)"""
+    logits (``E[sigmoid(x)] = 1/2``) independent of the target, whose moments are those planning predicts
+    or measures. (Class and positive weights are not counted.)"""
 
     name = "binary_cross_entropy_with_logits"
     reduction_pos = (5, 4)
