@@ -191,7 +191,8 @@ class HuberLossRule(ElementwiseLossRule):
 class BCEWithLogitsRule(ElementwiseLossRule):
     """Gradient into the logits ``(sigmoid(x) - t) / M``: ``E[sigmoid(x)^2] - E[t] + E[t^2]`` for zero-mean
     logits (``E[sigmoid(x)] = 1/2``) independent of the target, whose moments are those planning predicts
-    or measures. (Class and positive weights are not counted.)"""
+    (where its mean is not predicted: targets of 0 and 1, ``E[t] = E[t^2]``). (Class and positive weights
+    are not counted.)"""
 
     name = "binary_cross_entropy_with_logits"
     reduction_pos = (5, 4)
@@ -202,6 +203,8 @@ class BCEWithLogitsRule(ElementwiseLossRule):
         sig2 = gaussian_moments(torch.sigmoid, std=op.rms(x))[0] ** 2
         rt = op.rms(t, 0.0)
         mean_t = op.mean(t) * rt if isinstance(t, fx.Node) else rt
+        if not mean_t > 0:  # not predicted: targets in [0, 1] that are 0 or 1, so E[t] = E[t^2]
+            mean_t = rt * rt
         return math.sqrt(max(sig2 - mean_t + rt * rt, 1e-12))
 
 

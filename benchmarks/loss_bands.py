@@ -1,0 +1,128 @@
+"""The gradient a loss sends into its prediction, and a classifier's matmul operands, with and without the
+loss rules.
+
+    cd benchmarks && PYTHONPATH=../src python loss_bands.py
+    cd benchmarks && PYTHONPATH=../src python loss_bands.py --without log_softmax nll_loss   # as before those rules
+
+For each loss (a prediction of 64 x 10 unit Gaussians or logits, its usual target), unit-scaled with analytic
+and with measured planning: the RMS of the gradient that reaches the prediction on a fresh batch (1 is the
+aim), and which ops were left without a rule. Then a small MNIST-style classifier (convolutions, linears,
+``log_softmax``, ``nll_loss``): the share of its matmul operands, forward and backward, in [1/2, 2] and the
+range of the backward ones (``MatmulRecorder``). ``--without NAME ...`` drops those rules from the registry
+first (the op is then unsupported: left unscaled, as before the rule existed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from _common import table, write_result
+from unit_scale_fx import unit_scale
+from unit_scale_fx.analysis.recorder import MatmulRecorder
+from unit_scale_fx.rules import registry
+
+LOSSES = {
+    "cross_entropy": (F.cross_entropy, lambda g: (torch.randn(64, 50, generator=g), torch.randint(0, 50, (64,), generator=g))),
+    "nll_loss(log_softmax)": (lambda x, t: F.nll_loss(F.log_softmax(x, dim=1), t),
+                              lambda g: (torch.randn(64, 50, generator=g), torch.randint(0, 50, (64,), generator=g))),
+    "mse_loss": (F.mse_loss, lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
+    "mse_loss sum / 64": (lambda x, t: F.mse_loss(x, t, reduction="sum") / 64,
+                          lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
+    "l1_loss": (F.l1_loss, lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
+    "smooth_l1_loss": (F.smooth_l1_loss, lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
+    "huber_loss(delta=2)": (lambda x, t: F.huber_loss(x, t, delta=2.0),
+                            lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
+    "bce_with_logits": (F.binary_cross_entropy_with_logits,
+                        lambda g: (torch.randn(64, 10, generator=g), torch.randint(0, 2, (64, 10), generator=g).float())),
+    "kl_div(batchmean)": (lambda x, t: F.kl_div(x, t, reduction="batchmean"),
+                          lambda g: (torch.randn(64, 10, generator=g).log_softmax(1),
+                                     torch.randn(64, 10, generator=g).softmax(1))),
+}
+
+
+class Loss(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, t)
+
+
+class Classifier(nn.Module):
+    """PyTorch's MNIST example in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3)
+        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+        return F.nll_loss(F.log_softmax(x, dim=1), t)
+
+
+def drop_rules(names: list[str]) -> None:
+    """Remove the rules named ``names`` from the registry (their ops become unsupported)."""
+    for key, rule in list(registry._RULES.items()):
+        if rule.name in names:
+            del registry._RULES[key]
+
+
+def plan(model: nn.Module, batch: tuple, measure: bool) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return unit_scale(model, batch, measure=measure)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--without", nargs="*", default=[], help="rule names to drop from the registry first")
+    ap.add_argument("--name", default=None, help="results file name (benchmarks/results/NAME.md); default: printed only")
+    args = ap.parse_args()
+    drop_rules(args.without)
+    rows = []
+    for name, (fn, make) in LOSSES.items():
+        row = [name]
+        for measure in (False, True):
+            g = torch.Generator().manual_seed(0)
+            us = plan(Loss(fn), make(g), measure)
+            x, t = make(g)
+            x.requires_grad_()
+            us(x, t).backward()
+            row.append(f"{float(x.grad.pow(2).mean().sqrt()):.3g}")
+        row.append(", ".join(sorted({u.op.split(".")[-1] for u in us.us_unsupported})) or "-")
+        rows.append(row)
+    first = table(["loss", "gradient RMS, analytic", "gradient RMS, measured", "unsupported"], rows)
+    print(first + "\n")
+    rows = []
+    for measure in (False, True):
+        g = torch.Generator().manual_seed(0)
+        make = lambda: (torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g))  # noqa: E731
+        torch.manual_seed(0)
+        us = plan(Classifier(), make(), measure)
+        rec = MatmulRecorder()
+        with rec:
+            loss = us(*make())
+            rec.backward()
+            loss.backward()
+        share = {p: sum(0.5 <= r.rms <= 2 for r in rec.records if r.phase == p)
+                 / max(1, sum(r.phase == p for r in rec.records)) for p in ("fwd", "bwd")}
+        bwd = [r.rms for r in rec.records if r.phase == "bwd"]
+        rows.append(["measured" if measure else "analytic", f"{share['fwd']:.0%}", f"{share['bwd']:.0%}",
+                     f"{min(bwd):.3g}-{max(bwd):.3g}"])
+    second = table(["planning", "fwd operands in [1/2, 2]", "bwd operands in [1/2, 2]", "bwd operand RMS"], rows)
+    print(second)
+    if args.name:
+        path = write_result(args.name, "Loss gradients and a log-softmax classifier's operands", first + "\n\n" + second)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
