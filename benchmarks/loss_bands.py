@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from _common import table, write_result
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.recorder import MatmulRecorder
+from unit_scale_fx.examples import LogSoftmaxClassifier
 from unit_scale_fx.rules import registry
 
 LOSSES = {
@@ -52,20 +53,6 @@ class Loss(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.fn(x, t)
-
-
-class Classifier(nn.Module):
-    """PyTorch's MNIST example in miniature."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3)
-        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
-        x = self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-        return F.nll_loss(F.log_softmax(x, dim=1), t)
 
 
 def drop_rules(names: list[str]) -> None:
@@ -106,7 +93,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         make = lambda: (torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g))  # noqa: E731
         torch.manual_seed(0)
-        us = plan(Classifier(), make(), measure)
+        us = plan(LogSoftmaxClassifier(), make(), measure)
         rec = MatmulRecorder()
         with rec:
             loss = us(*make())

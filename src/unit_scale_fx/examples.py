@@ -104,6 +104,21 @@ class ResidualMLP(nn.Module):
         return F.mse_loss(out, y)
 
 
+class LogSoftmaxClassifier(nn.Module):
+    """PyTorch's MNIST example in miniature: convolutions, pooling, linears, ``log_softmax`` and ``nll_loss``
+    (inputs ``1 x 12 x 12``, 10 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3)
+        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+        return F.nll_loss(F.log_softmax(x, dim=1), t)
+
+
 def gpt_batch(vocab: int = 256, batch: int = 4, seq: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (batch, seq + 1), generator=g)
