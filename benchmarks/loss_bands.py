@@ -27,19 +27,25 @@ from unit_scale_fx.analysis.recorder import MatmulRecorder
 from unit_scale_fx.examples import LogSoftmaxClassifier
 from unit_scale_fx.rules import registry
 
+def _pair(g: torch.Generator) -> tuple:
+    return torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g)
+
+
+def _classes(g: torch.Generator) -> tuple:
+    return torch.randn(64, 50, generator=g), torch.randint(0, 50, (64,), generator=g)
+
+
 LOSSES = {
-    "cross_entropy": (F.cross_entropy, lambda g: (torch.randn(64, 50, generator=g), torch.randint(0, 50, (64,), generator=g))),
-    "nll_loss(log_softmax)": (lambda x, t: F.nll_loss(F.log_softmax(x, dim=1), t),
-                              lambda g: (torch.randn(64, 50, generator=g), torch.randint(0, 50, (64,), generator=g))),
-    "mse_loss": (F.mse_loss, lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
-    "mse_loss sum / 64": (lambda x, t: F.mse_loss(x, t, reduction="sum") / 64,
-                          lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
-    "l1_loss": (F.l1_loss, lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
-    "smooth_l1_loss": (F.smooth_l1_loss, lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
-    "huber_loss(delta=2)": (lambda x, t: F.huber_loss(x, t, delta=2.0),
-                            lambda g: (torch.randn(64, 10, generator=g), torch.randn(64, 10, generator=g))),
+    "cross_entropy": (F.cross_entropy, _classes),
+    "nll_loss(log_softmax)": (lambda x, t: F.nll_loss(F.log_softmax(x, dim=1), t), _classes),
+    "mse_loss": (F.mse_loss, _pair),
+    "mse_loss sum / 64": (lambda x, t: F.mse_loss(x, t, reduction="sum") / 64, _pair),
+    "l1_loss": (F.l1_loss, _pair),
+    "smooth_l1_loss": (F.smooth_l1_loss, _pair),
+    "huber_loss(delta=2)": (lambda x, t: F.huber_loss(x, t, delta=2.0), _pair),
     "bce_with_logits": (F.binary_cross_entropy_with_logits,
-                        lambda g: (torch.randn(64, 10, generator=g), torch.randint(0, 2, (64, 10), generator=g).float())),
+                        lambda g: (torch.randn(64, 10, generator=g),
+                                   torch.randint(0, 2, (64, 10), generator=g).float())),
     "kl_div(batchmean)": (lambda x, t: F.kl_div(x, t, reduction="batchmean"),
                           lambda g: (torch.randn(64, 10, generator=g).log_softmax(1),
                                      torch.randn(64, 10, generator=g).softmax(1))),
@@ -71,7 +77,8 @@ def plan(model: nn.Module, batch: tuple, measure: bool) -> nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--without", nargs="*", default=[], help="rule names to drop from the registry first")
-    ap.add_argument("--name", default=None, help="results file name (benchmarks/results/NAME.md); default: printed only")
+    ap.add_argument("--name", default=None,
+                    help="results file name (benchmarks/results/NAME.md); default: printed only")
     args = ap.parse_args()
     drop_rules(args.without)
     rows = []
@@ -107,7 +114,8 @@ def main() -> None:
     second = table(["planning", "fwd operands in [1/2, 2]", "bwd operands in [1/2, 2]", "bwd operand RMS"], rows)
     print(second)
     if args.name:
-        path = write_result(args.name, "Loss gradients and a log-softmax classifier's operands", first + "\n\n" + second)
+        title = "Loss gradients and a log-softmax classifier's operands"
+        path = write_result(args.name, title, first + "\n\n" + second)
         print(f"wrote {path}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.fx as fx
@@ -70,6 +72,37 @@ def test_plan_records_analytic_linear_scales():
         for k, b in r.bwd.items():
             assert b == pytest.approx(r.ideal_bwd[k], rel=1e-5)
         assert not r.constrained
+
+
+class Temperature(nn.Module):
+    """Contrastive logits with a learned temperature (CLIP's ``logit_scale.exp() * text @ image.T``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07), CLIP's initial value
+
+    def forward(self, x, y):
+        logits = self.logit_scale.exp() * (self.a(x) @ self.b(y).t())
+        return F.cross_entropy(logits, torch.arange(x.shape[0]))
+
+
+def test_analytic_plan_reads_a_parameters_first_moment():
+    """A one-number parameter is all first moment: analytic planning scales ``exp`` of it by ``1 / exp(v)``
+    (its value), not by the ``1 / exp(v**2)`` of a zero-mean Gaussian of that RMS (1e-3 here: CLIP's
+    backward operands were 0% in band). A norm's gain of ones on the meta device: first moment 1."""
+    from unit_scale_fx.passes.plan import _param_mean
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    gm, _ = _planned(Temperature(), x, y, measure=False)
+    (rec,) = [n.meta[META_KEY] for n in gm.graph.nodes if str(getattr(n.meta.get(META_KEY), "op", "")).endswith("exp")]
+    assert rec.ideal_fwd == pytest.approx(math.exp(-2.6592), rel=0.1)
+    with torch.device("meta"):
+        meta = fx.symbolic_trace(nn.LayerNorm(4))
+    node = next(n for n in meta.graph.nodes if n.op == "get_attr" and n.target == "weight")
+    assert _param_mean(meta, node, {"weight": "one"}) == 1.0
+    assert _param_mean(meta, node, {"weight": "unit"}) == 0.0
 
 
 def test_local_constraint_ties_non_bridge_edges():

@@ -105,7 +105,8 @@ def test_loss_value_kept_and_gradient_unit(loss, measure):
     fns = {"cross_entropy": F.cross_entropy, "mse_loss": F.mse_loss,
            "nll_log_softmax": lambda x, t: F.nll_loss(F.log_softmax(x, dim=1), t)}
     fns["nll_log_softmax_2d"] = fns["nll_log_softmax"]
-    fns.update(l1_loss=F.l1_loss, smooth_l1_loss=F.smooth_l1_loss, huber_loss=lambda x, t: F.huber_loss(x, t, delta=2.0),
+    fns.update(l1_loss=F.l1_loss, smooth_l1_loss=F.smooth_l1_loss,
+               huber_loss=lambda x, t: F.huber_loss(x, t, delta=2.0),
                smooth_l1_loss_beta=lambda x, t: F.smooth_l1_loss(x, t, beta=0.3),
                bce_with_logits=F.binary_cross_entropy_with_logits,
                kl_div=lambda x, t: F.kl_div(x, t, reduction="batchmean"),
