@@ -101,8 +101,8 @@ def test_analytic_plan_reads_a_parameters_first_moment():
     with torch.device("meta"):
         meta = fx.symbolic_trace(nn.LayerNorm(4))
     node = next(n for n in meta.graph.nodes if n.op == "get_attr" and n.target == "weight")
-    assert _param_mean(meta, node, {"weight": "one"}) == 1.0
-    assert _param_mean(meta, node, {"weight": "unit"}) == 0.0
+    assert _param_mean(meta, node, {"weight": "one"}, 1.0) == 1.0
+    assert _param_mean(meta, node, {"weight": "unit"}, 1.0) == 0.0
 
 
 def test_local_constraint_ties_non_bridge_edges():

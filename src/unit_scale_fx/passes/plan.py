@@ -40,10 +40,12 @@ def _tensor_rms(t: torch.Tensor) -> Optional[float]:
     return LOCAL.rms(t)
 
 
-def _param_mean(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -> float:
+def _param_mean(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str], r: Optional[float]) -> float:
     """A parameter's or buffer's first moment relative to its RMS, in [-1, 1]: read from the tensor (a
     learned temperature ``logit_scale`` is one number, all mean: an ``exp`` of it is ``exp`` of that number,
-    not of a Gaussian of that RMS); on the meta device, by its init kind (a norm's gain of ones: 1)."""
+    not of a Gaussian of that RMS); on the meta device, by its init kind (a norm's gain of ones: 1). ``r``: its
+    RMS (:func:`_param_rms`). In float32, as :func:`~unit_scale_fx.tensor_stats.rms` is (no float64 copy of a
+    large weight)."""
     try:
         t = gm.get_parameter(str(node.target))
     except AttributeError:
@@ -55,10 +57,11 @@ def _param_mean(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -
         return 0.0
     if t.device.type == "meta":
         return 1.0 if init_kinds.get(str(node.target)) == "one" else 0.0
+    if r is None or not r > 0 or not math.isfinite(r):
+        return 0.0
     with torch.no_grad():
-        r = float(t.detach().double().pow(2).mean().sqrt())
-        m = float(t.detach().double().mean())
-    return max(-1.0, min(1.0, m / r)) if r > 0 and math.isfinite(m / r) else 0.0
+        m = float(t.detach().float().mean())
+    return max(-1.0, min(1.0, m / r)) if math.isfinite(m) else 0.0
 
 
 def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> float:
@@ -104,7 +107,7 @@ class _Planner:
             self.rms[node] = self.ctx.input_rms.get(node.name, 1.0)
         elif node.op == "get_attr":
             self.rms[node] = _param_rms(self.gm, node, self.init_kinds)
-            self.mean[node] = _param_mean(self.gm, node, self.init_kinds)
+            self.mean[node] = _param_mean(self.gm, node, self.init_kinds, self.rms[node])
 
     def scales_for(self, node: fx.Node) -> Optional[Scales]:
         """Ideal scales of ``node`` (None: no scale: unsupported, excluded, inserted)."""
