@@ -46,13 +46,7 @@ def _param_mean(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str], r
     not of a Gaussian of that RMS); on the meta device, by its init kind (a norm's gain of ones: 1). ``r``: its
     RMS (:func:`_param_rms`). In float32, as :func:`~unit_scale_fx.tensor_stats.rms` is (no float64 copy of a
     large weight)."""
-    try:
-        t = gm.get_parameter(str(node.target))
-    except AttributeError:
-        try:
-            t = gm.get_buffer(str(node.target))
-        except AttributeError:
-            return 0.0
+    t = _attr_tensor(gm, node)
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
         return 0.0
     if t.device.type == "meta":
@@ -71,14 +65,21 @@ def _combine(values: list[float], how: str, fwd: float, fixed_fwd: bool) -> floa
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
 
-def _param_rms(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -> Optional[float]:
+def _attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+    """The parameter or buffer a ``get_attr`` node reads (None: neither)."""
     try:
-        t = gm.get_parameter(str(node.target))
+        return gm.get_parameter(str(node.target))
     except AttributeError:
         try:
-            t = gm.get_buffer(str(node.target))
+            return gm.get_buffer(str(node.target))
         except AttributeError:
             return None
+
+
+def _param_rms(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -> Optional[float]:
+    t = _attr_tensor(gm, node)
+    if t is None:
+        return None
     r = _tensor_rms(t)
     if r is None and t.device.type == "meta":
         return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(init_kinds.get(str(node.target), "unit"), 1.0)
