@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from _common import table, write_result
 from unit_scale_fx import unit_scale
-from unit_scale_fx.analysis.recorder import MatmulRecorder
+from unit_scale_fx.analysis.recorder import fraction_in_band, record_matmul_operands
 from unit_scale_fx.examples import LogSoftmaxClassifier
 from unit_scale_fx.rules import registry
 
@@ -101,16 +101,10 @@ def main() -> None:
         make = lambda: (torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g))  # noqa: E731
         torch.manual_seed(0)
         us = plan(LogSoftmaxClassifier(), make(), measure)
-        rec = MatmulRecorder()
-        with rec:
-            loss = us(*make())
-            rec.backward()
-            loss.backward()
-        share = {p: sum(0.5 <= r.rms <= 2 for r in rec.records if r.phase == p)
-                 / max(1, sum(r.phase == p for r in rec.records)) for p in ("fwd", "bwd")}
-        bwd = [r.rms for r in rec.records if r.phase == "bwd"]
-        rows.append(["measured" if measure else "analytic", f"{share['fwd']:.0%}", f"{share['bwd']:.0%}",
-                     f"{min(bwd):.3g}-{max(bwd):.3g}"])
+        records = record_matmul_operands(us, *make())  # the returned loss is what backward starts from
+        bwd = [r.rms for r in records if r.phase == "bwd"]
+        rows.append(["measured" if measure else "analytic", f"{fraction_in_band(records, phase='fwd'):.0%}",
+                     f"{fraction_in_band(records, phase='bwd'):.0%}", f"{min(bwd):.3g}-{max(bwd):.3g}"])
     second = table(["planning", "fwd operands in [1/2, 2]", "bwd operands in [1/2, 2]", "bwd operand RMS"], rows)
     print(second)
     if args.name:

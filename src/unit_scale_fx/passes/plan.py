@@ -40,17 +40,15 @@ def _tensor_rms(t: torch.Tensor) -> Optional[float]:
     return LOCAL.rms(t)
 
 
-def _param_mean(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str], r: Optional[float]) -> float:
-    """A parameter's or buffer's first moment relative to its RMS, in [-1, 1]: read from the tensor (a
-    learned temperature ``logit_scale`` is one number, all mean: an ``exp`` of it is ``exp`` of that number,
-    not of a Gaussian of that RMS); on the meta device, by its init kind (a norm's gain of ones: 1). ``r``: its
-    RMS (:func:`_param_rms`). In float32, as :func:`~unit_scale_fx.tensor_stats.rms` is (no float64 copy of a
-    large weight)."""
-    t = _attr_tensor(gm, node)
+def _param_mean(t: Optional[torch.Tensor], init_kind: Optional[str], r: Optional[float]) -> float:
+    """A parameter's or buffer's first moment relative to its RMS ``r`` (:func:`_param_rms`), in [-1, 1]: read
+    from the tensor (a learned temperature ``logit_scale`` is one number, all mean: an ``exp`` of it is ``exp``
+    of that number, not of a Gaussian of that RMS); on the meta device, by its init kind (a norm's gain of
+    ones: 1). In float32, as :func:`~unit_scale_fx.tensor_stats.rms` is (no float64 copy of a large weight)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
         return 0.0
     if t.device.type == "meta":
-        return 1.0 if init_kinds.get(str(node.target)) == "one" else 0.0
+        return 1.0 if init_kind == "one" else 0.0
     if r is None or not r > 0 or not math.isfinite(r):
         return 0.0
     with torch.no_grad():
@@ -76,13 +74,13 @@ def _attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
             return None
 
 
-def _param_rms(gm: fx.GraphModule, node: fx.Node, init_kinds: dict[str, str]) -> Optional[float]:
-    t = _attr_tensor(gm, node)
+def _param_rms(t: Optional[torch.Tensor], init_kind: Optional[str]) -> Optional[float]:
+    """A parameter's or buffer's RMS (None: no tensor); on the meta device, by its init kind."""
     if t is None:
         return None
     r = _tensor_rms(t)
     if r is None and t.device.type == "meta":
-        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(init_kinds.get(str(node.target), "unit"), 1.0)
+        return {"unit": 1.0, "one": 1.0, "zero": 0.0}.get(init_kind or "unit", 1.0)
     return r
 
 
@@ -107,8 +105,9 @@ class _Planner:
         if node.op == "placeholder":
             self.rms[node] = self.ctx.input_rms.get(node.name, 1.0)
         elif node.op == "get_attr":
-            self.rms[node] = _param_rms(self.gm, node, self.init_kinds)
-            self.mean[node] = _param_mean(self.gm, node, self.init_kinds, self.rms[node])
+            t, kind = _attr_tensor(self.gm, node), self.init_kinds.get(str(node.target))
+            self.rms[node] = _param_rms(t, kind)
+            self.mean[node] = _param_mean(t, kind, self.rms[node])
 
     def scales_for(self, node: fx.Node) -> Optional[Scales]:
         """Ideal scales of ``node`` (None: no scale: unsupported, excluded, inserted)."""

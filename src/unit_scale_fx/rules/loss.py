@@ -20,11 +20,16 @@ from .registry import Kind, OpView, Rule, Scales, aten, register, tensor_method
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's integer encoding
 
 
+def _arg(op: OpView, f_pos: int, aten_pos: int, name: str, default: Any) -> Any:
+    """An argument at its position in the ``torch.nn.functional`` signature or the aten one."""
+    return op.arg(aten_pos if isinstance(op.node.target, torch._ops.OpOverload) else f_pos, name, default)
+
+
 def _reduction(op: OpView, pos: int, aten_pos: int) -> str:
-    if isinstance(op.node.target, torch._ops.OpOverload):
-        r = op.arg(aten_pos, "reduction", 1)
-        return _REDUCTIONS.get(r, "mean") if isinstance(r, int) else str(r)
-    r = op.arg(pos, "reduction", "mean")
+    """``reduction`` as a name (aten encodes it as an integer)."""
+    r = _arg(op, pos, aten_pos, "reduction", "mean")
+    if isinstance(r, int):
+        return _REDUCTIONS.get(r, "mean")
     return r if isinstance(r, str) else "mean"
 
 
@@ -83,11 +88,6 @@ class LogSoftmaxRule(Rule):
         out = math.sqrt(r * r + shift * shift)
         return Scales(fwd=1.0, fixed_fwd=True, bwd={x: 1.0}, grad_gain={x: 1.0}, out_rms=out,
                       out_mean=max(-1.0, -shift / out), note=f"V={v}: values kept")
-
-
-def _arg(op: OpView, f_pos: int, aten_pos: int, name: str, default: Any) -> Any:
-    """An argument at its position in the ``torch.nn.functional`` signature or the aten one."""
-    return op.arg(aten_pos if isinstance(op.node.target, torch._ops.OpOverload) else f_pos, name, default)
 
 
 def clipped_rms(s: float) -> float:
