@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 
 import pytest
 import torch
@@ -705,6 +706,140 @@ def test_checkpointed_convolution_and_batch_norm_keep_their_gradients(reentrant)
     checkpoint(_conv_bn, x, w, bn_ck, use_reentrant=reentrant).backward(g)
     for u, v in zip((x.grad, w.grad, bn_ck.weight.grad, bn_ck.bias.grad), want):
         torch.testing.assert_close(u, v, rtol=1e-11, atol=1e-12)
+
+
+def _without_prologue(us: nn.Module) -> nn.Module:
+    """A copy of a unit-scaled model whose generated code has no prologue (``prepare_steps`` off)."""
+    import unit_scale_fx.passes.fold_scales as fs
+
+    other = copy.deepcopy(us)
+    keep = fs.prepare_steps
+    fs.prepare_steps = lambda graph: 0
+    try:
+        other.recompile()
+    finally:
+        fs.prepare_steps = keep
+    assert "step_begin" not in other.code
+    return other
+
+
+def _train_side_by_side(a: nn.Module, b: nn.Module, batch: tuple, steps: int = 3, **call) -> None:
+    """Train ``a`` and ``b`` with Adam on ``batch``; every loss, gradient, parameter and buffer equal, bit for bit."""
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (a, b)]
+    for _ in range(steps):
+        losses = []
+        for m, opt in zip((a, b), opts):
+            loss = m(*batch, **call)
+            loss.backward()
+            losses.append(loss.detach())
+        assert torch.equal(*losses)
+        for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for (name, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(u, v), name
+
+
+def test_the_prologue_prepares_convolutions_and_batch_norms_and_changes_no_bit():
+    """The generated code makes every convolution's weight copy (or gradient-scaled views) and every batch
+    norm's gain, bias and running-statistics copies before the first kernel, and sets their backward factors
+    and writes the statistics back after the last (``scale.step_begin`` / ``step_end``): the same tensors
+    from the same factors. Losses, gradients, parameters and running statistics over three Adam steps are
+    those of the same code without the prologue, bit for bit; so are evaluation and a ``no_grad`` forward
+    (which prepare nothing)."""
+    model, batch = _resnet()
+    us = unit_scale(model, batch)
+    other = _without_prologue(us)
+    code = us.code
+    prologue = next(line for line in code.splitlines() if "step_begin(" in line)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert prologue.count("('batch_norm'") == n_bn and prologue.count("('conv") >= 1
+    sites = re.findall(r"step = step_begin, site = (\d+)", code)
+    assert sorted(map(int, sites)) == list(range(prologue.count("('")))
+    assert "step_end(step_begin)" in code
+    _train_side_by_side(us, other, batch)
+    for m in (us, other):
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(us(*batch), other(*batch))
+    _train_side_by_side(us, other, batch, steps=1)  # eval mode with gradients: no batch norm prepared
+
+
+class SharedBatchNorm(nn.Module):
+    """One batch norm called twice in a forward (each call updates its running statistics in turn), and a
+    convolution with a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.c1(x)))
+        h = F.relu(self.bn(self.c2(h)) + h)
+        h = F.relu(self.bn2(self.c2(h)))
+        return F.cross_entropy(self.fc(h.mean((2, 3))), y)
+
+
+def test_a_batch_norm_called_twice_is_not_prepared_and_the_model_trains_as_without_a_prologue():
+    torch.manual_seed(0)
+    batch = (torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,)))
+    us = unit_scale(SharedBatchNorm(), batch)
+    prologue = next(line for line in us.code.splitlines() if "step_begin(" in line)
+    assert prologue.count("('batch_norm'") == 1 and "bn2" in prologue  # the shared one is left to its calls
+    _train_side_by_side(us, _without_prologue(us), batch)
+
+
+def test_a_prepared_record_that_no_longer_holds_is_not_used():
+    """A weight written in place after the prologue, saved-tensor hooks (checkpointing) or autocast when the
+    op runs: the op makes its own copy, as without a prologue (the same values and gradients)."""
+    from unit_scale_fx.scale import step_begin, step_end
+
+    x0, w, _ = _conv_bn_inputs()
+    kw = dict(x_scale=(1.0, 0.3), weight_scale=(1.0, 0.7))
+    g = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+
+    def grads(step):
+        x = x0.detach().requires_grad_()
+        out = scaled_conv(x, w, None, 1, 1, **kw, step=step, site=0)
+        step_end(step)
+        return [out.detach(), *torch.autograd.grad(out, (x, w), g)]
+
+    step = step_begin(("conv", w, None, (1.0, 1.0, 1.0, 0.3, 0.7, 1.0)))
+    assert step[0] is not None and step[0].w.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
+    for u, v in zip(grads(step), grads(None)):
+        assert torch.equal(u, v)
+    stale = step_begin(("conv", w, None, (1.0, 1.0, 1.0, 0.3, 0.7, 1.0)))
+    with torch.no_grad():
+        w.mul_(2.0)  # after the prologue: its copy is of the old weight
+    assert not stale[0].holds(w, None)
+    for u, v in zip(grads(stale), grads(None)):
+        assert torch.equal(u, v)
+    assert not stale[0].used
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert step_begin(("conv", w, None, (1.0, 1.0, 1.0, 0.3, 0.7, 1.0))) is None
+    with torch.no_grad():
+        assert step_begin(("conv", w, None, (1.0, 1.0, 1.0, 0.3, 0.7, 1.0))) is None
+
+
+def test_a_forward_that_runs_a_backward_gets_no_prologue():
+    """Its backward would read backward factors that the epilogue sets only at the end of the forward."""
+    from unit_scale_fx.passes.fold_scales import fuse_ops, prepare_steps
+
+    model, batch = _resnet()
+    us = unit_scale(model, batch)
+    for extra in (None, torch.autograd.grad):
+        graph = fx.Graph(owning_module=us)
+        out = graph.graph_copy(us.graph, {})
+        if extra is not None:
+            with graph.inserting_before(next(iter(graph.nodes)).next):
+                graph.call_function(extra, (out, []))
+        graph.output(out)
+        fuse_ops(graph)
+        assert (prepare_steps(graph) > 0) == (extra is None)
 
 
 @pytest.mark.parametrize("s", [dict(a_scale=(0.6, 0.8), b_scale=(0.7, 0.5), out_scale=(1.1, 1.3)),
