@@ -461,8 +461,7 @@ CONVS = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
 def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
                 dilation: Any = 1, groups: int = 1, *, x_scale: tuple = _ONE, weight_scale: tuple = _ONE,
-                bias_scale: tuple = _ONE, out_scale: tuple = _ONE, x_in_place: bool = False,
-                step: list | None = None, site: int = -1) -> Tensor:
+                bias_scale: tuple = _ONE, out_scale: tuple = _ONE, x_in_place: bool = False) -> Tensor:
     """``conv1d`` / ``conv2d`` / ``conv3d`` (by ``weight``'s dimensions) with ``scale`` on its inputs and
     output, computed as one op.
 
@@ -476,20 +475,8 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
     hooks scale the gradients of the weight and bias (a copy of the weight would save nothing). A forward
     factor on the input or output stays off the weight: the convolution reads the unit operands the
     chain gives it.
-
-    ``step`` and ``site``: what the generated code's prologue made for this call (:func:`step_begin`): the
-    weight copy, or views whose gradients a hook scales, used where they still hold.
     """
     conv = CONVS[weight.dim() - 2]
-    if step is not None:
-        rec = step[site]
-        if rec is not None and x.dim() == weight.dim() and torch.is_grad_enabled() and _native_ok(x) \
-                and rec.holds(weight, bias) and not torch.is_autocast_enabled(x.device.type):
-            if rec.gx is not None:  # views of the weight and bias with gradient hooks (and of the input)
-                return conv(_grad_scaled(x, rec.gx), rec.w, rec.b, stride, padding, dilation, groups)
-            if x.requires_grad:  # a weight copy with every factor: where the input gradient is needed
-                rec.used = True
-                return conv(x, rec.w, rec.b, stride, padding, dilation, groups)
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return conv(x, weight, bias, stride, padding, dilation, groups)
@@ -717,16 +704,14 @@ _apply_batch_norm = _fast_apply(_ScaledBatchNormFn)
 _BN_FORWARD = torch.nn.modules.batchnorm._BatchNorm.forward
 
 
-def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE,
-                      step: list | None = None, site: int = -1) -> Tensor:
+def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
     """A batch-norm layer ``bn`` (``BatchNorm1d/2d/3d``) with ``scale`` on its input and output, as one op.
 
     The same function as ``scale(bn(scale(x, *x_scale)), *out_scale)``, and the same updates of the
     running statistics, without a pass over the activation for either scale
     (:class:`_ScaledBatchNormFn`). In training mode with gradients, for a layer whose ``forward`` is
     PyTorch's; otherwise (evaluation, ``no_grad``, compiling, another ``forward``) it is that chain.
-    With every factor 1 it is ``bn(x)``. ``step`` and ``site``: what the generated code's prologue made for
-    this call (:func:`step_begin`), used where it still holds.
+    With every factor 1 it is ``bn(x)``.
     """
     (fx, gx), (fo, go) = _pair(x_scale), _pair(out_scale)
     if (fx, gx, fo, go) == (1.0,) * 4:
@@ -751,13 +736,6 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
     torch.nn.functional._verify_batch_size(x.size())  # as ``F.batch_norm`` does in training
     w, b = params.get("weight"), params.get("bias")
     if _native_ok(x, w, b):
-        rec = None if step is None else step[site]
-        if rec is not None and rec.holds(w, b) and rec.holds_stats(rm, rv) \
-                and not torch.is_autocast_enabled(x.device.type):
-            rec.used = True
-            rmt, rvt = rec.stats[2:] or (None, None)
-            return torch.batch_norm(x, rec.w, rec.b, rmt, rvt, True, float(momentum),
-                                    float(bn.eps) / (rec.fx * rec.fx), torch.backends.cudnn.enabled)
         return _native_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), float(fx), float(fo), float(go),
                                   float(gx))
     return _apply_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), (float(fx), float(fo)),
@@ -776,113 +754,6 @@ def _native_batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor
     _stats_back(rm, rv, rmt, rvt, fx)
     after()
     return out
-
-
-class _Prepared:
-    """What :func:`step_begin` made for one fused op of a forward, before the forward's first kernel: the
-    weight and bias the op reads (copies with their factors, or views whose gradients a hook scales), the
-    running-statistics copies of a batch norm, and what :func:`step_end` runs once the op has run."""
-
-    __slots__ = ("w", "b", "src", "versions", "after", "stats", "fx", "gx", "used")
-
-    def __init__(self, w: Tensor, b: Tensor | None, src: tuple, after: Any = None, stats: tuple = (),
-                 fx: float = 1.0, gx: float | None = None) -> None:
-        self.w, self.b, self.src, self.after, self.stats, self.fx, self.gx = w, b, src, after, stats, fx, gx
-        self.versions = tuple(-1 if t is None else t._version for t in src + stats[:2])
-        self.used = False
-
-    def holds(self, w: Tensor | None, b: Tensor | None) -> bool:
-        """Made from these very weight and bias, unchanged since (no in-place write in between)."""
-        src = self.src
-        return src[0] is w and src[1] is b and (w is None or w._version == self.versions[0]) \
-            and (b is None or b._version == self.versions[1])
-
-    def holds_stats(self, rm: Tensor | None, rv: Tensor | None) -> bool:
-        """Copies of these very running statistics, unchanged since."""
-        if not self.stats:
-            return rm is None and rv is None
-        return self.stats[0] is rm and self.stats[1] is rv and rm._version == self.versions[2] \
-            and rv._version == self.versions[3]
-
-    def finish(self) -> None:
-        if self.stats:
-            _stats_back(*self.stats, self.fx)
-        if self.after is not None:
-            self.after()
-
-
-def _prepare_conv(w: Tensor, b: Tensor | None, f: tuple) -> _Prepared | None:
-    """A convolution's weight and bias copies with their factors (:func:`_native_affine`); ``f``: the
-    factors ``(fw, fb, go, gx, gw, gb)`` of :func:`scaled_conv`, whose input and output forward factors are 1."""
-    fw, fb, go, gx, gw, gb = f
-    wf, bf, after = _native_affine(w, w, b, (), fw, fb, gx * go * fw, gw * go, gb * go)
-    return _Prepared(wf, bf, (w, b), after)  # type: ignore[arg-type]
-
-
-def _prepare_hooks(w: Tensor, b: Tensor | None, f: tuple) -> _Prepared | None:
-    """Views of a convolution's weight and bias whose gradients a hook multiplies (``f``: ``(gx, gw, gb)``;
-    the op makes the input's view)."""
-    gx, gw, gb = f
-    return _Prepared(_grad_scaled(w, gw), None if b is None else _grad_scaled(b, gb), (w, b), gx=gx)
-
-
-def _prepare_batch_norm(bn: torch.nn.Module, _: Any, f: tuple) -> _Prepared | None:
-    """A training batch norm's gain and bias copies and running-statistics copies (:func:`_native_batch_norm`);
-    ``f``: ``(fx, fo, go, gx)`` of :func:`scaled_batch_norm`. None where the call would not take that path."""
-    fx, fo, go, gx = f
-    buffers, params = bn._buffers, bn._parameters
-    rm, rv = buffers.get("running_mean"), buffers.get("running_var")
-    w, b = params.get("weight"), params.get("bias")
-    if not bn.training or type(bn).forward is not _BN_FORWARD or not fx > 0 or w is None \
-            or (rm is None) != (rv is None):
-        return None
-    if not (bn.track_running_stats and rm is not None):
-        rm = rv = None
-    wf, bf, after = _native_affine(w, w, b, (w.shape[0],), fo, fo, go * gx / fx, go, go)
-    rmt, rvt = _stats_copies(rm, rv, fx)
-    return _Prepared(wf, bf, (w, b), after, () if rm is None else (rm, rv, rmt, rvt), fx)  # type: ignore[arg-type]
-
-
-#: the kinds of site :func:`step_begin` prepares, by the name the generated code gives
-_PREPARE = {"conv": _prepare_conv, "conv_hooks": _prepare_hooks, "batch_norm": _prepare_batch_norm}
-
-
-def step_begin(*sites: tuple) -> list | None:
-    """The prologue of a forward's generated code: every fused op's per-step preparation, made before the
-    first kernel (one after another, on warm caches, instead of each right before its op).
-
-    ``sites``: ``(kind, module or weight, bias, factors)`` for each prepared op, in the order of the
-    ``site`` numbers the ops are given. The preparation is what the op itself would make on its native
-    path (:func:`_native_conv`, :func:`_native_batch_norm`, the hooks of :func:`scaled_conv`): the same
-    tensors from the same factors, so the results are the same bit for bit. Each op checks, when it runs,
-    that its record still holds (the same parameters and buffers, not written in place since; the same
-    mode) and otherwise makes its own. :func:`step_end` finishes what the ops used.
-
-    None (nothing prepared) where the fused ops take no native path: gradients off, compiling, a
-    ``functorch`` transform, saved-tensor hooks (checkpointing), autocast, tensors other than plain float32 /
-    float64 ones.
-    """
-    if not torch.is_grad_enabled() or not _native_ok():
-        return None
-    out: list = []
-    for kind, w, b, f in sites:
-        t = w.weight if kind == "batch_norm" else w
-        if t is None or not _native_ok(t, b) or torch.is_autocast_enabled(t.device.type):
-            out.append(None)
-        else:
-            out.append(_PREPARE[kind](w, b, f))
-    return out
-
-
-def step_end(step: list | None) -> None:
-    """The epilogue of a forward's generated code: for each record of :func:`step_begin` an op used, what
-    the op would have run right after its kernel (backward factors set through what autograd saved, a batch
-    norm's running statistics written back), after the last kernel."""
-    if step is None:
-        return
-    for rec in step:
-        if rec is not None and rec.used:
-            rec.finish()
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:

@@ -36,7 +36,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..scale import (_BN_FORWARD, _pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
-                     scaled_layer_norm, scaled_linear, step_begin, step_end)
+                     scaled_layer_norm, scaled_linear)
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
@@ -693,97 +693,6 @@ def fuse_ops(graph: fx.Graph) -> int:
     return fused
 
 
-#: calls that run a backward: a forward holding one gets no prologue (:func:`prepare_steps`; its backward
-#: would read backward factors that the epilogue sets only at the end of the forward)
-_BACKWARD_CALLS = frozenset([torch.autograd.grad, torch.autograd.backward])
-
-
-def _numel(n: Any) -> Optional[int]:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v.numel() if isinstance(v, torch.Tensor) and not isinstance(v.numel(), torch.SymInt) else None
-
-
-def _conv_site(n: fx.Node) -> Optional[tuple]:
-    """The prologue's site for a ``scaled_conv`` node (:func:`~unit_scale_fx.scale.step_begin`), or None:
-    what :func:`~unit_scale_fx.scale.scaled_conv` makes on its native paths. Views with gradient hooks
-    where only gradients have factors and the input gradient has none or is not needed (the model's input);
-    otherwise a weight copy with every factor where the input's and output's forward factors are 1 and the
-    input gradient has one (and the weight is not larger than the input, where the shapes are known)."""
-    x, w, b = n.args[:3]
-    if not isinstance(w, fx.Node) or w.op != "get_attr" or not (b is None or isinstance(b, fx.Node)
-                                                                and b.op == "get_attr"):
-        return None
-    kw = n.kwargs
-    (fx_, gx), (fw, gw), (fb, gb), (fo, go) = (_pair(kw.get(k, (1.0, 1.0))) for k in
-                                              ("x_scale", "weight_scale", "bias_scale", "out_scale"))
-    if (fx_, fw, fb, fo, go) == (1.0,) * 5 and (gx, gw, gb) != (1.0,) * 3 \
-            and (gx == 1.0 or isinstance(x, fx.Node) and x.op == "placeholder"):
-        return ("conv_hooks", w, b, (float(gx), float(gw), float(gb)))
-    nw, nx = _numel(w), _numel(x)
-    if (fx_, fo) == (1.0, 1.0) and gx * go != 1.0 and (nw is None or nx is None or nw <= nx):
-        return ("conv", w, b, tuple(float(f) for f in (fw, fb, go, gx, gw, gb)))
-    return None
-
-
-def prepare_steps(graph: fx.Graph) -> int:
-    """A prologue and an epilogue around the fused ops of the code that runs (:func:`_FusedMixin`):
-    ``step_begin`` right after the inputs makes every convolution's weight copy (or gradient-scaled views)
-    and every batch norm's gain, bias and running-statistics copies, one after another; each op is given
-    its record (``step=``, ``site=``); ``step_end`` before the output sets what the ops set right after
-    their kernels (:func:`~unit_scale_fx.scale.step_begin`, :func:`~unit_scale_fx.scale.step_end`).
-    The same tensors from the same factors, so the same results bit for bit; fewer small ops between
-    large kernels. Returns the number of prepared ops.
-
-    Left alone: a batch norm that the graph calls more than once or whose running statistics it reads
-    elsewhere (each call must see the one before); a forward that runs a backward (its backward would
-    read factors the epilogue has not set yet).
-    """
-    nodes = list(graph.nodes)
-    for n in nodes:
-        if (n.op == "call_function" and n.target in _BACKWARD_CALLS) or (n.op == "call_method"
-                                                                          and n.target == "backward"):
-            return 0
-    bn_calls: dict[str, int] = {}
-    for n in nodes:
-        if n.op == "call_function" and n.target is scaled_batch_norm and n.args[0].op == "get_attr":
-            bn_calls[n.args[0].target] = bn_calls.get(n.args[0].target, 0) + 1
-    for n in nodes:  # the module called, or its statistics read, other than by one fused batch norm
-        t = str(n.target)
-        if n.op in ("call_module", "get_attr") and not (n.op == "get_attr" and all(
-                u.op == "call_function" and u.target is scaled_batch_norm and u.args[0] is n for u in n.users)):
-            for path in list(bn_calls):
-                if t == path or t.startswith(path + "."):
-                    bn_calls[path] = 2
-    sites: list[tuple[fx.Node, tuple]] = []
-    for n in nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is scaled_conv:
-            site = _conv_site(n)
-        elif n.target is scaled_batch_norm and bn_calls.get(str(n.args[0].target)) == 1:
-            (fx_, gx), (fo, go) = _pair(n.kwargs.get("x_scale", (1.0, 1.0))), _pair(n.kwargs.get("out_scale",
-                                                                                                  (1.0, 1.0)))
-            site = ("batch_norm", n.args[0], None, tuple(float(f) for f in (fx_, fo, go, gx)))
-        else:
-            continue
-        if site is not None:
-            sites.append((n, site))
-    if not sites:
-        return 0
-    first = next(n for n in nodes if n.op != "placeholder")
-    specs = []
-    with graph.inserting_before(first):
-        for _, (kind, w, b, f) in sites:
-            specs.append((kind, graph.get_attr(w.target), None if b is None else graph.get_attr(b.target), f))
-        step = graph.call_function(step_begin, tuple(specs))
-    for i, (n, _) in enumerate(sites):
-        n.kwargs = {**n.kwargs, "step": step, "site": i}
-    out = next(n for n in reversed(nodes) if n.op == "output")
-    with graph.inserting_before(out):
-        graph.call_function(step_end, (step,))
-    return len(sites)
-
-
 class _FusedMixin:
     """Generates a graph's code with linears, layer norms and attention fused with their scales (:func:`fuse_ops`).
 
@@ -799,7 +708,6 @@ class _FusedMixin:
         new_out = fused.output(out, type_expr=out_node.type)
         new_out.meta = out_node.meta
         fuse_ops(fused)
-        prepare_steps(fused)
         for node in fused.nodes:  # names from the namespace of this code, as Graph.python_code does
             node._repr_fn = lambda n: namespace.create_name(n.name, n)
         return super()._gen_python_code(fused.nodes, root_module, namespace, **kwargs)  # type: ignore[misc]
