@@ -8,6 +8,7 @@ its logits at unit RMS.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,12 +34,38 @@ def _reduction(op: OpView, pos: int, aten_pos: int) -> str:
     return r if isinstance(r, str) else "mean"
 
 
+@functools.lru_cache(maxsize=1024)
+def softmax_grad_rms(v: int, r: float) -> float:
+    """RMS over the ``v`` entries of ``softmax(z) - onehot(t)`` (a row of cross-entropy's gradient), for logits
+    ``z ~ N(0, r^2)`` and a target independent of them: ``sqrt((E[sum p^2] - 2 / v + 1) / v)``.
+
+    For few classes ``E[sum p^2]`` is averaged over 4096 draws of a fixed generator (exact for the
+    expectation up to about 1%); for more than 64 it is ``exp(r^2) / v`` (the sum's terms are nearly
+    independent), whose error moves the result by well under 1%. Near ``sqrt(v - 1) / v`` for small
+    logits: ``1 / sqrt(v)`` for many classes, ``1 / 2`` (not ``1 / sqrt 2``) for two."""
+    if v <= 1:
+        return 0.0
+    if v > 64:
+        sq = min(1.0, math.exp(r * r) / v)
+    else:
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(4096, v, generator=g, dtype=torch.float64) * r
+        sq = float(torch.softmax(z, dim=1).pow(2).sum(1).mean())
+    return math.sqrt(max(sq - 2.0 / v + 1.0, 0.0) / v)
+
+
 @register(F.cross_entropy, aten("cross_entropy_loss"))
 class CrossEntropyRule(Rule):
-    """Gradient of mean cross-entropy into logits has RMS ``1 / (N sqrt(V))``."""
+    """Gradient of mean cross-entropy into logits: ``(softmax(z) - onehot(t)) / N``, RMS
+    :func:`softmax_grad_rms` ``/ N`` (about ``1 / (N sqrt(V))`` for many classes; a binary head's is
+    ``sqrt 2`` times smaller than that). (Class weights, ignored targets and label smoothing are not counted.)"""
 
     name = "cross_entropy"
     kind = Kind.LOSS
+
+    def row_rms(self, vocab: int, r: float) -> float:
+        """RMS of one row of the gradient into the input (before the division by the rows averaged)."""
+        return softmax_grad_rms(vocab, round(r, 3))
 
     def scales(self, op: OpView) -> Scales:
         x = op.arg(0, "input")
@@ -48,7 +75,10 @@ class CrossEntropyRule(Rule):
         vocab = xs[1] if len(xs) > 1 else xs[0]
         rows = max(1, math.prod(xs) // vocab)
         red = _reduction(op, 6, 3)
-        gain = 1.0 / (math.sqrt(vocab) * (rows if red == "mean" else 1))
+        row = self.row_rms(vocab, op.rms(x))
+        if not row > 0:
+            return Scales(fwd=1.0, fixed_fwd=True, out_rms=None, note=f"V={vocab}: no gradient")
+        gain = row / (rows if red == "mean" else 1)
         s = Scales(fwd=1.0, fixed_fwd=True, out_rms=None, note=f"V={vocab} N={rows} reduction={red}")
         s.bwd[x], s.grad_gain[x] = 1.0 / gain, gain
         return s
@@ -57,10 +87,13 @@ class CrossEntropyRule(Rule):
 @register(F.nll_loss, aten("nll_loss"), aten("nll_loss_nd"), aten("nll_loss2d"))
 class NLLLossRule(CrossEntropyRule):
     """Gradient of the mean negative log-likelihood into the log-probabilities: ``-1 / N`` at each row's
-    target, 0 elsewhere, so RMS ``1 / (N sqrt(V))``, as cross-entropy's into its logits. (Class weights and
-    ignored targets change ``N``; the plan counts every row, unweighted.)"""
+    target, 0 elsewhere, so RMS ``1 / (N sqrt(V))`` exactly. (Class weights and ignored targets change
+    ``N``; the plan counts every row, unweighted.)"""
 
     name = "nll_loss"
+
+    def row_rms(self, vocab: int, r: float) -> float:
+        return 1.0 / math.sqrt(vocab)
 
 
 @register(F.log_softmax, torch.log_softmax, tensor_method("log_softmax"), aten("log_softmax", "int"),
