@@ -5,7 +5,7 @@
 
 * **losses** (rule kind ``"loss"``): the loss value is a sum over every token,
   and in a unit-scaled graph the gradient that enters the loss is multiplied by
-  ``N·sqrt(V)`` (tokens times vocabulary) so that the logits' gradient is unit.
+  about ``N·sqrt(V)`` (tokens times vocabulary) so that the logits' gradient is unit.
   That scalar overflows float16 (max 65504) from about 8k tokens of a 64-symbol
   vocabulary on; in float32 it cannot. The loss's output stays float32.
 * **norms** (``"norm"``): mean and variance are sums over the normalised dims;
