@@ -46,7 +46,7 @@ def softmax_grad_rms(v: int, r: float) -> float:
     if v <= 1:
         return 0.0
     if v > 64:
-        sq = min(1.0, math.exp(r * r) / v)
+        sq = 1.0 if r * r >= math.log(v) else math.exp(r * r) / v  # (no overflow for large logits)
     else:
         g = torch.Generator().manual_seed(0)
         z = torch.randn(4096, v, generator=g, dtype=torch.float64) * r
@@ -57,8 +57,9 @@ def softmax_grad_rms(v: int, r: float) -> float:
 @register(F.cross_entropy, aten("cross_entropy_loss"))
 class CrossEntropyRule(Rule):
     """Gradient of mean cross-entropy into logits: ``(softmax(z) - onehot(t)) / N``, RMS
-    :func:`softmax_grad_rms` ``/ N`` (about ``1 / (N sqrt(V))`` for many classes; a binary head's is
-    ``sqrt 2`` times smaller than that). (Class weights, ignored targets and label smoothing are not counted.)"""
+    :func:`softmax_grad_rms` ``/ N`` (about ``1 / (N sqrt(V))`` for many classes; a binary head's is 1.25
+    times smaller than that for unit logits, ``sqrt 2`` times for small ones). (Class weights, ignored
+    targets and label smoothing are not counted.)"""
 
     name = "cross_entropy"
     kind = Kind.LOSS
