@@ -170,6 +170,43 @@ def test_log_softmax_classifier_has_unit_operands_forward_and_backward(measure):
     assert not bad, bad
 
 
+class UnscaledScoresAttention(nn.Module):
+    """Attention written out, its scores ``q k^T`` not divided by ``sqrt(d)`` (GPT-Neo's), so that the
+    softmax is sharp: a linear model of it, mean-pooled, into a regression loss."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (h.reshape(b, t, self.heads, -1).transpose(1, 2) for h in self.qkv(x).chunk(3, dim=-1))
+        p = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return F.mse_loss(self.out((p @ v).transpose(1, 2).reshape(b, t, d)), y)
+
+
+def test_a_sharp_softmax_sends_back_what_its_rule_predicts_under_analytic_planning():
+    """A softmax's input gradient is ``p * (g - sum(p g))``: as large as its output for a diffuse softmax,
+    near 0 for a sharp one. The rule took it as the output's RMS, so for scores of RMS 4 over 16 keys it
+    predicted 0.25 (its closed form for the output) where it is 0.078 and the output 0.19
+    (``rules/attention.py::softmax_gains``), and under analytic planning
+    the scores' gradient came out at 0.39 in this model (GPT-Neo: 59% of backward operands in [1/2, 2],
+    ``benchmarks/model_families.py --extra --families gpt_neo``). Every operand in [1/2, 2] now, forward
+    and backward, planned from shapes alone."""
+    from unit_scale_fx.rules.attention import softmax_gains
+
+    out, grad = softmax_gains(4.0, 16)
+    assert 0.17 < out < 0.21 and 0.07 < grad < 0.09
+    g = torch.Generator().manual_seed(0)
+    batch = lambda: (torch.randn(4, 16, 64, generator=g), torch.randn(4, 16, 64, generator=g))  # noqa: E731
+    us = unit_scale(UnscaledScoresAttention(), batch(), measure=False)
+    _, records = recorded_step(us, *batch())
+    assert {r.phase for r in records} == {"fwd", "bwd"}
+    bad = [(r.op, r.phase, r.role, round(r.rms, 3)) for r in records if not 0.5 <= r.rms <= 2.0]
+    assert not bad, bad
+
+
 def test_pointwise_scales_come_from_quadrature_not_a_table():
     from unit_scale_fx.rules.pointwise import gaussian_moments
 
