@@ -29,10 +29,15 @@ def softmax_gains(logit_std: float, n: int) -> tuple[float, float]:
     over rows drawn from a fixed generator (4096, fewer for long rows). The gradient's gain is the output's RMS
     for a diffuse softmax and falls to 0 for a sharp one (a one-hot row sends nothing back): for logits of
     standard deviation 4 over 16 entries (attention without the ``1 / sqrt(d)``, GPT-Neo's), 0.078 against
-    an output RMS of 0.19."""
+    an output RMS of 0.19. Over more than 2**20 entries (no draws of that size), ``sum p^2 ~ exp(s^2) / n``
+    (at most 1) and ``sum p^3 ~ (sum p^2)^2``."""
     if n <= 1:
         return 1.0, 0.0
-    rows = max(64, min(4096, (1 << 21) // n))
+    if n > 1 << 20:
+        s2 = min(1.0, math.exp(min(logit_std, 6.0) ** 2) / n)
+        out = math.sqrt(s2 / n)
+        return out, out * math.sqrt(1.0 - s2)
+    rows = max(8, min(4096, (1 << 20) // n))
     gen = torch.Generator().manual_seed(1234)
     z = torch.randn(rows, n, generator=gen, dtype=torch.float64) * min(logit_std, 30.0)
     p = torch.softmax(z, dim=1)
@@ -59,8 +64,11 @@ class SoftmaxRule(Rule):
         dim = op.arg(1, "dim", -1)
         if shape is None or not isinstance(dim, int):
             return Scales(note="softmax dim unknown")
-        n = shape[dim]
-        out_rms, grad = softmax_gains(round(op.rms(x), 3), n)
+        try:
+            n = int(shape[dim])
+        except (TypeError, ValueError, IndexError):  # a symbolic size: no number to plan with
+            return Scales(note="softmax size unknown")
+        out_rms, grad = softmax_gains(round(op.rms(x), 2), n)
         a = 1.0 / out_rms
         # a row's gradient vanishes only for one entry (the output is then 1): no factor to give it
         b = 1.0 / grad if grad > 1e-6 * out_rms else a
