@@ -8,7 +8,8 @@ library defaults) and unit-scaled twice on the same batch: with analytic plannin
 and with the default (measured) planning. Printed:
 
 1. every planned node whose forward scale or one of whose backward scales differs between the two plans by
-   more than ``--min-ratio`` (in graph order): rule, op, forward scales, backward scales per input;
+   more than ``--min-ratio`` (in graph order): rule, forward scales, backward scales per input, and a
+   residual add's input weights;
 2. for the first ``--grads`` backward matmul operands (aten level, as ``model_families.py`` records them, on
    another batch), the RMS under each plan. The first operand that leaves [1/2, 2] under analytic planning,
    and the nodes of (1) just above it, are where to look.
@@ -67,7 +68,10 @@ def main() -> None:
         if worst <= args.min_ratio:
             continue
         bwd = ", ".join(f"{k}: {v:.3g} / {q.bwd.get(k, float('nan')):.3g}" for k, v in r.bwd.items())
-        print(f"  {name:24s} {r.rule:12s} fwd {r.fwd:.3g} / {q.fwd:.3g}   bwd {bwd}")
+        weights = ", ".join(f"{k}: {v:.3g} / {(q.weights or {}).get(k, float('nan')):.3g}"
+                            for k, v in (r.weights or {}).items())
+        print(f"  {name:24s} {r.rule:12s} fwd {r.fwd:.3g} / {q.fwd:.3g}   bwd {bwd}"
+              + (f"   input weights {weights}" if weights else ""))
     test_args, test_kwargs = fam.batch(1)
     grads = []
     for m in (analytic, measured):
