@@ -1,9 +1,11 @@
 """Softmax and scaled-dot-product attention.
 
 For logits with standard deviation ``s`` over ``n`` entries, softmax weights have
-``sum(w^2) ~= exp(s^2) / n`` (at most 1); attention outputs are such weighted
+roughly ``sum(w^2) ~= exp(s^2) / n`` (at most 1); attention outputs are such weighted
 averages of values, so their RMS is ``RMS(v) * sqrt(sum(w^2))`` averaged over
-query rows (rows of a causal mask see ``i + 1`` keys).
+query rows (rows of a causal mask see ``i + 1`` keys). That closed form is off for
+sharp weights, so both rules here average over draws of Gaussian logits instead
+(:func:`softmax_gains`, :func:`attention_gains`), which also give the gradients.
 """
 
 from __future__ import annotations
