@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import warnings
 
 import torch
 
+from model_families import EXTRA_FAMILIES, FAMILIES, record  # the families and the recorder of that table
 from unit_scale_fx import unit_scale
-from unit_scale_fx.analysis.recorder import MatmulRecorder
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from fixtures.families import EXTRA_FAMILIES, FAMILIES  # noqa: E402  (test-only model builders)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -75,13 +70,8 @@ def main() -> None:
     test_args, test_kwargs = fam.batch(1)
     grads = []
     for m in (analytic, measured):
-        rec = MatmulRecorder()
-        with rec:
-            loss = fam.loss(m(*test_args, **test_kwargs))
-            rec.backward()
-            loss.backward()
+        grads.append([r for r in record(m, fam, test_args, test_kwargs) if r.phase == "bwd"])
         m.zero_grad(set_to_none=True)
-        grads.append([r for r in rec.records if r.phase == "bwd"])
     print(f"\nthe first {args.grads} backward matmul operands (gradients), RMS: analytic / measured")
     for a, b in list(zip(*grads))[:args.grads]:
         flag = "" if 0.5 <= a.rms <= 2.0 else "   <- outside [1/2, 2]"

@@ -8,7 +8,6 @@ its logits at unit RMS.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .attention import softmax_gains
 from .registry import Kind, OpView, Rule, Scales, aten, register, tensor_method
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's integer encoding
@@ -34,23 +34,15 @@ def _reduction(op: OpView, pos: int, aten_pos: int) -> str:
     return r if isinstance(r, str) else "mean"
 
 
-@functools.lru_cache(maxsize=1024)
 def softmax_grad_rms(v: int, r: float) -> float:
     """RMS over the ``v`` entries of ``softmax(z) - onehot(t)`` (a row of cross-entropy's gradient), for logits
-    ``z ~ N(0, r^2)`` and a target independent of them: ``sqrt((E[sum p^2] - 2 / v + 1) / v)``.
-
-    For few classes ``E[sum p^2]`` is averaged over 4096 draws of a fixed generator (exact for the
-    expectation up to about 1%); for more than 64 it is ``exp(r^2) / v`` (the sum's terms are nearly
-    independent), whose error moves the result by well under 1%. Near ``sqrt(v - 1) / v`` for small
-    logits: ``1 / sqrt(v)`` for many classes, ``1 / 2`` (not ``1 / sqrt 2``) for two."""
+    ``z ~ N(0, r^2)`` and a target independent of them: ``sqrt((E[sum p^2] - 2 / v + 1) / v)``, with
+    ``E[sum p^2]`` from :func:`~unit_scale_fx.rules.attention.softmax_gains` (``v`` times its output's mean
+    square; cached). Near ``sqrt(v - 1) / v`` for small logits: ``1 / sqrt(v)`` for many classes, ``1 / 2``
+    (not ``1 / sqrt 2``) for two."""
     if v <= 1:
         return 0.0
-    if v > 64:
-        sq = 1.0 if r * r >= math.log(v) else math.exp(r * r) / v  # (no overflow for large logits)
-    else:
-        g = torch.Generator().manual_seed(0)
-        z = torch.randn(4096, v, generator=g, dtype=torch.float64) * r
-        sq = float(torch.softmax(z, dim=1).pow(2).sum(1).mean())
+    sq = softmax_gains(r, v)[0] ** 2 * v
     return math.sqrt(max(sq - 2.0 / v + 1.0, 0.0) / v)
 
 
@@ -66,7 +58,7 @@ class CrossEntropyRule(Rule):
 
     def row_rms(self, vocab: int, r: float) -> float:
         """RMS of one row of the gradient into the input (before the division by the rows averaged)."""
-        return softmax_grad_rms(vocab, round(r, 3))
+        return softmax_grad_rms(vocab, round(r, 2))  # as the softmax rule rounds: one cache
 
     def scales(self, op: OpView) -> Scales:
         x = op.arg(0, "input")
