@@ -91,7 +91,7 @@ def test_op_is_unit_scaled(name, measure):
 
 
 LOSSES = ["cross_entropy", "mse_loss", "nll_log_softmax", "nll_log_softmax_2d", "l1_loss", "smooth_l1_loss",
-          "smooth_l1_loss_beta", "huber_loss", "bce_with_logits", "kl_div", "cross_entropy_sum_div", "mse_sum_div"]
+          "smooth_l1_loss_beta", "huber_loss", "bce_with_logits", "bce", "bce_of_sigmoid", "kl_div", "cross_entropy_sum_div", "mse_sum_div"]
 
 
 @pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])
@@ -101,14 +101,17 @@ def test_loss_value_kept_and_gradient_unit(loss, measure):
     a negative log-likelihood of ``log_softmax`` (PyTorch's classifier examples), whose log-probabilities
     keep their values too; ``_2d``: per pixel (``(N, C, H, W)``, ``nll_loss2d``). ``_sum_div``: a summed
     loss divided by the number of items (transformers' loss with ``num_items_in_batch``; ``kl_div``'s
-    ``batchmean`` exports so as well), whose gradient arrives divided."""
+    ``batchmean`` exports so as well), whose gradient arrives divided. ``bce``: binary cross-entropy of
+    probabilities (uniform in [0.1, 0.9]); ``bce_of_sigmoid``: of a sigmoid's output, the gradient checked
+    into the logits."""
     fns = {"cross_entropy": F.cross_entropy, "mse_loss": F.mse_loss,
            "nll_log_softmax": lambda x, t: F.nll_loss(F.log_softmax(x, dim=1), t)}
     fns["nll_log_softmax_2d"] = fns["nll_log_softmax"]
     fns.update(l1_loss=F.l1_loss, smooth_l1_loss=F.smooth_l1_loss,
                huber_loss=lambda x, t: F.huber_loss(x, t, delta=2.0),
                smooth_l1_loss_beta=lambda x, t: F.smooth_l1_loss(x, t, beta=0.3),
-               bce_with_logits=F.binary_cross_entropy_with_logits,
+               bce_with_logits=F.binary_cross_entropy_with_logits, bce=F.binary_cross_entropy,
+               bce_of_sigmoid=lambda x, t: F.binary_cross_entropy(torch.sigmoid(x), t),
                kl_div=lambda x, t: F.kl_div(x, t, reduction="batchmean"),
                cross_entropy_sum_div=lambda x, t: F.cross_entropy(x, t, reduction="sum") / 64,
                mse_sum_div=lambda x, t: F.mse_loss(x, t, reduction="sum") / 64)
@@ -118,6 +121,8 @@ def test_loss_value_kept_and_gradient_unit(loss, measure):
              "nll_log_softmax": lambda: (torch.randn(64, 50), torch.randint(0, 50, (64,))),
              "nll_log_softmax_2d": lambda: (torch.randn(4, 10, 6, 6), torch.randint(0, 10, (4, 6, 6))),
              "bce_with_logits": lambda: (torch.randn(64, 10), torch.randint(0, 2, (64, 10)).float()),
+             "bce": lambda: (torch.rand(64, 10) * 0.8 + 0.1, torch.randint(0, 2, (64, 10)).float()),
+             "bce_of_sigmoid": lambda: (torch.randn(64, 10), torch.randint(0, 2, (64, 10)).float()),
              "kl_div": lambda: (torch.randn(64, 10).log_softmax(1), torch.randn(64, 10).softmax(1)),
              "cross_entropy_sum_div": lambda: (torch.randn(64, 50), torch.randint(0, 50, (64,))), "mse_sum_div": pair}
     fn, make = fns[loss], makes[loss]

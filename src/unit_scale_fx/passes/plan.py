@@ -233,14 +233,20 @@ def _leaves(x: object) -> list:
 
 
 def _keep_value(s: Scales, rule: object) -> None:
-    """An op in the loss cone: forward scale 1; a sum of losses passes each its gradient unchanged."""
+    """An op in the loss cone: forward scale 1; a sum of losses passes each its gradient unchanged. The
+    output's predicted RMS is the rule's without its forward scale (which multiplies the output), so that
+    the ops after it in the cone read what the kept value is (a binary cross-entropy of a sigmoid's
+    probabilities: their RMS, about 0.54, not 1); unknown for a weighted add, whose weights are dropped."""
+    raw = None
+    if s.weights is None and s.out_rms is not None and s.fwd and math.isfinite(s.fwd) and s.fwd > 0:
+        raw = s.out_rms / s.fwd
     if s.weights is not None:
         s.weights = None
     if getattr(rule, "kind", "") == Kind.ADD:
         s.bwd = {n: 1.0 for n in s.bwd}
         s.grad_gain = {n: 1.0 for n in s.bwd}
     s.fwd, s.fixed_fwd, s.calibrate, s.calibrate_bwd = 1.0, True, False, False
-    s.out_rms = None
+    s.out_rms = raw
     s.note = (s.note + "; " if s.note else "") + "computes a loss: forward value kept"
 
 

@@ -234,6 +234,44 @@ class BCEWithLogitsRule(ElementwiseLossRule):
         return math.sqrt(max(sig2 - mean_t + rt * rt, 1e-12))
 
 
+@register(F.binary_cross_entropy, aten("binary_cross_entropy"))
+class BCERule(ElementwiseLossRule):
+    """Binary cross-entropy of probabilities ``p``: gradient into them ``(p - t) / (p (1 - p)) / M``. Its
+    RMS is an expectation over ``p = sigmoid(z)`` for zero-mean Gaussian logits ``z`` whose spread gives
+    the RMS planning predicts for ``p`` (found by bisection; a ``p`` that is not a sigmoid's output is read
+    as one of the same RMS), with ``E[(p - t)^2] = p^2 - 2 p E[t] + E[t^2]`` for a target independent of
+    ``p`` (its moments as for :class:`BCEWithLogitsRule`). The expectation has heavy tails where ``p``
+    saturates (``1 / p`` near 0): the quadrature reads the bulk, as a batch does. (Class weights are not
+    counted.)"""
+
+    name = "binary_cross_entropy"
+    reduction_pos = (5, 3)
+
+    def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
+        from .pointwise import gaussian_moments
+
+        rp = op.rms(x)
+        rt = op.rms(t, 0.0)
+        mean_t = op.mean(t) * rt if isinstance(t, fx.Node) else rt
+        if not mean_t > 0:  # not predicted: targets in [0, 1] that are 0 or 1, so E[t] = E[t^2]
+            mean_t = rt * rt
+        lo, hi = 0.0, 8.0  # the logits' spread: RMS(sigmoid(z)) rises from 1/2 (s = 0) to sqrt(1/2)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if gaussian_moments(torch.sigmoid, std=mid)[0] < rp:
+                lo = mid
+            else:
+                hi = mid
+        s = (lo + hi) / 2
+
+        def derivative(z: torch.Tensor) -> torch.Tensor:
+            p = torch.sigmoid(z)
+            num = (p * p - 2 * p * mean_t + rt * rt).clamp_min(1e-30)
+            return num.sqrt() / (p * (1 - p)).clamp_min(1e-12)
+
+        return gaussian_moments(derivative, std=s)[0]
+
+
 @register(F.kl_div, aten("kl_div"))
 class KLDivRule(ElementwiseLossRule):
     """``KL(t || exp(x))`` of log-probabilities ``x``: gradient into them ``-t / M`` (``-exp(t) / M`` for
