@@ -91,7 +91,8 @@ def test_op_is_unit_scaled(name, measure):
 
 
 LOSSES = ["cross_entropy", "mse_loss", "nll_log_softmax", "nll_log_softmax_2d", "l1_loss", "smooth_l1_loss",
-          "smooth_l1_loss_beta", "huber_loss", "bce_with_logits", "bce", "bce_of_sigmoid", "kl_div", "cross_entropy_sum_div", "mse_sum_div"]
+          "smooth_l1_loss_beta", "huber_loss", "bce_with_logits", "bce", "bce_of_sigmoid", "kl_div",
+          "cross_entropy_sum_div", "mse_sum_div"]
 
 
 @pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])

@@ -241,8 +241,9 @@ class BCERule(ElementwiseLossRule):
     the RMS planning predicts for ``p`` (found by bisection; a ``p`` that is not a sigmoid's output is read
     as one of the same RMS), with ``E[(p - t)^2] = p^2 - 2 p E[t] + E[t^2]`` for a target independent of
     ``p`` (its moments as for :class:`BCEWithLogitsRule`). The expectation has heavy tails where ``p``
-    saturates (``1 / p`` near 0): the quadrature reads the bulk, as a batch does. (Class weights are not
-    counted.)"""
+    saturates (``1 / p`` near 0, growing as ``exp(|z|)``): the logits are read within three standard
+    deviations (beyond, the value at three), the bulk a batch's RMS shows, so that saturated
+    probabilities do not make the factor vanish. (Class weights are not counted.)"""
 
     name = "binary_cross_entropy"
     reduction_pos = (5, 3)
@@ -265,7 +266,7 @@ class BCERule(ElementwiseLossRule):
         s = (lo + hi) / 2
 
         def derivative(z: torch.Tensor) -> torch.Tensor:
-            p = torch.sigmoid(z)
+            p = torch.sigmoid(z.clamp(-3 * s, 3 * s))
             num = (p * p - 2 * p * mean_t + rt * rt).clamp_min(1e-30)
             return num.sqrt() / (p * (1 - p)).clamp_min(1e-12)
 
