@@ -3,7 +3,8 @@
     python benchmarks/coverage.py [--out benchmarks/results/coverage.md]
 
 Treatments: *analytic* (a rule derives the scales from shapes and input RMS),
-*scale-preserving* (views, copies, selections: no scale needed), *fused* (a
+*scale-preserving* (views, copies, selections: no scale needed), *measured* (a rule whose backward factors
+are measured on the example batch: recurrent layers), *fused* (a
 single-input subgraph of several ops, measured as one function on a Gaussian
 probe), *calibrated* (any other floating-point op, when ``calibrate=True``:
 measured on the sample batch; otherwise it is left unscaled and reported).
@@ -21,6 +22,8 @@ from unit_scale_fx.rules.registry import registered_targets, target_name
 
 
 def treatment(rule) -> str:
+    if getattr(rule, "measured", False):
+        return "measured (gradient gains on the example batch)"
     return "scale-preserving" if rule.preserves_scale else "analytic"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -100,6 +101,8 @@ class _Planner:
         self.loss_cone = loss_cone(gm, ctx.param_inputs)
         self.counts: dict[fx.Node, float] = {}  # RMS of integer tensors (measured planning only)
         self.logit_matmuls = logit_matmuls(gm)
+        #: planning on real inputs (:class:`_MeasuringPlanner`): rules whose factors are measured may run
+        self.measuring = False
 
     def source_rms(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -150,6 +153,12 @@ class _Planner:
                       context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs},
                       in_mean={i: self.mean.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
+        if s.measured_only and not self.measuring:
+            reason = "its scales are measured: plan with example inputs and measure=True (the default)"
+            self.ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>", reason=reason))
+            node.meta[META_KEY] = ScaleRecord("unsupported", Kind.UNSUPPORTED, op_name, _shape(node),
+                                              fwd_rms=passthrough, note="left unscaled: " + reason)
+            return None
         if node in self.loss_cone:
             _keep_value(s, rule)
         if self.cfg.round_scales is not None and s.weights is not None:  # round_scales: the add runs rounded
@@ -262,6 +271,7 @@ class _MeasuringPlanner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, planner: _Planner) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.planner = planner
+        planner.measuring = True
         self.stats = planner.ctx.stats or LOCAL  # local, or summed over the ranks of a process group
 
     def run_node(self, n: fx.Node):
@@ -316,9 +326,15 @@ class _MeasuringPlanner(fx.Interpreter):
         return value
 
     def _measure_grad_gain(self, n: fx.Node, s: Scales) -> None:
-        """``RMS(J^T g)`` at the real input of a one-input op, for a seeded unit Gaussian ``g``."""
+        """``RMS(J^T g)`` at the real input of a one-input op, for a seeded unit Gaussian ``g``; for an op of
+        several inputs or a tuple result whose rule is measured only (a recurrent layer),
+        :meth:`_measure_grad_gains`."""
         inputs = float_tensor_inputs(n)
-        if len(inputs) != 1 or not isinstance(self.env.get(inputs[0]), torch.Tensor):
+        if len(inputs) != 1 or isinstance(n.meta.get("val"), (tuple, list)):
+            if s.measured_only:
+                self._measure_grad_gains(n, s, inputs)
+            return
+        if not isinstance(self.env.get(inputs[0]), torch.Tensor):
             return
         (x,) = inputs
         xi = self.env[x].detach().requires_grad_(True)
@@ -334,6 +350,36 @@ class _MeasuringPlanner(fx.Interpreter):
         if d is not None and d > 0 and math.isfinite(d):
             s.bwd[x], s.grad_gain[x] = 1.0 / d, d
             s.note += f"; gradient gain measured on the example batch ({d:.4g})"
+
+    def _measure_grad_gains(self, n: fx.Node, s: Scales, inputs: list[fx.Node]) -> None:
+        """``RMS(J_i^T g)`` for every floating-point input ``i`` at the real inputs, with seeded unit Gaussian
+        ``g`` on each floating-point output that is read (a tuple's pieces read by ``getitem``; the others
+        get no gradient, as in training). An input whose gradient is zero or missing keeps its factor."""
+        env = {x: self.env[x] for x in inputs if isinstance(self.env.get(x), torch.Tensor)}
+        if not env:
+            return
+        leaves = {x: v.detach().requires_grad_(True) for x, v in env.items()}
+        swap = {id(v): leaves[x] for x, v in env.items()}
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda a: swap.get(id(a), a) if isinstance(a, torch.Tensor) else a, (args, kwargs))
+        read = {u.args[1] for u in n.users if u.target is operator.getitem and u.users and len(u.args) > 1}
+        gen = torch.Generator().manual_seed(1234)
+        with torch.enable_grad():
+            y = getattr(self, n.op)(n.target, args, kwargs)
+            outs = list(enumerate(y)) if isinstance(y, (tuple, list)) else [(None, y)]
+            pairs = [(t, torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)) for i, t in outs
+                     if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()
+                     and (i is None or i in read)]
+            if not pairs:
+                return
+            grads = torch.autograd.grad([t for t, _ in pairs], list(leaves.values()), [g for _, g in pairs],
+                                        allow_unused=True)
+        for x, dx in zip(leaves, grads):
+            d = self.stats.rms(dx) if dx is not None else None
+            if d is not None and d > 0 and math.isfinite(d):
+                s.bwd[x], s.grad_gain[x] = 1.0 / d, d
+        s.note += "; gradient gains measured on the example batch"
 
 
 @declare('plan', needs=('topology', 'init_kinds'), produces=('scales',))

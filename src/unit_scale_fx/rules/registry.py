@@ -80,6 +80,9 @@ class Scales:
     #: when planning runs on real inputs, measure the input gradient gain too: ``RMS(J^T g)`` for a
     #: unit Gaussian ``g`` at the real input (one-input functions a Gaussian probe may not represent)
     calibrate_grad_gain: bool = False
+    #: the rule's backward factors are only known once measured (``calibrate_grad_gain``): analytic planning
+    #: leaves the op unscaled and reports it as it reports an op without a rule
+    measured_only: bool = False
     #: cross-position correlation of the output: the mean of ``x_i . x_j / |x|^2`` over distinct
     #: positions (uncentered: a mean shared by all positions counts). ``None``: the inputs' carries over.
     out_rho: Optional[float] = None
