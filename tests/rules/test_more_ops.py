@@ -61,6 +61,31 @@ CASES = {
     "conv2d": (lambda: nn.Conv2d(8, 16, 3, padding=1), lambda: (_x(4, 8, 12, 12),)),
     "conv2d_strided": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), lambda: (_x(4, 8, 12, 12),)),
     "conv2d_grouped": (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=4), lambda: (_x(4, 16, 10, 10),)),
+    # transposed (decoders, U-Nets, GANs): the adjoint of a convolution, its roles swapped
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(16, 32, 3, padding=1), lambda: (_x(B, 16, T),)),
+    "conv_transpose2d_upsample": (lambda: nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1),
+                                  lambda: (_x(4, 16, 8, 8),)),
+    "conv_transpose2d_output_padding": (lambda: nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1),
+                                        lambda: (_x(4, 8, 6, 6),)),
+    "conv_transpose2d_grouped": (lambda: nn.ConvTranspose2d(16, 16, 2, stride=2, groups=4),
+                                 lambda: (_x(4, 16, 6, 6),)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(8, 8, 2, stride=2), lambda: (_x(2, 8, 4, 4, 4),)),
+    "instance_norm_affine": (lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)),
+                             lambda: (_x(4, 8, 10, 10),)),
+    "interpolate_nearest": (lambda: Op(lambda m, x: F.interpolate(x, scale_factor=2)), lambda: (_x(4, 8, 6, 6),)),
+    "upsample_bilinear": (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), lambda: (_x(4, 8, 6, 6),)),
+    "interpolate_size_bicubic": (lambda: Op(lambda m, x: F.interpolate(x, size=(9, 15), mode="bicubic",
+                                                                       align_corners=True)),
+                                 lambda: (_x(4, 8, 6, 6),)),
+    "interpolate_linear_1d": (lambda: Op(lambda m, x: F.interpolate(x, scale_factor=3, mode="linear")),
+                              lambda: (_x(4, 8, 10),)),
+    "pixel_shuffle": (lambda: nn.PixelShuffle(2), lambda: (_x(4, 16, 6, 6),)),
+    "pixel_unshuffle": (lambda: nn.PixelUnshuffle(2), lambda: (_x(4, 4, 6, 6),)),
+    "prelu": (lambda: nn.PReLU(), lambda: (_x(B, T, 16),)),
+    "prelu_per_channel": (lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8)),
+                          lambda: (_x(4, 8, 10, 10),)),
+    "instance_norm": (lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8)),
+                      lambda: (_x(4, 8, 10, 10),)),
     "batch_norm2d": (lambda: nn.BatchNorm2d(8), lambda: (3 * _x(8, 8, 6, 6) + 1,)),
     "batch_norm1d": (lambda: nn.BatchNorm1d(D), lambda: (2 * _x(32, D),)),
     "group_norm": (lambda: nn.GroupNorm(4, 16), lambda: (3 * _x(4, 16, 8, 8),)),
@@ -125,6 +150,35 @@ def test_conv_scales_follow_fan_in_times_kernel():
     inside = (16 / 18) ** 2  # 6 wide, 3 taps, padding 1: 16 of 18 (position, tap) pairs read the input
     assert math.isclose(rec.ideal_fwd, 1 / math.sqrt(8 * 9 * inside), rel_tol=0.05)  # input RMS ~1, weight RMS 1
     assert math.isclose(rec.ideal_bwd[x_name], 1 / math.sqrt(16 * 9 * inside), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])
+def test_prelu_keeps_its_slopes_and_gives_them_unit_gradients(measure):
+    """``nn.PReLU(C)``: the slopes keep their values (they shape the function), and their gradients, each a sum
+    over the negative half of a channel's values, come out near unit (without a rule: left unscaled)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8))
+    us = unit_scale(model, (_x(4, 8, 10, 10),), measure=measure, unsupported="error")
+    assert torch.equal(us.get_parameter("1.weight"), torch.full((8,), 0.25))
+    x = _x(4, 8, 10, 10).requires_grad_()
+    out = us(x)
+    out.backward(torch.randn_like(out))
+    assert 0.5 <= rms(us.get_parameter("1.weight").grad) <= 2.0
+
+
+def test_conv_transpose_scales_are_those_of_the_adjoint_convolution():
+    """A 2 x 2 transposed convolution with stride 2 writes each output from one tap of each of its ``C_in``
+    inputs (fan-in 8, not ``8 * 4``) and sends each input the gradient of ``C_out * 4`` outputs; its weight's
+    gradient sums over the input's positions (``N * 5 * 5``), its bias's over the output's (``N * 10 * 10``)."""
+    us = unit_scale(nn.ConvTranspose2d(8, 16, 2, stride=2), (_x(2, 8, 5, 5),), measure=False)
+    (rec,) = [r for r in us.scale_plan().values() if r.rule == "conv_transpose"]
+    x_name = next(k for k in rec.ideal_bwd if "weight" not in k and "bias" not in k)
+    w_name = next(k for k in rec.ideal_bwd if "weight" in k)
+    b_name = next(k for k in rec.ideal_bwd if "bias" in k)
+    assert math.isclose(rec.ideal_fwd, 1 / math.sqrt(8), rel_tol=0.1)  # input RMS ~1 (400 draws), weight RMS 1
+    assert math.isclose(rec.ideal_bwd[x_name], 1 / math.sqrt(16 * 4), rel_tol=1e-6)
+    assert math.isclose(rec.ideal_bwd[w_name], 1 / math.sqrt(2 * 25), rel_tol=0.1)
+    assert math.isclose(rec.ideal_bwd[b_name], 1 / math.sqrt(2 * 100), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("size,padding", [(3, 1), (4, 2), (5, "same")])

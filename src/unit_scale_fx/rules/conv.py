@@ -70,7 +70,7 @@ class ConvRule(Rule):
     def scales(self, op: OpView) -> Scales:
         a = self._args(op.node)
         if a.get("transposed"):
-            return Scales(out_rms=None, note="transposed convolution: no rule")
+            return _transposed_scales(op, a)
         x, w, b = a.get("input"), a.get("weight"), a.get("bias")
         xs, ws, os_ = op.shape(x), op.shape(w), op.out_shape
         if xs is None or ws is None or os_ is None:
@@ -106,6 +106,62 @@ class ConvRule(Rule):
         if isinstance(a.get("bias"), fx.Node):
             roles[a["bias"]] = "zero"
         return roles
+
+
+def _transposed_scales(op: OpView, a: dict[str, Any]) -> Scales:
+    """A transposed convolution ``y = A^T x`` is the adjoint of the convolution ``A`` from ``y``'s shape to
+    ``x``'s with the same weight (``[C_in, C_out / groups, *K]``, read as ``A``'s ``[C_out, C_in / groups, *K]``),
+    stride, padding and dilation. So its roles swap with ``A``'s: an output sums what an input of ``A`` is
+    read by (``C_in / groups * prod(K) / prod(stride)`` taps, times the share inside the borders), an input's
+    gradient sums ``A``'s fan-in (``C_out / groups * prod(K)``), the weight's gradient sums over ``A``'s
+    output rows (``N * prod(x spatial)``) and the bias's over ``y``'s."""
+    x, w, b = a.get("input"), a.get("weight"), a.get("bias")
+    xs, ws, ys = op.shape(x), op.shape(w), op.out_shape
+    if xs is None or ws is None or ys is None or len(xs) != len(ws) or len(ys) != len(ws):
+        return Scales(out_rms=None, note="transposed convolution: shapes unknown")
+    nd = len(ws) - 2
+    groups = int(a.get("groups", 1) or 1)
+    stride = _tuple(a.get("stride", 1), nd)
+    k = math.prod(ws[2:])
+    # A reads y's shape and writes x's
+    geometry = (ys[2:], tuple(ws[2:]), stride, a.get("padding", 0), _tuple(a.get("dilation", 1), nd), xs[2:])
+    frac, frac_in = valid_tap_fraction(*geometry), valid_tap_fraction(*geometry, side="in")
+    fan_in = max(1.0, ws[0] / groups * k / math.prod(stride)) * frac_in
+    reads = ws[1] * k * frac
+    rows_w = max(1, xs[0] * math.prod(xs[2:])) * frac
+    rows_b = max(1, ys[0] * math.prod(ys[2:]))
+    rx, rw = op.rms(x), op.rms(w)
+    s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)),
+               note=f"transposed: fan_in={fan_in:.4g} reads={reads:.3g} rows={rows_w:.4g}")
+    for node, gain in ((x, rw * math.sqrt(reads)), (w, rx * math.sqrt(rows_w)), (b, math.sqrt(rows_b))):
+        if isinstance(node, fx.Node) and node in op.inputs:
+            s.bwd[node], s.grad_gain[node] = 1.0 / gain, gain
+    out2 = 1.0
+    if isinstance(b, fx.Node) and b in op.inputs:
+        out2 += (s.fwd * op.rms(b, default=0.0)) ** 2
+    s.out_rms = math.sqrt(out2)
+    return s
+
+
+class ConvTransposeRule(ConvRule):
+    """``F.conv_transpose1d/2d/3d`` (and aten ``conv_transpose*d``): :func:`_transposed_scales`."""
+
+    name = "conv_transpose"
+
+    def _args(self, op_node: fx.Node) -> dict[str, Any]:
+        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+        out = dict(zip(names, op_node.args))
+        out.update(op_node.kwargs)
+        out["transposed"] = True
+        return out
+
+
+register(*dict.fromkeys(t for t in (
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    getattr(torch, "conv_transpose1d", None), getattr(torch, "conv_transpose2d", None),
+    getattr(torch, "conv_transpose3d", None),
+    aten("conv_transpose1d"), aten("conv_transpose2d", "input"), aten("conv_transpose3d", "input"),
+) if t is not None))(ConvTransposeRule())
 
 
 register(*dict.fromkeys(t for t in (

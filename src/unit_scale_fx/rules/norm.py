@@ -59,3 +59,9 @@ class NormRule(Rule):
 register(F.layer_norm, aten("layer_norm"))(NormRule("layer_norm", 2, 3))
 register(getattr(F, "rms_norm", None), aten("rms_norm"))(NormRule("rms_norm", 2, None))
 register(F.group_norm, aten("group_norm"))(NormRule("group_norm", 2, 3))
+# instance norm (style transfer, GANs): a group norm of one channel per group; the gain and bias sit at
+# different positions in the functional and the aten signatures. (With running statistics in evaluation
+# mode the output is not normalised by its own input: the rule's unit output is then a guess, as for a
+# batch norm.)
+register(F.instance_norm)(NormRule("instance_norm", 3, 4))
+register(aten("instance_norm"))(NormRule("instance_norm", 1, 2))

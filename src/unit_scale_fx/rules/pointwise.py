@@ -141,3 +141,35 @@ POINTWISE_TARGETS = [
     torch.nn.ELU, torch.nn.LeakyReLU, torch.nn.Softplus, torch.nn.Hardswish,
 ]
 register(*POINTWISE_TARGETS)(PointwiseRule())
+
+
+class PReLURule(Rule):
+    """``prelu(x, a)``: ``x`` where positive, ``a x`` elsewhere, with a learned slope ``a`` (one, or one per
+    channel, dimension 1). For a zero-mean Gaussian input of RMS ``rx`` and slopes of RMS ``ra``: output RMS
+    ``rx sqrt((1 + ra^2) / 2)``, and the input gradient's gain ``sqrt((1 + ra^2) / 2)``; the slope's gradient
+    sums ``x g`` over the negative half of the ``rows`` values each slope multiplies: gain
+    ``rx sqrt(rows / 2)``. The slope keeps its value (it shapes the function, it is not a scale); the op is
+    positively homogeneous in ``x``."""
+
+    name = "prelu"
+    kind = Kind.POINTWISE
+
+    def scales(self, op: OpView) -> Scales:
+        x = op.arg(0, "input")
+        a = op.arg(1, "weight")
+        if not isinstance(x, fx.Node) or x not in op.inputs:
+            return Scales(out_rms=None, note="input is not a float tensor")
+        rx = op.rms(x)
+        ra = op.rms(a, default=0.25)
+        gain = math.sqrt((1.0 + ra * ra) / 2.0)
+        s = Scales(fwd=1.0 / (rx * gain), bwd={x: 1.0 / gain}, grad_gain={x: gain}, note=f"slope RMS {ra:.3g}")
+        if isinstance(a, fx.Node) and a in op.inputs:
+            xs, as_ = op.shape(x), op.shape(a)
+            rows = max(1, math.prod(xs) // max(1, math.prod(as_))) if xs and as_ is not None else 1
+            g = rx * math.sqrt(rows / 2.0)
+            s.bwd[a], s.grad_gain[a] = 1.0 / g, g
+        return s
+
+
+register(*dict.fromkeys(t for t in (F.prelu, torch.prelu, aten("prelu"), aten("_prelu_kernel"))
+                        if t is not None))(PReLURule())

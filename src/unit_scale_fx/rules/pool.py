@@ -24,9 +24,11 @@ import math
 from typing import Any, Optional
 
 import numpy as np
+import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
-from .registry import Kind, OpView, Rule, Scales, aten, many, register
+from .registry import Kind, OpView, Rule, Scales, aten, many, register, resolve_target
 
 _X, _W = np.polynomial.hermite_e.hermegauss(200)
 _W = _W / _W.sum()
@@ -133,3 +135,56 @@ register(*many(_dispatched(F.max_pool1d, F.max_pool2d, F.max_pool3d) + [
     aten("max_pool1d"), aten("max_pool2d"), aten("max_pool3d")]))(PoolRule("max_pool", average=False, adaptive=False))
 register(*many(_dispatched(F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)))(
     PoolRule("adaptive_max_pool", average=False, adaptive=True))
+
+
+class InterpolateRule(Rule):
+    """``F.interpolate`` / ``nn.Upsample`` (and aten's ``upsample_*``): a fixed linear map of each channel's
+    positions. Its gains depend on the mode, the sizes and ``align_corners`` (nearest upsampling by 2 keeps
+    the RMS and sends each input the gradient of 4 outputs; bilinear averages neighbours), so they are
+    measured on a Gaussian probe: one batch item and one channel of the input's shape, the op's own
+    arguments, forward RMS and input-gradient RMS for a unit Gaussian gradient. The output is calibrated
+    on the example batch where there is one (real images are smoother than the probe). Arguments computed
+    in the graph (a size read from another tensor) leave the op unpredicted."""
+
+    name = "interpolate"
+    kind = Kind.POOL
+
+    def scales(self, op: OpView) -> Scales:
+        x = op.node.args[0] if op.node.args else op.node.kwargs.get("input")
+        xs = op.shape(x)
+        rest, kwargs = op.node.args[1:], dict(op.node.kwargs)
+        kwargs.pop("input", None)
+        if not isinstance(x, fx.Node) or x not in op.inputs or xs is None or len(xs) < 3 \
+                or any(isinstance(a, fx.Node) for a in list(rest) + list(kwargs.values())):
+            return Scales(out_rms=None, note="arguments computed in the graph: not predicted")
+        fn = resolve_target(op.node)
+        try:
+            gains = _probe_gains(fn, (1, 1) + tuple(xs[2:]), tuple(rest), tuple(sorted(kwargs.items())))
+        except Exception:  # noqa: BLE001 - an argument the probe cannot replay: nothing predicted
+            return Scales(out_rms=None, note="probe failed: not predicted")
+        fwd_gain, bwd_gain = gains
+        rx = op.rms(x)
+        return Scales(fwd=1.0 / (rx * fwd_gain), bwd={x: 1.0 / bwd_gain}, grad_gain={x: bwd_gain}, calibrate=True,
+                      note=f"probe: forward gain {fwd_gain:.3g}, gradient gain {bwd_gain:.3g}")
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_gains(fn: Any, shape: tuple, rest: tuple, kwargs: tuple) -> tuple[float, float]:
+    """Forward and input-gradient RMS gains of ``fn(z, *rest, **kwargs)`` for unit Gaussian ``z`` of ``shape``."""
+    g = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        y = fn(z, *rest, **dict(kwargs))
+        gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        (dz,) = torch.autograd.grad(y, z, gy)
+    r = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    return r(y) / r(z), r(dz) / r(gy)
+
+
+register(*many([F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear]
+               + [aten(n, "vec") for n in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                                           "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d",
+                                           "upsample_bicubic2d")]
+               + [aten(n) for n in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                                    "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d",
+                                    "upsample_bicubic2d")]))(InterpolateRule())

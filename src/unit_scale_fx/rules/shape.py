@@ -65,6 +65,8 @@ _FUNCTIONS = [
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
     torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
+    # permutations of elements between channels and positions (super-resolution, ShuffleNet)
+    torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
     # stochastic depth drops whole rows and rescales the rest by 1 / (1 - p), as dropout drops elements
     # (the module stays one call, so train / eval mode is read when it runs, as for Dropout)
     OptionalTarget("torchvision.ops.stochastic_depth", "StochasticDepth"),
@@ -81,6 +83,7 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
     aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("sort"),
     aten("scatter", "value"),  # a constant written at some places, as masked_fill with a scalar
+    aten("pixel_shuffle"), aten("pixel_unshuffle"), aten("channel_shuffle"), aten("native_channel_shuffle"),
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
 
