@@ -15,6 +15,8 @@ those rules from the registry first (the op is then left unscaled, as before the
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 
 import torch
@@ -25,19 +27,10 @@ from _common import median, table, write_result
 from loss_bands import drop_rules
 from unit_scale_fx import unit_scale
 
-CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from fixtures.families import RecurrentLM  # noqa: E402  (test-only model builders)
 
-
-class RecurrentLM(nn.Module):
-    def __init__(self, cell: str, vocab: int = 256, d: int = 128, bidirectional: bool = False) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.rnn = CELLS[cell](d, d, num_layers=2, batch_first=True, bidirectional=bidirectional)
-        self.head = nn.Linear(d * (2 if bidirectional else 1), vocab)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.emb(x))
-        return F.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+CELLS = RecurrentLM.CELLS
 
 
 class PooledClassifier(nn.Module):
@@ -67,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     drop_rules(args.without)
     rows = []
-    variants = [(cell + (" bidirectional" if bidi else ""), lambda c=cell, b=bidi: RecurrentLM(c, bidirectional=b))
+    variants = [(cell + (" bidirectional" if bidi else ""), lambda c=cell, b=bidi: RecurrentLM(c, 256, 128, b))
                 for cell, bidi in (("lstm", False), ("gru", False), ("rnn", False), ("lstm", True))]
     variants += [(cell + ", mean over time", lambda c=cell: PooledClassifier(c)) for cell in ("lstm", "gru")]
     for name, make in variants:

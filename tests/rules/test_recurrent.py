@@ -12,26 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fixtures.families import RecurrentLM
 from helpers import gradient_cosines, rms
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.equivalence import scale_erased_copy
-
-CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-
-
-class RecurrentLM(nn.Module):
-    """Embedding, a two-layer recurrent layer (PyTorch's defaults but ``batch_first``), a linear readout."""
-
-    def __init__(self, cell: str, vocab: int = 100, d: int = 64, bidirectional: bool = False) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.rnn = CELLS[cell](d, d, num_layers=2, batch_first=True, bidirectional=bidirectional)
-        self.head = nn.Linear(d * (2 if bidirectional else 1), vocab)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.emb(x))
-        return F.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
-
 
 class LastState(nn.Module):
     """A classifier that reads the recurrent layer's last hidden state only (not its output sequence)."""

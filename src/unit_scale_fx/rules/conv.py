@@ -86,17 +86,8 @@ class ConvRule(Rule):
         fan_in = ws[1] * k * frac
         reads = max(1.0, ws[0] / groups * k / math.prod(stride)) * frac_in
         rows = max(1, math.prod(os_) // os_[1] if len(os_) > 1 else 1) * frac
-        rx, rw = op.rms(x), op.rms(w)
-        s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)),
-                   note=f"fan_in={fan_in:.4g} reads={reads:.3g} rows={rows:.4g} (inside the padding: {frac:.3g})")
-        for node, gain in ((x, rw * math.sqrt(reads)), (w, rx * math.sqrt(rows)), (b, math.sqrt(rows))):
-            if isinstance(node, fx.Node) and node in op.inputs:
-                s.bwd[node], s.grad_gain[node] = 1.0 / gain, gain
-        out2 = 1.0
-        if isinstance(b, fx.Node) and b in op.inputs:
-            out2 += (s.fwd * op.rms(b, default=0.0)) ** 2
-        s.out_rms = math.sqrt(out2)
-        return s
+        return _matmul_scales(op, x, w, b, fan_in, reads, rows, rows,
+                              f"fan_in={fan_in:.4g} reads={reads:.3g} rows={rows:.4g} (inside the padding: {frac:.3g})")
 
     def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
         a = self._args(node)
@@ -130,9 +121,16 @@ def _transposed_scales(op: OpView, a: dict[str, Any]) -> Scales:
     reads = ws[1] * k * frac
     rows_w = max(1, xs[0] * math.prod(xs[2:])) * frac
     rows_b = max(1, ys[0] * math.prod(ys[2:]))
+    return _matmul_scales(op, x, w, b, fan_in, reads, rows_w, rows_b,
+                          f"transposed: fan_in={fan_in:.4g} reads={reads:.3g} rows={rows_w:.4g}")
+
+
+def _matmul_scales(op: OpView, x: Any, w: Any, b: Any, fan_in: float, reads: float, rows_w: float, rows_b: float,
+                   note: str) -> Scales:
+    """The scales of a matmul-like op from its counts: forward ``1 / (rx rw sqrt(fan_in))``, the input's
+    gradient gain ``rw sqrt(reads)``, the weight's ``rx sqrt(rows_w)``, the bias's ``sqrt(rows_b)``."""
     rx, rw = op.rms(x), op.rms(w)
-    s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)),
-               note=f"transposed: fan_in={fan_in:.4g} reads={reads:.3g} rows={rows_w:.4g}")
+    s = Scales(fwd=1.0 / (rx * rw * math.sqrt(fan_in)), note=note)
     for node, gain in ((x, rw * math.sqrt(reads)), (w, rx * math.sqrt(rows_w)), (b, math.sqrt(rows_b))):
         if isinstance(node, fx.Node) and node in op.inputs:
             s.bwd[node], s.grad_gain[node] = 1.0 / gain, gain
