@@ -159,13 +159,19 @@ class InterpolateRule(Rule):
             return Scales(out_rms=None, note="arguments computed in the graph: not predicted")
         fn = resolve_target(op.node)
         try:
-            gains = _probe_gains(fn, (1, 1) + tuple(xs[2:]), tuple(rest), tuple(sorted(kwargs.items())))
+            gains = _probe_gains(fn, (1, 1) + tuple(xs[2:]), _frozen(tuple(rest)),
+                                 tuple(sorted((k, _frozen(v)) for k, v in kwargs.items())))
         except Exception:  # noqa: BLE001 - an argument the probe cannot replay: nothing predicted
             return Scales(out_rms=None, note="probe failed: not predicted")
         fwd_gain, bwd_gain = gains
         rx = op.rms(x)
         return Scales(fwd=1.0 / (rx * fwd_gain), bwd={x: 1.0 / bwd_gain}, grad_gain={x: bwd_gain}, calibrate=True,
                       note=f"probe: forward gain {fwd_gain:.3g}, gradient gain {bwd_gain:.3g}")
+
+
+def _frozen(v: Any) -> Any:
+    """``v`` with its lists as tuples (export writes sizes and scale factors as lists): a cache key."""
+    return tuple(_frozen(a) for a in v) if isinstance(v, (list, tuple)) else v
 
 
 @functools.lru_cache(maxsize=256)
