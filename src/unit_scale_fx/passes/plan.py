@@ -271,7 +271,6 @@ class _MeasuringPlanner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, planner: _Planner) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.planner = planner
-        planner.measuring = True
         self.stats = planner.ctx.stats or LOCAL  # local, or summed over the ranks of a process group
 
     def run_node(self, n: fx.Node):
@@ -326,35 +325,14 @@ class _MeasuringPlanner(fx.Interpreter):
         return value
 
     def _measure_grad_gain(self, n: fx.Node, s: Scales) -> None:
-        """``RMS(J^T g)`` at the real input of a one-input op, for a seeded unit Gaussian ``g``; for an op of
-        several inputs or a tuple result whose rule is measured only (a recurrent layer),
-        :meth:`_measure_grad_gains`."""
+        """``RMS(J_i^T g)`` at the real inputs, for every floating-point input ``i``, with a seeded unit Gaussian
+        ``g`` on each floating-point output that is read (a tuple's pieces read by ``getitem``; the others get
+        no gradient, as in training). One-input ops; ops of several inputs or a tuple result only where the
+        rule is measured only (a recurrent layer). An input whose gradient is zero or missing keeps its
+        factor."""
         inputs = float_tensor_inputs(n)
-        if len(inputs) != 1 or isinstance(n.meta.get("val"), (tuple, list)):
-            if s.measured_only:
-                self._measure_grad_gains(n, s, inputs)
+        if (len(inputs) != 1 or isinstance(n.meta.get("val"), (tuple, list))) and not s.measured_only:
             return
-        if not isinstance(self.env.get(inputs[0]), torch.Tensor):
-            return
-        (x,) = inputs
-        xi = self.env[x].detach().requires_grad_(True)
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        args, kwargs = torch.utils._pytree.tree_map(lambda a: xi if a is self.env[x] else a, (args, kwargs))
-        with torch.enable_grad():
-            y = getattr(self, n.op)(n.target, args, kwargs)
-            if not (isinstance(y, torch.Tensor) and y.requires_grad):
-                return
-            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1234), dtype=y.dtype).to(y.device)
-            (dx,) = torch.autograd.grad(y, xi, g, allow_unused=True)
-        d = self.stats.rms(dx) if dx is not None else None
-        if d is not None and d > 0 and math.isfinite(d):
-            s.bwd[x], s.grad_gain[x] = 1.0 / d, d
-            s.note += f"; gradient gain measured on the example batch ({d:.4g})"
-
-    def _measure_grad_gains(self, n: fx.Node, s: Scales, inputs: list[fx.Node]) -> None:
-        """``RMS(J_i^T g)`` for every floating-point input ``i`` at the real inputs, with seeded unit Gaussian
-        ``g`` on each floating-point output that is read (a tuple's pieces read by ``getitem``; the others
-        get no gradient, as in training). An input whose gradient is zero or missing keeps its factor."""
         env = {x: self.env[x] for x in inputs if isinstance(self.env.get(x), torch.Tensor)}
         if not env:
             return
@@ -375,11 +353,16 @@ class _MeasuringPlanner(fx.Interpreter):
                 return
             grads = torch.autograd.grad([t for t, _ in pairs], list(leaves.values()), [g for _, g in pairs],
                                         allow_unused=True)
+        measured = []
         for x, dx in zip(leaves, grads):
             d = self.stats.rms(dx) if dx is not None else None
             if d is not None and d > 0 and math.isfinite(d):
                 s.bwd[x], s.grad_gain[x] = 1.0 / d, d
-        s.note += "; gradient gains measured on the example batch"
+                measured.append(d)
+        if len(measured) == 1 and len(leaves) == 1:
+            s.note += f"; gradient gain measured on the example batch ({measured[0]:.4g})"
+        elif measured:
+            s.note += "; gradient gains measured on the example batch"
 
 
 @declare('plan', needs=('topology', 'init_kinds'), produces=('scales',))
@@ -391,6 +374,7 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     planner = _Planner(gm, ctx)
     real = ctx.real_values is not None and ctx.config.measure
     if real:
+        planner.measuring = True
         with preserved_state(gm), torch.no_grad():
             _MeasuringPlanner(gm, planner).run(*ctx.real_values)
     else:

@@ -8,6 +8,7 @@ its logits at unit RMS.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -213,6 +214,30 @@ class HuberLossRule(ElementwiseLossRule):
         return delta * clipped_rms(self.diff_rms(op, x, t) / delta)
 
 
+def _binary_target_moments(op: OpView, t: Any) -> tuple[float, float]:
+    """``(RMS(t), E[t])`` of a binary cross-entropy's target as planning predicts them; where its mean is not
+    predicted, targets in [0, 1] that are 0 or 1, so ``E[t] = E[t^2]``."""
+    rt = op.rms(t, 0.0)
+    mean_t = op.mean(t) * rt if isinstance(t, fx.Node) else rt
+    return rt, (mean_t if mean_t > 0 else rt * rt)
+
+
+@functools.lru_cache(maxsize=256)
+def _sigmoid_logit_spread(rp: float) -> float:
+    """The standard deviation ``s`` of zero-mean Gaussian logits whose sigmoid has RMS ``rp``, by bisection:
+    ``RMS(sigmoid(z))`` rises from 1/2 (``s = 0``) to ``sqrt(1/2)``; clamped to [0, 8]."""
+    from .pointwise import gaussian_moments
+
+    lo, hi = 0.0, 8.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if gaussian_moments(torch.sigmoid, std=mid)[0] < rp:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 @register(F.binary_cross_entropy_with_logits, aten("binary_cross_entropy_with_logits"))
 class BCEWithLogitsRule(ElementwiseLossRule):
     """Gradient into the logits ``(sigmoid(x) - t) / M``: ``E[sigmoid(x)^2] - E[t] + E[t^2]`` for zero-mean
@@ -227,10 +252,7 @@ class BCEWithLogitsRule(ElementwiseLossRule):
         from .pointwise import gaussian_moments
 
         sig2 = gaussian_moments(torch.sigmoid, std=op.rms(x))[0] ** 2
-        rt = op.rms(t, 0.0)
-        mean_t = op.mean(t) * rt if isinstance(t, fx.Node) else rt
-        if not mean_t > 0:  # not predicted: targets in [0, 1] that are 0 or 1, so E[t] = E[t^2]
-            mean_t = rt * rt
+        rt, mean_t = _binary_target_moments(op, t)
         return math.sqrt(max(sig2 - mean_t + rt * rt, 1e-12))
 
 
@@ -251,19 +273,8 @@ class BCERule(ElementwiseLossRule):
     def derivative_rms(self, op: OpView, x: fx.Node, t: Any) -> float:
         from .pointwise import gaussian_moments
 
-        rp = op.rms(x)
-        rt = op.rms(t, 0.0)
-        mean_t = op.mean(t) * rt if isinstance(t, fx.Node) else rt
-        if not mean_t > 0:  # not predicted: targets in [0, 1] that are 0 or 1, so E[t] = E[t^2]
-            mean_t = rt * rt
-        lo, hi = 0.0, 8.0  # the logits' spread: RMS(sigmoid(z)) rises from 1/2 (s = 0) to sqrt(1/2)
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if gaussian_moments(torch.sigmoid, std=mid)[0] < rp:
-                lo = mid
-            else:
-                hi = mid
-        s = (lo + hi) / 2
+        rt, mean_t = _binary_target_moments(op, t)
+        s = _sigmoid_logit_spread(op.rms(x))
 
         def derivative(z: torch.Tensor) -> torch.Tensor:
             p = torch.sigmoid(z.clamp(-3 * s, 3 * s))

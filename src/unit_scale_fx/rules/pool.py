@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .fused import probe_moments
 from .registry import Kind, OpView, Rule, Scales, aten, many, register, resolve_target
 
 _X, _W = np.polynomial.hermite_e.hermegauss(200)
@@ -140,11 +141,11 @@ register(*many(_dispatched(F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adapt
 class InterpolateRule(Rule):
     """``F.interpolate`` / ``nn.Upsample`` (and aten's ``upsample_*``): a fixed linear map of each channel's
     positions. Its gains depend on the mode, the sizes and ``align_corners`` (nearest upsampling by 2 keeps
-    the RMS and sends each input the gradient of 4 outputs; bilinear averages neighbours), so they are
-    measured on a Gaussian probe: one batch item and one channel of the input's shape, the op's own
-    arguments, forward RMS and input-gradient RMS for a unit Gaussian gradient. The output is calibrated
-    on the example batch where there is one (real images are smoother than the probe). Arguments computed
-    in the graph (a size read from another tensor) leave the op unpredicted."""
+    the RMS and sends each input the gradient of 4 outputs; bilinear averages neighbours), so they come from
+    the op itself on a Gaussian probe (:func:`~unit_scale_fx.rules.fused.probe_moments`, as a fused region's
+    do) of one batch item and one channel of the input's shape, with the op's own arguments. The output is
+    calibrated on the example batch where there is one (real images are smoother than the probe).
+    Arguments computed in the graph (a size read from another tensor) leave the op unpredicted."""
 
     name = "interpolate"
     kind = Kind.POOL
@@ -159,32 +160,15 @@ class InterpolateRule(Rule):
             return Scales(out_rms=None, note="arguments computed in the graph: not predicted")
         fn = resolve_target(op.node)
         try:
-            gains = _probe_gains(fn, (1, 1) + tuple(xs[2:]), _frozen(tuple(rest)),
-                                 tuple(sorted((k, _frozen(v)) for k, v in kwargs.items())))
+            with torch.enable_grad():  # planning may run under no_grad
+                fwd_gain, bwd_gain = probe_moments(lambda z: fn(z, *rest, **kwargs), (1, 1) + tuple(xs[2:]), 1.0)
         except Exception:  # noqa: BLE001 - an argument the probe cannot replay: nothing predicted
             return Scales(out_rms=None, note="probe failed: not predicted")
-        fwd_gain, bwd_gain = gains
+        if not (fwd_gain > 0 and bwd_gain > 0):
+            return Scales(out_rms=None, note="probe gave no signal: not predicted")
         rx = op.rms(x)
         return Scales(fwd=1.0 / (rx * fwd_gain), bwd={x: 1.0 / bwd_gain}, grad_gain={x: bwd_gain}, calibrate=True,
                       note=f"probe: forward gain {fwd_gain:.3g}, gradient gain {bwd_gain:.3g}")
-
-
-def _frozen(v: Any) -> Any:
-    """``v`` with its lists as tuples (export writes sizes and scale factors as lists): a cache key."""
-    return tuple(_frozen(a) for a in v) if isinstance(v, (list, tuple)) else v
-
-
-@functools.lru_cache(maxsize=256)
-def _probe_gains(fn: Any, shape: tuple, rest: tuple, kwargs: tuple) -> tuple[float, float]:
-    """Forward and input-gradient RMS gains of ``fn(z, *rest, **kwargs)`` for unit Gaussian ``z`` of ``shape``."""
-    g = torch.Generator().manual_seed(0)
-    with torch.enable_grad():
-        z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-        y = fn(z, *rest, **dict(kwargs))
-        gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-        (dz,) = torch.autograd.grad(y, z, gy)
-    r = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
-    return r(y) / r(z), r(dz) / r(gy)
 
 
 register(*many([F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear]
