@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, rebuild_output,
-                      symbolic_capture)
+from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, opaque_calls,
+                      rebuild_output, symbolic_capture)
 from .checkpoint import mark_weight_files, unmark_state_dict, unmarked_view
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
@@ -858,6 +858,9 @@ def unit_scale(
             lost = gm.meta.get(LOST_TYPES)
             if lost and given:  # torch.fx returns a ModelOutput as a plain dict; torch.export keeps it
                 raise TypeError(f"torch.fx would return {', '.join(lost)} as a plain dict")
+            opaque = opaque_calls(gm)
+            if opaque:  # functions a library kept from torch.fx (torch.fx.wrap): torch.export traces through them
+                raise TypeError(f"torch.fx keeps {', '.join(opaque)} as single calls, which no rule knows")
             if lost:
                 log.warning("unit_scale: torch.fx returns %s as a plain dict; pass example_inputs=(...) to capture "
                             "%s with torch.export, which keeps the output type", ", ".join(lost),

@@ -5,7 +5,8 @@ activations, ...) are traced *through*, so the graph holds functional calls on
 ``get_attr`` parameters; layers whose behaviour depends on train/eval mode
 (Dropout, BatchNorm) stay module calls, so ``.train()`` / ``.eval()`` keep working.
 When symbolic tracing fails and example inputs are given, ``torch.export``
-(non-strict) captures the model instead.
+(non-strict) captures the model instead; also when the traced graph calls Python functions a library kept
+from tracing (``torch.fx.wrap``) that no rule knows (:func:`opaque_calls`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,28 @@ def export_capture(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
     return gm
 
 
+def opaque_calls(gm: fx.GraphModule) -> list[str]:
+    """Python functions outside torch that a symbolically traced graph calls as single ops, taking traced values,
+    with no rule: functions a library kept from tracing with ``torch.fx.wrap`` (torchvision's Swin attention,
+    ``shifted_window_attention``), whose insides no rule can see. torch.export traces through them."""
+    import types
+
+    from .rules import lookup
+
+    out = []
+    for node in gm.graph.nodes:
+        t = node.target
+        if node.op != "call_function" or not isinstance(t, types.FunctionType):
+            continue
+        mod = getattr(t, "__module__", "") or ""
+        if mod == "torch" or mod.startswith(("torch.", "operator", "math", "_operator")):
+            continue
+        if not node.all_input_nodes or lookup(node, gm) is not None:
+            continue
+        out.append(f"{mod}.{t.__qualname__}")
+    return sorted(set(out))
+
+
 def capture(
     model: nn.Module,
     example_inputs: Optional[tuple] = None,
@@ -177,6 +200,18 @@ def capture(
         if lost:
             log.warning("unit_scale: torch.fx returns %s as a plain dict; pass example_inputs=(...) to capture "
                         "%s with torch.export, which keeps the output type", ", ".join(lost), type(model).__name__)
+        opaque = opaque_calls(gm)
+        if opaque and example_inputs is not None:
+            try:
+                ex = export_capture(model, example_inputs, example_kwargs)
+            except Exception as exc:  # noqa: BLE001 - the traced graph stands; its opaque calls are reported
+                log.warning("unit_scale: torch.fx keeps %s as single calls with no rule, and torch.export failed "
+                            "(%s: %s); they are left unscaled", ", ".join(opaque), type(exc).__name__, exc)
+            else:
+                log.info("captured %s with torch.export: torch.fx keeps %s as single calls with no rule, "
+                         "torch.export traces through them (%d nodes)", type(model).__name__, ", ".join(opaque),
+                         len(ex.graph.nodes))
+                return ex
         log.info("captured %s with torch.fx symbolic tracing (%d nodes)", type(model).__name__, len(gm.graph.nodes))
         return gm
     except Exception as exc:  # tracing raises many kinds of errors

@@ -122,3 +122,40 @@ def test_a_selection_from_a_buffer_holds_the_buffers_values_whatever_selects():
     run_pass(gm, ctx, p)
     rhos = [n.meta[INDEX_RHO] for n in gm.graph.nodes if INDEX_RHO in n.meta]
     assert rhos == [1.0], rhos
+
+
+class WindowMaskAttention(nn.Module):
+    """Attention with an additive mask built as torchvision's shifted-window attention builds it: a fill shaped
+    by the input (``x.new_zeros``), regions numbered, ``masked_fill(-100)`` where two tokens' regions differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x):
+        region = x.new_zeros(x.shape[0])
+        region[x.shape[0] // 2:] = 1.0
+        mask = region[None, :] - region[:, None]
+        mask = mask.masked_fill(mask != 0, -100.0)
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return (torch.softmax(q @ k.T / math.sqrt(D) + mask, -1) @ v).sum(-1)
+
+
+def test_a_mask_built_from_a_fill_shaped_by_the_input_is_a_constant_and_keeps_masking():
+    """``x.new_zeros(...)`` reads ``x``'s shape, never its values: what is built from it is data. Before, the
+    input made the mask live, the add of the mask was planned as an add of two activations, and measured
+    planning scaled its output by 0.015 (the -100s dominate its RMS): the mask then took -1.5 off the
+    masked logits, and the attention no longer kept the two regions apart."""
+    from unit_scale_fx import unit_scale
+
+    torch.manual_seed(0)
+    x = torch.randn(2 * T, D)
+    gm, ctx, p = pipeline_until(WindowMaskAttention(), (x,), "constants")
+    run_pass(gm, ctx, p)
+    marked = {n.name for n in gm.graph.nodes if n.meta.get(CONSTANT)}
+    assert "new_zeros" in marked and "masked_fill" in marked
+    for measure in (False, True):
+        us = unit_scale(WindowMaskAttention(), (x,), measure=measure)
+        y = x.clone()
+        y[T:] = torch.randn(T, D)  # the second region's tokens: the first region's outputs must not move
+        torch.testing.assert_close(us(y)[:T], us(x)[:T], rtol=1e-5, atol=1e-5)

@@ -214,6 +214,16 @@ def test_unpicklable_target_is_refused_at_unit_scale_time():
         def forward(self, x):
             return double(self.a(x))
 
-    with pytest.raises(UnitScaleError, match="cannot be pickled") as info:
-        unit_scale(M(), (torch.randn(2, 4),))
+    # with a rule (here: scale-preserving), torch.fx's graph keeps the call (a call with no rule would send the
+    # model to torch.export, which traces through the function)
+    from unit_scale_fx.rules import register
+    from unit_scale_fx.rules.registry import _RULES
+    from unit_scale_fx.rules.shape import PreserveRule
+
+    register(double)(PreserveRule())
+    try:
+        with pytest.raises(UnitScaleError, match="cannot be pickled") as info:
+            unit_scale(M(), (torch.randn(2, 4),))
+    finally:
+        _RULES.pop(double, None)
     assert "double" in str(info.value)

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..record import CONSTANT, CONSTANT_RMS, INDEX_RHO, MASK_KEYS
-from ..rules.registry import has_float_value
+from ..rules.registry import has_float_value, lookup, resolve_target
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
 from .shape_prop import placeholder_values
@@ -51,8 +51,20 @@ def _is_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
 
 
+def _shape_only(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A deterministic fill shaped like its input (``x.new_zeros(...)``, ``torch.ones_like(x)``, ``full_like``):
+    it reads the input's shape and dtype, never its values (the fill rule). Swin's shifted-window mask starts
+    from one: ``x.new_zeros((H, W))``, then slices filled with window ids, then ``masked_fill(-100)``."""
+    rule = lookup(node, gm)
+    if rule is None or rule.name != "fill":
+        return False
+    name = getattr(resolve_target(node, gm), "__name__", "")
+    return not name.startswith(("rand", "empty", "new_empty"))
+
+
 def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes reached from a parameter or float placeholder through floating-point values."""
+    """Nodes reached from a parameter or float placeholder through floating-point values (not through a fill
+    that reads only its input's shape)."""
     live: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if not has_float_value(node):
@@ -61,7 +73,7 @@ def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
             live.add(node)
         elif node.op in ("call_function", "call_method", "call_module") and any(
             a in live for a in node.all_input_nodes
-        ):
+        ) and not _shape_only(node, gm):
             live.add(node)
     return live
 

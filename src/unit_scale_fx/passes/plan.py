@@ -153,8 +153,9 @@ class _Planner:
                       context=context, in_rho={i: self.rho.get(i, 0.0) for i in inputs},
                       in_mean={i: self.mean.get(i, 0.0) for i in inputs})
         s = rule.scales(view)
-        if s.measured_only and not self.measuring:
-            reason = "its scales are measured: plan with example inputs and measure=True (the default)"
+        reason = s.unsupported or ("its scales are measured: plan with example inputs and measure=True (the default)"
+                                   if s.measured_only and not self.measuring else None)
+        if reason is not None:
             self.ctx.unsupported.append(UnsupportedOp(node.name, op_name, qual or "<root>", reason=reason))
             node.meta[META_KEY] = ScaleRecord("unsupported", Kind.UNSUPPORTED, op_name, _shape(node),
                                               fwd_rms=passthrough, note="left unscaled: " + reason)
@@ -527,13 +528,16 @@ def predict_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _apply_policy(ctx: PassContext) -> None:
     if not ctx.unsupported:
         return
-    lines = [f"  {u.node}: {u.op} (in {u.where})" for u in ctx.unsupported]
-    msg = f"{len(ctx.unsupported)} floating-point op(s) have no unit-scaling rule and are left unscaled:\n" + "\n".join(lines)
+    lines = [f"  {u.node}: {u.op} (in {u.where})" + ("" if u.reason == "no rule" else f": {u.reason}")
+             for u in ctx.unsupported]
+    msg = (f"{len(ctx.unsupported)} floating-point op(s) are left unscaled (no unit-scaling rule, or one that "
+           "cannot scale them as called):\n" + "\n".join(lines))
     policy = ctx.config.unsupported
     if policy == "error":
         raise UnitScaleError(msg, where="pass plan",
-                             fix="register a rule for these ops (unit_scale_fx.rules.register), exclude them with "
-                             "UnitScaleConfig(node_filter=...), or use unsupported='warn'")
+                             fix="do what a line's reason says, register a rule for these ops "
+                             "(unit_scale_fx.rules.register), exclude them with UnitScaleConfig(node_filter=...), "
+                             "or use unsupported='warn'")
     if policy == "warn":
         import warnings
 

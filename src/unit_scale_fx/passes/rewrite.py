@@ -10,9 +10,13 @@
 from __future__ import annotations
 
 import logging
+import operator
+from typing import Optional
 
+import torch
 import torch.fx as fx
 
+from ..errors import UnitScaleError
 from ..record import INSERTED, META_KEY, SCALE_ROLE, ScaleRecord, original
 from ..rules.registry import Kind
 from ..scale import scale
@@ -61,6 +65,19 @@ def scale_output(gm: fx.GraphModule, node: fx.Node, fwd: float, bwd: float) -> f
     return new
 
 
+def _output_sites(node: fx.Node) -> Optional[list[fx.Node]]:
+    """Where ``node``'s output scale goes: the node itself; for a tuple result (an aten op that also returns
+    indices: ``embedding_bag``) whose only floating-point element is that output, the ``getitem`` nodes that
+    read it; None for a tuple of several floating-point tensors (a scale op cannot sit on a tuple)."""
+    val = node.meta.get("val")
+    if not isinstance(val, (tuple, list)):
+        return [node]
+    floats = [i for i, v in enumerate(val) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if len(floats) != 1:
+        return None
+    return [u for u in node.users if u.target is operator.getitem and len(u.args) > 1 and u.args[1] == floats[0]]
+
+
 def _inputs_by_original_name(node: fx.Node) -> dict[str, fx.Node]:
     return {original(n).name: n for n in node.all_input_nodes}
 
@@ -82,8 +99,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             bwd = {inputs[k]: _snap(v) for k, v in rec.bwd.items() if k in inputs}
             shared = set(bwd.values())
-            tuple_out = isinstance(node.meta.get("val"), (tuple, list))  # a scale op cannot sit on a tuple
-            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1 and not tuple_out:
+            sites = _output_sites(node)
+            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1 and sites is not None:
                 out_bwd = shared.pop() if shared else 1.0
             else:
                 out_bwd = 1.0
@@ -91,7 +108,14 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     if b != 1.0:
                         scale_input(gm, node, inp, 1.0, b)
             if _snap(rec.fwd) != 1.0 or out_bwd != 1.0:
-                scale_output(gm, node, _snap(rec.fwd), out_bwd)
+                if sites is None:
+                    raise UnitScaleError(
+                        f"{rec.rule} rule gave {node.name} ({rec.op}) a forward scale {rec.fwd:.4g}, but its result is "
+                        "a tuple of several floating-point tensors, which one scale cannot act on",
+                        where=f"unit_scale_fx.passes.rewrite ({node.name})",
+                        fix="a rule for an op with several outputs must keep fwd=1 (fixed_fwd=True)")
+                for site in sites:
+                    scale_output(gm, site, _snap(rec.fwd), out_bwd)
         log.debug("rewrite: %s %s fwd=%.4g bwd=%s weights=%s", rec.rule, node.name, rec.fwd, rec.bwd, rec.weights)
         count += 1
     if ctx.potentials is not None:  # each returned value: the gradient from the caller, times its potential

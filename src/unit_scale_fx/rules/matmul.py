@@ -211,6 +211,8 @@ class EmbeddingRule(Rule):
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) != 1:
             return Scales(note="embedding with unexpected float inputs; left unscaled")
+        if _embedding_max_norm(op.node) is not None:
+            return Scales(unsupported="max_norm renormalises the looked-up rows in place; pass max_norm=None")
         (w,) = op.inputs
         ws, os_ = op.shape(w), op.out_shape
         if ws is None or os_ is None:
@@ -225,7 +227,100 @@ class EmbeddingRule(Rule):
                       note=f"vocab={vocab} lookups={lookups}" + (f" index rho={rho:.2f}" if rho is not None else ""))
 
     def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
+        if _embedding_max_norm(node) is not None:
+            return {}
         return {a: "unit" for a in node.all_input_nodes}
+
+
+def _embedding_max_norm(node: fx.Node) -> object:
+    """``F.embedding``'s ``max_norm`` (None for aten's embedding, which has none)."""
+    if node.target is not F.embedding:
+        return None
+    return node.kwargs.get("max_norm", node.args[3] if len(node.args) > 3 else None)
+
+
+_BAG_MODES = {0: "sum", 1: "mean", 2: "max", "sum": "sum", "mean": "mean", "max": "max"}
+
+
+def _max_moments(n: int) -> tuple[float, float]:
+    """``(E[M], sqrt(E[M^2]))`` of the largest of ``n`` independent unit Gaussians (quadrature)."""
+    n = max(1, int(n))
+    x = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
+    dens = n * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) * (0.5 * torch.erfc(-x / math.sqrt(2))) ** (n - 1)
+    dx = float(x[1] - x[0])
+    return float((x * dens).sum() * dx), math.sqrt(float((x * x * dens).sum() * dx))
+
+
+@register(F.embedding_bag, aten("embedding_bag"), aten("embedding_bag", "padding_idx"), aten("_embedding_bag"))
+class EmbeddingBagRule(Rule):
+    """``nn.EmbeddingBag``: each bag reduces the rows it looks up by sum, mean or max (sum: optionally
+    weighted by ``per_sample_weights``).
+
+    For ``n`` rows a bag (the index tensor's last dimension, or indices over bags with ``offsets``) of
+    independent unit rows, the output has RMS ``sqrt(n)`` (sum), ``1 / sqrt(n)`` (mean) or that of the
+    largest of ``n`` Gaussians (max); it is calibrated on the example batch (repeated indices, empty bags
+    and padding move it). Each row's gradient sums the bag gradients of its uses, times ``1 / n`` (mean) or
+    its weight (weighted sum); with max, each bag sends each feature's gradient to one row. The per-sample
+    weights' gradient is a dot product over the features. ``max_norm`` renormalises the looked-up rows in
+    place in forward, which undoes the weight's unit initialisation: reported, left unscaled."""
+
+    name = "embedding_bag"
+    kind = Kind.MATMUL
+
+    @staticmethod
+    def _args(node: fx.Node) -> dict:
+        if node.target is F.embedding_bag:
+            names = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+                     "per_sample_weights", "include_last_offset", "padding_idx")
+            defaults = {"mode": "mean", "include_last_offset": False}
+        else:  # aten: weight, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights, ...
+            names = ("weight", "input", "offsets", "scale_grad_by_freq", "mode", "sparse", "per_sample_weights",
+                     "include_last_offset", "padding_idx")
+            defaults = {"mode": 0, "include_last_offset": False}
+        out = dict(defaults)
+        out.update(zip(names, node.args))
+        out.update(node.kwargs)
+        return out
+
+    def scales(self, op: OpView) -> Scales:
+        a = self._args(op.node)
+        w, idx, offsets, psw = a.get("weight"), a.get("input"), a.get("offsets"), a.get("per_sample_weights")
+        mode = _BAG_MODES.get(a.get("mode"))
+        if a.get("max_norm") is not None:
+            return Scales(unsupported="max_norm renormalises the looked-up rows in place; pass max_norm=None")
+        ws, xs = op.shape(w), op.shape(idx)
+        if not isinstance(w, fx.Node) or w not in op.inputs or ws is None or xs is None or mode is None:
+            return Scales(out_rms=None, note="shapes unknown: not predicted")
+        lookups = max(1, _prod(xs))
+        if len(xs) >= 2:
+            n, bags = xs[-1], max(1, lookups // max(1, xs[-1]))
+        else:
+            os_ = op.shape(offsets)
+            bags = max(1, (os_[0] if os_ else 1) - (1 if a.get("include_last_offset") else 0))
+            n = lookups / bags
+        n = max(1.0, float(n))
+        rw, vocab = op.rms(w), ws[0]
+        spread = math.sqrt(lookups / vocab)  # a row's uses, as for an embedding
+        rp = op.rms(psw) if isinstance(psw, fx.Node) and psw in op.inputs else 1.0
+        mean = 0.0
+        if mode == "sum":
+            out, gain = math.sqrt(n) * rw * rp, spread * rp
+        elif mode == "mean":
+            out, gain = rw / math.sqrt(n), spread / n
+        else:
+            m1, m2 = _max_moments(round(n))
+            out, gain, mean = m2 * rw, math.sqrt(bags / vocab), m1 / m2
+        s = Scales(fwd=1.0 / out, bwd={w: 1.0 / gain}, grad_gain={w: gain}, calibrate=True, out_mean=mean,
+                   note=f"{mode} of {n:.3g} rows a bag, vocab={vocab} lookups={lookups}")
+        if isinstance(psw, fx.Node) and psw in op.inputs:  # d/dp_i = <row_i, g_bag>: a sum over features
+            pg = rw * math.sqrt(ws[-1])
+            s.bwd[psw], s.grad_gain[psw] = 1.0 / pg, pg
+        return s
+
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
+        a = self._args(node)
+        w = a.get("weight")
+        return {w: "unit"} if isinstance(w, fx.Node) and a.get("max_norm") is None else {}
 
 
 # -- matmul-class: the one definition ---------------------------------------------

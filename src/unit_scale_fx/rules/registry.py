@@ -83,6 +83,9 @@ class Scales:
     #: the rule's backward factors are only known once measured (``calibrate_grad_gain``): analytic planning
     #: leaves the op unscaled and reports it as it reports an op without a rule
     measured_only: bool = False
+    #: the op, as called, is outside what the rule can scale (an argument that undoes the scales): the
+    #: reason; planning leaves it unscaled and reports it as it reports an op without a rule
+    unsupported: Optional[str] = None
     #: cross-position correlation of the output: the mean of ``x_i . x_j / |x|^2`` over distinct
     #: positions (uncentered: a mean shared by all positions counts). ``None``: the inputs' carries over.
     out_rho: Optional[float] = None
