@@ -17,7 +17,8 @@ from _common import table, write_result
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.validity import gradient_cosines
 
-MODELS = ("shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5")
+MODELS = ("shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "efficientnet_b0", "regnet_x_400mf", "mobilenet_v2",
+          "googlenet", "densenet121", "swin_t", "resnext50_32x4d")
 
 
 class WithLoss(torch.nn.Module):

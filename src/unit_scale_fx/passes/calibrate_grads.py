@@ -192,6 +192,19 @@ def _feeds_matmul_backward(n: fx.Node) -> bool:
     return rec is not None and rec.kind == Kind.MATMUL
 
 
+def _class_rms(measured: list[fx.Node], grads: dict[fx.Node, float], node: fx.Node) -> float:
+    """The measured gradient RMS a class is made unit at: where its gradient enters a matmul's backward
+    (:func:`_feeds_matmul_backward`), else at its fullest view. Several matmul outputs in one class (a
+    concatenation of convolutions' outputs: DenseNet's features, each read by every later layer of its block;
+    Inception's branches) have gradients of different sizes that one potential cannot all make unit: the
+    class is made unit at their geometric mean, so that they spread evenly around 1 (at the first of them,
+    DenseNet's most-read feature, the later layers' convolutions got weight gradients down to 0.27)."""
+    mm = [grads[n] for n in measured if _feeds_matmul_backward(n) and grads[n] > 0 and math.isfinite(grads[n])]
+    if len(mm) > 1:
+        return math.exp(sum(math.log(g) for g in mm) / len(mm))
+    return grads[node]
+
+
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
 #: calibration moves a potential by at most this (log) factor from the analytic fit
@@ -265,7 +278,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         measured = [n for n in members if n in grads]
         if measured:
             node = max(measured, key=lambda n: (_feeds_matmul_backward(n), sizes[n]))
-            g = round_bits(grads[node] / math.exp(old[cls]))  # the true gradient's RMS, rounded
+            g = round_bits(_class_rms(measured, grads, node) / math.exp(old[cls]))  # the true gradient's RMS, rounded
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g
                 if node in vector:
