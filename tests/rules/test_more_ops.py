@@ -81,6 +81,11 @@ CASES = {
     "interpolate_linear_1d": (lambda: Op(lambda m, x: F.interpolate(x, scale_factor=3, mode="linear")),
                               lambda: (_x(4, 8, 10),)),
     "pixel_shuffle": (lambda: nn.PixelShuffle(2), lambda: (_x(4, 16, 6, 6),)),
+    # bilinear pooling / fusion of two inputs (and of one input with itself)
+    "bilinear": (lambda: nn.Bilinear(32, 24, 16), lambda: (_x(B, T, 32), _x(B, T, 24))),
+    "bilinear_same_input": (lambda: Op(lambda m, x: F.bilinear(x, x, m.w, m.b),
+                                       {"w": torch.randn(16, 32, 32) / 32, "b": torch.zeros(16)}),
+                            lambda: (_x(B, T, 32),)),
     "pixel_unshuffle": (lambda: nn.PixelUnshuffle(2), lambda: (_x(4, 4, 6, 6),)),
     "prelu": (lambda: nn.PReLU(), lambda: (_x(B, T, 16),)),
     "prelu_per_channel": (lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8)),
@@ -142,6 +147,19 @@ def test_op_is_unit_scaled(name, measure):
             assert 0.5 <= rms(p.grad) <= 2.0, f"{name}: gradient of {pname} RMS {rms(p.grad):.3g}"
             checked += 1
     assert checked, f"{name}: no input or weight gradient to check"
+
+
+def test_bilinear_gradients_are_valid():
+    """Each parameter's gradient is a positive multiple of the true gradient of the rewritten forward."""
+    from helpers import gradient_cosines
+
+    torch.manual_seed(0)
+    model = Op(lambda m, a, b, t: F.mse_loss(m.b(a, b), t))
+    model.b = nn.Bilinear(32, 24, 16)
+    batch = lambda: (_x(B, 32), _x(B, 24), _x(B, 16))  # noqa: E731
+    us = unit_scale(model, batch(), unsupported="error")
+    cos = gradient_cosines(us, *batch())
+    assert len(cos) == 2 and min(cos.values()) > 0.9999, cos
 
 
 def test_conv_scales_follow_fan_in_times_kernel():

@@ -323,6 +323,50 @@ class EmbeddingBagRule(Rule):
         return {w: "unit"} if isinstance(w, fx.Node) and a.get("max_norm") is None else {}
 
 
+@register(*dict.fromkeys(many([F.bilinear, torch.bilinear, aten("bilinear")])))
+class BilinearRule(Rule):
+    """``nn.Bilinear``: ``y_k = x1^T W_k x2 + b_k``, a matmul contracting ``in1 * in2`` products.
+
+    For independent operands: the output has RMS ``r1 r2 rw sqrt(in1 in2)``; ``x1``'s gradient
+    ``r2 rw sqrt(out in2)``, ``x2``'s ``r1 rw sqrt(out in1)`` (both, added, where one tensor is both operands);
+    the weight's ``r1 r2 sqrt(rows)``, the bias's ``sqrt(rows)``. Weight unit, bias zero at init, as a
+    linear layer's."""
+
+    name = "bilinear"
+    kind = Kind.MATMUL
+    _NAMES = ("input1", "input2", "weight", "bias")
+
+    def _args(self, node: fx.Node) -> list:
+        return [node.kwargs.get(n, node.args[i] if len(node.args) > i else None) for i, n in enumerate(self._NAMES)]
+
+    def scales(self, op: OpView) -> Scales:
+        x1, x2, w, b = self._args(op.node)
+        s1, s2, ws, os_ = op.shape(x1), op.shape(x2), op.shape(w), op.out_shape
+        if s1 is None or s2 is None or ws is None or os_ is None or len(ws) != 3:
+            return Scales(out_rms=None, note="shapes unknown: not predicted")
+        out, in1, in2 = ws
+        rows = max(1, _prod(os_[:-1]))
+        r1, r2, rw = op.rms(x1), op.rms(x2), op.rms(w)
+        s = Scales(fwd=1.0 / (r1 * r2 * rw * math.sqrt(in1 * in2)), note=f"in1={in1} in2={in2} out={out} rows={rows}")
+        gains: dict[fx.Node, float] = {}
+        for x, g in ((x1, r2 * rw * math.sqrt(out * in2)), (x2, r1 * rw * math.sqrt(out * in1))):
+            if isinstance(x, fx.Node) and x in op.inputs:
+                gains[x] = math.sqrt(gains.get(x, 0.0) ** 2 + g * g)
+        if isinstance(w, fx.Node) and w in op.inputs:
+            gains[w] = r1 * r2 * math.sqrt(rows)
+        if isinstance(b, fx.Node) and b in op.inputs:
+            gains[b] = math.sqrt(rows)
+            s.out_rms = math.sqrt(1.0 + (s.fwd * op.rms(b, default=0.0)) ** 2)
+        for x, g in gains.items():
+            s.bwd[x], s.grad_gain[x] = 1.0 / g, g
+        s.calibrate = x1 is x2  # a tensor's products with itself: not independent
+        return s
+
+    def init_kinds(self, node: fx.Node) -> dict[fx.Node, str]:
+        _, _, w, b = self._args(node)
+        return {**({w: "unit"} if isinstance(w, fx.Node) else {}), **({b: "zero"} if isinstance(b, fx.Node) else {})}
+
+
 # -- matmul-class: the one definition ---------------------------------------------
 #: Convolutions, transposed ones included: matmul-class even where no rule scales them yet.
 CONV_TARGETS = frozenset(t for t in (
