@@ -51,3 +51,41 @@ def test_dense_block_features_share_one_potential_centred_on_their_gradients():
     assert all(0.5 <= v <= 2.0 for v in convs.values()), sorted(convs.items(), key=lambda kv: kv[1])
     cos = gradient_cosines(us, *_batch(2))
     assert min(cos.values()) > 0.9999, min(cos.values())
+
+
+class RelativeBiasAttention(nn.Module):
+    """Attention over windows of 16 tokens with a learned relative-position bias, as Swin's: a table of
+    ``(2w-1)^2`` rows gathered into a ``w^2 x w^2`` bias (each row used about 5 times), added to every window's
+    logits."""
+
+    def __init__(self, d: int = 32, w: int = 4, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.w = heads, w
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads) * 0.02)
+        c = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (c[:, :, None] - c[:, None, :]).permute(1, 2, 0) + (w - 1)
+        self.register_buffer("index", (rel[..., 0] * (2 * w - 1) + rel[..., 1]).flatten(), persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(n, n, self.heads).permute(2, 0, 1)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5 + bias, -1)
+        return (self.proj((attn @ v).transpose(1, 2).reshape(b, n, d)) * t).mean()  # a random projection
+
+
+def test_a_gathered_parameter_is_made_unit_not_its_copies():
+    """The bias table's gradient sums the gradients of its copies in the gathered bias (each row used about
+    5 times, over 32 windows): the class is made unit at the table, which the optimizer reads (at its
+    largest copy, the table's gradient came out sqrt(5) times too large)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batch = lambda: (torch.randn(32, 16, 32, generator=g), torch.randn(32, 16, 32, generator=g))  # noqa: E731
+    us = unit_scale(RelativeBiasAttention(), batch(), unsupported="error")
+    us(*batch()).backward()
+    assert 0.5 <= rms(us.table.grad) <= 2.0, rms(us.table.grad)
+    assert 0.5 <= rms(us.qkv.weight.grad) <= 2.0 and 0.5 <= rms(us.proj.weight.grad) <= 2.0
+    cos = gradient_cosines(us, *batch())
+    assert min(cos.values()) > 0.9999, cos

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -146,15 +146,43 @@ def _target(n: fx.Node) -> Any:
         return None
 
 
+def _numel(n: fx.Node) -> int:
+    val = n.meta.get("val")
+    return val.numel() if isinstance(val, torch.Tensor) else 0
+
+
+def _parameter_classes(pots: Any, params: set[fx.Node], batch: set[fx.Node]) -> dict[int, fx.Node]:
+    """Classes made of one parameter and its copies alone (views, gathers, expands; no value computed from the
+    batch): class -> the parameter."""
+    out = {}
+    for cls, members in pots.members().items():
+        owned = [n for n in members if n in params]
+        if len(owned) == 1 and not any(n in batch for n in members):
+            out[cls] = owned[0]
+    return out
+
+
+def _repeats(u: fx.Node, param: Optional[fx.Node]) -> float:
+    """How many copies of its parameter a member ``u`` of a parameter's class holds (1 for the parameter
+    itself, a view or a slice): ``numel(u) / numel(p)`` where ``u`` is larger (a relative-position table
+    gathered into a window's bias). The parameter's gradient sums them: ``sqrt`` of that times ``u``'s."""
+    if param is None or u is param:
+        return 1.0
+    nu, np_ = _numel(u), _numel(param)
+    return nu / np_ if np_ > 0 and nu > np_ else 1.0
+
+
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
-                      rows: dict[fx.Node, float]) -> int:
+                      rows: dict[fx.Node, float], param_of: Optional[dict[int, fx.Node]] = None) -> int:
     """Potentials of parameter classes from the measured classes they feed, through the rules.
 
     On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
     ``v``'s is; ``b_uv = f_uv * phi_u / phi_v`` then gives ``log phi_u``. The ideal scale
     of a parameter used by every row goes as ``rows ** -0.5``: where ``v`` carries the batch,
     it is corrected from the local to the global row count (``rows``: local / global).
-    A class with no measured consumer moves with the mean shift of the measured classes.
+    A class with no measured consumer moves with the mean shift of the measured classes. Where the edge
+    leaves a copy of the parameter larger than the parameter (:func:`_repeats`), the parameter itself is
+    made unit: its gradient sums the copies' (it is what the optimizer reads).
 
     No measured correction: a parameter's gradient sums its rows over the batch, and the
     part of it that the rules do not predict (rows that are not independent) is, on one
@@ -163,6 +191,7 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
     batches of 32 (benchmarks/README.md, plan spread); what it corrected was about 1.1x.
     """
     shift = float(np.mean([new[c] - old[c] for c in done])) if done else 0.0
+    param_of = param_of or {}
     for cls in noisy:
         logs = []
         for u, v in pots.free:
@@ -173,7 +202,8 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
             ideal = rec.ideal_bwd.get(u.name)
             if not ideal or not f:
                 continue
-            logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0)))
+            logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0))
+                        - 0.5 * math.log(_repeats(u, param_of.get(cls))))
         a = float(np.mean(logs)) if logs else old[cls] + shift
         # rounded as measurements are: the same on every rank and for one process on the whole batch
         new[cls] = math.log(round_bits(math.exp(a)))
@@ -274,11 +304,14 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     old = pots.log_phi
     true_rms: dict[int, float] = {}
     noisy: set[int] = set()
+    param_of = _parameter_classes(pots, vector, batch)
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
             node = max(measured, key=lambda n: (_feeds_matmul_backward(n), sizes[n]))
-            g = round_bits(_class_rms(measured, grads, node) / math.exp(old[cls]))  # the true gradient's RMS, rounded
+            # the true gradient's RMS, rounded; a parameter's copies (a gathered table): at the parameter
+            repeats = _repeats(node, param_of.get(cls))
+            g = round_bits(_class_rms(measured, grads, node) * math.sqrt(repeats) / math.exp(old[cls]))
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g
                 if node in vector:
@@ -296,7 +329,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             done.add(cls)
             updated += 1
-    updated += _analytic_vectors(pots, noisy, done, new, old, rows)
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of)
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are
     # already relative to it: they make gradients unit for a unit gradient (1 into a loss) at the outputs.
