@@ -89,3 +89,34 @@ def test_a_gathered_parameter_is_made_unit_not_its_copies():
     assert 0.5 <= rms(us.qkv.weight.grad) <= 2.0 and 0.5 <= rms(us.proj.weight.grad) <= 2.0
     cos = gradient_cosines(us, *batch())
     assert min(cos.values()) > 0.9999, cos
+
+
+class PooledReadout(nn.Module):
+    """Tokens that share much of their value (a sample's common component), read through a mean over positions:
+    every position of a sample gets the same gradient, so a weight's gradient sums its rows coherently."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(F.gelu(self.lin(x)).mean(1)), y)
+
+
+def test_a_weight_whose_rows_sum_coherently_is_measured():
+    """The rule's weight-gradient scale assumes independent rows (``sqrt(rows)``); here 64 positions a sample add
+    up coherently, several times more. A matrix's gradient RMS is a stable measurement (unlike a bias's), so
+    measured planning corrects it (before: weight gradient 7.7)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randn(8, 1, 32, generator=g) + 0.3 * torch.randn(8, 64, 32, generator=g)
+        return x, torch.randint(0, 10, (8,), generator=g)
+
+    us = unit_scale(PooledReadout(), batch(), unsupported="error")
+    us(*batch()).backward()
+    assert 0.5 <= rms(us.lin.weight.grad) <= 2.0, rms(us.lin.weight.grad)
+    cos = gradient_cosines(us, *batch())
+    assert min(cos.values()) > 0.9999, cos

@@ -15,7 +15,11 @@ per-row contributions over the whole batch and is seen through only ``d``
 numbers: its measured RMS is dominated by sampling noise (two batches of the
 same distribution gave potentials 2x apart). Such classes take their potential
 from the measured class they feed, through the rule's ideal backward scale
-(the analytic value), so plans do not wobble. Measured RMS values are rounded
+(the analytic value), so plans do not wobble. A matrix (a weight of 2 or more
+dimensions) is measured like an activation: its RMS over ``k n`` entries is a
+stable statistic, and where the rows it sums are not independent the rules'
+``sqrt(rows)`` is off by several times: where the rule is more than 2x off on the
+planning batch, the measurement replaces it. Measured RMS values are rounded
 to a few significant bits (:mod:`.stats`), so the thread count does not change them.
 
 **Data parallel.** Measurements go through ``ctx.stats`` (:mod:`.stats`): inside a
@@ -36,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from ..record import META_KEY, ScaleRecord
-from ..rules.registry import Kind, float_tensor_inputs, resolve_target
+from ..rules.registry import Kind, float_tensor_inputs, lookup, resolve_target
 from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS
@@ -235,6 +239,11 @@ def _class_rms(measured: list[fx.Node], grads: dict[fx.Node, float], node: fx.No
     return grads[node]
 
 
+#: a matrix's measured gradient replaces the rule's scale only where the rule is more than this (log) factor
+#: off: within it, the rule's scale stands (a measurement moves by ~12% between two planning batches, a GPT's
+#: MLP weight in tests/passes/test_stats.py, and a parameter's gradient summed over data-parallel ranks differs
+#: from one process's in its last bits); beyond it (rows that add up coherently) the measurement is taken whole
+_MATRIX_TRUST = math.log(2.0)
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
 #: calibration moves a potential by at most this (log) factor from the analytic fit
@@ -287,7 +296,12 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # reduce over ranks in graph order (the same on every rank)
         grads: dict[fx.Node, float] = {}
         rows: dict[fx.Node, float] = {}  # batch-carrying nodes: local / global element count
-        vector: set[fx.Node] = set()  # parameters (1-D or more): noise-dominated measurements
+        # 1-D parameters (biases, gains): noise-dominated measurements (see the module's docstring). A matrix's
+        # gradient RMS over all its entries is not: where its rows are not independent (attention outputs and
+        # the gradients of a pooled readout, shared across positions), the rule's sqrt(rows) is several
+        # times off (timm's Swin: projection weights' gradients at 6.5-8.4), and the measurement corrects it
+        vector: set[fx.Node] = set()
+        params: set[fx.Node] = set()  # every parameter measured, whatever its dimensions
         for n in gm.graph.nodes:
             if n in run.batch_acc:
                 r, count = stats.rms_of_sums(run.batch_acc[n], bits=None)
@@ -297,14 +311,18 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 # held whole by every rank: its global gradient is the sum of the ranks' shares
                 grads[n] = stats.tensor_rms(run.whole[n], bits=None) if n in run.whole else run.whole_rms[n]
                 if run.dims[n] >= 1 and (n.op == "get_attr" or n.name in ctx.param_inputs):
-                    vector.add(n)
+                    params.add(n)
+                    if run.dims[n] == 1:
+                        vector.add(n)
         sizes = run.sizes
         run.whole.clear()
     new = pots.log_phi.copy()
     old = pots.log_phi
     true_rms: dict[int, float] = {}
     noisy: set[int] = set()
-    param_of = _parameter_classes(pots, vector, batch)
+    param_of = _parameter_classes(pots, params, batch)
+    measured_by_rule = {pots.cls(u) for u, v in pots.free
+                        if getattr(lookup(v, gm), "measured", False) and pots.cls(u) in param_of}
     for cls, members in pots.members().items():
         measured = [n for n in members if n in grads]
         if measured:
@@ -314,7 +332,10 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             g = round_bits(_class_rms(measured, grads, node) * math.sqrt(repeats) / math.exp(old[cls]))
             if g > 0 and math.isfinite(g):
                 true_rms[cls] = g
-                if node in vector:
+                if node in vector or (cls in param_of and (abs(math.log(g) + old[cls]) <= _MATRIX_TRUST
+                                                           or cls in measured_by_rule)):
+                    # a vector; or a matrix whose gradient the rule puts within [1/2, 2], or whose rule measured
+                    # its gains itself (a recurrent layer's)
                     noisy.add(cls)
     updated = 0
     done: set[int] = set()

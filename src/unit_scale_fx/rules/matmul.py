@@ -257,8 +257,8 @@ class EmbeddingBagRule(Rule):
     weighted by ``per_sample_weights``).
 
     For ``n`` rows a bag (the index tensor's last dimension, or indices over bags with ``offsets``) of
-    independent unit rows, the output has RMS ``sqrt(n)`` (sum), ``1 / sqrt(n)`` (mean) or that of the
-    largest of ``n`` Gaussians (max); it is calibrated on the example batch (repeated indices, empty bags
+    unit rows drawn uniformly from ``vocab``, the output has RMS ``sqrt(n (1 + (n - 1) / vocab))`` (sum), that
+    over ``n`` (mean) or that of the largest of ``n`` Gaussians (max); it is calibrated on the example batch (repeated indices, empty bags
     and padding move it). Each row's gradient sums the bag gradients of its uses, times ``1 / n`` (mean) or
     its weight (weighted sum); with max, each bag sends each feature's gradient to one row. The per-sample
     weights' gradient is a dot product over the features. ``max_norm`` renormalises the looked-up rows in
@@ -300,13 +300,16 @@ class EmbeddingBagRule(Rule):
             n = lookups / bags
         n = max(1.0, float(n))
         rw, vocab = op.rms(w), ws[0]
-        spread = math.sqrt(lookups / vocab)  # a row's uses, as for an embedding
+        # a row drawn twice in one bag adds coherently: E|sum of n rows|^2 = n (1 + (n - 1) / vocab) rw^2 for
+        # uniform indices, and a row's gradient sums its copies in a bag the same way
+        dup = math.sqrt(1.0 + (n - 1.0) / vocab)
+        spread = math.sqrt(lookups / vocab) * dup  # a row's uses, as for an embedding
         rp = op.rms(psw) if isinstance(psw, fx.Node) and psw in op.inputs else 1.0
         mean = 0.0
         if mode == "sum":
-            out, gain = math.sqrt(n) * rw * rp, spread * rp
+            out, gain = math.sqrt(n) * rw * rp * dup, spread * rp
         elif mode == "mean":
-            out, gain = rw / math.sqrt(n), spread / n
+            out, gain = rw * dup / math.sqrt(n), spread / n
         else:
             m1, m2 = _max_moments(round(n))
             out, gain, mean = m2 * rw, math.sqrt(bags / vocab), m1 / m2
