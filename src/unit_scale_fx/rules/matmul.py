@@ -257,9 +257,9 @@ class EmbeddingBagRule(Rule):
     weighted by ``per_sample_weights``).
 
     For ``n`` rows a bag (the index tensor's last dimension, or indices over bags with ``offsets``) of
-    unit rows drawn uniformly from ``vocab``, the output has RMS ``sqrt(n (1 + (n - 1) / vocab))`` (sum), that
-    over ``n`` (mean) or that of the largest of ``n`` Gaussians (max); it is calibrated on the example batch (repeated indices, empty bags
-    and padding move it). Each row's gradient sums the bag gradients of its uses, times ``1 / n`` (mean) or
+    unit rows drawn uniformly from ``vocab``, the output has RMS ``sqrt(n (1 + (n - 1) / vocab))`` (sum),
+    that over ``n`` (mean) or that of the largest of ``n`` Gaussians (max); it is calibrated on the example
+    batch (skewed indices, empty bags and padding move it). Each row's gradient sums the bag gradients of its uses, times ``1 / n`` (mean) or
     its weight (weighted sum); with max, each bag sends each feature's gradient to one row. The per-sample
     weights' gradient is a dot product over the features. ``max_norm`` renormalises the looked-up rows in
     place in forward, which undoes the weight's unit initialisation: reported, left unscaled."""
