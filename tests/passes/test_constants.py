@@ -144,8 +144,9 @@ class WindowMaskAttention(nn.Module):
 def test_a_mask_built_from_a_fill_shaped_by_the_input_is_a_constant_and_keeps_masking():
     """``x.new_zeros(...)`` reads ``x``'s shape, never its values: what is built from it is data. Before, the
     input made the mask live, the add of the mask was planned as an add of two activations, and measured
-    planning scaled its output by 0.015 (the -100s dominate its RMS): the mask then took -1.5 off the
-    masked logits, and the attention no longer kept the two regions apart."""
+    planning scaled its output down (the -100s dominate its RMS; by 0.015 in torchvision's Swin, where -100
+    became -1.5): the attention no longer kept the two regions apart (here the first region's outputs moved
+    by up to 0.90)."""
     from unit_scale_fx import unit_scale
 
     torch.manual_seed(0)
