@@ -43,7 +43,7 @@ from ..record import META_KEY, ScaleRecord
 from ..rules.registry import Kind, float_tensor_inputs, lookup, resolve_target
 from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
-from .balance import FIXED_KINDS
+from .balance import FIXED_KINDS, _numel
 from .fold_scales import ADDS, CONV_PARAMS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL, round_bits, sum_count
@@ -148,11 +148,6 @@ def _target(n: fx.Node) -> Any:
         return resolve_target(n)
     except Exception:
         return None
-
-
-def _numel(n: fx.Node) -> int:
-    val = n.meta.get("val")
-    return val.numel() if isinstance(val, torch.Tensor) else 0
 
 
 def _parameter_classes(pots: Any, params: set[fx.Node], batch: set[fx.Node]) -> dict[int, fx.Node]:

@@ -33,7 +33,8 @@ import torch
 import torch.fx as fx
 
 from ..record import CONSTANT, CONSTANT_RMS, INDEX_RHO, MASK_KEYS
-from ..rules.registry import has_float_value, lookup, resolve_target
+from ..rules.registry import has_float_value, resolve_target
+from ..rules.shape import SHAPE_ONLY_FILLS
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, declare, preserved_state
 from .shape_prop import placeholder_values
@@ -52,14 +53,13 @@ def _is_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _shape_only(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """A deterministic fill shaped like its input (``x.new_zeros(...)``, ``torch.ones_like(x)``, ``full_like``):
-    it reads the input's shape and dtype, never its values (the fill rule). Swin's shifted-window mask starts
-    from one: ``x.new_zeros((H, W))``, then slices filled with window ids, then ``masked_fill(-100)``."""
-    rule = lookup(node, gm)
-    if rule is None or rule.name != "fill":
+    """A deterministic fill shaped like its input (``x.new_zeros(...)``, ``torch.ones_like(x)``, ``full_like``;
+    :data:`~unit_scale_fx.rules.shape.SHAPE_ONLY_FILLS`). Swin's shifted-window mask starts from one:
+    ``x.new_zeros((H, W))``, then slices filled with window ids, then ``masked_fill(-100)``."""
+    try:
+        return resolve_target(node, gm) in SHAPE_ONLY_FILLS
+    except TypeError:  # an unhashable target
         return False
-    name = getattr(resolve_target(node, gm), "__name__", "")
-    return not name.startswith(("rand", "empty", "new_empty"))
 
 
 def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..record import INDEX_RHO
 from .einsum import _operands as einsum_operands
+from .pool import max_of_gaussians_mean, max_of_gaussians_rms
 from .registry import (Kind, OpView, Rule, Scales, aten, lookup, many, register, register_library_op,
                        resolve_library_op, resolve_target, tensor_method)
 
@@ -242,15 +243,6 @@ def _embedding_max_norm(node: fx.Node) -> object:
 _BAG_MODES = {0: "sum", 1: "mean", 2: "max", "sum": "sum", "mean": "mean", "max": "max"}
 
 
-def _max_moments(n: int) -> tuple[float, float]:
-    """``(E[M], sqrt(E[M^2]))`` of the largest of ``n`` independent unit Gaussians (quadrature)."""
-    n = max(1, int(n))
-    x = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
-    dens = n * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) * (0.5 * torch.erfc(-x / math.sqrt(2))) ** (n - 1)
-    dx = float(x[1] - x[0])
-    return float((x * dens).sum() * dx), math.sqrt(float((x * x * dens).sum() * dx))
-
-
 @register(F.embedding_bag, aten("embedding_bag"), aten("embedding_bag", "padding_idx"), aten("_embedding_bag"))
 class EmbeddingBagRule(Rule):
     """``nn.EmbeddingBag``: each bag reduces the rows it looks up by sum, mean or max (sum: optionally
@@ -311,7 +303,7 @@ class EmbeddingBagRule(Rule):
         elif mode == "mean":
             out, gain = rw * dup / math.sqrt(n), spread / n
         else:
-            m1, m2 = _max_moments(round(n))
+            m1, m2 = max_of_gaussians_mean(round(n)), max_of_gaussians_rms(round(n))
             out, gain, mean = m2 * rw, math.sqrt(bags / vocab), m1 / m2
         s = Scales(fwd=1.0 / out, bwd={w: 1.0 / gain}, grad_gain={w: gain}, calibrate=True, out_mean=mean,
                    note=f"{mode} of {n:.3g} rows a bag, vocab={vocab} lookups={lookups}")

@@ -123,6 +123,11 @@ _FILLS = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "ra
 _NEW = ("new_zeros", "new_ones", "new_full", "new_empty")
 register(*dict.fromkeys(many([getattr(torch, n, None) for n in _FILLS] + [tensor_method(n) for n in _NEW]
                              + [aten(n) for n in _FILLS + _NEW])))(FillRule())
+_DETERMINISTIC = ("zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full")
+#: fills whose values are fixed by their arguments: they read the input's shape and dtype, never its values, so
+#: what is built from them alone is data (:func:`~unit_scale_fx.passes.constants.live_nodes`)
+SHAPE_ONLY_FILLS = frozenset(many([getattr(torch, n, None) for n in _DETERMINISTIC]
+                                  + [tensor_method(n) for n in _DETERMINISTIC] + [aten(n) for n in _DETERMINISTIC]))
 
 
 @functools.lru_cache(maxsize=256)
