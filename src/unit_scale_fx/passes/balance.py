@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Collection
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ import torch.fx as fx
 from ..record import META_KEY, ScaleRecord
 from ..rules.registry import Kind
 from .base import PassContext, PassResult, declare
+from .init_weights import _source_param
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,34 @@ def _needs_grad(u: fx.Node, gm: fx.GraphModule) -> bool:
 def _numel(n: fx.Node) -> int:
     val = n.meta.get("val")
     return int(val.numel()) if hasattr(val, "numel") else 0
+
+
+def parameter_edges(gm: fx.GraphModule, g, recs: dict[fx.Node, ScaleRecord],
+                    param_inputs: Collection[str] = ()) -> set[tuple[fx.Node, fx.Node]]:
+    """Edges ``u -> v`` where a parameter (or a view, expand or copy of it alone: ``u``) enters an op without
+    a scale of its own (``v``: a concatenation, a stack, a ``where``) together with values computed from
+    the batch. A class token concatenated to the patch tokens, a learned register or padding row.
+
+    Such an op passes the true gradient to each input, so without this the parameter shares the potential
+    of the batch's values, and its gradient, which sums a batch of rows (and in a class token, the one
+    position a classifier reads), is tens of times unit. A backward-only scale on the edge is valid whatever
+    its value: nothing but that parameter lies behind it. The edge gets a potential difference like any
+    scaled op's input (:class:`Potentials`), and the rewrite puts ``scale(u, 1, b)`` on it."""
+    out: set[tuple[fx.Node, fx.Node]] = set()
+    for v, rec in recs.items():
+        if rec.kind != Kind.PRESERVE or v.op not in ("call_function", "call_method"):
+            continue
+        ins = [u for u in g.predecessors(v)]
+        if len(ins) < 2 or str(getattr(v.target, "__name__", v.target)).endswith("_"):
+            continue  # one input (a view of the parameter is the parameter's class), or an in-place op
+        sources = {u: _source_param(u, gm, param_inputs) for u in ins}
+        if any(s is None for s in sources.values()):
+            out.update((u, v) for u, s in sources.items() if s is not None and _is_parameter(s, gm, param_inputs))
+    return out
+
+
+def _is_parameter(n: fx.Node, gm: fx.GraphModule, param_inputs: Collection[str]) -> bool:
+    return n.name in param_inputs if n.op == "placeholder" else (n.op == "get_attr" and _needs_grad(n, gm))
 
 
 def solve_laplacian(n: int, rows: list[tuple[int, int, float, float]], anchors: list[int]) -> np.ndarray:
@@ -147,9 +177,12 @@ class Potentials:
         self.joins = bool(ctx.join_breaks)
         self.fixed_factor = ctx.break_factor
         self.loss_factor = float(ctx.break_factor) if self.joins and ctx.break_factor else 1.0
+        self.param_edges = parameter_edges(gm, self.g, self.recs, ctx.param_inputs)
         for u, v in self.g.edges:
             rec = self.recs.get(v)
-            if rec is None or rec.kind in FIXED_KINDS:
+            if (u, v) in self.param_edges:
+                self.free.append((u, v))  # a parameter's own backward-only scale, before the op
+            elif rec is None or rec.kind in FIXED_KINDS:
                 self.uf.union(u, v)  # no scale op here: the true gradient passes
             elif _needs_grad(u, gm):
                 # every float input of a scaled op has its own backward scale, listed by the rule or not
@@ -284,6 +317,9 @@ class Potentials:
         free = set(self.free)
         for v, rec in self.recs.items():
             if rec.kind in FIXED_KINDS:
+                # a parameter's edge into a concatenation: a backward-only factor on that input alone
+                rec.bwd = {u.name: math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
+                           for u in self.g.predecessors(v) if (u, v) in self.param_edges}
                 continue
             bwd: dict[str, float] = {}
             for u in self.g.predecessors(v):  # every float input, listed by the rule or not

@@ -86,7 +86,7 @@ class _ScaledRun(fx.Interpreter):
                 if b != 1.0 and isinstance(self.env.get(u), torch.Tensor):
                     self.env[u] = scale(self.env[u], 1.0, b)
             return super().run_node(n)
-        if rec is None or rec.kind in FIXED_KINDS or n.op in ("placeholder", "get_attr", "output"):
+        if rec is None or (rec.kind in FIXED_KINDS and not rec.bwd) or n.op in ("placeholder", "get_attr", "output"):
             value = super().run_node(n)
         elif (_target(n) in ADDS and len(n.args) == 2 and not n.kwargs and float_tensor_inputs(n) == list(n.args)
               and all(isinstance(self.env.get(a), torch.Tensor) for a in n.args)):

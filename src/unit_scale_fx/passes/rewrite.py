@@ -4,7 +4,9 @@
 * matmul-class ops (matmul, attention): each input with a backward scale becomes ``scale(x, 1, bwd)``
   and the output ``scale(y, fwd, 1)``: backward scales act after the op's own
   backward, so the gradients that matmuls consume stay unit;
-* other ops whose inputs share one backward scale: one ``scale(y, fwd, bwd)``.
+* other ops whose inputs share one backward scale: one ``scale(y, fwd, bwd)``;
+* ops with no scale of their own (a concatenation) that a parameter enters beside the batch's values
+  (:func:`~unit_scale_fx.passes.balance.parameter_edges`): ``scale(p, 1, bwd)`` on that input.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             bwd = {inputs[k]: _snap(v) for k, v in rec.bwd.items() if k in inputs}
             shared = set(bwd.values())
             sites = _output_sites(node)
-            if rec.kind not in INPUT_SIDE_KINDS and len(shared) <= 1 and sites is not None:
+            if rec.kind not in INPUT_SIDE_KINDS and rec.kind != Kind.PRESERVE and len(shared) <= 1 \
+                    and sites is not None:
                 out_bwd = shared.pop() if shared else 1.0
             else:
                 out_bwd = 1.0
