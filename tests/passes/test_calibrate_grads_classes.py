@@ -4,6 +4,9 @@ every later layer, gets the largest; the last the smallest. The class is made un
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -120,3 +123,20 @@ def test_a_weight_whose_rows_sum_coherently_is_measured():
     assert 0.5 <= rms(us.lin.weight.grad) <= 2.0, rms(us.lin.weight.grad)
     cos = gradient_cosines(us, *batch())
     assert min(cos.values()) > 0.9999, cos
+
+
+def test_a_matrix_is_judged_with_the_potential_it_will_get_not_the_one_it_was_measured_with():
+    """A weight measured at 0.6 of unit under the analytic potentials looked fine, but the class it feeds was then
+    measured 5x off and moved, and the rule's scale moved the weight with it, to 3.3 (timm's LeViT, a downsampling
+    attention's projection). The decision is made on the potential the weight would get from the rule."""
+    from unit_scale_fx.passes.calibrate_grads import _measured_matrices
+
+    old = np.array([0.0, 0.0])
+    true_rms = {0: 0.6, 1: 0.6}  # both measured at 0.6 of unit under the old potentials (log phi 0)
+    new = np.array([math.log(3.3 / 0.6), math.log(1.2 / 0.6)])
+    # class 0: the rule would put the gradient at 0.6 * exp(new) = 3.3 -> outside [1/2, 2], measured: unit
+    # class 1: the rule would put it at 1.2 -> inside, the rule's scale stands
+    before = new.copy()
+    assert _measured_matrices({0, 1}, true_rms, new, old) == 1
+    assert math.isclose(true_rms[0] * math.exp(new[0]), 1.0)
+    assert new[1] == before[1]
