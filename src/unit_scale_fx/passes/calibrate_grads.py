@@ -257,8 +257,11 @@ def _class_rms(measured: list[fx.Node], grads: dict[fx.Node, float], node: fx.No
 _MATRIX_TRUST = math.log(2.0)
 #: measured gradients this far below the typical one are rounding noise, not signal
 _NO_SIGNAL = 1e-4
-#: calibration moves a potential by at most this (log) factor from the analytic fit
-_MAX_STEP = math.log(2.0 ** 10)
+#: calibration moves a potential by at most this (log) factor from the analytic fit. The analytic sweep can be
+#: off by thousands: PoolFormer / EfficientFormer mix tokens by ``pool(x) - x``, which the sweep takes for a
+#: difference of independent values, where the gradients, smooth across positions as the activations are, mostly
+#: cancel: about 2x too large a block, 2**12 at EfficientFormer-L1's stem (2**10 left its stem at 0.2)
+_MAX_STEP = math.log(2.0 ** 24)
 
 
 def _batch_nodes(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
