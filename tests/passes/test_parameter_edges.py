@@ -7,6 +7,7 @@ planning, the ViT below)."""
 from __future__ import annotations
 
 import networkx as nx
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -116,3 +117,33 @@ def test_parameter_edges_are_only_a_parameters_edges_into_an_op_that_also_reads_
     found = {(u.name, v.name) for u, v in parameter_edges(gm, g, recs)}
     # the expand of ``a`` into the concatenation with ``x``; not the edges into ``both`` (parameters alone)
     assert found == {("expand", "cat_1")}, found
+
+
+def test_hugging_face_deit_class_and_distillation_tokens_get_unit_gradients():
+    """DeiT with its distillation token as Hugging Face builds it (default configuration, small sizes): two tokens
+    concatenated before the patches. Before, their gradients were 7.2e6 and 6.3e6 (beyond FP16's range), and the
+    position embedding's 1.2e3 (``benchmarks/unseen_hf_vision.py``)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                     image_size=32, patch_size=8, num_labels=10)
+
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.DeiTForImageClassificationWithTeacher(config)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.model(pixel_values=x).logits, y)
+
+    def batch(seed: int) -> tuple:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+    us = unit_scale(WithLoss(), batch(0))
+    us(*batch(1)).backward()
+    grads = {k.split(".")[-1]: rms(p.grad) for k, p in us.named_parameters() if "embeddings" in k and p.dim() >= 2}
+    assert {"cls_token", "distillation_token", "position_embeddings"} <= set(grads), grads
+    assert all(0.5 <= v <= 2.0 for v in grads.values()), grads
+    cos = gradient_cosines(us, *batch(2))
+    assert min(cos.values()) > 0.9999, min(cos.values())

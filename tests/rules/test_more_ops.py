@@ -87,6 +87,12 @@ CASES = {
                                        {"w": torch.randn(16, 32, 32) / 32, "b": torch.zeros(16)}),
                             lambda: (_x(B, T, 32),)),
     "pixel_unshuffle": (lambda: nn.PixelUnshuffle(2), lambda: (_x(4, 4, 6, 6),)),
+    # patches as columns and back (MobileViT's unfolding into patches, its fold back; overlapping windows)
+    "unfold_patches": (lambda: Op(lambda m, x: F.unfold(x, 2, stride=2)), lambda: (_x(4, 8, 8, 8),)),
+    "unfold_overlapping": (lambda: Op(lambda m, x: F.unfold(x, 3, padding=1)), lambda: (_x(4, 8, 8, 8),)),
+    "fold_patches": (lambda: Op(lambda m, x: F.fold(x, (8, 8), 2, stride=2)), lambda: (_x(4, 32, 16),)),
+    "fold_overlapping": (lambda: Op(lambda m, x: F.fold(x, (6, 6), 3, padding=1)), lambda: (_x(4, 72, 36),)),
+    "tensor_unfold_windows": (lambda: Op(lambda m, x: x.unfold(1, 4, 2)), lambda: (_x(B, T, 16),)),
     "prelu": (lambda: nn.PReLU(), lambda: (_x(B, T, 16),)),
     "prelu_per_channel": (lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8)),
                           lambda: (_x(4, 8, 10, 10),)),

@@ -54,7 +54,7 @@ _METHODS = [
     "unsqueeze", "squeeze", "expand", "expand_as", "t", "flip", "roll", "split", "chunk", "unbind", "narrow",
     "select", "repeat", "repeat_interleave", "clone", "to", "type", "type_as", "float", "half", "bfloat16",
     "double", "masked_fill", "index_select", "gather", "movedim", "swapaxes", "tril", "triu", "detach",
-    "sort",
+    "sort", "unfold",  # (``Tensor.unfold``: windows of one dimension, a view)
 ]
 _FUNCTIONS = [
     operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
@@ -67,6 +67,7 @@ _FUNCTIONS = [
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
     # permutations of elements between channels and positions (super-resolution, ShuffleNet)
     torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+
     # stochastic depth drops whole rows and rescales the rest by 1 / (1 - p), as dropout drops elements
     # (the module stays one call, so train / eval mode is read when it runs, as for Dropout)
     OptionalTarget("torchvision.ops.stochastic_depth", "StochasticDepth"),
@@ -83,6 +84,7 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
     aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("sort"),
     aten("scatter", "value"),  # a constant written at some places, as masked_fill with a scalar
+    aten("unfold"),  # ``Tensor.unfold``: windows of one dimension, a view (each value in the windows holding it)
     aten("pixel_shuffle"), aten("pixel_unshuffle"), aten("channel_shuffle"), aten("native_channel_shuffle"),
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
