@@ -180,46 +180,47 @@ register(*many([F.interpolate, F.upsample, F.upsample_nearest, F.upsample_biline
                                     "upsample_bicubic2d")]))(InterpolateRule())
 
 
-@register(*many([F.unfold, torch._C._nn.im2col, aten("im2col")]))
-class UnfoldRule(Rule):
-    """``F.unfold`` (``im2col``): an image cut into patches laid out as columns. Values are copied, not changed
-    (output RMS ``r``, less where padding adds zeros: measured on a real batch), and each input value is in
-    ``c = out numel / in numel`` patches on average (1 where they do not overlap, MobileViT's; 9 for 3 x 3
-    patches at stride 1): its gradient sums ``c`` of them, gain ``sqrt(c)`` (backward ``1 / sqrt(c)``)."""
+class _PatchRule(Rule):
+    """``F.unfold`` and ``F.fold``: patches of an image laid out as columns, and summed back. ``c``: how many
+    patch entries an image value is in, or an output value sums, on average (``larger numel / smaller numel``:
+    1 for patches that do not overlap, MobileViT's; 9 for 3 x 3 patches at stride 1)."""
 
-    name = "unfold"
     kind = Kind.POOL
 
     def scales(self, op: OpView) -> Scales:
         if len(op.inputs) != 1:
-            return Scales(out_rms=None, note="unfold of unexpected inputs")
+            return Scales(out_rms=None, note=f"{self.name} of unexpected inputs")
         (x,) = op.inputs
         xs, os_ = op.shape(x), op.out_shape
-        if xs is None or os_ is None or not math.prod(xs):
+        if xs is None or os_ is None or not math.prod(xs) or not math.prod(os_):
             return Scales(out_rms=None, note="shapes unknown")
-        gain = math.sqrt(max(1.0, math.prod(os_) / math.prod(xs)))
+        return self.factors(op, x, max(1.0, max(math.prod(xs), math.prod(os_)) / min(math.prod(xs), math.prod(os_))))
+
+    def factors(self, op: OpView, x: fx.Node, c: float) -> Scales:
+        raise NotImplementedError
+
+
+@register(*many([F.unfold, torch._C._nn.im2col, aten("im2col")]))
+class UnfoldRule(_PatchRule):
+    """``F.unfold`` (``im2col``): values are copied, not changed (output RMS ``r``, less where padding adds
+    zeros: measured on a real batch); each value's gradient sums its ``c`` copies': gain ``sqrt(c)``."""
+
+    name = "unfold"
+
+    def factors(self, op: OpView, x: fx.Node, c: float) -> Scales:
+        gain = math.sqrt(c)
         return Scales(fwd=1.0 / op.rms(x), bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True,
-                      out_mean=op.mean(x), note=f"patches per value {gain * gain:.3g}")
+                      out_mean=op.mean(x), note=f"patches per value {c:.3g}")
 
 
 @register(*many([F.fold, torch._C._nn.col2im, aten("col2im")]))
-class FoldRule(Rule):
-    """``F.fold`` (``col2im``): columns of patches summed back into an image, the adjoint of ``F.unfold``. Each
-    output value sums the ``c`` patch entries that cover it (``c = in numel / out numel`` on average: 1 for
-    patches that do not overlap, MobileViT's): output RMS ``r sqrt(c)`` for independent entries (forward
-    ``1 / (r sqrt(c))``, measured on a real batch); each entry's gradient is the one output gradient it was
-    summed into: gain 1."""
+class FoldRule(_PatchRule):
+    """``F.fold`` (``col2im``), the adjoint of ``F.unfold``: each output value sums ``c`` patch entries, RMS
+    ``r sqrt(c)`` for independent entries (forward ``1 / (r sqrt(c))``, measured on a real batch); each entry's
+    gradient is the one output gradient it was summed into: gain 1."""
 
     name = "fold"
-    kind = Kind.POOL
 
-    def scales(self, op: OpView) -> Scales:
-        if len(op.inputs) != 1:
-            return Scales(out_rms=None, note="fold of unexpected inputs")
-        (x,) = op.inputs
-        xs, os_ = op.shape(x), op.out_shape
-        if xs is None or os_ is None or not math.prod(os_):
-            return Scales(out_rms=None, note="shapes unknown")
-        c = max(1.0, math.prod(xs) / math.prod(os_))
+    def factors(self, op: OpView, x: fx.Node, c: float) -> Scales:
         return Scales(fwd=1.0 / (op.rms(x) * math.sqrt(c)), bwd={x: 1.0}, grad_gain={x: 1.0}, calibrate=True,
                       note=f"entries per output {c:.3g}")
