@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Collection
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def _numel(n: fx.Node) -> int:
     return int(val.numel()) if hasattr(val, "numel") else 0
 
 
-def parameter_edges(gm: fx.GraphModule, g, recs: dict[fx.Node, ScaleRecord],
+def parameter_edges(gm: fx.GraphModule, g: Any, recs: dict[fx.Node, ScaleRecord],
                     param_inputs: Collection[str] = ()) -> set[tuple[fx.Node, fx.Node]]:
     """Edges ``u -> v`` where a parameter (or a view, expand or copy of it alone: ``u``) enters an op without
     a scale of its own (``v``: a concatenation, a stack, a ``where``) together with values computed from
@@ -95,8 +95,8 @@ def parameter_edges(gm: fx.GraphModule, g, recs: dict[fx.Node, ScaleRecord],
     for v, rec in recs.items():
         if rec.kind != Kind.PRESERVE or v.op not in ("call_function", "call_method"):
             continue
-        ins = [u for u in g.predecessors(v)]
-        if len(ins) < 2 or str(getattr(v.target, "__name__", v.target)).endswith("_"):
+        ins = list(g.predecessors(v))  # (``g``: the planner's graph of floating-point values, networkx)
+        if len(ins) < 2 or str(getattr(v.target, "__name__", v.target)).split(".")[0].endswith("_"):
             continue  # one input (a view of the parameter is the parameter's class), or an in-place op
         sources = {u: _source_param(u, gm, param_inputs) for u in ins}
         if any(s is None for s in sources.values()):

@@ -67,7 +67,6 @@ _FUNCTIONS = [
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
     # permutations of elements between channels and positions (super-resolution, ShuffleNet)
     torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
-
     # stochastic depth drops whole rows and rescales the rest by 1 / (1 - p), as dropout drops elements
     # (the module stays one call, so train / eval mode is read when it runs, as for Dropout)
     OptionalTarget("torchvision.ops.stochastic_depth", "StochasticDepth"),
