@@ -44,6 +44,7 @@ from ..rules.registry import Kind, float_tensor_inputs, lookup, resolve_target
 from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS, _numel
+from .plan import forward_factor, reverse_sweep
 from .fold_scales import ADDS, CONV_PARAMS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
 from .stats import LOCAL, round_bits, sum_count
@@ -171,8 +172,23 @@ def _repeats(u: fx.Node, param: Optional[fx.Node]) -> float:
     return nu / np_ if np_ > 0 and nu > np_ else 1.0
 
 
+def _shared_rows(scales_of: dict, grho: dict[fx.Node, float], u: fx.Node, v: fx.Node) -> float:
+    """How much larger ``u``'s gradient through ``v`` is than the rule's ideal scale assumes (which takes the rows
+    it sums as independent): where ``v``'s gradient is shared by a sample's positions (``grho``, the sweep's
+    cross-position correlation: a mean-pooled readout, attention's value gradient) and the rule says what ``u``'s
+    gain is then (``Scales.shared_grad_gain``: a bias, which sums it coherently), ``sqrt((1 - rho) + rho s^2)``
+    with ``s`` that gain over the independent one."""
+    sv = scales_of.get(v)
+    rho = grho.get(v, 0.0)
+    if sv is None or rho <= 0 or u not in sv.shared_grad_gain or not sv.grad_gain.get(u):
+        return 1.0
+    ratio = sv.shared_grad_gain[u] / sv.grad_gain[u]
+    return math.sqrt(max(1e-12, (1.0 - rho) + rho * ratio * ratio))
+
+
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
-                      rows: dict[fx.Node, float], param_of: Optional[dict[int, fx.Node]] = None) -> int:
+                      rows: dict[fx.Node, float], param_of: Optional[dict[int, fx.Node]] = None,
+                      scales_of: Optional[dict] = None, grho: Optional[dict[fx.Node, float]] = None) -> int:
     """Potentials of parameter classes from the measured classes they feed, through the rules.
 
     On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
@@ -181,7 +197,8 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
     it is corrected from the local to the global row count (``rows``: local / global).
     A class with no measured consumer moves with the mean shift of the measured classes. Where the edge
     leaves a copy of the parameter larger than the parameter (:func:`_repeats`), the parameter itself is
-    made unit: its gradient sums the copies' (it is what the optimizer reads).
+    made unit: its gradient sums the copies' (it is what the optimizer reads). Where the gradient it sums is
+    shared by a sample's positions, the sweep's correlation corrects the rule (:func:`_shared_rows`).
 
     No measured correction: a parameter's gradient sums its rows over the batch, and the
     part of it that the rules do not predict (rows that are not independent) is, on one
@@ -202,7 +219,8 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
             if not ideal or not f:
                 continue
             logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0))
-                        - 0.5 * math.log(_repeats(u, param_of.get(cls))))
+                        - 0.5 * math.log(_repeats(u, param_of.get(cls)))
+                        - math.log(_shared_rows(scales_of or {}, grho or {}, u, v)))
         a = float(np.mean(logs)) if logs else old[cls] + shift
         # rounded as measurements are: the same on every rank and for one process on the whole batch
         new[cls] = math.log(round_bits(math.exp(a)))
@@ -366,7 +384,9 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             done.add(cls)
             updated += 1
-    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of)
+    grho: dict[fx.Node, float] = {}
+    reverse_sweep(gm, ctx.scales, lambda rec, u: forward_factor(rec, u.name), rho_out=grho)
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of, ctx.scales, grho)
     updated += _measured_matrices(matrices & noisy, true_rms, new, old)
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are

@@ -438,8 +438,10 @@ def forward_factor(rec: ScaleRecord, name: str) -> float:
 
 def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                   edge_factor: Callable[[ScaleRecord, fx.Node], float],
-                  measured: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
-    """Gradient RMS at every floating-point node, from the rules' gains, by one reverse sweep.
+                  measured: Optional[dict[fx.Node, float]] = None,
+                  rho_out: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
+    """Gradient RMS at every floating-point node, from the rules' gains, by one reverse sweep (``rho_out``, if
+    given, receives each gradient's predicted cross-position correlation).
 
     The gradient sent from ``v`` to its input ``u`` has RMS ``grad(v) * gain_vu * edge_factor(rec_v, u)``
     (``gain_vu``: the rule's ``grad_gain``, the Jacobian's gain); gradients that meet at a value
@@ -459,7 +461,7 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                        and n.meta["val"].is_floating_point() for n in leaves)
     #: cross-position correlation of each gradient: a mean over positions sends every position the same
     #: gradient, and attention's value gradient (``A^T g``) then sums it coherently (Scales.shared_grad_gain)
-    grho: dict[fx.Node, float] = {}
+    grho: dict[fx.Node, float] = {} if rho_out is None else rho_out
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue

@@ -143,6 +143,26 @@ def shared_value_gain(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int
     return float(col.pow(2).mean().sqrt())
 
 
+@functools.lru_cache(maxsize=512)
+def value_grad_rho(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int) -> float:
+    """The cross-position correlation of the value gradient ``A^T g`` for independent unit Gaussian rows ``g``:
+    the part of its square that every key position shares. Each row of ``A`` sums to 1, so the mean over keys
+    of ``A^T g`` is ``sum(g) / tk`` whatever ``A`` is: ``rho = tq / (tk sum A^2)``, 1 for attention spread evenly
+    (every key gets the mean of ``g``), ``1 / tk`` for attention on one key each. A bias added to the values
+    sums its gradient over the key positions, coherently where ``rho`` is high."""
+    tq = len(n_keys)
+    rows = list(range(tq)) if tq <= _PROBE_ROWS else [round(i * (tq - 1) / (_PROBE_ROWS - 1)) for i in range(_PROBE_ROWS)]
+    heads = max(1, min(64, _PROBE_TOTAL_ROWS // len(rows)))
+    gen = torch.Generator().manual_seed(1234)
+    q = torch.randn(heads, len(rows), d, generator=gen, dtype=torch.float64)
+    k = torch.randn(heads, tk, d, generator=gen, dtype=torch.float64)
+    visible = torch.tensor([n_keys[i] for i in rows]).unsqueeze(1) > torch.arange(tk).unsqueeze(0)
+    logits = (q @ k.transpose(-1, -2)) * (logit_std / math.sqrt(d))
+    a = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    per_row = float(a.pow(2).sum(-1).mean())  # sum over keys of A^2, averaged over query rows
+    return min(1.0, 1.0 / (tk * per_row)) if per_row > 0 else 0.0
+
+
 @register(F.scaled_dot_product_attention, aten("scaled_dot_product_attention"))
 class SDPARule(Rule):
     name = "sdpa"
@@ -196,4 +216,5 @@ class SDPARule(Rule):
             # g times its key's column sum of A: coherent, not a sum of independent parts
             s.shared_grad_gain[v] = shared_value_gain(round(min(logit_std, 8.0), 2), d, tuple(n_keys), tk) \
                 * math.sqrt(group)
+            s.grad_rho[v] = value_grad_rho(round(min(logit_std, 8.0), 2), d, tuple(n_keys), tk)
         return s

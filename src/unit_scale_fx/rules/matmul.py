@@ -99,6 +99,8 @@ class MatmulRule(Rule):
             out_rows = max(1, _prod(os_) // max(1, os_[-1] if os_ else 1))
             gb = math.sqrt(out_rows)
             s.bwd[bias], s.grad_gain[bias] = 1.0 / gb, gb
+            if len(os_) >= 3:  # (batch, positions..., features): a gradient shared by a sample's positions adds up
+                s.shared_grad_gain[bias] = gb * math.sqrt(_prod(os_[1:-1]))
             out_rms2 += (fwd * op.rms(bias, default=0.0)) ** 2
         s.out_rms = math.sqrt(out_rms2)
         s.note = f"k={k} n={n} rows={rows}"

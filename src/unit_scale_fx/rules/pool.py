@@ -109,8 +109,11 @@ class PoolRule(Rule):
             out = math.sqrt(max(1e-12, m * m + 2 * m * sd * e1 + sd * sd * e2))
             fwd, gain = 1.0 / (r * out), math.sqrt(1.0 / ratio)
             out_mean = (m + sd * e1) / out
+        # a global average (one value per channel left): every position gets the same gradient
+        shared = self.average and len(os_) > 2 and math.prod(os_[2:]) == 1
         return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True, out_rho=out_rho,
-                      out_mean=out_mean, note=f"window={k:.3g} reads={reads:.3g} rho={rho:.2f} mean={m:.2f}")
+                      out_mean=out_mean, note=f"window={k:.3g} reads={reads:.3g} rho={rho:.2f} mean={m:.2f}",
+                      grad_rho={x: 1.0} if shared else {})
 
 
 register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), aten("avg_pool2d"),

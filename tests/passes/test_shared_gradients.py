@@ -1,0 +1,83 @@
+"""Biases whose gradient sums rows that share it. The rules take the rows a bias sums as independent
+(``sqrt(rows)``). Attention's value gradient ``A^T g`` is not: each row of ``A`` sums to 1, so every key position
+holds the mean of ``g``, and a bias added to the values (BERT's, Whisper's, SigLIP's ``v_proj.bias``) sums it
+coherently: 3-10x unit before. The attention rule gives the value gradient's cross-position correlation
+(``Scales.grad_rho``), the reverse sweep carries it, and a bias's rule says its gain when the gradient is shared
+(``Scales.shared_grad_gain``): ``calibrate_grads`` then corrects the rule's scale for the bias."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import gradient_cosines, rms
+from unit_scale_fx import unit_scale
+from unit_scale_fx.rules.attention import value_grad_rho
+
+
+class Layer(nn.Module):
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+class Encoder(nn.Module):
+    """BERT in small: post-norm layers, biases everywhere, the first token read out."""
+
+    def __init__(self, vocab: int = 100, d: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.emb, self.pos, self.ln = nn.Embedding(vocab, d), nn.Embedding(32, d), nn.LayerNorm(d)
+        self.layers = nn.Sequential(*[Layer(d) for _ in range(layers)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.ln(self.emb(ids) + self.pos.weight[: ids.shape[1]])
+        return F.cross_entropy(self.head(self.layers(x)[:, 0]), y)
+
+
+def _batch(seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 100, (8, 32), generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def test_value_biases_get_unit_gradients():
+    torch.manual_seed(0)
+    us = unit_scale(Encoder(), _batch(0), unsupported="error")
+    us(*_batch(1)).backward()
+    # (the key biases' true gradient is zero: softmax ignores what every key adds to a query's logits alike)
+    biases = {k: rms(p.grad) for k, p in us.named_parameters() if p.dim() == 1 and rms(p.grad) > 1e-6}
+    assert {"layers.0.v.bias", "layers.1.v.bias"} <= set(biases)
+    assert all(0.5 <= v <= 2.0 for v in biases.values()), {k: v for k, v in biases.items() if not 0.5 <= v <= 2}
+    cos = gradient_cosines(us, *_batch(2))
+    assert min(cos.values()) > 0.9999, min(cos.values())
+
+
+@pytest.mark.parametrize("logit_std", [0.0, 1.0, 3.0])
+def test_value_gradient_correlation_matches_sampling(logit_std):
+    """``rho`` = (mean over keys of ``A^T g``)^2 / mean over keys of (``A^T g``)^2, over many draws."""
+    d, t = 16, 24
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2000, t, d, generator=g, dtype=torch.float64)
+    k = torch.randn(2000, t, d, generator=g, dtype=torch.float64)
+    a = torch.softmax(q @ k.transpose(-1, -2) * (logit_std / math.sqrt(d)), -1)
+    vg = a.transpose(-1, -2) @ torch.randn(2000, t, 1, generator=g, dtype=torch.float64)
+    sampled = float(vg.mean(-2).pow(2).mean() / vg.pow(2).mean())
+    predicted = value_grad_rho(logit_std, d, (t,) * t, t)
+    assert predicted == pytest.approx(sampled, rel=0.1, abs=0.02), (predicted, sampled)
