@@ -44,9 +44,9 @@ from ..rules.registry import Kind, float_tensor_inputs, lookup, resolve_target
 from ..scale import scale, scaled_add, scaled_conv
 from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS, _numel
-from .plan import forward_factor, reverse_sweep
 from .fold_scales import ADDS, CONV_PARAMS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
+from .plan import forward_factor, reverse_sweep
 from .stats import LOCAL, round_bits, sum_count
 
 log = logging.getLogger(__name__)

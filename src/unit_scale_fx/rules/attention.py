@@ -126,10 +126,10 @@ def attention_gains(logit_std: float, d: int, dv: int, n_keys: tuple[int, ...],
             cross)
 
 
-@functools.lru_cache(maxsize=512)
-def shared_value_gain(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int) -> float:
-    """RMS of the value gradient ``A^T g`` when ``g`` is the same unit Gaussian row at every query
-    position (the gradient of a mean over positions): the column sums of ``A``, not their squares."""
+def _probe_weights(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int) -> tuple[torch.Tensor, int]:
+    """Attention weights ``A`` of the probe (unit Gaussian queries and keys, float64, a fixed seed; query row
+    ``i`` sees the first ``n_keys[i]`` keys; long sequences sampled, as in :func:`attention_gains`), and the
+    number of query rows sampled."""
     tq = len(n_keys)
     rows = list(range(tq)) if tq <= _PROBE_ROWS else [round(i * (tq - 1) / (_PROBE_ROWS - 1)) for i in range(_PROBE_ROWS)]
     heads = max(1, min(64, _PROBE_TOTAL_ROWS // len(rows)))
@@ -138,8 +138,15 @@ def shared_value_gain(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int
     k = torch.randn(heads, tk, d, generator=gen, dtype=torch.float64)
     visible = torch.tensor([n_keys[i] for i in rows]).unsqueeze(1) > torch.arange(tk).unsqueeze(0)
     logits = (q @ k.transpose(-1, -2)) * (logit_std / math.sqrt(d))
-    a = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-    col = a.sum(-2) * (tq / len(rows))  # [heads, tk]: what each key receives of the shared gradient
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1), len(rows)
+
+
+@functools.lru_cache(maxsize=512)
+def shared_value_gain(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int) -> float:
+    """RMS of the value gradient ``A^T g`` when ``g`` is the same unit Gaussian row at every query
+    position (the gradient of a mean over positions): the column sums of ``A``, not their squares."""
+    a, sampled = _probe_weights(logit_std, d, n_keys, tk)
+    col = a.sum(-2) * (len(n_keys) / sampled)  # [heads, tk]: what each key receives of the shared gradient
     return float(col.pow(2).mean().sqrt())
 
 
@@ -150,15 +157,7 @@ def value_grad_rho(logit_std: float, d: int, n_keys: tuple[int, ...], tk: int) -
     of ``A^T g`` is ``sum(g) / tk`` whatever ``A`` is: ``rho = tq / (tk sum A^2)``, 1 for attention spread evenly
     (every key gets the mean of ``g``), ``1 / tk`` for attention on one key each. A bias added to the values
     sums its gradient over the key positions, coherently where ``rho`` is high."""
-    tq = len(n_keys)
-    rows = list(range(tq)) if tq <= _PROBE_ROWS else [round(i * (tq - 1) / (_PROBE_ROWS - 1)) for i in range(_PROBE_ROWS)]
-    heads = max(1, min(64, _PROBE_TOTAL_ROWS // len(rows)))
-    gen = torch.Generator().manual_seed(1234)
-    q = torch.randn(heads, len(rows), d, generator=gen, dtype=torch.float64)
-    k = torch.randn(heads, tk, d, generator=gen, dtype=torch.float64)
-    visible = torch.tensor([n_keys[i] for i in rows]).unsqueeze(1) > torch.arange(tk).unsqueeze(0)
-    logits = (q @ k.transpose(-1, -2)) * (logit_std / math.sqrt(d))
-    a = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    a, _ = _probe_weights(logit_std, d, n_keys, tk)
     per_row = float(a.pow(2).sum(-1).mean())  # sum over keys of A^2, averaged over query rows
     return min(1.0, 1.0 / (tk * per_row)) if per_row > 0 else 0.0
 
