@@ -6,6 +6,8 @@ planning, the ViT below)."""
 
 from __future__ import annotations
 
+import copy
+
 import networkx as nx
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from helpers import gradient_cosines, rms
 from unit_scale_fx import unit_scale
+from unit_scale_fx.analysis.equivalence import scale_erased_copy
 from unit_scale_fx.passes.balance import parameter_edges
 from unit_scale_fx.record import ScaleRecord
 from unit_scale_fx.rules.registry import Kind
@@ -147,3 +150,20 @@ def test_hugging_face_deit_class_and_distillation_tokens_get_unit_gradients():
     assert all(0.5 <= v <= 2.0 for v in grads.values()), grads
     cos = gradient_cosines(us, *batch(2))
     assert min(cos.values()) > 0.9999, min(cos.values())
+
+
+def test_with_every_scale_one_the_model_with_a_class_token_is_the_original():
+    """The token's own factor is a scale like any other: with every scale 1 (``scale_erased_copy``) the rewritten
+    model computes the original's loss and gradients on the same weights."""
+    torch.manual_seed(0)
+    model = TinyViT(masked=True)
+    us = unit_scale(copy.deepcopy(model), _batch(0), unsupported="error")
+    ones = scale_erased_copy(us)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(us.state_dict())
+    a, b = ones(*_batch(1)), ref(*_batch(1))
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    a.backward(), b.backward()
+    grads = dict(ref.named_parameters())
+    for k, p in ones.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k].grad, rtol=1e-5, atol=1e-7, msg=k)
