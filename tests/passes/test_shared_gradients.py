@@ -1,8 +1,9 @@
 """Biases whose gradient sums rows that share it. The rules take the rows a bias sums as independent
 (``sqrt(rows)``). Attention's value gradient ``A^T g`` is not: each row of ``A`` sums to 1, so every key position
 holds the mean of ``g``, and a bias added to the values (BERT's, Whisper's, SigLIP's ``v_proj.bias``) sums it
-coherently: 3-10x unit before. The attention rule gives the value gradient's cross-position correlation
-(``Scales.grad_rho``), the reverse sweep carries it, and a bias's rule says its gain when the gradient is shared
+coherently: 3-10x unit before. Under a global average pool every position gets the same gradient: convolution
+biases were 19-29x. The attention rule gives the value gradient's cross-position correlation and the pool gives
+1 (``Scales.grad_rho``), the reverse sweep carries it, and a bias's rule says its gain when the gradient is shared
 (``Scales.shared_grad_gain``): ``calibrate_grads`` then corrects the rule's scale for the bias."""
 
 from __future__ import annotations
@@ -81,3 +82,34 @@ def test_value_gradient_correlation_matches_sampling(logit_std):
     sampled = float(vg.mean(-2).pow(2).mean() / vg.pow(2).mean())
     predicted = value_grad_rho(logit_std, d, (t,) * t, t)
     assert predicted == pytest.approx(sampled, rel=0.1, abs=0.02), (predicted, sampled)
+
+
+class ConvNet(nn.Module):
+    """Convolutions with biases, read out through a global average pool: every position of a sample gets the same
+    gradient, and a convolution's bias sums it over the positions coherently."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(3 if i == 0 else c, c, 3, padding=1) for i in range(3))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.c1(x))
+        h = h + F.gelu(self.c2(h))
+        h = h + F.gelu(self.c3(h))
+        return F.cross_entropy(self.head(F.adaptive_avg_pool2d(h, 1).flatten(1)), y)
+
+
+def _images(seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def test_convolution_biases_under_a_global_pool_get_unit_gradients():
+    torch.manual_seed(0)
+    us = unit_scale(ConvNet(), _images(0), unsupported="error")
+    us(*_images(1)).backward()
+    biases = {k: rms(p.grad) for k, p in us.named_parameters() if p.dim() == 1}
+    assert all(0.5 <= v <= 2.0 for v in biases.values()), biases  # 19-23 before
+    cos = gradient_cosines(us, *_images(2))
+    assert min(cos.values()) > 0.9999, min(cos.values())

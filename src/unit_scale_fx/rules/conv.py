@@ -137,6 +137,9 @@ def _matmul_scales(op: OpView, x: Any, w: Any, b: Any, fan_in: float, reads: flo
     out2 = 1.0
     if isinstance(b, fx.Node) and b in op.inputs:
         out2 += (s.fwd * op.rms(b, default=0.0)) ** 2
+        os_ = op.out_shape
+        if os_ and len(os_) > 2:  # the bias sums its gradient over a sample's positions coherently where shared
+            s.shared_grad_gain[b] = math.sqrt(rows_b * math.prod(os_[2:]))
     s.out_rms = math.sqrt(out2)
     return s
 
