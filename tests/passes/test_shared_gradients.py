@@ -88,16 +88,19 @@ class ConvNet(nn.Module):
     """Convolutions with biases, read out through a global average pool: every position of a sample gets the same
     gradient, and a convolution's bias sums it over the positions coherently."""
 
-    def __init__(self, c: int = 32) -> None:
+    def __init__(self, c: int = 32, readout: str = "pool") -> None:
         super().__init__()
         self.c1, self.c2, self.c3 = (nn.Conv2d(3 if i == 0 else c, c, 3, padding=1) for i in range(3))
         self.head = nn.Linear(c, 10)
+        self.readout = readout
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.c1(x))
         h = h + F.gelu(self.c2(h))
         h = h + F.gelu(self.c3(h))
-        return F.cross_entropy(self.head(F.adaptive_avg_pool2d(h, 1).flatten(1)), y)
+        # a global average: a pool, or a mean over the image's last two dimensions (Hugging Face's ConvNeXt)
+        pooled = F.adaptive_avg_pool2d(h, 1).flatten(1) if self.readout == "pool" else h.mean((2, 3))
+        return F.cross_entropy(self.head(pooled), y)
 
 
 def _images(seed: int) -> tuple:
@@ -105,9 +108,10 @@ def _images(seed: int) -> tuple:
     return torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
-def test_convolution_biases_under_a_global_pool_get_unit_gradients():
+@pytest.mark.parametrize("readout", ["pool", "mean"])
+def test_convolution_biases_under_a_global_average_get_unit_gradients(readout):
     torch.manual_seed(0)
-    us = unit_scale(ConvNet(), _images(0), unsupported="error")
+    us = unit_scale(ConvNet(readout=readout), _images(0), unsupported="error")
     us(*_images(1)).backward()
     biases = {k: rms(p.grad) for k, p in us.named_parameters() if p.dim() == 1}
     assert all(0.5 <= v <= 2.0 for v in biases.values()), biases  # 19-23 before

@@ -50,7 +50,11 @@ class ReduceRule(Rule):
         fwd = 1.0 / (r * math.sqrt(mean_sq)) if self.mean else 1.0 / (r * n * math.sqrt(mean_sq))
         if rho:
             note += f" rho={rho:.2f}"
-        over_positions = bool(dims) and len(xs) - 1 not in [d % len(xs) for d in dims if isinstance(d, int)]
+        reduced = {d % len(xs) for d in dims if isinstance(d, int)}
+        # positions: every dimension but the batch and the features, the features last ((B, T, D) over T) or, for
+        # an image's (B, C, H, W) and beyond, first after the batch (a global average over H and W)
+        over_positions = bool(dims) and (len(xs) - 1 not in reduced
+                                         or (len(xs) >= 4 and reduced == set(range(2, len(xs)))))
         return Scales(fwd=fwd, bwd={x: bwd}, grad_gain={x: 1.0 / bwd}, calibrate=True, note=note,
                       out_rho=min(1.0, rho / mean_sq) if rho else None, out_mean=op.mean(x) / math.sqrt(mean_sq),
                       grad_rho={x: 1.0} if over_positions else {})  # each position gets the same gradient
