@@ -198,6 +198,9 @@ class Potentials:
         self.output_leaves = list(dict.fromkeys(n for n in leaves if isinstance(n, fx.Node) and n in self.g))
         self.output_cls = len(self.index)
         self.log_phi = np.zeros(len(self.index) + 1)
+        #: each node's gradient correlation across a sample's positions, from the sweep (:meth:`fit_unit_grads`'s
+        #: caller fills it; ``calibrate_grads`` corrects the parameters' rule scales with it)
+        self.grad_rho: dict[fx.Node, float] = {}
 
     def pinned(self) -> set[int]:
         """Classes whose potential is exactly 1: the outputs' class and values shared with other graphs.
@@ -343,7 +346,7 @@ def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     pots = Potentials(gm, ctx)
     n_rows = pots.fit_ideal()
-    n_swept = pots.fit_unit_grads(true_grad_rms(gm, ctx.scales))
+    n_swept = pots.fit_unit_grads(true_grad_rms(gm, ctx.scales, rho_out=pots.grad_rho))
     pots.assign()
     ctx.potentials = pots
     log.debug("balance: %d of %d potentials from a reverse sweep of the rules' gains", n_swept, len(pots.index))

@@ -46,7 +46,7 @@ from ..tensor_stats import output_loss, rms
 from .balance import FIXED_KINDS, _numel
 from .fold_scales import ADDS, CONV_PARAMS, CONVOLUTIONS, SAVES_OUTPUT
 from .base import PassContext, PassResult, declare, preserved_state
-from .plan import forward_factor, reverse_sweep
+from .plan import mixed_gain
 from .stats import LOCAL, round_bits, sum_count
 
 log = logging.getLogger(__name__)
@@ -177,13 +177,11 @@ def _shared_rows(scales_of: dict, grho: dict[fx.Node, float], u: fx.Node, v: fx.
     it sums as independent): where ``v``'s gradient is shared by a sample's positions (``grho``, the sweep's
     cross-position correlation: a mean-pooled readout, attention's value gradient) and the rule says what ``u``'s
     gain is then (``Scales.shared_grad_gain``: a bias, which sums it coherently), ``sqrt((1 - rho) + rho s^2)``
-    with ``s`` that gain over the independent one."""
+    with ``s`` that gain over the independent one (:func:`~.plan.mixed_gain`, as the sweep mixes them)."""
     sv = scales_of.get(v)
-    rho = grho.get(v, 0.0)
-    if sv is None or rho <= 0 or u not in sv.shared_grad_gain or not sv.grad_gain.get(u):
+    if sv is None or u not in sv.shared_grad_gain or not sv.grad_gain.get(u):
         return 1.0
-    ratio = sv.shared_grad_gain[u] / sv.grad_gain[u]
-    return math.sqrt(max(1e-12, (1.0 - rho) + rho * ratio * ratio))
+    return mixed_gain(1.0, sv.shared_grad_gain[u] / sv.grad_gain[u], grho.get(v, 0.0))
 
 
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
@@ -384,9 +382,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             done.add(cls)
             updated += 1
-    grho: dict[fx.Node, float] = {}
-    reverse_sweep(gm, ctx.scales, lambda rec, u: forward_factor(rec, u.name), rho_out=grho)
-    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of, ctx.scales, grho)
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of, ctx.scales, pots.grad_rho)
     updated += _measured_matrices(matrices & noisy, true_rms, new, old)
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are

@@ -436,6 +436,15 @@ def forward_factor(rec: ScaleRecord, name: str) -> float:
     return rec.weights.get(name, rec.fwd) if rec.weights else rec.fwd
 
 
+def mixed_gain(gain: float, shared: Optional[float], rho: float) -> float:
+    """An input's gradient gain when the gradient it reads shares a part ``rho`` of its square across a sample's
+    positions: ``gain`` (the rule's, for independent positions) on the rest, ``shared`` (``Scales.shared_grad_gain``:
+    the gain for a gradient the same at every position; none: ``gain`` throughout) on the shared part."""
+    if shared is None or rho <= 0:
+        return gain
+    return math.sqrt((1.0 - rho) * gain * gain + rho * shared * shared)
+
+
 def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                   edge_factor: Callable[[ScaleRecord, fx.Node], float],
                   measured: Optional[dict[fx.Node, float]] = None,
@@ -478,9 +487,7 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                 rhos.append(ru)
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
-            shared = s.shared_grad_gain.get(node)
-            if shared is not None and ru > 0:
-                gain = math.sqrt((1.0 - ru) * gain * gain + ru * shared * shared)
+            gain = mixed_gain(gain, s.shared_grad_gain.get(node), ru)
             contribs.append(g * gain * edge_factor(rec, node))
             rhos.append(s.grad_rho.get(node, ru))
         total = sum(c * c for c in contribs)
@@ -503,9 +510,11 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     return grad
 
 
-def true_grad_rms(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales]) -> dict[fx.Node, float]:
-    """Predicted RMS of the true gradient (of the scaled forward) at every floating-point node."""
-    return reverse_sweep(gm, scales_of, lambda rec, u: forward_factor(rec, u.name))
+def true_grad_rms(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
+                  rho_out: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
+    """Predicted RMS of the true gradient (of the scaled forward) at every floating-point node (``rho_out``: as in
+    :func:`reverse_sweep`)."""
+    return reverse_sweep(gm, scales_of, lambda rec, u: forward_factor(rec, u.name), rho_out=rho_out)
 
 
 def _chosen_factor(rec: ScaleRecord, u: fx.Node) -> float:
