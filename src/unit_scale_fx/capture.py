@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnitScaleError
+from .layers import _BN_FORWARD, batch_norm_layer
 from .record import CAPTURE, LOST_TYPES
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class UnitScaleTracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:  # type: ignore[override]
         self._names: Optional[tuple[dict[int, str], dict[int, str]]] = None
+        self._params: dict[str, fx.Proxy] = {}
         self.lost_types: list[str] = []
         return super().trace(root, concrete_args)
 
@@ -67,20 +69,50 @@ class UnitScaleTracer(fx.Tracer):
         """
         if not isinstance(attr_val, torch.Tensor):
             return attr_val
+        name = self._tensor_name(attr_val)
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self._param_proxy(name)
+        return parameter_proxy_cache[name]
+
+    def _tensor_name(self, t: torch.Tensor) -> Optional[str]:
+        """The qualified name of a parameter (or, with ``proxy_buffer_attributes``, a buffer) of the root."""
         if self._names is None:
             self._names = (
                 {id(p): n for n, p in reversed(list(self.root.named_parameters()))},
                 {id(b): n for n, b in reversed(list(self.root.named_buffers()))},
             )
         params, buffers = self._names
-        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        name = params.get(id(t)) if isinstance(t, nn.Parameter) else None
         if name is None and self.proxy_buffer_attributes:
-            name = buffers.get(id(attr_val))
-        if name is None:
-            return attr_val
-        if name not in parameter_proxy_cache:
-            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
-        return parameter_proxy_cache[name]
+            name = buffers.get(id(t))
+        return name
+
+    def _param_proxy(self, name: str) -> fx.Proxy:
+        """The one ``get_attr`` node of the parameter ``name`` in this trace."""
+        if name not in self._params:
+            self._params[name] = super().create_proxy("get_attr", name, (), {})
+        return self._params[name]
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        """A call of a batch-norm layer whose ``forward`` is PyTorch's becomes ``batch_norm_layer(bn, x,
+        bn.weight, bn.bias)`` (the same function, train / eval behaviour included): its gain and bias are then
+        nodes, which planning gives gradient factors of their own."""
+        if kind == "call_module" and len(args) == 1 and not kwargs:
+            mod = self.root.get_submodule(str(target))
+            if type(mod).forward is _BN_FORWARD:
+                base = str(target).replace(".", "_")
+                bn = super().create_proxy("get_attr", target, (), {}, name=f"{base}_layer")
+                wb = []
+                for attr in ("weight", "bias"):
+                    p = mod._parameters.get(attr)
+                    pname = self._tensor_name(p) if p is not None else None
+                    wb.append(self._param_proxy(pname) if pname is not None else p)
+                return super().create_proxy("call_function", batch_norm_layer, (bn, args[0], *wb), {}, name=base,
+                                            type_expr=type_expr, proxy_factory_fn=proxy_factory_fn)
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.user_leaves and isinstance(m, self.user_leaves):

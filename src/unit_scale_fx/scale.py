@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from .errors import UnitScaleError
+from .layers import _BN_FORWARD, _bn_momentum, batch_norm_layer
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -663,7 +664,7 @@ def _native_layer_norm(x: Tensor, shape: list, w: Tensor | None, b: Tensor | Non
 
 class _ScaledBatchNormFn(torch.autograd.Function):
     """``fo * batch_norm(fx * x)`` in training mode; backward ``gx * J^T (go * g)``, gain and bias
-    gradients times ``go``.
+    gradients times ``go * gw`` and ``go * gb``.
 
     No pass over an activation besides the batch norm's own. Normalising ``fx * x`` with ``eps`` is
     normalising ``x`` with ``eps / fx**2`` (its running statistics are ``fx`` and ``fx**2`` times
@@ -681,40 +682,46 @@ class _ScaledBatchNormFn(torch.autograd.Function):
         out, mean, invstd = torch.ops.aten.native_batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps_x)
         _stats_back(rm, rv, rmt, rvt, fx)
         ctx.save_for_backward(x, w, mean, invstd)
-        ctx.bn = (eps_x, c[0], c[0] * c[1] / fx)
+        ctx.bn = (eps_x, c[0], c[0] * c[1] / fx, c[2], c[3])
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, w, mean, invstd = ctx.saved_tensors
-        eps_x, go, kx = ctx.bn
+        eps_x, go, kx, gw, gb = ctx.bn
         need = ctx.needs_input_grad
         mask = [need[0], w is not None and need[1], need[2]]
         wb = _gain(x, w, (x.shape[1],), kx)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, wb, None, None, mean, invstd, True, eps_x, mask)
         dw, db = (dw if mask[1] else None), (db if mask[2] else None)
-        for t in (dw, db):
+        for t, k in ((dw, gw), (db, gb)):
             if t is not None:
-                _mul_(t, go)
+                _mul_(t, go * k)
         return dx if mask[0] else None, dw, db, None, None, None, None, None, None
 
 
 _apply_batch_norm = _fast_apply(_ScaledBatchNormFn)
-#: PyTorch's ``_BatchNorm.forward`` (what :func:`scaled_batch_norm` computes)
-_BN_FORWARD = torch.nn.modules.batchnorm._BatchNorm.forward
 
 
-def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE) -> Tensor:
-    """A batch-norm layer ``bn`` (``BatchNorm1d/2d/3d``) with ``scale`` on its input and output, as one op.
+def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, out_scale: tuple = _ONE,
+                      weight_scale: tuple = _ONE, bias_scale: tuple = _ONE) -> Tensor:
+    """A batch-norm layer ``bn`` (``BatchNorm1d/2d/3d``) with ``scale`` on its input and output, and
+    backward-only scales on its gain and bias, as one op.
 
-    The same function as ``scale(bn(scale(x, *x_scale)), *out_scale)``, and the same updates of the
-    running statistics, without a pass over the activation for either scale
-    (:class:`_ScaledBatchNormFn`). In training mode with gradients, for a layer whose ``forward`` is
-    PyTorch's; otherwise (evaluation, ``no_grad``, compiling, another ``forward``) it is that chain.
-    With every factor 1 it is ``bn(x)``.
+    The same function as ``scale(batch_norm_layer(bn, scale(x, *x_scale), scale(bn.weight, *weight_scale),
+    scale(bn.bias, *bias_scale)), *out_scale)``, and the same updates of the running statistics, without a
+    pass over the activation for any scale (:class:`_ScaledBatchNormFn`). In training mode with gradients,
+    for a layer whose ``forward`` is PyTorch's; otherwise (evaluation, ``no_grad``, compiling, another
+    ``forward``) it is that chain. With every factor 1 it is ``bn(x)``. The gain's and bias's forward
+    factors must be 1 (:func:`~unit_scale_fx.passes.fold_scales.fuse_batch_norms` fuses no other).
     """
     (fx, gx), (fo, go) = _pair(x_scale), _pair(out_scale)
-    if (fx, gx, fo, go) == (1.0,) * 4:
+    (fw, gw), (fb, gb) = _pair(weight_scale), _pair(bias_scale)
+    if fw != 1.0 or fb != 1.0:
+        raise UnitScaleError(f"scaled_batch_norm: the gain and bias take backward factors only, got forward "
+                             f"factors {fw} and {fb}",
+                             where=type(bn).__name__, fix="leave these scales unfused (a separate `scale` op)")
+    if (fx, gx, fo, go, gw, gb) == (1.0,) * 6:
         return bn(x)
     # the checks ``bn.forward`` makes, read from the module's dicts (``Module.__getattr__`` is slow)
     buffers, params = bn._buffers, bn._parameters
@@ -722,33 +729,34 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
     if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _BN_FORWARD
             or torch.compiler.is_compiling() or not fx > 0 or type(x) not in _PLAIN
             or (rm is None) != (rv is None)):
-        return scale(bn(scale(x, fx, gx)), fo, go)
+        w, b = params.get("weight"), params.get("bias")
+        if (gw, gb) == (1.0, 1.0) or w is None and b is None:
+            return scale(bn(scale(x, fx, gx)), fo, go)
+        w = None if w is None else scale(w, 1.0, gw)
+        b = None if b is None else scale(b, 1.0, gb)
+        return scale(batch_norm_layer(bn, scale(x, fx, gx), w, b), fo, go)
     bn._check_input_dim(x)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
     track = bn.track_running_stats
-    nbt = buffers.get("num_batches_tracked")
-    if track and nbt is not None:
-        nbt.add_(1)
-        if bn.momentum is None:  # a cumulative moving average
-            momentum = 1.0 / float(nbt)
+    momentum = _bn_momentum(bn, track)
     if not (track and rm is not None):
         rm = rv = None
     torch.nn.functional._verify_batch_size(x.size())  # as ``F.batch_norm`` does in training
     w, b = params.get("weight"), params.get("bias")
     if _native_ok(x, w, b):
         return _native_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), float(fx), float(fo), float(go),
-                                  float(gx))
+                                  float(gx), float(gw), float(gb))
     return _apply_batch_norm(x, w, b, rm, rv, float(momentum), float(bn.eps), (float(fx), float(fo)),
-                             (float(go), float(gx)))
+                             (float(go), float(gx), float(gw), float(gb)))
 
 
 def _native_batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, rm: Tensor | None, rv: Tensor | None,
-                       momentum: float, eps: float, fx: float, fo: float, go: float, gx: float) -> Tensor:
+                       momentum: float, eps: float, fx: float, fo: float, go: float, gx: float, gw: float = 1.0,
+                       gb: float = 1.0) -> Tensor:
     """What :class:`_ScaledBatchNormFn` computes, as native autograd ops: ``torch.batch_norm`` of ``x`` with
     ``eps / fx**2`` on copies of the running statistics (:func:`_stats_copies`; autograd saves the
     statistics it reads), the gain and bias of :func:`_native_affine` (the input gradient's factor
-    ``go * gx / fx``, the gain's and bias's ``go``)."""
-    wf, bf, after = _native_affine(x, w, b, (x.shape[1],), fo, fo, go * gx / fx, go, go)
+    ``go * gx / fx``, the gain's ``go * gw`` and the bias's ``go * gb``)."""
+    wf, bf, after = _native_affine(x, w, b, (x.shape[1],), fo, fo, go * gx / fx, go * gw, go * gb)
     rmt, rvt = _stats_copies(rm, rv, fx)
     out = torch.batch_norm(x, wf, bf, rmt, rvt, True, momentum, eps / (fx * fx), torch.backends.cudnn.enabled)
     _stats_back(rm, rv, rmt, rvt, fx)

@@ -163,8 +163,8 @@ def test_backward_keeps_no_scaled_copy(name):
     Read from the autograd graph without hooks (batch norms, layer norms and convolutions with factors
     on their parameters' gradients only then run as native ops): exactly the original's bytes plus one
     0-dim float32 factor per batch norm and layer norm (4 bytes: the saved factor of the multiply that
-    sets its gain's and bias's backward factors, ``scale._set_saved``; here the gain and bias of a layer
-    norm share one) and per weight and bias of a convolution whose factors are in a copy of its weight
+    sets its gain's and bias's backward factors, ``scale._set_saved``; two where the gain's and the bias's
+    factors differ, as a batch norm's may: its bias may sum a gradient shared across positions) and per weight and bias of a convolution whose factors are in a copy of its weight
     (one, shared, where their factors agree), saved instead of the weight (``scale._native_conv``: an
     input-gradient factor, a weight no larger than the input, forward factors 1 on input and output).
     Another native convolution saves its weight itself (a hook scales its gradient). And one factor per
@@ -178,8 +178,8 @@ def test_backward_keeps_no_scaled_copy(name):
     assert _saved(us, batch) == _saved(model, batch) - stats
     if name == "gpt":
         return
-    factors = sum(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
-    assert factors > 0
+    n_norms = sum(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
+    assert n_norms > 0
     sizes = []
     for m in (model, us):
         out = m(*batch)
@@ -190,6 +190,10 @@ def test_backward_keeps_no_scaled_copy(name):
                        if type(f).__name__ == "MulBackward0"}) for n in _grad_nodes(out)
                   if type(n).__name__ == "ConvolutionBackward0"
                   and n._saved_weight.untyped_storage().data_ptr() not in params]
+        # per norm, the distinct 0-dim factors its gain's and bias's multiplies saved
+        norms = [len({f._saved_other.untyped_storage().data_ptr() for f, _ in n.next_functions[1:]
+                      if type(f).__name__ == "MulBackward0"}) for n in _grad_nodes(out)
+                 if type(n).__name__ in ("NativeBatchNormBackward0", "NativeLayerNormBackward0")]
         # residual adds whose skip alone carries factors: one 0-dim factor each (``scale._native_add``)
         adds = sum(type(n).__name__ == "AddcmulBackward0" and n._saved_tensor2.dim() == 0 for n in _grad_nodes(out))
         out.backward()
@@ -198,7 +202,8 @@ def test_backward_keeps_no_scaled_copy(name):
     # in the ResNet, not in the SiLU network, whose convolutions read inputs with forward factors)
     assert bool(folded) == (name == "resnet")
     assert (adds > 0) == (name != "silu-convnet")
-    factors += sum(folded) + adds
+    assert len(norms) == n_norms and all(k in (1, 2) for k in norms)
+    factors = sum(norms) + sum(folded) + adds
     assert sizes[1] == sizes[0] + 4 * factors
 
 

@@ -8,6 +8,7 @@ biases were 19-29x. The attention rule gives the value gradient's cross-position
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -117,3 +118,54 @@ def test_convolution_biases_under_a_global_average_get_unit_gradients(readout):
     assert all(0.5 <= v <= 2.0 for v in biases.values()), biases  # 19-23 before
     cos = gradient_cosines(us, *_images(2))
     assert min(cos.values()) > 0.9999, min(cos.values())
+
+
+def _sweep_rho(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """The reverse sweep's predicted cross-position correlation of each node's gradient, planned on ``x``."""
+    from unit_scale_fx.passes.plan import true_grad_rms
+
+    from helpers import pipeline_until
+
+    gm, ctx, _ = pipeline_until(model, (x,), "rewrite")
+    rho: dict = {}
+    true_grad_rms(gm, ctx.scales, rho_out=rho)
+    return {n.name: r for n, r in rho.items()}
+
+
+def _sampled_rho(g: torch.Tensor) -> float:
+    """``(mean over positions of g)^2 / mean of g^2``, over samples and channels: ``g`` is ``(N, C, ...)``."""
+    return float(g.flatten(2).mean(2).pow(2).mean() / g.pow(2).mean())
+
+
+class _Head(nn.Module):
+    """``op(x)`` read out by a global average: the gradient of ``op``'s output is the same at every position."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.op(x), 1).flatten(1).sum(1).mean()
+
+
+@pytest.mark.parametrize("op", ["relu", "gelu", "max_pool", "batch_norm"])
+def test_gradient_correlation_through_an_op_matches_sampling(op):
+    """What a gradient shared by every position keeps of its correlation through a ReLU's mask (half), a GELU's
+    derivative, a max pool (1 / window: each window's gradient goes to one position) and a batch norm in training
+    (each channel's gradient then sums to zero over the batch's rows: nothing shared is left for a sum over them)."""
+    torch.manual_seed(0)
+    fn = {"relu": F.relu, "gelu": F.gelu, "max_pool": lambda t: F.max_pool2d(t, 2),
+          "batch_norm": nn.BatchNorm2d(8)}[op]
+    model = _Head(fn)
+    x = torch.randn(64, 8, 8, 8, requires_grad=True)
+    model(x).backward()
+    # the gradient reaching x, against the sweep's prediction for the op's input
+    predicted = _sweep_rho(copy.deepcopy(model), x.detach())["x"]
+    sampled = _sampled_rho(x.grad)
+    if op == "batch_norm":
+        summed = x.grad.sum((0, 2, 3))  # what a bias before the batch norm would read
+        assert float(summed.abs().max()) < 1e-5
+        assert predicted == 0.0
+    else:
+        assert predicted == pytest.approx(sampled, rel=0.1, abs=0.01), (predicted, sampled)
+        assert predicted < 0.9  # the output's gradient: 1

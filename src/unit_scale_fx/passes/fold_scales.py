@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
-from ..scale import (_BN_FORWARD, _pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
-                     scaled_layer_norm, scaled_linear)
+from ..layers import _BN_FORWARD, batch_norm_layer
+from ..scale import (_pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv, scaled_layer_norm,
+                     scaled_linear)
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
@@ -464,34 +465,73 @@ def fuse_attention(graph: fx.Graph) -> int:
     return fused
 
 
+def _batch_norm_layer(n: fx.Node, root: Optional[torch.nn.Module]) -> Optional[tuple[str, dict]]:
+    """A call of a batch-norm layer whose ``forward`` is PyTorch's ``_BatchNorm.forward``: as a module call, or
+    as the tracer writes it (``batch_norm_layer(bn, x, bn.weight, bn.bias)``, ``bn`` a ``get_attr``). Returns
+    the layer's qualified name and the call's tensor arguments by name; None for any other node."""
+    if n.op == "call_function" and n.target is batch_norm_layer and len(n.args) == 4 and not n.kwargs:
+        bn = n.args[0]
+        if not (isinstance(bn, fx.Node) and bn.op == "get_attr"):
+            return None
+        target, bound = str(bn.target), {"input": n.args[1], "weight": n.args[2], "bias": n.args[3]}
+    elif n.op == "call_module" and len(n.args) == 1 and not n.kwargs:
+        target, bound = str(n.target), {"input": n.args[0]}
+    else:
+        return None
+    try:
+        mod = root.get_submodule(target) if root is not None else None
+    except AttributeError:
+        return None
+    return (target, bound) if mod is not None and type(mod).forward is _BN_FORWARD else None
+
+
+def _own_parameter(root: torch.nn.Module, layer: str, attr: str, arg: Any) -> bool:
+    """``arg`` is the ``get_attr`` of the layer's own ``attr`` parameter (None where it has none)."""
+    p = root.get_submodule(layer)._parameters.get(attr)
+    if p is None or not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        return p is None and arg is None
+    try:
+        return root.get_parameter(str(arg.target)) is p
+    except AttributeError:
+        return False
+
+
 def fuse_batch_norms(graph: fx.Graph) -> int:
     """Replace each call of a batch-norm layer (a module whose ``forward`` is PyTorch's ``_BatchNorm.forward``)
     and the scales around it by one ``scaled_batch_norm`` call.
 
     Absorbed: the scale read only by the layer on its input (the convolution's output scale, which
-    then costs no multiply: :class:`~unit_scale_fx.scale._ScaledBatchNormFn`) and its output scales.
+    then costs no multiply: :class:`~unit_scale_fx.scale._ScaledBatchNormFn`), its output scales, and
+    backward-only scales on its gain and bias (their gradients' factors). A call whose gain or bias is not,
+    after those scales, the layer's own parameter is left as it is.
     """
     root = graph.owning_module
     fused = 0
     for n in list(graph.nodes):
-        if n.op != "call_module" or len(n.args) != 1 or n.kwargs or root is None:
+        found = _batch_norm_layer(n, root)
+        if found is None:
             continue
-        try:
-            mod = root.get_submodule(str(n.target))
-        except AttributeError:
-            continue
-        if type(mod).forward is not _BN_FORWARD:
-            continue
-        bound = {"input": n.args[0]}
+        layer, bound = found
         kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False, args=(("x_scale", "input"),))
         if "x_scale" in kwargs and not _pair(kwargs["x_scale"])[0] > 0:
             continue
+        if "weight" in bound:  # batch_norm_layer(bn, x, weight, bias)
+            params, p_absorbed, _ = _absorb_scales(n, bound, unit_fwd_only=True,
+                                                   args=(("weight_scale", "weight"), ("bias_scale", "bias")))
+            if not all(_own_parameter(root, layer, k, bound[k]) for k in ("weight", "bias")):
+                continue
+            kwargs.update({k: v for k, v in params.items() if k != "out_scale"})
+            absorbed += p_absorbed
         if not kwargs:
             continue
         with graph.inserting_before(n):
-            bn = graph.get_attr(str(n.target))
-            new = graph.call_function(scaled_batch_norm, (bn, bound["input"]), kwargs)
+            mod = n.args[0] if n.op == "call_function" else graph.get_attr(layer)
+            new = graph.call_function(scaled_batch_norm, (mod, bound["input"]), kwargs)
+        read = [a for a in [*n.args[2:], *(s.args[0] for s in absorbed)] if isinstance(a, fx.Node)]
         _replace_fused(graph, n, new, out, absorbed)
+        for a in read:  # the gain and bias: scaled_batch_norm reads its layer's own
+            if a.op == "get_attr" and not a.users:
+                graph.erase_node(a)
         fused += 1
     return fused
 

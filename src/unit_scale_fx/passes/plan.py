@@ -489,7 +489,7 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             gain = mixed_gain(gain, s.shared_grad_gain.get(node), ru)
             contribs.append(g * gain * edge_factor(rec, node))
-            rhos.append(s.grad_rho.get(node, ru))
+            rhos.append(s.grad_rho.get(node, ru * s.grad_rho_factor.get(node, 1.0)))
         total = sum(c * c for c in contribs)
         grho[node] = sum(c * c * r for c, r in zip(contribs, rhos)) / total if total > 0 else 0.0
         if not contribs and returns_loss and node not in measured:

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import batch_norm_layer
 from ..tensor_stats import mean_square
 from .registry import Kind, OpView, Rule, Scales, aten, register
 
@@ -25,6 +26,8 @@ from .registry import Kind, OpView, Rule, Scales, aten, register
 def _args(node: fx.Node) -> dict[str, Any]:
     if node.op == "call_module":
         names: tuple[str, ...] = ("input",)
+    elif node.target is batch_norm_layer:
+        names = ("module", "input", "weight", "bias")
     elif node.target is aten("batch_norm"):
         names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
     else:
@@ -65,8 +68,11 @@ class BatchNormRule(Rule):
         # positions (a conv of a ReLU output carries one per channel: rho of its square) is removed first
         sd = rx * math.sqrt(max(1e-3, 1.0 - op.rho(x)))
         gain = few_values_gain(rows) / sd
+        # each channel's mean over batch and positions is removed, forward (out_rho) and backward: the input
+        # gradient of each channel sums to zero over the batch's rows, so a later sum over them (a bias before
+        # it) finds nothing shared (grad_rho; its square is then about half that of independent rows)
         s = Scales(fwd=1.0, bwd={x: 1.0 / gain}, grad_gain={x: gain}, note=f"rows={rows} rho={op.rho(x):.2f}",
-                   out_rho=0.0)  # each channel's mean over batch and positions is removed
+                   out_rho=0.0, grad_rho={x: 0.0})
         out2 = 1.0
         w, b = a.get("weight"), a.get("bias")
         if op.module is not None:
@@ -97,4 +103,4 @@ class BatchNormRule(Rule):
         return roles
 
 
-register(F.batch_norm, aten("batch_norm"), nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())
+register(F.batch_norm, aten("batch_norm"), batch_norm_layer, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())

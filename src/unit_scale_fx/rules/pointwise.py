@@ -59,18 +59,28 @@ def split_moments(rms: float, mean_ratio: float, rho: float) -> tuple[float, flo
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_rho(key: Any, consts: tuple, std: float, rho: float, mean: float = 0.0) -> float:
+def _cached_rho(key: Any, consts: tuple, std: float, rho: float, mean: float = 0.0, derivative: bool = False) -> float:
     """Cross-position correlation of ``f(x)``: ``E[f(x_i) f(x_j)] / E[f(x)^2]`` for jointly Gaussian
     ``x_i, x_j`` with mean ``mean`` and centred correlation ``rho`` (``x = mean + std (sqrt(rho) c +
     sqrt(1 - rho) a)``), by quadrature. At ``rho = 0`` it is ``E[f]^2 / E[f^2]``: a nonlinearity with a
-    mean gives every position a shared part."""
+    mean gives every position a shared part. With ``derivative``, that of ``f'(x)``: the part of a gradient
+    shared by every position that the op's backward (``f'(x) g``) keeps, as a share of the correlation."""
     fn, args, kwargs = consts[0], consts[1], dict(consts[2])
     nodes, weights = np.polynomial.hermite_e.hermegauss(48)
     weights = weights / weights.sum()
     c = torch.tensor(nodes, dtype=torch.float64)
     z = (math.sqrt(rho) * c[:, None] + math.sqrt(1.0 - rho) * c[None, :]) * std + mean
-    with torch.no_grad():
-        y = fn(*[z if a is _SLOT else a for a in args], **kwargs).double()
+    if derivative:
+        with torch.enable_grad():
+            z.requires_grad_(True)
+            out = fn(*[z if a is _SLOT else a for a in args], **kwargs)
+            (y,) = torch.autograd.grad(out.sum(), z, allow_unused=True) if out.requires_grad else (None,)
+        if y is None:
+            return 0.0
+        y = y.double()
+    else:
+        with torch.no_grad():
+            y = fn(*[z if a is _SLOT else a for a in args], **kwargs).double()
     w = torch.tensor(weights, dtype=torch.float64)
     inner = (y * w[None, :]).sum(1)  # E_a f(x | c)
     second = float((w[:, None] * w[None, :] * y * y).sum())
@@ -117,6 +127,13 @@ class PointwiseRule(Rule):
             s.out_rho = None
         if d_rms > 0 and math.isfinite(d_rms):
             s.bwd[x], s.grad_gain[x] = 1.0 / d_rms, d_rms
+            # backward multiplies the gradient by f'(x): a part of it shared by every position keeps the part
+            # of f'(x) shared by every position (a ReLU's mask on independent positions: a quarter of its square
+            # against half of the whole, so half the correlation)
+            try:
+                s.grad_rho_factor[x] = min(1.0, max(0.0, _cached_rho(fn, consts, r, round(rho_c, 2), mu, True)))
+            except Exception:  # noqa: BLE001 - a refinement, as out_rho's
+                pass
         return s
 
 

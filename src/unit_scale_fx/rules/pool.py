@@ -111,9 +111,12 @@ class PoolRule(Rule):
             out_mean = (m + sd * e1) / out
         # a global average (one value per channel left): every position gets the same gradient
         shared = self.average and len(os_) > 2 and math.prod(os_[2:]) == 1
+        # a max sends each output's gradient to one position of its window: the square of a part shared by
+        # every position falls by ratio^2, the whole square by ratio, so the correlation by ratio
         return Scales(fwd=fwd, bwd={x: 1.0 / gain}, grad_gain={x: gain}, calibrate=True, out_rho=out_rho,
                       out_mean=out_mean, note=f"window={k:.3g} reads={reads:.3g} rho={rho:.2f} mean={m:.2f}",
-                      grad_rho={x: 1.0} if shared else {})
+                      grad_rho={x: 1.0} if shared else {},
+                      grad_rho_factor={} if self.average else {x: 1.0 / ratio})
 
 
 register(*many([F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten("avg_pool1d"), aten("avg_pool2d"),

@@ -96,6 +96,10 @@ class Scales:
     #: backward: the cross-position correlation the op gives an input's gradient (a mean over positions:
     #: 1, every position gets the same gradient); inputs not listed keep the output gradient's
     grad_rho: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: the part of the output gradient's cross-position correlation an input's gradient keeps, for
+    #: inputs not in ``grad_rho`` (a ReLU's mask keeps half: the shared part is multiplied by the mean of its
+    #: derivative, the whole by its RMS); inputs not listed keep all of it
+    grad_rho_factor: dict[fx.Node, float] = field(default_factory=dict)
     #: backward: an input's gradient gain when the output gradient is the same at every position
     #: (attention's value gradient then sums coherently); inputs not listed use ``grad_gain``
     shared_grad_gain: dict[fx.Node, float] = field(default_factory=dict)
