@@ -41,9 +41,14 @@ def gradient_report(us: torch.nn.Module, fresh: tuple, check: tuple) -> dict[str
     zero = {k for k, p in us.named_parameters() if p.grad is not None and not p.grad.any()}
     g = [float(p.grad.pow(2).mean().sqrt()) for k, p in us.named_parameters()
          if p.grad is not None and p.dim() >= 2 and k not in zero]
+    # vectors (biases, gains), as param_grads.py counts them: those whose gradient is not zero up to rounding
+    vec = [v for v in (float(p.grad.double().pow(2).mean().sqrt()) for p in us.parameters()
+                       if p.grad is not None and p.dim() < 2) if v > 1e-6]
     cos = gradient_cosines(us, *check)
     return {"unscaled": ", ".join(sorted({u.op for u in us.us_unsupported})) or "-",
             "inside": f"{sum(0.5 <= v <= 2.0 for v in g) / len(g):.0%}", "range": f"{min(g):.3g} - {max(g):.3g}",
+            "vectors": f"{sum(0.5 <= v <= 2.0 for v in vec) / len(vec):.0%}" if vec else "-",
+            "vector_range": f"{min(vec):.3g} - {max(vec):.3g}" if vec else "-",
             "zero": str(len(zero)), "cosine": f"{min(cos.values()):.5f}"}
 
 

@@ -1,7 +1,7 @@
 """A spot check on torchvision classifiers that no test names, in their default configurations (10 classes,
 64 x 64 images, batch 4, cross-entropy; auxiliary heads weighted 0.3 as torchvision's reference training does):
-ops left unscaled, the share of weight gradients (2-D or more) with RMS in [1/2, 2] on a batch the plan did not
-see, and the smallest cosine between each parameter's gradient and the true gradient of the rewritten forward
+ops left unscaled, the share of weight gradients (2-D or more) and of vector gradients (biases, gains; those not
+zero up to rounding) with RMS in [1/2, 2] on a batch the plan did not see, and the smallest cosine between each parameter's gradient and the true gradient of the rewritten forward
 (``analysis.validity.gradient_cosines``).
 
     cd benchmarks && PYTHONPATH=../src python unseen_torchvision.py [--models NAME ...]
@@ -29,7 +29,7 @@ def row(name: str) -> list[str]:
         warnings.simplefilter("ignore")
         us = unit_scale(WithLoss(getattr(torchvision.models, name)(num_classes=10)), image_batch(0))
     r = gradient_report(us, image_batch(1), image_batch(2))
-    return [name, r["unscaled"], r["inside"], r["range"], r["cosine"]]
+    return [name, r["unscaled"], r["inside"], r["range"], r["vectors"], r["vector_range"], r["cosine"]]
 
 
 def main() -> None:
@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision.models builders")
     ap.add_argument("--name", default="unseen_torchvision", help="results file name")
     args = ap.parse_args()
-    head = ["model", "left unscaled", "weight grads in [1/2, 2]", "range", "min gradient cosine"]
+    head = ["model", "left unscaled", "weight grads in [1/2, 2]", "range", "vector grads in [1/2, 2]", "range",
+            "min gradient cosine"]
     report_models(args.models, row, head, args.name, "torchvision classifiers no test names")
 
 

@@ -120,16 +120,18 @@ def test_convolution_biases_under_a_global_average_get_unit_gradients(readout):
     assert min(cos.values()) > 0.9999, min(cos.values())
 
 
-def _sweep_rho(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """The reverse sweep's predicted cross-position correlation of each node's gradient, planned on ``x``."""
+def _sweep_rho(model: nn.Module, x: torch.Tensor, value: bool = False) -> dict[str, float]:
+    """The reverse sweep's predicted cross-position correlation of each node's gradient (``value``: its coherence
+    with the node's own values), planned on ``x``."""
     from unit_scale_fx.passes.plan import true_grad_rms
 
     from helpers import pipeline_until
 
     gm, ctx, _ = pipeline_until(model, (x,), "rewrite")
     rho: dict = {}
-    true_grad_rms(gm, ctx.scales, rho_out=rho)
-    return {n.name: r for n, r in rho.items()}
+    val: dict = {}
+    true_grad_rms(gm, ctx.scales, rho_out=rho, value_out=val)
+    return {n.name: r for n, r in (val if value else rho).items()}
 
 
 def _sampled_rho(g: torch.Tensor) -> float:
@@ -169,3 +171,20 @@ def test_gradient_correlation_through_an_op_matches_sampling(op):
     else:
         assert predicted == pytest.approx(sampled, rel=0.1, abs=0.01), (predicted, sampled)
         assert predicted < 0.9  # the output's gradient: 1
+
+
+@pytest.mark.parametrize("op", ["relu", "gelu"])
+def test_gradient_coherence_with_the_values_through_a_pointwise_op_matches_sampling(op):
+    """A gradient shared by every position, through ``f``: ``f'(x)`` follows ``x`` (a ReLU passes the positive values),
+    so the input gradient sums coherently against ``x``'s own fluctuation, as a batch norm's gain before the op
+    reads it: ``(mean over positions of g x_hat)^2 / mean of g^2`` is ``E[f'(x) x]^2 / E[f'(x)^2]`` (a ReLU: 1 / pi)."""
+    torch.manual_seed(0)
+    model = _Head({"relu": F.relu, "gelu": F.gelu}[op])
+    x = torch.randn(64, 8, 8, 8, requires_grad=True)
+    model(x).backward()
+    g, xh = x.grad, x.detach()
+    sampled = float((g * xh).flatten(2).mean(2).pow(2).mean() / g.pow(2).mean())
+    predicted = _sweep_rho(copy.deepcopy(model), x.detach(), value=True)["x"]
+    assert predicted == pytest.approx(sampled, rel=0.1), (predicted, sampled)
+    if op == "relu":
+        assert predicted == pytest.approx(1 / math.pi, rel=0.02)

@@ -1,7 +1,7 @@
 """Batch-norm layers traced by torch.fx: the tracer writes each as ``batch_norm_layer(bn, x, bn.weight, bn.bias)``, so
 that planning sees the gain and bias as nodes and gives their gradients factors of their own. Kept as one module
-call, their gradients took the output's factor: 14-240 times unit in a small ResNet (the issue's ResNet of
-``benchmarks/free_scaling.py``), 27% of torchvision ResNet-18's vectors in [1/2, 2]."""
+call, their gradients took the output's factor: 14-240 times unit in the ResNet of ``benchmarks/free_scaling.py``,
+27% of torchvision ResNet-18's vectors in [1/2, 2] (``benchmarks/param_grads.py``)."""
 
 from __future__ import annotations
 
@@ -106,8 +106,11 @@ def test_batch_norm_gains_and_biases_get_unit_gradients():
     vectors = _norm_vectors(us)
     assert len(vectors) == 16
     inside = [k for k, v in vectors.items() if 0.5 <= v <= 2.0]
-    assert len(inside) >= 9, vectors  # 0 of 16 before, 8 to 190
-    assert all(1 / 8 <= v <= 8.0 for v in vectors.values()), vectors
+    assert len(inside) >= 9, vectors  # 0 of 16 as a module call (8 to 190)
+    # up to 6.0 without the gains' coherence with their values (Scales.value_grad_gain): the three gains before a
+    # residual add whose ReLU feeds the pooled readout. What is left above 2 there (2.1-2.7) is the readout's
+    # gradient shared across the batch's samples, not only across a sample's positions (benchmarks/README.md)
+    assert all(1 / 3 <= v <= 3.0 for v in vectors.values()), vectors
     cos = gradient_cosines(us, *_batch(2))
     assert min(cos.values()) > 0.9999, min(cos.values())
 

@@ -201,6 +201,8 @@ class Potentials:
         #: each node's gradient correlation across a sample's positions, from the sweep (:meth:`fit_unit_grads`'s
         #: caller fills it; ``calibrate_grads`` corrects the parameters' rule scales with it)
         self.grad_rho: dict[fx.Node, float] = {}
+        #: each node's gradient coherence with its own values, from the same sweep (a norm's gain sums it)
+        self.grad_value: dict[fx.Node, float] = {}
 
     def pinned(self) -> set[int]:
         """Classes whose potential is exactly 1: the outputs' class and values shared with other graphs.
@@ -346,7 +348,7 @@ def balance(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     pots = Potentials(gm, ctx)
     n_rows = pots.fit_ideal()
-    n_swept = pots.fit_unit_grads(true_grad_rms(gm, ctx.scales, rho_out=pots.grad_rho))
+    n_swept = pots.fit_unit_grads(true_grad_rms(gm, ctx.scales, rho_out=pots.grad_rho, value_out=pots.grad_value))
     pots.assign()
     ctx.potentials = pots
     log.debug("balance: %d of %d potentials from a reverse sweep of the rules' gains", n_swept, len(pots.index))

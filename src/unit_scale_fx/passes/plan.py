@@ -448,9 +448,11 @@ def mixed_gain(gain: float, shared: Optional[float], rho: float) -> float:
 def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
                   edge_factor: Callable[[ScaleRecord, fx.Node], float],
                   measured: Optional[dict[fx.Node, float]] = None,
-                  rho_out: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
+                  rho_out: Optional[dict[fx.Node, float]] = None,
+                  value_out: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
     """Gradient RMS at every floating-point node, from the rules' gains, by one reverse sweep (``rho_out``, if
-    given, receives each gradient's predicted cross-position correlation).
+    given, receives each gradient's predicted cross-position correlation; ``value_out`` its coherence with the
+    node's own values, ``Scales.grad_value_from_rho``).
 
     The gradient sent from ``v`` to its input ``u`` has RMS ``grad(v) * gain_vu * edge_factor(rec_v, u)``
     (``gain_vu``: the rule's ``grad_gain``, the Jacobian's gain); gradients that meet at a value
@@ -471,27 +473,35 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
     #: cross-position correlation of each gradient: a mean over positions sends every position the same
     #: gradient, and attention's value gradient (``A^T g``) then sums it coherently (Scales.shared_grad_gain)
     grho: dict[fx.Node, float] = {} if rho_out is None else rho_out
+    #: each gradient's coherence with its node's values (a gain before a ReLU near a pooled readout sums it)
+    gval: dict[fx.Node, float] = {} if value_out is None else value_out
     for node in reversed(list(gm.graph.nodes)):
         if node.op == "output" or not is_float(node):
             continue
-        contribs, rhos = [], []
+        contribs, rhos, vals = [], [], []
         for user in node.users:
             if user.op == "output" or user not in grad:
                 continue
             rec: Optional[ScaleRecord] = user.meta.get(META_KEY)
             s = scales_of.get(user)
             g = grad[user]  # a loss's too: one the graph divides (``sum / n``) receives 1 / n of the gradient
-            ru = 0.0 if rec is not None and rec.kind == Kind.LOSS else grho.get(user, 0.0)
+            loss = rec is not None and rec.kind == Kind.LOSS
+            ru, qu = (0.0, 0.0) if loss else (grho.get(user, 0.0), gval.get(user, 0.0))
             if s is None or rec is None:
                 contribs.append(g)
                 rhos.append(ru)
+                vals.append(qu)
                 continue
             gain = s.grad_gain.get(node, 1.0 / s.bwd[node] if node in s.bwd else 1.0)
             gain = mixed_gain(gain, s.shared_grad_gain.get(node), ru)
+            gain = mixed_gain(gain, s.value_grad_gain.get(node), qu)
             contribs.append(g * gain * edge_factor(rec, node))
             rhos.append(s.grad_rho.get(node, ru * s.grad_rho_factor.get(node, 1.0)))
+            keep = 1.0 if rec.kind == Kind.PRESERVE and node not in s.grad_value_pass else s.grad_value_pass.get(node, 0.0)
+            vals.append(min(1.0, qu * keep + ru * s.grad_value_from_rho.get(node, 0.0)))
         total = sum(c * c for c in contribs)
         grho[node] = sum(c * c * r for c, r in zip(contribs, rhos)) / total if total > 0 else 0.0
+        gval[node] = sum(c * c * q for c, q in zip(contribs, vals)) / total if total > 0 else 0.0
         if not contribs and returns_loss and node not in measured:
             val = node.meta.get("val")
             if not (isinstance(val, torch.Tensor) and val.dim() == 0) and any(u.op == "output" for u in node.users):
@@ -511,10 +521,12 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
 
 
 def true_grad_rms(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
-                  rho_out: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
-    """Predicted RMS of the true gradient (of the scaled forward) at every floating-point node (``rho_out``: as in
-    :func:`reverse_sweep`)."""
-    return reverse_sweep(gm, scales_of, lambda rec, u: forward_factor(rec, u.name), rho_out=rho_out)
+                  rho_out: Optional[dict[fx.Node, float]] = None,
+                  value_out: Optional[dict[fx.Node, float]] = None) -> dict[fx.Node, float]:
+    """Predicted RMS of the true gradient (of the scaled forward) at every floating-point node (``rho_out``,
+    ``value_out``: as in :func:`reverse_sweep`)."""
+    return reverse_sweep(gm, scales_of, lambda rec, u: forward_factor(rec, u.name), rho_out=rho_out,
+                         value_out=value_out)
 
 
 def _chosen_factor(rec: ScaleRecord, u: fx.Node) -> float:

@@ -80,6 +80,8 @@ class AddRule(Rule):
                        out_mean=(ms + mb) / out)
             for n in (skip, branch):  # an add passes its gradient on unchanged: unit is ideal
                 s.bwd[n], s.grad_gain[n] = 1.0, 1.0
+            # the output's fluctuation is the skip's (1 - tau of its variance) and the branch's (tau)
+            s.grad_value_pass.update({skip: 1.0 - tau, branch: tau})
             return s
         sign = -1.0 if _subtracts(op) else 1.0
         ma, mb = op.mean(a) * ra, sign * op.mean(b) * rb  # first moments: their product adds to the square
@@ -87,6 +89,8 @@ class AddRule(Rule):
         if total <= 0:
             return Scales(out_rms=0.0, note="both operands zero")
         s = Scales(fwd=1.0 / total, note="independent add", out_mean=(ma + mb) / total)
+        for n, r in ((a, ra), (b, rb)):  # each operand's share of the output's variance
+            s.grad_value_pass[n] = r * r / (total * total)
         for n in (a, b):
             # an add passes its gradient on unchanged; an operand broadcast over k copies receives
             # the sum of k independent gradients: the Jacobian's gain is sqrt(k) (not the forward scale)

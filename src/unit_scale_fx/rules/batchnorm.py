@@ -87,9 +87,13 @@ class BatchNormRule(Rule):
         for p in (w, b):
             if isinstance(p, fx.Node) and p in op.inputs:
                 s.bwd[p], s.grad_gain[p] = 1.0 / math.sqrt(rows), math.sqrt(rows)
-        if isinstance(b, fx.Node) and b in op.inputs and xs and len(xs) > 2:
-            # the bias sums its gradient over a sample's positions coherently where they share it
-            s.shared_grad_gain[b] = math.sqrt(rows * math.prod(xs[2:]))
+        if xs and len(xs) > 2:
+            # the bias sums its gradient over a sample's positions coherently where they share it, the gain where
+            # the gradient follows the normalised values (a ReLU after it, near a pooled readout)
+            if isinstance(b, fx.Node) and b in op.inputs:
+                s.shared_grad_gain[b] = math.sqrt(rows * math.prod(xs[2:]))
+            if isinstance(w, fx.Node) and w in op.inputs:
+                s.value_grad_gain[w] = math.sqrt(rows * math.prod(xs[2:]))
         s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
         return s
 

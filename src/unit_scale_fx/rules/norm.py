@@ -39,9 +39,11 @@ class NormRule(Rule):
                 ps = op.shape(p)
                 rows = max(1, math.prod(xs) // max(1, math.prod(ps))) if xs and ps else 1
                 s.bwd[p], s.grad_gain[p] = 1.0 / math.sqrt(rows), math.sqrt(rows)
-                if p is b and xs and ps and len(xs) - len(ps) >= 2:
-                    # a bias sums its gradient over a sample's positions coherently where they share it
-                    s.shared_grad_gain[p] = math.sqrt(rows * math.prod(xs[1:len(xs) - len(ps)]))
+                if xs and ps and len(xs) - len(ps) >= 2:
+                    # a bias sums its gradient over a sample's positions coherently where they share it, a gain
+                    # where the gradient follows the normalised values
+                    shared = math.sqrt(rows * math.prod(xs[1:len(xs) - len(ps)]))
+                    (s.shared_grad_gain if p is b else s.value_grad_gain)[p] = shared
         if isinstance(w, fx.Node):
             out2 = op.rms(w) ** 2
         if isinstance(b, fx.Node):

@@ -28,8 +28,9 @@ def gaussian_moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float = 1.
     return _moments(fn, std, mean)[:2]
 
 
-def _moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float, mean: float) -> tuple[float, float, float]:
-    """``(RMS(f(x)), RMS(f'(x)), E[f(x)])`` for ``x ~ N(mean, std^2)``."""
+def _moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float,
+             mean: float) -> tuple[float, float, float, float]:
+    """``(RMS(f(x)), RMS(f'(x)), E[f(x)], E[f'(x) z])`` for ``x = mean + std z``, ``z ~ N(0, 1)``."""
     with torch.enable_grad():  # planning may run under no_grad
         z = torch.tensor(_NODES * std + mean, dtype=torch.float64, requires_grad=True)
         y = fn(z)
@@ -37,11 +38,12 @@ def _moments(fn: Callable[[torch.Tensor], torch.Tensor], std: float, mean: float
     w = torch.tensor(_WEIGHTS, dtype=torch.float64)
     f_rms = float((w * y.detach().double() ** 2).sum().sqrt())
     d_rms = float((w * dy.double() ** 2).sum().sqrt()) if dy is not None else 0.0
-    return f_rms, d_rms, float((w * y.detach().double()).sum())
+    d_z = float((w * dy.double() * torch.tensor(_NODES, dtype=torch.float64)).sum()) if dy is not None else 0.0
+    return f_rms, d_rms, float((w * y.detach().double()).sum()), d_z
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_moments(key: Any, consts: tuple, std: float, mean: float = 0.0) -> tuple[float, float, float]:
+def _cached_moments(key: Any, consts: tuple, std: float, mean: float = 0.0) -> tuple[float, float, float, float]:
     fn, args, kwargs = consts[0], consts[1], dict(consts[2])
 
     def f(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ class PointwiseRule(Rule):
         r, mu = round(sd, 4), round(mu, 4)
         consts = (fn, args, tuple(sorted(op.node.kwargs.items())))
         try:
-            f_rms, d_rms, f_mean = _cached_moments(fn, consts, r, mu)
+            f_rms, d_rms, f_mean, d_z = _cached_moments(fn, consts, r, mu)
         except Exception as exc:  # an op that cannot run on float64 CPU points
             return Scales(note=f"quadrature failed ({type(exc).__name__}); left unscaled")
         if not (f_rms > 0 and math.isfinite(f_rms)):
@@ -134,6 +136,10 @@ class PointwiseRule(Rule):
                 s.grad_rho_factor[x] = min(1.0, max(0.0, _cached_rho(fn, consts, r, round(rho_c, 2), mu, True)))
             except Exception:  # noqa: BLE001 - a refinement, as out_rho's
                 pass
+            # and f'(x) follows x (a ReLU passes the positive values): the shared part of the gradient, times
+            # f'(x), then sums coherently against x's own fluctuation, as a norm's gain before the op reads it
+            if math.isfinite(d_z):
+                s.grad_value_from_rho[x] = min(1.0, (d_z / d_rms) ** 2)
         return s
 
 

@@ -100,6 +100,17 @@ class Scales:
     #: inputs not in ``grad_rho`` (a ReLU's mask keeps half: the shared part is multiplied by the mean of its
     #: derivative, the whole by its RMS); inputs not listed keep all of it
     grad_rho_factor: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: a part of the output gradient shared by a sample's positions, once through the op, is carried by the
+    #: input gradient along the input's own values: the share of the correlation that becomes this coherence
+    #: (``E[f'(x) z]^2 / E[f'(x)^2]`` for ``f(x)``, ``x = mu + sd z``; a ReLU: 0.32). A norm's gain sums its gradient
+    #: times its normalised input, coherently where the gradient follows the values (``value_grad_gain``)
+    grad_value_from_rho: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: the share of the output gradient's coherence with the output's values that an input's gradient keeps
+    #: with its own (an add: that input's share of the output's variance; a view: 1); inputs not listed: none
+    grad_value_pass: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: an input's gradient gain when the output gradient follows the output's normalised values at every
+    #: position (a norm's gain then sums its rows coherently); inputs not listed use ``grad_gain``
+    value_grad_gain: dict[fx.Node, float] = field(default_factory=dict)
     #: backward: an input's gradient gain when the output gradient is the same at every position
     #: (attention's value gradient then sums coherently); inputs not listed use ``grad_gain``
     shared_grad_gain: dict[fx.Node, float] = field(default_factory=dict)
