@@ -13,28 +13,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fixtures.families import BasicBlock
 from helpers import gradient_cosines, rms
 from unit_scale_fx import unit_scale
 from unit_scale_fx.analysis.equivalence import assert_equivalent
 from unit_scale_fx.capture import symbolic_capture
 from unit_scale_fx.layers import batch_norm_layer
-
-
-class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.down = None
-        if stride != 1 or c_in != c_out:
-            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(h))
-        return F.relu(h + (x if self.down is None else self.down(x)))
 
 
 class ResNet(nn.Module):
@@ -43,7 +27,8 @@ class ResNet(nn.Module):
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.blocks = nn.Sequential(Block(width, width, 1), Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1))
+        self.blocks = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2),
+                                    BasicBlock(2 * width, 2 * width, 1))
         self.fc = nn.Linear(2 * width, 10)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
