@@ -82,6 +82,18 @@ def test_no_floating_point_parameters():
     snap.assert_unchanged()
 
 
+def test_lazy_layers_not_yet_initialised():
+    """torch's own error (from deep inside a copy) before; now what, where and how to get past it."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.LazyBatchNorm1d(), nn.ReLU(), nn.LazyLinear(2))
+    with pytest.raises(UnitScaleError) as e:
+        unit_scale(m, (torch.randn(16, 4),))
+    _assert_clear(e.value)
+    assert "1.weight" in e.value.what and "run the model once" in e.value.fix
+    m(torch.randn(16, 4))  # the fix: once initialised, it is unit-scaled
+    us = unit_scale(m, (torch.randn(16, 4),))
+    assert us(torch.randn(16, 4)).shape == (16, 2)
+
+
 def test_already_unit_scaled():
     x, y = _xy()
     us = unit_scale(MLP(), (x, y))

@@ -348,6 +348,16 @@ def _check_model(model: Any) -> None:
             where="unit_scale(model)",
             fix="wrap the function in an nn.Module whose forward calls it",
         )
+    lazy = [k for k, t in [*model.named_parameters(), *model.named_buffers()]
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise UnitScaleError(
+            f"{type(model).__name__} has parameters or buffers that are not initialised yet (a lazy layer's): "
+            f"{', '.join(lazy[:4])}{' ...' if len(lazy) > 4 else ''}",
+            where="unit_scale(model)",
+            fix="run the model once on a batch (model(*example_inputs)) so that its lazy layers take their shapes, "
+            "then unit_scale it",
+        )
     params = [p for p in model.parameters()]
     kinds = {d.type == "meta" for d in _devices(model)}
     if len(kinds) > 1:
