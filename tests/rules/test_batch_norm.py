@@ -5,6 +5,7 @@ call, their gradients took the output's factor: 14-240 times unit in the ResNet 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -100,16 +101,19 @@ def test_batch_norm_gains_and_biases_get_unit_gradients():
     assert min(cos.values()) > 0.9999, min(cos.values())
 
 
-def test_fused_code_computes_the_graph():
+@pytest.mark.parametrize("hooks", [False, True])
+def test_fused_code_computes_the_graph(hooks):
     """The generated code (batch norms fused with their input, output, gain and bias scales) against the graph run
-    node by node (every scale a separate op): outputs, every gradient and the running statistics."""
+    node by node (every scale a separate op): outputs, every gradient and the running statistics. Under saved-tensor
+    hooks the fused batch norm is an ``autograd.Function`` instead of native ops."""
     torch.manual_seed(0)
     us = unit_scale(ResNet(), _batch(0), unsupported="error")
     assert "weight_scale" in us.code and "bias_scale" in us.code
     ref = copy.deepcopy(us)
     for step in range(2):
         x, y = _batch(3 + step)
-        out = us(x, y)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else contextlib.nullcontext():
+            out = us(x, y)
         out_ref = fx.Interpreter(ref).run(x, y)
         out.backward(), out_ref.backward()
         torch.testing.assert_close(out, out_ref)
