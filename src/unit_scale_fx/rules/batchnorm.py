@@ -107,4 +107,5 @@ class BatchNormRule(Rule):
         return roles
 
 
-register(F.batch_norm, aten("batch_norm"), batch_norm_layer, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())
+register(F.batch_norm, aten("batch_norm"), batch_norm_layer, nn.BatchNorm1d, nn.BatchNorm2d,
+         nn.BatchNorm3d)(BatchNormRule())
