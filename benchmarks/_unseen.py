@@ -27,9 +27,9 @@ class WithLoss(torch.nn.Module):
         return F.cross_entropy(out, y)
 
 
-def image_batch(seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def image_batch(seed: int, size: int = 64, batch: int = 4, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 3, size, size, generator=g), torch.randint(0, 10, (4,), generator=g)
+    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
 
 
 def gradient_report(us: torch.nn.Module, fresh: tuple, check: tuple) -> dict[str, str]:

@@ -188,3 +188,35 @@ def test_gradient_coherence_with_the_values_through_a_pointwise_op_matches_sampl
     assert predicted == pytest.approx(sampled, rel=0.1), (predicted, sampled)
     if op == "relu":
         assert predicted == pytest.approx(1 / math.pi, rel=0.02)
+
+
+class _ReluMean(nn.Module):
+    """A ReLU then a mean over the image's positions, then a classifier (MNASNet's and ShuffleNetV2's readout): the
+    fuse pass makes the ReLU and the mean one region, whose rule probes them together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.fc(F.relu(x).mean((2, 3))), torch.arange(x.shape[0]) % 10)
+
+
+def test_a_fused_readout_gives_its_input_gradient_correlation_and_coherence():
+    """The region's probe gives what a pool and the ReLU before it give apart: every position the same gradient,
+    times the ReLU's mask (correlation one half), following the values (``1 / pi``). Without it the sweep saw no
+    shared gradient there (both 0), and MNASNet's and ShuffleNetV2's last batch-norm gains and biases had gradients
+    4-5 times unit at ImageNet's sizes (``benchmarks/unseen_torchvision.py --imagenet``)."""
+    from helpers import pipeline_until
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 7, 7, requires_grad=True)
+    _ReluMean()(x).backward()
+    g = x.grad
+    sampled = (_sampled_rho(g), float((g * x.detach()).flatten(2).mean(2).pow(2).mean() / g.pow(2).mean()))
+    gm, _, _ = pipeline_until(_ReluMean(), (x.detach(),), "rewrite")
+    assert any(n.op == "call_module" and n.target.startswith("us_fused") for n in gm.graph.nodes)
+    predicted = (_sweep_rho(_ReluMean(), x.detach())["x"], _sweep_rho(_ReluMean(), x.detach(), value=True)["x"])
+    assert predicted == pytest.approx(sampled, rel=0.1), (predicted, sampled)
+    assert predicted[1] == pytest.approx(1 / math.pi, rel=0.1)  # the probe samples it

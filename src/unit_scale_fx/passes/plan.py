@@ -499,7 +499,7 @@ def reverse_sweep(gm: fx.GraphModule, scales_of: dict[fx.Node, Scales],
             rhos.append(s.grad_rho.get(node, ru * s.grad_rho_factor.get(node, 1.0)))
             # a view passes the coherence on whole; an add by each input's share; other ops not at all
             keep = s.grad_value_pass.get(node, 1.0 if rec.kind == Kind.PRESERVE else 0.0)
-            vals.append(min(1.0, qu * keep + ru * s.grad_value_from_rho.get(node, 0.0)))
+            vals.append(s.grad_value.get(node, min(1.0, qu * keep + ru * s.grad_value_from_rho.get(node, 0.0))))
         total = sum(c * c for c in contribs)
         grho[node] = sum(c * c * r for c, r in zip(contribs, rhos)) / total if total > 0 else 0.0
         gval[node] = sum(c * c * q for c, q in zip(contribs, vals)) / total if total > 0 else 0.0

@@ -38,9 +38,12 @@ class FusedRegion(fx.GraphModule):
 
 
 def probe_moments(fn, shape: Sequence[int], std: float, dtype: torch.dtype = torch.float32,
-                  mean: float = 0.0) -> tuple[float, float]:
+                  mean: float = 0.0, reduced: Sequence[int] = ()) -> tuple[float, ...]:
     """``(RMS(f(z)), RMS(J^T g))`` for ``z ~ N(mean std, (1 - mean^2) std^2)`` of ``shape`` (RMS ``std``, first
-    moment ``mean`` of it) and unit Gaussian ``g``."""
+    moment ``mean`` of it) and unit Gaussian ``g``. With ``reduced`` (dimensions of ``z`` that ``f`` reduces: a
+    sample's positions), two more numbers: the correlation of ``J^T g`` across them, ``(mean over them)^2 / mean
+    square``, and its coherence with ``z``'s own fluctuation, ``(mean over them of J^T g u)^2 / mean square``
+    (``u`` the unit Gaussian ``z`` is drawn from)."""
     mean = max(-1.0, min(1.0, mean))
     sd = math.sqrt(max(0.0, 1.0 - mean * mean))
     # a first moment over POSITIVE_MEAN of the RMS: a positive variable (top-k softmax weights, a norm), probed
@@ -50,7 +53,7 @@ def probe_moments(fn, shape: Sequence[int], std: float, dtype: torch.dtype = tor
     gen = torch.Generator().manual_seed(_SEED)
     numel = max(1, math.prod(shape))
     draws = max(1, math.ceil(MIN_SAMPLES / numel))
-    fs, ds, nf, nd = 0.0, 0.0, 0, 0
+    fs, ds, nf, nd, shared, along = 0.0, 0.0, 0, 0, 0.0, 0.0
     for _ in range(draws):
         u = torch.randn(tuple(shape), generator=gen, dtype=dtype)
         if log_sd is not None:  # RMS std: exp(log_sd u - log_sd^2) has mean square 1
@@ -64,8 +67,15 @@ def probe_moments(fn, shape: Sequence[int], std: float, dtype: torch.dtype = tor
         nf += y.numel()
         if dz is not None:
             ds += float(dz.double().pow(2).sum())
+            if reduced:
+                # the square of the part shared by the positions (each cell's mean, once per position), and of
+                # the part along the values
+                p = math.prod(dz.shape[d] for d in reduced)
+                shared += float(dz.double().mean(tuple(reduced)).pow(2).sum()) * p
+                along += float((dz.double() * u.double()).mean(tuple(reduced)).pow(2).sum()) * p
         nd += z.numel()
-    return math.sqrt(fs / max(1, nf)), math.sqrt(ds / max(1, nd))
+    moments = (math.sqrt(fs / max(1, nf)), math.sqrt(ds / max(1, nd)))
+    return (*moments, shared / ds if ds > 0 else 0.0, along / ds if ds > 0 else 0.0) if reduced else moments
 
 
 class FusedRule(Rule):
@@ -84,9 +94,10 @@ class FusedRule(Rule):
             return Scales(out_rms=None, note="input shape unknown")
         r = op.rms(x)
         dtype = val.dtype if val.dtype in (torch.float32, torch.float64) else torch.float32
+        reduced = _reduced_dims(shape, op.out_shape)
         try:
             with torch.enable_grad():
-                f_rms, d_rms = probe_moments(op.module, shape, r, dtype, op.mean(x))
+                f_rms, d_rms, *rho = probe_moments(op.module, shape, r, dtype, op.mean(x), reduced)
         except Exception as exc:  # the function cannot run on a CPU probe
             return Scales(out_rms=None, note=f"probe failed ({type(exc).__name__}: {exc})")
         ops = ", ".join(getattr(op.module, "ops", []))
@@ -98,7 +109,30 @@ class FusedRule(Rule):
                    calibrate=True, calibrate_grad_gain=True)
         if d_rms > 0 and math.isfinite(d_rms):
             s.bwd[x], s.grad_gain[x] = 1.0 / d_rms, d_rms
+        if rho and all(math.isfinite(v) for v in rho):
+            # a reduction over a sample's positions (a ReLU and a global mean): every position gets the same
+            # gradient, times what the function's derivative keeps of it (Scales.grad_rho, as a pool gives it),
+            # which follows the input's values as the derivative does (Scales.grad_value)
+            s.grad_rho[x], s.grad_value[x] = min(1.0, rho[0]), min(1.0, rho[1])
         return s
+
+
+def _reduced_dims(shape: Sequence[int], out_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """The dimensions past the batch and the channel that a fused function reduces, where its output is its
+    input's leading dimensions (``x.mean((2, 3))`` on ``(N, C, H, W)``), with or without the reduced ones kept
+    as 1; none otherwise."""
+    if out_shape is None or len(shape) < 3:
+        return ()
+    out = tuple(out_shape)
+    if len(out) < len(shape) and len(out) >= 2 and tuple(shape[:len(out)]) == out:
+        dims = tuple(range(len(out), len(shape)))
+    elif len(out) == len(shape) and tuple(shape[:2]) == out[:2]:
+        dims = tuple(d for d in range(2, len(shape)) if out[d] == 1 and shape[d] > 1)
+        if any(out[d] != shape[d] for d in range(2, len(shape)) if d not in dims):
+            return ()
+    else:
+        return ()
+    return dims if dims and math.prod(shape[d] for d in dims) > 1 else ()
 
 
 #: the one rule instance the fuse pass pins on every fused node (``fx.GraphModule``

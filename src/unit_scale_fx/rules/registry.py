@@ -105,6 +105,9 @@ class Scales:
     #: (``E[f'(x) z]^2 / E[f'(x)^2]`` for ``f(x)``, ``x = mu + sd z``; a ReLU: 0.32). A norm's gain sums its gradient
     #: times its normalised input, coherently where the gradient follows the values (``value_grad_gain``)
     grad_value_from_rho: dict[fx.Node, float] = field(default_factory=dict)
+    #: backward: the coherence an input's gradient has with the input's values whatever the output gradient's
+    #: (a ReLU then a mean over positions: ``1/pi``), as ``grad_rho`` gives a correlation
+    grad_value: dict[fx.Node, float] = field(default_factory=dict)
     #: backward: the share of the output gradient's coherence with the output's values that an input's gradient keeps
     #: with its own (an add: that input's share of the output's variance; a view: 1); inputs not listed: none
     grad_value_pass: dict[fx.Node, float] = field(default_factory=dict)
