@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,36 @@ class PreserveRule(Rule):
             if xs is not None and os_ is not None and math.prod(xs) > 0 and math.prod(os_) > 0 \
                     and math.prod(xs) != math.prod(os_):
                 s.grad_gain[x] = math.sqrt(math.prod(os_) / math.prod(xs))
+            spread = _positions_per_value(op, xs, os_)
+            if spread is not None:
+                s.grad_rho_factor[x] = spread
         return s
+
+
+def _positions_per_value(op: OpView, xs: Any, os_: Any) -> Optional[float]:
+    """The share of a gradient's correlation across positions that the input's gradient keeps, where an op moves
+    the input's positions apart (``None``: all of it): a strided slice takes every ``k``-th position (Swin's patch
+    merging takes four such slices side by side), so its gradient, zero between them, keeps its shared part on
+    ``1 / k`` of the input's positions; ``pixel_unshuffle`` by ``r`` puts each position of an ``r x r`` block in a
+    channel of its own, whose shared parts differ (``1 / r^2``)."""
+    node = op.node
+    target = resolve_target(node)
+    if xs is None or os_ is None or math.prod(xs) <= 0:
+        return None
+    fraction = math.prod(os_) / math.prod(xs)
+    if target is operator.getitem and len(node.args) == 2:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(i, slice) and isinstance(i.step, int) and i.step > 1 for i in index):
+            return min(1.0, fraction)
+    elif target is aten("slice", "Tensor"):
+        step = node.kwargs.get("step", node.args[4] if len(node.args) > 4 else 1)
+        if isinstance(step, int) and step > 1:
+            return min(1.0, fraction)
+    elif target in _UNSHUFFLE:
+        r = node.kwargs.get("downscale_factor", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(r, int) and r > 1:
+            return 1.0 / (r * r)
+    return None
 
 
 #: ops that take their values from the first tensor and only a dtype or shape from the second
@@ -87,6 +117,8 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("pixel_shuffle"), aten("pixel_unshuffle"), aten("channel_shuffle"), aten("native_channel_shuffle"),
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
+#: space to depth: each position of a block to a channel of its own
+_UNSHUFFLE = frozenset(many([torch.pixel_unshuffle, F.pixel_unshuffle, aten("pixel_unshuffle")]))
 
 
 class FillRule(Rule):
