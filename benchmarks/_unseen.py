@@ -49,6 +49,8 @@ def gradient_report(us: torch.nn.Module, fresh: tuple, check: tuple) -> dict[str
             "inside": f"{sum(0.5 <= v <= 2.0 for v in g) / len(g):.0%}", "range": f"{min(g):.3g} - {max(g):.3g}",
             "vectors": f"{sum(0.5 <= v <= 2.0 for v in vec) / len(vec):.0%}" if vec else "-",
             "vector_range": f"{min(vec):.3g} - {max(vec):.3g}" if vec else "-",
+            # outside the band for having a true gradient of about zero (a gain the next batch norm divides out)
+            "vectors_tiny": str(sum(v < 1e-3 for v in vec)),
             "zero": str(len(zero)), "cosine": f"{min(cos.values()):.5f}"}
 
 

@@ -36,7 +36,8 @@ def row(name: str, imagenet: bool = False) -> list[str]:
         warnings.simplefilter("ignore")
         us = unit_scale(WithLoss(getattr(torchvision.models, name)(**kwargs)), image_batch(0, **sizes))
     r = gradient_report(us, image_batch(1, **sizes), image_batch(2, **sizes))
-    return [name, r["unscaled"], r["inside"], r["range"], r["vectors"], r["vector_range"], r["cosine"]]
+    return [name, r["unscaled"], r["inside"], r["range"], r["vectors"], r["vector_range"], r["vectors_tiny"],
+            r["cosine"]]
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     name = args.name or ("unseen_torchvision_imagenet" if args.imagenet else "unseen_torchvision")
     head = ["model", "left unscaled", "weight grads in [1/2, 2]", "range", "vector grads in [1/2, 2]", "range",
-            "min gradient cosine"]
+            "vectors below 1e-3", "min gradient cosine"]
     title = "torchvision classifiers no test names" + (", at ImageNet's sizes" if args.imagenet else "")
     report_models(args.models, lambda model: row(model, args.imagenet), head, name, title)
 
