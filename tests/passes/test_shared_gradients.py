@@ -248,3 +248,20 @@ def test_gradient_correlation_through_patch_merging_matches_sampling():
     predicted = _sweep_rho(_PatchMerge(), x.detach())["x"]
     assert predicted == pytest.approx(sampled, rel=0.2), (predicted, sampled)
     assert predicted < 0.4  # the merged positions' gradient: 1
+
+
+class _Interleaved(_PatchMerge):
+    """Even and odd channels side by side (interleaved rotary halves): a strided slice of channels, not positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = torch.cat([x[..., 0::2], x[..., 1::2], x[..., 0::2], x[..., 1::2]], -1)
+        return F.cross_entropy(self.fc(self.reduce(halves).mean((1, 2))), torch.arange(x.shape[0]) % 10)
+
+
+def test_a_strided_split_of_channels_keeps_the_correlation():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8, 8, 16, requires_grad=True)
+    _Interleaved(c=8)(x).backward()
+    sampled = float(x.grad.flatten(1, -2).mean(1).pow(2).mean() / x.grad.pow(2).mean())
+    predicted = _sweep_rho(_Interleaved(c=8), x.detach())["x"]
+    assert sampled > 0.9 and predicted == pytest.approx(sampled, rel=0.1), (predicted, sampled)

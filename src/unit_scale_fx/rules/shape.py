@@ -53,25 +53,42 @@ def _positions_per_value(op: OpView, xs: Any, os_: Any) -> Optional[float]:
     the input's positions apart (``None``: all of it): a strided slice takes every ``k``-th position (Swin's patch
     merging takes four such slices side by side), so its gradient, zero between them, keeps its shared part on
     ``1 / k`` of the input's positions; ``pixel_unshuffle`` by ``r`` puts each position of an ``r x r`` block in a
-    channel of its own, whose shared parts differ (``1 / r^2``)."""
+    channel of its own, whose shared parts differ (``1 / r^2``). A stride on the last dimension alone is taken for
+    a split of channels (interleaved rotary halves), which keeps the correlation."""
     node = op.node
     target = resolve_target(node)
     if xs is None or os_ is None or math.prod(xs) <= 0:
         return None
     fraction = math.prod(os_) / math.prod(xs)
     if target is operator.getitem and len(node.args) == 2:
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if any(isinstance(i, slice) and isinstance(i.step, int) and i.step > 1 for i in index):
+        strided = _strided_dims(node.args[1], len(xs))
+        if len(strided) >= 2 or strided and strided[0] != len(xs) - 1:
             return min(1.0, fraction)
     elif target is aten("slice", "Tensor"):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         step = node.kwargs.get("step", node.args[4] if len(node.args) > 4 else 1)
-        if isinstance(step, int) and step > 1:
+        if isinstance(step, int) and step > 1 and isinstance(dim, int) and dim % len(xs) != len(xs) - 1:
             return min(1.0, fraction)
     elif target in _UNSHUFFLE:
         r = node.kwargs.get("downscale_factor", node.args[1] if len(node.args) > 1 else None)
         if isinstance(r, int) and r > 1:
             return 1.0 / (r * r)
     return None
+
+
+def _strided_dims(index: Any, ndim: int) -> list[int]:
+    """The dimensions an indexing expression (``x[:, 0::2, 0::2]``, ``x[..., ::2]``) slices with a step over 1."""
+    index = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    dims, d = [], 0
+    for i in index:
+        if i is Ellipsis:
+            d += ndim - consumed
+        elif i is not None:
+            if isinstance(i, slice) and isinstance(i.step, int) and i.step > 1:
+                dims.append(d)
+            d += 1
+    return dims
 
 
 #: ops that take their values from the first tensor and only a dtype or shape from the second
