@@ -1,8 +1,8 @@
 """A spot check on torchvision classifiers that no test names, in their default configurations (10 classes,
 64 x 64 images, batch 4, cross-entropy; auxiliary heads weighted 0.3 as torchvision's reference training does):
 ops left unscaled, the share of weight gradients (2-D or more) and of vector gradients (biases, gains; those not
-zero up to rounding) with RMS in [1/2, 2] on a batch the plan did not see, and the smallest cosine between each parameter's gradient and the true gradient of the rewritten forward
-(``analysis.validity.gradient_cosines``).
+zero up to rounding) with RMS in [1/2, 2] on a batch the plan did not see, and the smallest cosine between each
+parameter's gradient and the true gradient of the rewritten forward (``analysis.validity.gradient_cosines``).
 
     cd benchmarks && PYTHONPATH=../src python unseen_torchvision.py [--models NAME ...] [--imagenet]
 

@@ -164,8 +164,9 @@ def test_backward_keeps_no_scaled_copy(name):
     on their parameters' gradients only then run as native ops): exactly the original's bytes plus one
     0-dim float32 factor per batch norm and layer norm (4 bytes: the saved factor of the multiply that
     sets its gain's and bias's backward factors, ``scale._set_saved``; two where the gain's and the bias's
-    factors differ, as a batch norm's may: its bias may sum a gradient shared across positions) and per weight and bias of a convolution whose factors are in a copy of its weight
-    (one, shared, where their factors agree), saved instead of the weight (``scale._native_conv``: an
+    factors differ, as a batch norm's may: its bias may sum a gradient shared across positions) and per
+    weight and bias of a convolution whose factors are in a copy of its weight (one, shared, where their
+    factors agree), saved instead of the weight (``scale._native_conv``: an
     input-gradient factor, a weight no larger than the input, forward factors 1 on input and output).
     Another native convolution saves its weight itself (a hook scales its gradient). And one factor per
     residual add whose skip alone carries factors, with a backward factor other than 1
