@@ -172,29 +172,28 @@ def _repeats(u: fx.Node, param: Optional[fx.Node]) -> float:
     return nu / np_ if np_ > 0 and nu > np_ else 1.0
 
 
-def _shared_rows(scales_of: dict, grho: dict[fx.Node, float], u: fx.Node, v: fx.Node,
-                 gval: Optional[dict[fx.Node, float]] = None) -> float:
+def _shared_rows(pots: Any, scales_of: dict, u: fx.Node, v: fx.Node) -> float:
     """How much larger ``u``'s gradient through ``v`` is than the rule's ideal scale assumes (which takes the rows
-    it sums as independent): where ``v``'s gradient is shared by a sample's positions (``grho``, the sweep's
-    cross-position correlation: a mean-pooled readout, attention's value gradient) and the rule says what ``u``'s
-    gain is then (``Scales.shared_grad_gain``: a bias, which sums it coherently), ``sqrt((1 - rho) + rho s^2)``
-    with ``s`` that gain over the independent one (:func:`~.plan.mixed_gain`, as the sweep mixes them); and the
-    same where ``v``'s gradient follows its values (``gval``; ``Scales.value_grad_gain``: a norm's gain)."""
+    it sums as independent): where ``v``'s gradient is shared by a sample's positions (``pots.grad_rho``, the
+    sweep's cross-position correlation: a mean-pooled readout, attention's value gradient) and the rule says what
+    ``u``'s gain is then (``Scales.shared_grad_gain``: a bias, which sums it coherently), ``sqrt((1 - rho) + rho
+    s^2)`` with ``s`` that gain over the independent one (:func:`~.plan.mixed_gain`, as the sweep mixes them); and
+    the same where ``v``'s gradient follows its values (``pots.grad_value``; ``Scales.value_grad_gain``: a norm's
+    gain)."""
     sv = scales_of.get(v)
     if sv is None or not sv.grad_gain.get(u):
         return 1.0
     k = 1.0
     if u in sv.shared_grad_gain:
-        k = mixed_gain(k, sv.shared_grad_gain[u] / sv.grad_gain[u], grho.get(v, 0.0))
+        k = mixed_gain(k, sv.shared_grad_gain[u] / sv.grad_gain[u], pots.grad_rho.get(v, 0.0))
     if u in sv.value_grad_gain:
-        k = mixed_gain(k, sv.value_grad_gain[u] / sv.grad_gain[u], (gval or {}).get(v, 0.0))
+        k = mixed_gain(k, sv.value_grad_gain[u] / sv.grad_gain[u], pots.grad_value.get(v, 0.0))
     return k
 
 
 def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarray, old: np.ndarray,
                       rows: dict[fx.Node, float], param_of: Optional[dict[int, fx.Node]] = None,
-                      scales_of: Optional[dict] = None, grho: Optional[dict[fx.Node, float]] = None,
-                      gval: Optional[dict[fx.Node, float]] = None) -> int:
+                      scales_of: Optional[dict] = None) -> int:
     """Potentials of parameter classes from the measured classes they feed, through the rules.
 
     On an edge ``u -> v`` the rule's ideal backward scale makes ``u``'s gradient unit when
@@ -226,7 +225,7 @@ def _analytic_vectors(pots: Any, noisy: set[int], done: set[int], new: np.ndarra
                 continue
             logs.append(new[pots.cls(v)] + math.log(ideal / abs(f)) + 0.5 * math.log(rows.get(v, 1.0))
                         - 0.5 * math.log(_repeats(u, param_of.get(cls)))
-                        - math.log(_shared_rows(scales_of or {}, grho or {}, u, v, gval)))
+                        - math.log(_shared_rows(pots, scales_of or {}, u, v)))
         a = float(np.mean(logs)) if logs else old[cls] + shift
         # rounded as measurements are: the same on every rank and for one process on the whole batch
         new[cls] = math.log(round_bits(math.exp(a)))
@@ -390,8 +389,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             new[cls] = float(np.clip(-math.log(g), old[cls] - _MAX_STEP, old[cls] + _MAX_STEP))
             done.add(cls)
             updated += 1
-    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of, ctx.scales, pots.grad_rho,
-                                 pots.grad_value)
+    updated += _analytic_vectors(pots, noisy, done, new, old, rows, param_of, ctx.scales)
     updated += _measured_matrices(matrices & noisy, true_rms, new, old)
     # The outputs' class (and every value shared with other graphs) keeps potential 1 exactly: gradients
     # that the caller sends into several outputs keep their relative weights. The measured potentials are

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -300,17 +300,20 @@ def _bound_call(n: fx.Node, targets: Any, params: Sequence[str]) -> Optional[dic
     return bound
 
 
-def _absorb_scales(n: fx.Node, bound: dict, unit_fwd_only: bool, args: Sequence[tuple[str, str]] = (
-        ("x_scale", "input"), ("weight_scale", "weight"), ("bias_scale", "bias"))) -> tuple[dict, list, list]:
+def _absorb_scales(n: fx.Node, bound: dict, unit_fwd_only: Union[bool, Collection[str]],
+                   args: Sequence[tuple[str, str]] = (("x_scale", "input"), ("weight_scale", "weight"),
+                                                      ("bias_scale", "bias"))) -> tuple[dict, list, list]:
     """The scales a fused op with ``input`` / ``weight`` / ``bias`` arguments takes in: the lone scales on
-    those arguments (with ``unit_fwd_only``, only those whose forward factor is 1), which ``bound`` then
-    reads through, and ``n``'s output scale. Returns the fused op's ``*_scale`` keyword arguments (pairs
-    other than ``(1, 1)``), the absorbed input scale nodes and the output scale node."""
+    those arguments (with ``unit_fwd_only``, only those whose forward factor is 1; a collection of argument
+    names: on those arguments only), which ``bound`` then reads through, and ``n``'s output scale. Returns the
+    fused op's ``*_scale`` keyword arguments (pairs other than ``(1, 1)``), the absorbed input scale nodes and
+    the output scale node."""
     absorbed: list[fx.Node] = []
     kwargs: dict[str, Any] = {}
     for key, arg in args:
         a = bound.get(arg)
-        if _lone_scale(a) and (not unit_fwd_only or _factors(a)[0] == 1.0):
+        unit = unit_fwd_only if isinstance(unit_fwd_only, bool) else arg in unit_fwd_only
+        if _lone_scale(a) and (not unit or _factors(a)[0] == 1.0):
             kwargs[key] = _factors(a)
             bound[arg] = a.args[0]
             absorbed.append(a)
@@ -465,10 +468,10 @@ def fuse_attention(graph: fx.Graph) -> int:
     return fused
 
 
-def _batch_norm_layer(n: fx.Node, root: Optional[torch.nn.Module]) -> Optional[tuple[str, dict]]:
+def _batch_norm_layer(n: fx.Node, root: Optional[torch.nn.Module]) -> Optional[tuple[str, Any, dict]]:
     """A call of a batch-norm layer whose ``forward`` is PyTorch's ``_BatchNorm.forward``: as a module call, or
     as the tracer writes it (``batch_norm_layer(bn, x, bn.weight, bn.bias)``, ``bn`` a ``get_attr``). Returns
-    the layer's qualified name and the call's tensor arguments by name; None for any other node."""
+    the layer's qualified name, the layer and the call's tensor arguments by name; None for any other node."""
     if n.op == "call_function" and n.target is batch_norm_layer and len(n.args) == 4 and not n.kwargs:
         bn = n.args[0]
         if not (isinstance(bn, fx.Node) and bn.op == "get_attr"):
@@ -482,12 +485,12 @@ def _batch_norm_layer(n: fx.Node, root: Optional[torch.nn.Module]) -> Optional[t
         mod = root.get_submodule(target) if root is not None else None
     except AttributeError:
         return None
-    return (target, bound) if mod is not None and type(mod).forward is _BN_FORWARD else None
+    return (target, mod, bound) if mod is not None and type(mod).forward is _BN_FORWARD else None
 
 
-def _own_parameter(root: torch.nn.Module, layer: str, attr: str, arg: Any) -> bool:
-    """``arg`` is the ``get_attr`` of the layer's own ``attr`` parameter (None where it has none)."""
-    p = root.get_submodule(layer)._parameters.get(attr)
+def _own_parameter(root: torch.nn.Module, layer: torch.nn.Module, attr: str, arg: Any) -> bool:
+    """``arg`` is the ``get_attr`` of ``layer``'s own ``attr`` parameter (None where it has none)."""
+    p = layer._parameters.get(attr)
     if p is None or not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
         return p is None and arg is None
     try:
@@ -511,21 +514,17 @@ def fuse_batch_norms(graph: fx.Graph) -> int:
         found = _batch_norm_layer(n, root)
         if found is None:
             continue
-        layer, bound = found
-        kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=False, args=(("x_scale", "input"),))
+        name, layer, bound = found
+        # the gain's and bias's scales (batch_norm_layer(bn, x, weight, bias)) only where backward-only
+        kwargs, absorbed, out = _absorb_scales(n, bound, unit_fwd_only=("weight", "bias"))
         if "x_scale" in kwargs and not _pair(kwargs["x_scale"])[0] > 0:
             continue
-        if "weight" in bound:  # batch_norm_layer(bn, x, weight, bias)
-            params, p_absorbed, _ = _absorb_scales(n, bound, unit_fwd_only=True,
-                                                   args=(("weight_scale", "weight"), ("bias_scale", "bias")))
-            if not all(_own_parameter(root, layer, k, bound[k]) for k in ("weight", "bias")):
-                continue
-            kwargs.update({k: v for k, v in params.items() if k != "out_scale"})
-            absorbed += p_absorbed
+        if "weight" in bound and not all(_own_parameter(root, layer, k, bound[k]) for k in ("weight", "bias")):
+            continue
         if not kwargs:
             continue
         with graph.inserting_before(n):
-            mod = n.args[0] if n.op == "call_function" else graph.get_attr(layer)
+            mod = n.args[0] if n.op == "call_function" else graph.get_attr(name)
             new = graph.call_function(scaled_batch_norm, (mod, bound["input"]), kwargs)
         read = [a for a in [*n.args[2:], *(s.args[0] for s in absorbed)] if isinstance(a, fx.Node)]
         _replace_fused(graph, n, new, out, absorbed)

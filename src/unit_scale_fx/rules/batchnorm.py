@@ -90,10 +90,11 @@ class BatchNormRule(Rule):
         if xs and len(xs) > 2:
             # the bias sums its gradient over a sample's positions coherently where they share it, the gain where
             # the gradient follows the normalised values (a ReLU after it, near a pooled readout)
+            coherent = math.sqrt(rows * math.prod(xs[2:]))
             if isinstance(b, fx.Node) and b in op.inputs:
-                s.shared_grad_gain[b] = math.sqrt(rows * math.prod(xs[2:]))
+                s.shared_grad_gain[b] = coherent
             if isinstance(w, fx.Node) and w in op.inputs:
-                s.value_grad_gain[w] = math.sqrt(rows * math.prod(xs[2:]))
+                s.value_grad_gain[w] = coherent
         s.out_rms = math.sqrt(out2) if out2 > 0 else 1.0
         return s
 
