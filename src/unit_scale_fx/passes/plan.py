@@ -342,7 +342,9 @@ class _MeasuringPlanner(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         args, kwargs = torch.utils._pytree.tree_map(
             lambda a: swap.get(id(a), a) if isinstance(a, torch.Tensor) else a, (args, kwargs))
-        read = {u.args[1] for u in n.users if u.target is operator.getitem and u.users and len(u.args) > 1}
+        # a tuple's pieces read by index (``getitem`` with a slice or a tuple of them is a tensor's indexing)
+        read = {u.args[1] for u in n.users if u.target is operator.getitem and u.users and len(u.args) > 1
+                and isinstance(u.args[1], int)}
         gen = torch.Generator().manual_seed(1234)
         with torch.enable_grad():
             y = getattr(self, n.op)(n.target, args, kwargs)
