@@ -503,3 +503,86 @@ def test_replan_plans_again_on_the_current_weights():
     fresh = unit_scale(copy.deepcopy(model), batch, init_weights=False)  # a plan made on the trained weights
     assert after == pytest.approx(float(fresh(*batch)), rel=1e-5)
     assert after != pytest.approx(before, rel=1e-4)
+
+
+@torch.library.custom_op("unit_scale_fx_test::expert_mm", mutates_args=())
+def _expert_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A library's own matmul op (as transformers' ``grouped_mm_fallback`` is): ``x @ w``."""
+    return x @ w
+
+
+@_expert_mm.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def _expert_mm_backward(ctx, g):
+    x, w = ctx.saved_tensors
+    return g @ w.t(), x.t() @ g
+
+
+_expert_mm.register_autograd(_expert_mm_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+class LibraryOpMLP(nn.Module):
+    """A model that calls a library op through its packet, ``torch.ops.ns.op(...)``: dynamo records the packet,
+    torch.export the overload."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(d, 4 * d) / 8)
+        self.w2 = nn.Parameter(torch.randn(4 * d, d) / 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(torch.ops.unit_scale_fx_test.expert_mm(x, self.w1))
+        return torch.ops.unit_scale_fx_test.expert_mm(h, self.w2).pow(2).mean()
+
+
+def test_a_library_op_called_through_its_packet_takes_its_rule():
+    from unit_scale_fx.rules.matmul import _register_matmul
+    from unit_scale_fx.rules.registry import register_library_op
+
+    register_library_op("unit_scale_fx_test::expert_mm.default", _register_matmul)
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    be = backend(inner="eager")
+    model = LibraryOpMLP()
+    compiled = torch.compile(model, backend=be)
+    compiled(x).backward()
+    (g,) = be.graphs
+    assert not any("expert_mm" in u.op for u in g.unsupported)
+    assert sum("expert_mm" in r.op and r.rule == "matmul" for r in g.scale_plan(all_nodes=True).values()) == 2
+    # the weights' gradients are unit: the matmul rule planned both products
+    for p in model.parameters():
+        assert 0.5 < float(p.grad.pow(2).mean().sqrt()) < 2.0
+
+
+class TopKRouter(nn.Module):
+    """Mixtral's router: the top-k routing weights renormalised in place (``w /= w.sum(...)``), a write to a
+    piece of ``topk``'s tuple result, not to a view."""
+
+    def __init__(self, d: int = 32, experts: int = 8) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(F.softmax(self.gate(x), dim=-1), 2)
+        w /= w.sum(dim=-1, keepdim=True)
+        return (self.proj(x) * w[..., :1]).pow(2).mean() + 0.0 * idx.float().mean()
+
+
+def test_an_in_place_write_to_a_piece_of_a_tuple_result_compiles():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    ref = TopKRouter()
+    be, be_true = backend(inner="eager"), backend(inner=_true_gradient_inner)
+    l_s, g_s = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be), x)
+    l_t, g_t = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be_true), x)
+    (g,) = be.graphs
+    assert not g.unsupported
+    torch.testing.assert_close(l_s, l_t)
+    # every gradient a positive multiple of the true gradient of the rewritten forward, the router's too
+    for k in g_t:
+        a, b = g_s[k].flatten().double(), g_t[k].flatten().double()
+        assert b.norm() > 0 and float(a @ b / (a.norm() * b.norm())) > 0.9999, k

@@ -298,9 +298,16 @@ def tensor_method(name: str) -> Any:
 
 
 def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any:
-    """The registry key of a node: the real object it calls."""
+    """The registry key of a node: the real object it calls. A call of an op packet with one overload
+    (``torch.ops.ns.op(...)``, as dynamo records a library's custom op) is a call of that overload, the key
+    its rule is registered under (``torch.export`` records the overload itself)."""
     if node.op == "call_function":
-        return node.target
+        t = node.target
+        if isinstance(t, torch._ops.OpOverloadPacket):
+            names = t.overloads()
+            if len(names) == 1:
+                return getattr(t, names[0])
+        return t
     if node.op == "call_method":
         return getattr(torch.Tensor, str(node.target), None)
     if node.op == "call_module" and root is not None:
