@@ -586,3 +586,44 @@ def test_an_in_place_write_to_a_piece_of_a_tuple_result_compiles():
     for k in g_t:
         a, b = g_s[k].flatten().double(), g_t[k].flatten().double()
         assert b.norm() > 0 and float(a @ b / (a.norm() * b.norm())) > 0.9999, k
+
+
+class LossAndLogitsGPT(GPT):
+    """Returns ``(loss, logits)``, as a Hugging Face model asked for its loss does."""
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)), logits
+
+
+def test_a_graph_returning_its_loss_and_logits_gets_unit_gradients_from_its_loss():
+    # the plan's gradient sizes are those of training on the returned loss, as in eager unit_scale; the logits
+    # returned beside it get a gradient from outside as the true gradient times the loss's factor (valid)
+    torch.manual_seed(0)
+    ref = LossAndLogitsGPT(**SMALL)
+    batch = gpt_batch(SMALL["vocab"], 4, 16)
+    be, be_true = backend(inner="eager"), backend(inner=_true_gradient_inner)
+    model = copy.deepcopy(ref)
+    compiled = torch.compile(model, backend=be)
+    compiled(*batch)[0].backward()  # plans
+    model.zero_grad()
+    loss, logits = compiled(*batch)
+    loss.backward()
+    w = [float(p.grad.pow(2).mean().sqrt()) for p in model.parameters() if p.dim() >= 2]
+    assert sum(0.5 <= v <= 2.0 for v in w) / len(w) >= 0.9, w
+    # valid for any loss formed from both outputs: the caller's loss on the logits keeps its weight
+    twin, twin_true = copy.deepcopy(ref), copy.deepcopy(ref)
+    for m, b in ((twin, backend(inner="eager")), (twin_true, be_true)):
+        c = torch.compile(m, backend=b)
+        c(*batch)
+        m.zero_grad()
+        torch.manual_seed(1)
+        loss, logits = c(*batch)
+        (loss + logits.pow(2).mean()).backward()
+    for (k, p), q in zip(twin.named_parameters(), twin_true.parameters()):
+        a, b = p.grad.flatten().double(), q.grad.flatten().double()
+        assert float(a @ b / (a.norm() * b.norm())) > 0.9999, k

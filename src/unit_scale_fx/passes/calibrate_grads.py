@@ -318,9 +318,12 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         run = _ScaledRun(gm, pots.output_bwd(), batch, keep_whole=stats.world > 1)
         out = run.run(*ctx.real_values)
         try:
-            # a piece of a larger program (dynamo graph breaks): its outputs feed later graphs, probe them all
-            # over ranks, the mean of the ranks' losses (DDP's convention)
-            loss = output_loss(out, where="calibrate_grads", scalars_first=not ctx.boundary) / stats.world
+            # the returned losses (0-dim outputs) where there are any: the gradient sizes of training on them,
+            # also for a piece of a larger program (dynamo: a Hugging Face model's graph returns its loss beside
+            # logits and a cache; probing every output gave its weights gradients of ~1e-3); a piece without a
+            # loss, whose outputs feed later graphs, probes them all. Over ranks, the mean of the ranks' losses
+            # (DDP's convention)
+            loss = output_loss(out, where="calibrate_grads", scalars_first=True) / stats.world
             del out
             loss.backward()
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
