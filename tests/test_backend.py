@@ -627,3 +627,18 @@ def test_a_graph_returning_its_loss_and_logits_gets_unit_gradients_from_its_loss
     for (k, p), q in zip(twin.named_parameters(), twin_true.parameters()):
         a, b = p.grad.flatten().double(), q.grad.flatten().double()
         assert float(a @ b / (a.norm() * b.norm())) > 0.9999, k
+
+
+def test_an_activation_in_place_by_a_positional_flag_is_made_out_of_place():
+    # dynamo records ``nn.Hardswish(inplace=True)`` as ``F.hardswish(x, True)``: the flag is positional. Left in
+    # place, it wrote into the output of the fused linear (MobileNetV3's classifier failed under torch.compile)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Hardswish(inplace=True), nn.Linear(64, 10), nn.ReLU(inplace=True))
+    x = torch.randn(16, 32)
+    be = backend(inner="eager")
+    out = torch.compile(model, backend=be)(x)
+    out.pow(2).mean().backward()
+    (g,) = be.graphs
+    acts = [n for n in g.gm.graph.nodes if n.op == "call_function" and n.target in (F.hardswish, F.relu)]
+    assert len(acts) == 2 and all(True not in n.args[1:] for n in acts)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -18,6 +18,8 @@ replaced by the function they dispatch to.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import operator
 import pickle
@@ -117,7 +119,7 @@ def _line(node: fx.Node) -> str:
 def _inplace_form(node: fx.Node) -> Optional[tuple[Any, Any]]:
     """``(out-of-place form, mutated argument)`` of an in-place op, or None.
 
-    The out-of-place form is ``("method", name)``, ``("target", fn)`` or ``("kwargs", kwargs)``;
+    The out-of-place form is ``("method", name)``, ``("target", fn)``, ``("kwargs", kwargs)`` or ``("args", args)``;
     ``operator.setitem`` has none (``("setitem", None)``).
     """
     if node.op == "call_method":
@@ -134,7 +136,20 @@ def _inplace_form(node: fx.Node) -> Optional[tuple[Any, Any]]:
         return ("target", overload), node.args[0]
     if node.kwargs.get("inplace") is True and node.args:
         return ("kwargs", {**node.kwargs, "inplace": False}), node.args[0]
+    pos = _inplace_position(node.target)
+    if pos is not None and len(node.args) > pos and node.args[pos] is True:  # ``F.hardswish(x, True)`` (dynamo)
+        return ("args", (*node.args[:pos], False, *node.args[pos + 1:])), node.args[0]
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target: Any) -> Optional[int]:
+    """Where a function such as ``F.relu(input, inplace=False)`` takes ``inplace`` positionally, or None."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return names.index("inplace") if "inplace" in names[1:] else None
 
 
 class _Functionalize:
@@ -266,6 +281,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             node.target = value
         elif kind == "target":
             node.target = value
+        elif kind == "args":
+            node.args = value
         else:
             node.kwargs = value
         fz.redirect(mutated, node, node)
