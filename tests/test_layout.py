@@ -77,7 +77,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "record", "layers", "scale", "tensor_stats", "table"),
     ("config", "lowp.formats", "lowp.simulated_attention", "rules"),
     ("passes",),
-    ("capture", "pipeline", "weights", "checkpoint"),
+    ("capture", "pipeline", "weights", "checkpoint", "running_stats"),
     ("api", "backend"),
     ("lowp", "training", "analysis", "examples", "cli", "__main__", ""),
 ]

@@ -25,6 +25,7 @@ from .passes import PassContext
 from .passes.init_weights import parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
+from .running_stats import carry_running_stats, trained_norms
 from .scale import first_order_only
 from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original, LOST_TYPES
 from .table import format_table
@@ -51,6 +52,11 @@ class UnitScaledModule(fx.GraphModule):
 
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
+        # trained running statistics describe the function the module computes now: the original's (weights
+        # kept, first plan) or the last plan's (replan); they are carried into the new plan's units
+        reference = None
+        if trained_norms(self) and (self.us_planned or not self.us_config.init_weights):
+            reference = copy.deepcopy(self)
         if self.us_planned:
             self.graph = copy.deepcopy(self.us_source_graph)
         ctx = PassContext(config=self.us_config, example_args=args, example_kwargs=kwargs,
@@ -61,6 +67,8 @@ class UnitScaledModule(fx.GraphModule):
         self.us_timings = list(ctx.timings)
         self.us_unsupported = list(ctx.unsupported)
         self.us_planned = True
+        if reference is not None:
+            carry_running_stats(self, reference, args, kwargs)
         log.info("unit_scale: planned %d scaled nodes for input shapes %s", len(self.scale_plan()),
                  [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
 
