@@ -36,7 +36,7 @@ def trained_norms(model: nn.Module) -> dict[str, nn.Module]:
     for name, m in model.named_modules():
         if (isinstance(m, _NORMS) and m.track_running_stats and m.running_mean is not None
                 and m.running_var is not None and m.num_batches_tracked is not None
-                and int(m.num_batches_tracked) > 0):
+                and m.num_batches_tracked.device.type != "meta" and int(m.num_batches_tracked) > 0):
             out[name] = m
     return out
 
