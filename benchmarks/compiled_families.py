@@ -30,23 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _common import table, write_result  # noqa: E402
 from fixtures.families import EXTRA_FAMILIES, FAMILIES, missing  # noqa: E402
+from fixtures.references import true_gradient_inner  # noqa: E402
 from unit_scale_fx import backend  # noqa: E402
 from unit_scale_fx.analysis.validity import VANISHING  # noqa: E402
-from unit_scale_fx.scale import scale  # noqa: E402
 
 
 def _as_planned(gm: fx.GraphModule, example_inputs: list) -> Any:
     return gm.forward
-
-
-def _true_gradient(gm: fx.GraphModule, example_inputs: list) -> Any:
-    """The rewritten graph with every ``scale(x, f, b)`` as ``scale(x, f, f)``: autograd's gradient of it."""
-    twin = copy.deepcopy(gm)
-    for n in twin.graph.nodes:
-        if n.op == "call_function" and n.target is scale:
-            n.args = (n.args[0], n.args[1], n.args[1])
-    twin.recompile()
-    return twin.forward
 
 
 def _step(fam: Any, be: Any, model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -76,7 +66,7 @@ def row(name: str) -> list[str]:
     be = backend(inner="eager")
     grads = _trained(fam, ref, be)
     planned = _trained(fam, ref, backend(inner=_as_planned))
-    true = _trained(fam, ref, backend(inner=_true_gradient))
+    true = _trained(fam, ref, backend(inner=true_gradient_inner))
     top = max(float(g.norm()) for g in true.values())
     cos = []
     for k, b in true.items():

@@ -16,39 +16,17 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import sys
 import warnings
+from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from _common import table, write_result
 from unit_scale_fx import unit_scale
 
-
-def gather(model: nn.Module, data: list[torch.Tensor]) -> nn.Module:
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in norms:
-        m.momentum = None
-        m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    for m in norms:
-        m.momentum = 0.1
-    return model
-
-
-def eval_vs_train(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    state = copy.deepcopy(model.state_dict())
-    with torch.no_grad():
-        model.train()
-        y_train = model(x)
-        model.load_state_dict(state)
-        model.eval()
-        y_eval = model(x)
-    model.train()
-    return float((y_eval - y_train).norm() / y_train.norm()), float((y_eval.argmax(1) == y_train.argmax(1)).float().mean())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixtures.references import eval_vs_train, gather_statistics  # noqa: E402
 
 
 def main() -> None:
@@ -63,11 +41,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(16, 3, 64, 64, generator=g) for _ in range(8)]
     unseen = torch.randn(16, 3, 64, 64, generator=g)
-    model = gather(torchvision.models.resnet18(num_classes=10), data)
+    model = gather_statistics(torchvision.models.resnet18(num_classes=10), data)
     us = unit_scale(copy.deepcopy(model), (data[0],), init_weights=False)
     as_is = copy.deepcopy(us)
     as_is.load_state_dict({k: v for k, v in model.state_dict().items() if "running" in k}, strict=False)
-    ideal = gather(copy.deepcopy(us), data)
+    ideal = gather_statistics(copy.deepcopy(us), data)
     rows = []
     for name, m in (("original", model), ("unit-scaled, statistics carried (unit_scale now)", us),
                     ("unit-scaled, the original's statistics as they were", as_is),

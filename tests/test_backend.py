@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unit_scale_fx import UnitScaleConfig, UnitScaleError, backend, init_weights, unit_scale
+from fixtures.references import true_gradient_inner
 from helpers import band_fractions, scale_constants
 from unit_scale_fx.analysis.recorder import fraction_in_band, record_matmul_operands
 from unit_scale_fx.examples import GPT, ResidualMLP, gpt_batch, mlp_batch
@@ -94,17 +95,7 @@ def _loss_and_grads(model: nn.Module, *batch: torch.Tensor) -> tuple[torch.Tenso
     return loss.detach(), {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in model.named_parameters()}
 
 
-def _true_gradient_inner(gm: fx.GraphModule, example_inputs: list):
-    """An inner compiler that runs the rewritten graph with every backward scale set to the forward one.
-
-    Its gradients are autograd's gradients of the very same (scaled) forward function.
-    """
-    twin = copy.deepcopy(gm)
-    for n in twin.graph.nodes:
-        if n.op == "call_function" and n.target is scale:
-            n.args = (n.args[0], n.args[1], n.args[1])
-    twin.recompile()
-    return twin.forward
+_true_gradient_inner = true_gradient_inner
 
 
 def test_named_backend_in_fresh_subprocess():

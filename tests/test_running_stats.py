@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fixtures.families import BasicBlock
+from fixtures.references import eval_vs_train, gather_statistics
 from unit_scale_fx import unit_scale
 
 
@@ -36,47 +37,23 @@ def _data(n: int = 6) -> list[torch.Tensor]:
     return [torch.randn(16, 3, 16, 16, generator=g) * 3 + 1 for _ in range(n)]
 
 
-def _pretrained(model: nn.Module, data: list[torch.Tensor]) -> nn.Module:
-    """Running statistics gathered on ``data`` (cumulative averages), as training leaves them."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in norms:
-        m.momentum = None
-        m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    for m in norms:
-        m.momentum = 0.1
-    return model
-
-
-def _eval_vs_train(model: nn.Module, x: torch.Tensor) -> float:
-    """Relative difference of evaluation-mode and training-mode outputs (running vs batch statistics)."""
-    state = copy.deepcopy(model.state_dict())
-    with torch.no_grad():
-        model.train()
-        y_train = model(x)
-        model.load_state_dict(state)
-        model.eval()
-        y_eval = model(x)
-    model.train()
-    return float((y_eval - y_train).norm() / y_train.norm())
+def _gap(model: nn.Module, x: torch.Tensor) -> float:
+    return eval_vs_train(model, x)[0]
 
 
 def test_a_pretrained_model_kept_as_it_is_evaluates_as_it_trains():
     torch.manual_seed(0)
     data = _data()
-    model = _pretrained(Net(), data)
+    model = gather_statistics(Net(), data)
     before = copy.deepcopy(model.state_dict())
     us = unit_scale(model, (data[0],), init_weights=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the original is not touched"
-    gap_original = _eval_vs_train(model, data[1])
-    carried = _eval_vs_train(us, data[1])  # a batch the plan did not see
+    gap_original = _gap(model, data[1])
+    carried = _gap(us, data[1])  # a batch the plan did not see
     # the same unit-scaled model with the original's statistics as they were (what it had before)
     as_is = copy.deepcopy(us)
     as_is.load_state_dict({k: v for k, v in before.items() if "running" in k}, strict=False)
-    kept = _eval_vs_train(as_is, data[1])
+    kept = _gap(as_is, data[1])
     assert carried < 1.5 * gap_original + 0.05, (carried, gap_original)
     assert kept > 3 * carried, (kept, carried)
 
@@ -86,9 +63,9 @@ def test_a_plain_chain_of_convolutions_and_norms_is_carried_exactly():
     # those the unit-scaled model itself gathers on the same data, whatever batch planned it
     torch.manual_seed(0)
     data = _data()
-    model = _pretrained(Net(residual=False), data)
+    model = gather_statistics(Net(residual=False), data)
     us = unit_scale(model, (data[-1],), init_weights=False)
-    regathered = _pretrained(copy.deepcopy(us), data)
+    regathered = gather_statistics(copy.deepcopy(us), data)
     for (k, v), w in zip(us.state_dict().items(), regathered.state_dict().values()):
         if "running" in k:
             torch.testing.assert_close(v, w, rtol=2e-4, atol=1e-6)
@@ -103,7 +80,7 @@ def test_fresh_statistics_and_reinitialised_weights_are_left_alone():
             assert torch.equal(v, torch.zeros_like(v))
         elif k.endswith("running_var"):
             assert torch.equal(v, torch.ones_like(v))
-    model = _pretrained(Net(), data)
+    model = gather_statistics(Net(), data)
     us = unit_scale(model, (data[0],))  # init_weights=True: a new model; its statistics are not carried
     for k, v in us.state_dict().items():
         if "running" in k:
@@ -120,6 +97,6 @@ def test_replan_carries_the_statistics_of_the_last_plan():
         opt.zero_grad()
         F.cross_entropy(us(x), y).backward()
         opt.step()
-    trained = _eval_vs_train(us, data[0])
+    trained = _gap(us, data[0])
     us.replan(data[1] * 0.5)  # another batch: other scales
-    assert _eval_vs_train(us, data[0]) < 1.5 * trained + 0.05
+    assert _gap(us, data[0]) < 1.5 * trained + 0.05
