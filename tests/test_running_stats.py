@@ -100,3 +100,18 @@ def test_replan_carries_the_statistics_of_the_last_plan():
     trained = _gap(us, data[0])
     us.replan(data[1] * 0.5)  # another batch: other scales
     assert _gap(us, data[0]) < 1.5 * trained + 0.05
+
+
+def test_statistics_loaded_without_a_batch_count_are_carried():
+    # torchvision's older checkpoints have no num_batches_tracked: it loads as 0 beside trained statistics
+    torch.manual_seed(0)
+    data = _data()
+    model = gather_statistics(Net(residual=False), data)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.zero_()
+    us = unit_scale(model, (data[-1],), init_weights=False)
+    regathered = gather_statistics(copy.deepcopy(us), data)
+    for (k, v), w in zip(us.state_dict().items(), regathered.state_dict().values()):
+        if "running" in k:
+            torch.testing.assert_close(v, w, rtol=2e-4, atol=1e-6)

@@ -6,15 +6,15 @@ kept as they are (``init_weights=False``: a pretrained model) describe another t
 outputs are off until training has replaced them (by ``(1 - momentum)`` a step).
 
 :func:`carry_running_stats` maps them instead: on the example batch, each batch norm's input in the
-unit-scaled model is compared with its input in the original (the model with every scale erased), channel by
-channel, as ``u = a x + b`` (``a`` from the ratio of the two batch variances, ``b`` from the means); the
+unit-scaled model is compared with its input in the model the statistics were gathered on (a copy taken before
+planning), channel by channel, as ``u = a x + b`` (``a`` from the ratio of the two batch variances, ``b`` from the means); the
 running statistics become ``a * mean + b`` and ``a**2 * var``. ``UnitScaledModule`` does this when it plans a
 module whose weights it kept (``init_weights=False``) and when it plans again (``replan``: the statistics are
 then in the last plan's units). Where the unit-scaled input is the original's
 times a factor (a convolution and the norm after it), this is exact on any batch; elsewhere (after residual
 adds whose weights the plan changed) it is an estimate that keeps the statistics' own information. With every
-scale 1 the map is the identity. Layers whose statistics were never updated (``num_batches_tracked`` 0: a
-freshly built model) are left alone.
+scale 1 the map is the identity. Layers whose statistics were never updated (a freshly built model: mean 0,
+variance 1) are left alone.
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def trained_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """The batch norms of ``model`` (by qualified name) with running statistics that training updated."""
+    """The batch norms of ``model`` (by qualified name) with running statistics that training updated: a count of
+    batches, or statistics other than a new layer's (mean 0, variance 1; checkpoints saved before PyTorch counted
+    batches, such as torchvision's older weights, load with a count of 0)."""
     out = {}
     for name, m in model.named_modules():
-        if (isinstance(m, _NORMS) and m.track_running_stats and m.running_mean is not None
-                and m.running_var is not None and m.num_batches_tracked is not None
-                and m.num_batches_tracked.device.type != "meta" and int(m.num_batches_tracked) > 0):
+        if not (isinstance(m, _NORMS) and m.track_running_stats and m.running_mean is not None
+                and m.running_var is not None) or m.running_mean.device.type == "meta":
+            continue
+        counted = m.num_batches_tracked is not None and int(m.num_batches_tracked) > 0
+        if counted or bool((m.running_mean != 0).any()) or bool((m.running_var != 1).any()):
             out[name] = m
     return out
 
@@ -46,8 +50,8 @@ def batch_statistics(model: nn.Module, names: list[str], args: tuple, kwargs: di
     (momentum 1 for one training-mode call without gradients), in the units its running statistics are kept
     in. Nothing of ``model`` changes: buffers, momenta, mode and the RNG are restored."""
     norms = {n: model.get_submodule(n) for n in names}
-    saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for n, m in norms.items()}
+    saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(),
+                 None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for n, m in norms.items()}
     training = {m: m.training for m in model.modules()}
     try:
         for m in norms.values():
@@ -61,7 +65,8 @@ def batch_statistics(model: nn.Module, names: list[str], args: tuple, kwargs: di
             m.momentum = saved[n][0]
             m.running_mean.copy_(saved[n][1])
             m.running_var.copy_(saved[n][2])
-            m.num_batches_tracked.copy_(saved[n][3])
+            if saved[n][3] is not None:
+                m.num_batches_tracked.copy_(saved[n][3])
         for m, t in training.items():
             m.training = t
 
