@@ -633,3 +633,15 @@ def test_an_activation_in_place_by_a_positional_flag_is_made_out_of_place():
     acts = [n for n in g.gm.graph.nodes if n.op == "call_function" and n.target in (F.hardswish, F.relu)]
     assert len(acts) == 2 and all(True not in n.args[1:] for n in acts)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_padding_as_dynamo_records_it_keeps_the_scale():
+    # dynamo records F.pad as the builtin torch._C._nn.pad (Swin pads its windows): it passes the scale on, as
+    # aten.pad does under torch.export, instead of being left unscaled
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ZeroPad2d(1), nn.Conv2d(16, 8, 3))
+    x = torch.randn(4, 3, 12, 12)
+    be = backend(inner="eager")
+    torch.compile(model, backend=be)(x).pow(2).mean().backward()
+    (g,) = be.graphs
+    assert not g.unsupported, [u.op for u in g.unsupported]

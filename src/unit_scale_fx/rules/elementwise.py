@@ -42,4 +42,5 @@ register(*_unique([
     aten("unsafe_split", "Tensor"), aten("split", "sizes"), aten("lift_fresh_copy"), aten("native_dropout"),
     aten("feature_dropout"), aten("alpha_dropout"),
     tensor_method("where"),
+    getattr(torch._C._nn, "pad", None),  # what dynamo records for F.pad (torch.export records aten.pad)
 ]))(PreserveRule())
