@@ -95,9 +95,6 @@ def _loss_and_grads(model: nn.Module, *batch: torch.Tensor) -> tuple[torch.Tenso
     return loss.detach(), {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in model.named_parameters()}
 
 
-_true_gradient_inner = true_gradient_inner
-
-
 def test_named_backend_in_fresh_subprocess():
     code = textwrap.dedent("""
         import sys, torch, torch.nn as nn, torch.nn.functional as F
@@ -237,7 +234,7 @@ def test_graph_break_gradients_are_positive_multiples(model_cls):
     torch.manual_seed(0)
     ref = model_cls(**SMALL)
     batch = gpt_batch(SMALL["vocab"], 2, 8)
-    be, be_true = backend(inner="eager"), backend(inner=_true_gradient_inner)
+    be, be_true = backend(inner="eager"), backend(inner=true_gradient_inner)
     l_s, g_s = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be), *batch)
     l_t, g_t = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be_true), *batch)
     assert len(be.graphs) >= 2
@@ -261,7 +258,7 @@ def test_round_scales_across_graph_breaks():
     ref = BreakGPT(**SMALL)
     batch = gpt_batch(SMALL["vocab"], 2, 8)
     be = backend(inner="eager", round_scales="pow2")
-    be_true = backend(inner=_true_gradient_inner, round_scales="pow2")
+    be_true = backend(inner=true_gradient_inner, round_scales="pow2")
     l_s, g_s = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be), *batch)
     l_t, g_t = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be_true), *batch)
     assert len(be.graphs) >= 2 and be.break_factor is not None and is_pow2(be.break_factor)
@@ -567,7 +564,7 @@ def test_an_in_place_write_to_a_piece_of_a_tuple_result_compiles():
     torch.manual_seed(0)
     x = torch.randn(64, 32)
     ref = TopKRouter()
-    be, be_true = backend(inner="eager"), backend(inner=_true_gradient_inner)
+    be, be_true = backend(inner="eager"), backend(inner=true_gradient_inner)
     l_s, g_s = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be), x)
     l_t, g_t = _loss_and_grads(torch.compile(copy.deepcopy(ref), backend=be_true), x)
     (g,) = be.graphs
@@ -597,7 +594,7 @@ def test_a_graph_returning_its_loss_and_logits_gets_unit_gradients_from_its_loss
     torch.manual_seed(0)
     ref = LossAndLogitsGPT(**SMALL)
     batch = gpt_batch(SMALL["vocab"], 4, 16)
-    be, be_true = backend(inner="eager"), backend(inner=_true_gradient_inner)
+    be, be_true = backend(inner="eager"), backend(inner=true_gradient_inner)
     model = copy.deepcopy(ref)
     compiled = torch.compile(model, backend=be)
     compiled(*batch)[0].backward()  # plans
