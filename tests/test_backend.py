@@ -358,7 +358,8 @@ def test_backend_keeps_what_it_rewrote():
     rules = {r.rule for r in plan.values()}
     assert {"matmul", "embedding", "sdpa", "cross_entropy"} <= rules
     assert any(r.weights for r in plan.values()), "residual adds are planned"
-    assert [name for name, _ in g.timings][:4] == ["strip_asserts", "normalize", "init_weights", "shape_prop"]
+    assert [name for name, _ in g.timings][:5] == ["strip_asserts", "inline_functions", "normalize", "init_weights",
+                                                   "shape_prop"]
     assert "graph 0" in be.summary() and set(be.scale_plan()) == {f"g0.{k}" for k in plan}
 
 
@@ -641,4 +642,56 @@ def test_padding_as_dynamo_records_it_keeps_the_scale():
     be = backend(inner="eager")
     torch.compile(model, backend=be)(x).pow(2).mean().backward()
     (g,) = be.graphs
+    assert not g.unsupported, [u.op for u in g.unsupported]
+
+
+class _EncoderClassifier(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.enc(x).mean(1)), y)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_attention_that_dynamo_records_as_one_call_is_scaled_as_export_records_it(dynamic):
+    # dynamo records nn.MultiheadAttention's F.multi_head_attention_forward as one call, which no rule scaled: its
+    # projections were left unscaled under torch.compile. It now runs as the ops torch.export records, and the
+    # compiled model gets what unit_scale gives (symbolic sizes too)
+    torch.manual_seed(0)
+    ref = _EncoderClassifier()
+    x, y = torch.randn(4, 6, 32), torch.randint(0, 5, (4,))
+    eager = unit_scale(copy.deepcopy(ref), (x, y))
+    be = backend(inner="eager")
+    compiled = torch.compile(copy.deepcopy(ref), backend=be, dynamic=dynamic)
+    l_c, g_c = _loss_and_grads(compiled, x, y)
+    l_e, g_e = _loss_and_grads(eager, x, y)
+    assert be.graphs and not any(g.unsupported for g in be.graphs), [u.op for g in be.graphs for u in g.unsupported]
+    torch.testing.assert_close(l_c, l_e)
+    for k in g_e:
+        torch.testing.assert_close(g_c[k], g_e[k], rtol=1e-4, atol=1e-5, msg=k)
+    w = [float(g.pow(2).mean().sqrt()) for k, g in g_c.items() if "weight" in k and g.dim() == 2]
+    assert all(0.5 <= v <= 2.0 for v in w), w
+
+
+def test_a_transpose_property_as_dynamo_records_it_keeps_the_scale():
+    # dynamo records ``x.T`` / ``x.mT`` as the op packets ``aten.numpy_T`` / ``aten.mT``, of two overloads each
+    # (Falcon): they move values, as ``permute`` does, instead of being left unscaled
+    class _Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h).T @ h + h.mT
+
+    torch.manual_seed(0)
+    be = backend(inner="eager")
+    torch.compile(_Transposed(), backend=be)(torch.randn(8, 8)).pow(2).mean().backward()
+    (g,) = be.graphs
+    assert any(isinstance(n.target, torch._ops.OpOverloadPacket) for n in g.source.nodes)
     assert not g.unsupported, [u.op for u in g.unsupported]

@@ -1,6 +1,6 @@
 """The passes in order, built from a config, and the driver that runs them.
 
-    capture -> strip_asserts -> normalize -> init_weights                  (stage "prepare")
+    capture -> strip_asserts -> inline_functions -> normalize -> init_weights   (stage "prepare")
             -> shape_prop -> [boundary_outputs] -> constants -> fuse -> topology -> roles
             -> [mup] -> [calibrate] -> plan -> [mup_readout] -> balance -> calibrate_grads
             -> [round_scales] -> predict_grads                             (stage "plan")
@@ -31,6 +31,7 @@ from .passes.fold_scales import fold_scales
 from .passes.fuse import fuse
 from .passes.init_weights import init_weights
 from .passes.mup import mup, mup_readout
+from .passes.inline_functions import inline_functions
 from .passes.normalize import normalize
 from .passes.plan import plan, predict_grads
 from .passes.rewrite import rewrite
@@ -54,7 +55,7 @@ def recompile(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _prepare(cfg: UnitScaleConfig, init: Optional[Pass]) -> list[Pass]:
-    return [strip_asserts, normalize, init if init is not None else init_weights]
+    return [strip_asserts, inline_functions, normalize, init if init is not None else init_weights]
 
 
 def _plan(cfg: UnitScaleConfig, boundary: bool, after_calibrate: bool = False) -> list[Pass]:
