@@ -43,6 +43,12 @@ CASES = {
     "matmul_@": (lambda: Op(lambda m, x: x @ m.w, {"w": torch.randn(D, 3 * D)}), lambda: (_x(B, T, D),)),
     "torch.matmul_acts": (lambda: Op(lambda m, a, b: torch.matmul(a, b)), lambda: (_x(B, T, D), _x(B, D, T))),
     "bmm": (lambda: Op(lambda m, a, b: torch.bmm(a, b)), lambda: (_x(B, T, D), _x(B, D, 16))),
+    # ``beta * c + alpha * a @ b``: the coefficients count (BLOOM calls it as a method with keywords)
+    "baddbmm": (lambda: Op(lambda m, c, a, b: torch.baddbmm(c, a, b)), lambda: (_x(B, T, 16), _x(B, T, D), _x(B, D, 16))),
+    "baddbmm_keywords": (lambda: Op(lambda m, c, a, b: c.baddbmm(batch1=a, batch2=b, beta=0.5, alpha=0.25)),
+                         lambda: (_x(B, T, 16), _x(B, T, D), _x(B, D, 16))),
+    "addmm_alpha": (lambda: Op(lambda m, x: torch.addmm(m.b, x, m.w, alpha=4.0), {"w": torch.randn(D, D), "b": torch.randn(D)}),
+                    lambda: (_x(B, D),)),
     "embedding": (lambda: nn.Embedding(100, D), lambda: (torch.randint(0, 100, (B, T)),)),
     "layer_norm": (lambda: nn.LayerNorm(D), lambda: (_x(B, T, D),)),
     "rms_norm": (lambda: nn.RMSNorm(D), lambda: (_x(B, T, D),)),

@@ -55,7 +55,7 @@ SITES_ATTR = "us_formats"
 def _bias_arg(node: fx.Node, target: Any) -> Any:
     lay = LAYOUTS.get(target)
     if lay is not None and lay.bias is not None:
-        pos, name = lay.bias, ("bias" if lay.right_nk else "input")
+        pos, name = lay.bias, lay.names[2]
     elif target in CONV_TARGETS:
         pos, name = 2, "bias"
     else:

@@ -32,6 +32,8 @@ class MatmulLayout:
     right: int  # argument position of the right operand
     right_nk: bool  # right operand stored as [n, k] (linear weights)
     bias: Optional[int] = None  # argument position of an added bias
+    #: keyword names of the left and right operands and the bias (``aten`` / ``torch`` signatures)
+    names: tuple[str, str, str] = ("input", "other", "input")
 
     def fan(self, right_shape: tuple[int, ...]) -> tuple[int, int]:
         """``(k, n)``: contraction size and output features, from the right operand's shape."""
@@ -42,15 +44,26 @@ class MatmulLayout:
         return right_shape[-2], right_shape[-1]
 
 
-_LINEAR = MatmulLayout(0, 1, True, 2)
+_LINEAR = MatmulLayout(0, 1, True, 2, ("input", "weight", "bias"))
 _MATMUL = MatmulLayout(0, 1, False)
-_ADDMM = MatmulLayout(1, 2, False, 0)
+_ADDMM = MatmulLayout(1, 2, False, 0, ("mat1", "mat2", "input"))
+#: ``beta * input + alpha * batch1 @ batch2`` (BLOOM's attention logits: ``alibi.baddbmm(batch1=q, batch2=k, ...)``)
+_BADDBMM = MatmulLayout(1, 2, False, 0, ("batch1", "batch2", "input"))
 
 LAYOUTS: dict[object, MatmulLayout] = {}
 
 #: ``OpView.context`` key: this matmul of two activations computes attention logits (its output
 #: reaches a softmax through constant factors, masks and views only); set by the plan pass.
 LOGITS = "attention_logits"
+
+
+def _coefficient(op: OpView, name: str) -> float:
+    """``|alpha|`` or ``|beta|`` of ``addmm`` / ``baddbmm`` where it is a number (1 where absent or not a
+    number; a zero ``alpha`` counts as 1, a zero ``beta`` as 0: the bias is not read)."""
+    v = op.node.kwargs.get(name, 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return 1.0
+    return abs(float(v)) if (v != 0 or name == "beta") else 1.0
 
 
 def _prod(xs) -> int:
@@ -68,10 +81,10 @@ class MatmulRule(Rule):
         from .registry import resolve_target
 
         lay = LAYOUTS[resolve_target(op.node, None)]
-        names = {0: "input", 1: "weight", 2: "bias"} if lay is _LINEAR else {}
-        left = op.arg(lay.left, names.get(lay.left, "input"))
-        right = op.arg(lay.right, names.get(lay.right, "other"))
-        bias = op.arg(lay.bias, names.get(lay.bias, "input")) if lay.bias is not None else None
+        left_name, right_name, bias_name = lay.names
+        left = op.arg(lay.left, left_name)
+        right = op.arg(lay.right, right_name)
+        bias = op.arg(lay.bias, bias_name) if lay.bias is not None else None
         return lay, left, right, bias
 
     def scales(self, op: OpView) -> Scales:
@@ -83,25 +96,31 @@ class MatmulRule(Rule):
         batch_r = _prod(rs[:-2]) if len(rs) > 2 else 1
         rows = max(1, _prod(ls[:-1]) // max(1, batch_r)) if len(ls) > 1 else 1
         rl, rr = op.rms(left), op.rms(right)
+        # ``addmm`` / ``baddbmm``: ``beta * bias + alpha * left @ right`` (keyword-only numbers; 1 otherwise)
+        alpha, beta = _coefficient(op, "alpha"), _coefficient(op, "beta")
         # attention logits (q @ k^T feeding a softmax, see LOGITS): only the operands are made unit and
         # the sum over k is kept, as scaled_dot_product_attention keeps it; the model's own 1/sqrt(d)
         # then sets the temperature, however the attention is spelled
         logits = bool(op.context.get(LOGITS))
-        fwd = 1.0 / (rl * rr * (1.0 if logits else math.sqrt(k)))
+        fwd = 1.0 / (rl * rr * (1.0 if logits else alpha * math.sqrt(k)))
         s = Scales(fwd=fwd)
-        gl, gr = rr * math.sqrt(n), rl * math.sqrt(rows)
+        gl, gr = alpha * rr * math.sqrt(n), alpha * rl * math.sqrt(rows)
         if isinstance(left, fx.Node) and left in op.inputs:
             s.bwd[left], s.grad_gain[left] = 1.0 / gl, gl
         if isinstance(right, fx.Node) and right in op.inputs:
             s.bwd[right], s.grad_gain[right] = 1.0 / gr, gr
-        out_rms2 = float(k) if logits else 1.0
-        if isinstance(bias, fx.Node) and bias in op.inputs:
-            out_rows = max(1, _prod(os_) // max(1, os_[-1] if os_ else 1))
-            gb = math.sqrt(out_rows)
+        out_rms2 = alpha * alpha * k if logits else 1.0
+        if isinstance(bias, fx.Node) and bias in op.inputs and beta > 0:
+            # each element of the bias takes the sum of the gradients of the outputs it is broadcast to
+            bs = op.shape(bias)
+            summed = max(1, _prod(os_) // max(1, _prod(bs))) if bs is not None else \
+                max(1, _prod(os_) // max(1, os_[-1] if os_ else 1))
+            gb = beta * math.sqrt(summed)
             s.bwd[bias], s.grad_gain[bias] = 1.0 / gb, gb
-            if len(os_) >= 3:  # (batch, positions..., features): a gradient shared by a sample's positions adds up
+            if len(os_) >= 3 and (bs is None or not bs or _prod(bs) == bs[-1]):
+                # (batch, positions..., features): a gradient shared by a sample's positions adds up
                 s.shared_grad_gain[bias] = gb * math.sqrt(_prod(os_[1:-1]))
-            out_rms2 += (fwd * op.rms(bias, default=0.0)) ** 2
+            out_rms2 += (fwd * beta * op.rms(bias, default=0.0)) ** 2
         s.out_rms = math.sqrt(out_rms2)
         s.note = f"k={k} n={n} rows={rows}"
         # two activations (attention scores, weighted values) may be correlated: measure
@@ -118,20 +137,18 @@ class MatmulRule(Rule):
         if lay is None:
             return {}
         roles: dict[fx.Node, str] = {}
-        names = {0: "input", 1: "weight", 2: "bias"} if lay is _LINEAR else {}
 
-        def get(pos: int) -> object:
-            name = names.get(pos, "")
+        def get(pos: int, name: str) -> object:
             if name in node.kwargs:
                 return node.kwargs[name]
             return node.args[pos] if len(node.args) > pos else None
 
-        for pos in (lay.left, lay.right):
-            a = get(pos)
+        for pos, name in ((lay.left, lay.names[0]), (lay.right, lay.names[1])):
+            a = get(pos, name)
             if isinstance(a, fx.Node):
                 roles[a] = "unit"
         if lay.bias is not None:
-            b = get(lay.bias)
+            b = get(lay.bias, lay.names[2])
             if isinstance(b, fx.Node):
                 roles[b] = "zero"
         return roles
@@ -146,6 +163,7 @@ _MATMUL_TARGETS = {
         aten("matmul"), aten("mm"), aten("bmm"),
     ],
     _ADDMM: [torch.addmm, tensor_method("addmm"), aten("addmm")],
+    _BADDBMM: [torch.baddbmm, tensor_method("baddbmm"), aten("baddbmm")],
 }
 _rule = MatmulRule()
 for _lay, _targets in _MATMUL_TARGETS.items():
@@ -372,7 +390,6 @@ CONV_TARGETS = frozenset(t for t in (
     aten("conv1d", "padding"), aten("conv2d", "padding"), aten("conv3d", "padding"),
 ) if t is not None)
 
-_LAYOUT_KWARGS = {_LINEAR: ("input", "weight"), _MATMUL: ("input", "other"), _ADDMM: ("mat1", "mat2")}
 
 
 def _float_or_unknown(node: fx.Node) -> bool:
@@ -413,8 +430,7 @@ def matmul_operands(node: fx.Node, root: Optional[torch.nn.Module] = None,
     except TypeError:  # an unhashable target
         return []
     if lay is not None:
-        left_name, right_name = _LAYOUT_KWARGS[lay]
-        cand = [_arg(node, lay.left, left_name), _arg(node, lay.right, right_name, "mat2")]
+        cand = [_arg(node, lay.left, lay.names[0]), _arg(node, lay.right, lay.names[1], "mat2")]
     elif conv:
         cand = [_arg(node, 0, "input"), _arg(node, 1, "weight")]
     elif target in _EINSUM_TARGETS:
