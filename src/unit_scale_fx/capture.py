@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnitScaleError
-from .layers import _BN_FORWARD, batch_norm_layer
+from .layers import _BN_FORWARD, batch_norm_layer, functions_as_calls
 from .record import CAPTURE, LOST_TYPES
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class UnitScaleTracer(fx.Tracer):
         self._names: Optional[tuple[dict[int, str], dict[int, str]]] = None
         self._params: dict[str, fx.Proxy] = {}
         self.lost_types: list[str] = []
-        return super().trace(root, concrete_args)
+        with functions_as_calls(self):
+            return super().trace(root, concrete_args)
 
     def create_arg(self, a: Any) -> Any:
         """``fx.Tracer`` turns a dict subclass (a ``ModelOutput``) into a plain dict: note which were lost."""
@@ -188,7 +189,8 @@ def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.
 
 
 def export_capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None) -> fx.GraphModule:
-    ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False)
+    with functions_as_calls(None):
+        ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False)
     gm = ep.module()
     _mirror_state(model, gm)
     gm.meta[CAPTURE] = "torch.export"
@@ -405,7 +407,7 @@ def export_call(model: nn.Module, sig: CallSignature, run: Callable[..., Any],
 
     # one entry per parameter of the signature: ``*flat`` is one, a tuple of per-tensor specs
     shapes = (tuple({d: Dim.AUTO for d in dynamic_dims(t)} for t in sig.tensors),) if dynamic else None
-    with _forward_replaced(model, flat_forward):
+    with _forward_replaced(model, flat_forward), functions_as_calls(None):
         ep = torch.export.export(model, tuple(sig.tensors), dynamic_shapes=shapes, strict=False)
     gm = ep.module()
     _mirror_state(model, gm)

@@ -9,6 +9,9 @@ compute them with their scales.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Iterator, Optional
+
 import torch
 from torch import Tensor
 
@@ -45,3 +48,79 @@ def batch_norm_layer(bn: torch.nn.Module, x: Tensor, weight: Tensor | None, bias
     keep = not training or track
     return torch.nn.functional.batch_norm(x, rm if keep else None, rv if keep else None, weight, bias, use_batch,
                                           momentum, bn.eps)
+
+
+class FunctionCall:
+    """``fn.apply(*args)`` for a custom ``torch.autograd.Function`` ``fn``, as one call of a captured graph.
+
+    torch.fx would trace through ``fn.apply`` into ``fn.forward`` and torch.export does the same: the graph
+    would hold the forward's ops, and autograd would differentiate them instead of running ``fn.backward``
+    (a straight-through estimator, a gradient reversal, ...: other gradients, silently). The tracer writes
+    the call as this object instead (:func:`functions_as_calls`), so the graph runs
+    ``fn`` itself, forward and backward. One per class (:func:`function_call`); it pickles where ``fn`` does
+    (a class defined at module level)."""
+
+    def __init__(self, fn: type) -> None:
+        self.fn = fn
+        # named as the Function's ``apply`` in reports and generated code (``StraightThrough.apply``)
+        self.__name__ = f"{fn.__name__}_apply"
+        self.__qualname__ = f"{fn.__qualname__}.apply"
+        self.__module__ = fn.__module__
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.fn.apply(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return function_call, (self.fn,)
+
+    def __repr__(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__qualname__}.apply"
+
+
+_FUNCTION_CALLS: dict[type, FunctionCall] = {}
+
+
+def function_call(fn: type) -> FunctionCall:
+    """The one :class:`FunctionCall` of the ``autograd.Function`` subclass ``fn``."""
+    c = _FUNCTION_CALLS.get(fn)
+    if c is None:
+        c = _FUNCTION_CALLS[fn] = FunctionCall(fn)
+    return c
+
+
+_FUNCTION_APPLY = torch.autograd.function.Function.__dict__["apply"]  # the classmethod
+
+
+@contextlib.contextmanager
+def functions_as_calls(tracer: Optional["torch.fx.Tracer"]) -> Iterator[None]:
+    """While capturing, a custom ``torch.autograd.Function``'s ``apply`` keeps its backward.
+
+    Both torch.fx and torch.export trace through ``apply`` into ``forward``, and the graph's gradient would
+    then be autograd's of the forward's ops, not the Function's ``backward`` (a straight-through estimator,
+    a gradient reversal: other gradients, silently). For a Function defined outside torch: with a ``tracer``
+    (torch.fx), a call on traced values becomes one node, :func:`function_call`, which runs the Function
+    forward and backward. Without one (torch.export), the call raises: export cannot keep it, and the model
+    is then captured through dynamo, which keeps the Function's backward."""
+    import torch.fx as fx
+    from torch.utils._pytree import tree_leaves
+
+    from .errors import UnitScaleError
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        # torch's own Functions (reentrant checkpointing, ...) compute their forward's gradient: traced as before
+        if (cls.__module__ or "").startswith("torch.") or (
+                tracer is not None and not any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs)))):
+            return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
+        if tracer is None:
+            raise UnitScaleError(
+                f"the custom autograd.Function {cls.__module__}.{cls.__qualname__} is called in the forward: "
+                "torch.export would trace its forward and drop its backward",
+                where=f"{cls.__qualname__}.apply",
+                fix="capture with torch.fx (make the model traceable) or through dynamo (the default fallback)")
+        return tracer.create_proxy("call_function", function_call(cls), args, kwargs)
+
+    torch.autograd.function.Function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.autograd.function.Function.apply = _FUNCTION_APPLY  # type: ignore[method-assign]

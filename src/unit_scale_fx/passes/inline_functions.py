@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..layers import FunctionCall, functions_as_calls
 from ..rules.registry import lookup
 from .base import PassContext, PassResult, declare
 
@@ -64,6 +65,9 @@ def _candidate(node: fx.Node) -> bool:
         return False
     if getattr(node.target, "__module__", None) in ("_operator", "operator", "builtins"):
         return False
+    # a custom autograd.Function (its trace would drop its backward) or a higher-order op (subgraphs)
+    if isinstance(node.target, (FunctionCall, torch._ops.HigherOrderOperator)):
+        return False
     if lookup(node) is not None:
         return False
     return _is_float(next((node.meta[k] for k in _META_KEYS if k in node.meta), None))
@@ -97,12 +101,14 @@ def _trace(node: fx.Node) -> Optional[tuple[fx.GraphModule, list[fx.Node]]]:
     if len(modes) > 1:
         return None
     try:
-        if modes:
-            with next(iter(modes)):
-                sub = make_fx(call, tracing_mode="real", pre_dispatch=True)(*inputs)
-        else:
-            with torch.no_grad():
-                sub = make_fx(call, tracing_mode="real", pre_dispatch=True)(*inputs)
+        # a custom autograd.Function met inside raises (its backward would be lost): the call stays
+        with functions_as_calls(None):
+            if modes:
+                with next(iter(modes)):
+                    sub = make_fx(call, tracing_mode="real", pre_dispatch=True)(*inputs)
+            else:
+                with torch.no_grad():
+                    sub = make_fx(call, tracing_mode="real", pre_dispatch=True)(*inputs)
     except Exception as exc:  # anything the trace cannot follow: keep the call
         log.debug("inline_functions: %s not traced (%s: %s)", node.name, type(exc).__name__, exc)
         return None
