@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnitScaleError
-from .layers import _BN_FORWARD, batch_norm_layer, functions_as_calls
+from .layers import _BN_FORWARD, batch_norm_layer, detach_values, functions_as_calls
 from .record import CAPTURE, LOST_TYPES
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,35 @@ INLINE_MODULES: tuple[type, ...] = tuple(
 )
 
 
+#: node meta: computed under ``torch.no_grad()`` in the model's forward
+NO_GRAD = "unit_scale_no_grad"
+
+
+def detach_no_grad_values(graph: fx.Graph) -> int:
+    """The values a model computes under ``torch.no_grad()`` (or ``inference_mode``, ``set_grad_enabled(False)``)
+    carry no gradient where it reads them after the block.
+
+    torch.fx records the ops of such a block but not the grad mode: run as traced, gradients flowed through
+    them (a frozen teacher's or a target network's weights got gradients, silently). Each value computed in a
+    block that a node outside it reads (or the output) is read through :func:`~unit_scale_fx.layers.detach_values`
+    (``detach()`` of each tensor in it): the same values, and no gradient into the block, as in the model. Returns
+    the number of values detached."""
+    n = 0
+    for node in list(graph.nodes):
+        if not node.meta.get(NO_GRAD):
+            continue
+        outside = [u for u in node.users if not u.meta.get(NO_GRAD)]
+        if not outside:
+            continue
+        with graph.inserting_after(node):
+            d = graph.call_function(detach_values, (node,))
+        d.meta[NO_GRAD] = True
+        for u in outside:
+            u.replace_input_with(node, d)
+        n += 1
+    return n
+
+
 class UnitScaleTracer(fx.Tracer):
     """A tracer that keeps train/eval-dependent torch layers as calls and inlines the rest."""
 
@@ -52,8 +81,11 @@ class UnitScaleTracer(fx.Tracer):
         self._names: Optional[tuple[dict[int, str], dict[int, str]]] = None
         self._params: dict[str, fx.Proxy] = {}
         self.lost_types: list[str] = []
-        with functions_as_calls(self):
-            return super().trace(root, concrete_args)
+        # grad mode as the model sets it: on, but for its own ``torch.no_grad()`` blocks (marked per node)
+        with functions_as_calls(self), torch.enable_grad():
+            graph = super().trace(root, concrete_args)
+        detach_no_grad_values(graph)
+        return graph
 
     def create_arg(self, a: Any) -> Any:
         """``fx.Tracer`` turns a dict subclass (a ``ModelOutput``) into a plain dict: note which were lost."""
@@ -101,6 +133,13 @@ class UnitScaleTracer(fx.Tracer):
         """A call of a batch-norm layer whose ``forward`` is PyTorch's becomes ``batch_norm_layer(bn, x,
         bn.weight, bn.bias)`` (the same function, train / eval behaviour included): its gain and bias are then
         nodes, which planning gives gradient factors of their own."""
+        proxy = self._create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind.startswith("call_") and not torch.is_grad_enabled():
+            proxy.node.meta[NO_GRAD] = True  # computed under ``torch.no_grad()`` (:func:`detach_no_grad_values`)
+        return proxy
+
+    def _create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str],
+                      type_expr: Any, proxy_factory_fn: Any) -> fx.Proxy:
         if kind == "call_module" and len(args) == 1 and not kwargs:
             mod = self.root.get_submodule(str(target))
             if type(mod).forward is _BN_FORWARD:

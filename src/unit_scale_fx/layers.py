@@ -50,6 +50,19 @@ def batch_norm_layer(bn: torch.nn.Module, x: Tensor, weight: Tensor | None, bias
                                           momentum, bn.eps)
 
 
+def detach_values(value: Any) -> Any:
+    """``value`` with every tensor in it (a tensor, or a tuple, list or dict of them) detached; other values as
+    they are. What the tracer reads a value computed under the model's ``torch.no_grad()`` through, where it is
+    read outside the block (:func:`~unit_scale_fx.capture.detach_no_grad_values`)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list, dict)):
+        from torch.utils._pytree import tree_map_only
+
+        return tree_map_only(Tensor, Tensor.detach, value)
+    return value
+
+
 class FunctionCall:
     """``fn.apply(*args)`` for a custom ``torch.autograd.Function`` ``fn``, as one call of a captured graph.
 

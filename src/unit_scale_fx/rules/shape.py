@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..layers import detach_values
 from .registry import Kind, OpView, OptionalTarget, Rule, Scales, aten, many, register, resolve_target, tensor_method
 
 
@@ -108,7 +109,7 @@ _FUNCTIONS = [
     torch.unsqueeze, torch.squeeze, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
     torch.unbind, torch.narrow, torch.select, torch.flip, torch.roll, torch.clone, torch.masked_fill,
     torch.index_select, torch.gather, torch.movedim, torch.swapaxes, torch.tril, torch.triu, torch.t,
-    torch.repeat_interleave, torch.where, torch.detach, torch.sort,
+    torch.repeat_interleave, torch.where, torch.detach, torch.sort, detach_values,
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
     torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
