@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import (CallSignature, _location, _mirror_state, _traced_location, export_call, opaque_calls,
-                      rebuild_output, symbolic_capture)
+                      reads_training_flag, rebuild_output, symbolic_capture)
 from .checkpoint import mark_weight_files, unmark_state_dict, unmarked_view
 from .config import UnitScaleConfig
 from .errors import UnitScaleError
@@ -26,6 +26,7 @@ from .passes.init_weights import parameter_init_kinds
 from .passes.stats import planning_stats
 from .pipeline import build_pipeline, gc_paused, run_passes
 from .running_stats import carry_running_stats, trained_norms
+from .rules.registry import Kind, lookup
 from .scale import first_order_only
 from .record import CAPTURE, INSERTED, META_KEY, ScaleRecord, original, LOST_TYPES
 from .table import format_table
@@ -96,7 +97,9 @@ class UnitScaledModule(fx.GraphModule):
         for n, key in node_keys(self.graph).items():
             entry = records.get(key)
             if entry is None:
-                if is_float_value(n):
+                rule = lookup(n, self)
+                # (an op that moves values, as dropout in evaluation (``training=False``) does, takes no scale)
+                if is_float_value(n) and (rule is None or rule.kind != Kind.PRESERVE):
                     unplanned.append(n.name)
                 continue
             rec, inputs = entry[1], entry[2]
@@ -232,6 +235,18 @@ class UnitScaledModule(fx.GraphModule):
 def is_float_value(n: fx.Node) -> bool:
     val = n.meta.get("val")
     return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def copy_modes(src: nn.Module, dst: nn.Module) -> None:
+    """``dst`` and each of its submodules in the train / eval mode of ``src``'s module of the same name (a frozen
+    batch norm left in evaluation inside a model in training stays so; ``dst.train(src.training)`` alone would
+    flip it, and the batch norm would normalise with batch statistics and update its running ones). Modules
+    ``src`` does not have (the graph's own) take ``src``'s mode."""
+    dst.train(src.training)
+    mine = dict(dst.named_modules(remove_duplicate=False))
+    for name, m in src.named_modules(remove_duplicate=False):
+        if name and name in mine:
+            mine[name].training = m.training
 
 
 def node_keys(graph: fx.Graph) -> dict[fx.Node, str]:
@@ -879,6 +894,9 @@ def unit_scale(
             opaque = opaque_calls(gm)
             if opaque:  # functions a library kept from torch.fx (torch.fx.wrap): torch.export traces through them
                 raise TypeError(f"torch.fx keeps {', '.join(opaque)} as single calls, which no rule knows")
+            if reads_training_flag(work, gm, cfg.leaf_modules):
+                # one traced graph would run in both modes: capture per call signature and mode instead
+                raise TypeError("its forward reads self.training (torch.fx would fix the mode it traced in)")
             if lost:
                 log.warning("unit_scale: torch.fx returns %s as a plain dict; pass example_inputs=(...) to capture "
                             "%s with torch.export, which keeps the output type", ", ".join(lost),
@@ -890,7 +908,7 @@ def unit_scale(
                      "torch.export %s", type(model).__name__, type(exc).__name__, _location(exc),
                      "now" if given else "at the first call")
             msd = _as_unit_scaled_model(work, cfg)
-            msd.train(model.training)
+            copy_modes(model, msd)
             if given:
                 g, _ = msd._us_graph_for(args or (), example_kwargs or {})
                 if g is None:  # dynamo took over: it captures and plans on a call
@@ -901,7 +919,7 @@ def unit_scale(
     run_passes(gm, ctx, build_pipeline(cfg, ("prepare",)))
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
     _mirror_state(work, us)
-    us.train(model.training)
+    copy_modes(model, us)
     us.us_capture = gm.meta.get(CAPTURE, "")
     if given:
         us._plan(args or (), example_kwargs or {})

@@ -355,6 +355,7 @@ class UnitScaleBackend:
             log.debug("UnitScaleConfig.inplace has no meaning for the backend (it always acts on the model)")
         self.config = cfg
         self.inner = inner
+        trace_recurrent_layers()
         self._inner_fn: Optional[CompilerFn] = None if isinstance(inner, str) else inner
         self.keep = keep
         self.graphs: list[CapturedGraph] = []
@@ -563,17 +564,44 @@ def backend(config: Optional[UnitScaleConfig] = None, inner: Inner = "inductor",
     return be
 
 
-#: The backend ``torch.compile(model, backend="unit_scale")`` resolves to (through the
-#: ``torch_dynamo_backends`` entry point). One object, because dynamo's registry maps a
-#: name to one callable; its ``graphs`` grow with every graph compiled by name (``clear()``).
-default_backend = UnitScaleBackend()
+def trace_recurrent_layers() -> None:
+    """Make dynamo trace recurrent layers (``torch._dynamo.config.allow_rnn = True``).
+
+    By default dynamo runs a frame that calls ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` as plain Python without
+    calling any backend: the model would train unscaled, and nothing would say so. Set when a unit_scale backend
+    is made or resolved by name (dynamo is loaded then), not at import; logged once."""
+    import torch._dynamo.config as dcfg
+
+    if not getattr(dcfg, "allow_rnn", True):
+        dcfg.allow_rnn = True
+        log.info("unit_scale backend: torch._dynamo.config.allow_rnn set to True, so that dynamo traces recurrent "
+                 "layers (by default it runs a frame that calls one without calling any backend: unscaled)")
+
+
+_DEFAULT: Optional[UnitScaleBackend] = None
 _VARIANTS: dict[str, UnitScaleBackend] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # ``default_backend``: the backend ``torch.compile(model, backend="unit_scale")`` resolves to (through the
+    # ``torch_dynamo_backends`` entry point, which loads ``unit_scale_backend``). One object, because dynamo's
+    # registry maps a name to one callable; its ``graphs`` grow with every graph compiled by name (``clear()``).
+    # Both are made on first access, so that importing the package does not load dynamo.
+    if name == "default_backend":
+        return named_backend()
+    if name == "unit_scale_backend":
+        trace_recurrent_layers()  # dynamo resolves the name at torch.compile(), before it traces a frame
+        return _unit_scale_backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def named_backend(options: Optional[dict] = None) -> UnitScaleBackend:
     """The backend object ``backend="unit_scale"`` uses for these ``torch.compile(options=...)``."""
+    global _DEFAULT
     if not options:
-        return default_backend
+        if _DEFAULT is None:
+            _DEFAULT = UnitScaleBackend()
+        return _DEFAULT
     key = repr(sorted(options.items()))
     if key not in _VARIANTS:
         opts = dict(options)
@@ -582,13 +610,13 @@ def named_backend(options: Optional[dict] = None) -> UnitScaleBackend:
     return _VARIANTS[key]
 
 
-def unit_scale_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
-                       mode: Optional[str] = None) -> Callable[..., Any]:
+def _unit_scale_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                        mode: Optional[str] = None) -> Callable[..., Any]:
     """The named backend ``"unit_scale"``.
 
     ``torch.compile(model, backend="unit_scale", options={"inner": "aot_eager", "attn_tau": 0.3})``:
     ``inner`` picks the inner compiler, other keys are :class:`UnitScaleConfig` fields.
-    The backend objects are :data:`default_backend` (no options) and :func:`named_backend` (options).
+    The backend objects are ``default_backend`` (no options) and :func:`named_backend` (options).
     """
     if mode is not None:
         log.info("unit_scale backend: torch.compile(mode=%r) is not forwarded to the inner compiler", mode)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
@@ -225,6 +226,26 @@ def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.
     gm.meta[CAPTURE] = "symbolic_trace"
     gm.meta[LOST_TYPES] = sorted(set(tracer.lost_types))
     return gm
+
+
+def reads_training_flag(model: nn.Module, gm: fx.GraphModule, leaf_modules: Sequence[type] = ()) -> bool:
+    """Whether the graph torch.fx traced from ``model`` holds its train / eval mode as a constant: traced again in
+    the other mode, it differs (``F.dropout(x, p, training=self.training)``, ``if self.training:``). torch.fx
+    bakes the mode it traced in; such a graph would drop activations in evaluation. (Module calls that read
+    their mode when they run, ``nn.Dropout`` and batch norms, give the same graph in both modes.) Every
+    module's flag is restored as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other = symbolic_capture(model, leaf_modules)
+    except Exception:  # noqa: BLE001 - untraceable in the other mode: it depends on the mode
+        return True
+    finally:
+        for m, t in modes:
+            m.training = t
+    # (fx numbers the tensor constants it lifts onto the root module per trace: ``_tensor_constant0``, then 1)
+    same = re.compile(r"_tensor_constant\d+")
+    return same.sub("_tensor_constant", other.code) != same.sub("_tensor_constant", gm.code)
 
 
 def export_capture(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None) -> fx.GraphModule:

@@ -5,6 +5,9 @@ valid; analytic planning reports them unscaled, with the way out."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -124,3 +127,37 @@ def test_the_compile_backend_scales_a_recurrent_layer_that_dynamo_traces():
     got = {k: rms(p.grad) for k, p in model.named_parameters() if k.startswith("rnn.")}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=0.05), (k, got[k], v)
+
+
+def test_the_compile_backend_is_called_for_a_recurrent_layer_by_default():
+    """Dynamo's default (``allow_rnn=False``) runs a frame that calls a recurrent layer without calling any
+    backend: the model trained unscaled, silently. Resolving ``backend="unit_scale"`` by name (the package not
+    imported yet), or making a backend, lets dynamo trace it. In a fresh process: dynamo's config is global."""
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn as nn, torch.nn.functional as F
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn, self.head = nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 4)
+            def forward(self, x, y):
+                return F.cross_entropy(self.head(self.rnn(x)[0][:, -1]), y)
+        torch.manual_seed(0)
+        x, y = torch.randn(8, 10, 16), torch.randint(0, 4, (8,))
+        assert "unit_scale_fx" not in sys.modules and not torch._dynamo.config.allow_rnn
+        net = Net()
+        torch.compile(net, backend="unit_scale", options={"inner": "eager"})(x, y).backward()
+        from unit_scale_fx import backend
+        from unit_scale_fx.backend import named_backend
+        by_name = len(named_backend({"inner": "eager"}).graphs)
+        w = float(net.rnn.weight_hh_l0.grad.pow(2).mean().sqrt())
+        torch._dynamo.reset()
+        torch._dynamo.config.allow_rnn = False
+        be = backend(inner="eager")
+        torch.compile(Net(), backend=be)(x, y).backward()
+        print(by_name, w, len(be.graphs))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    by_name, w, made = out.stdout.split()[-3:]
+    assert int(by_name) >= 1 and int(made) >= 1
+    assert 0.5 <= float(w) <= 2.0  # the recurrent weights' gradients unit-scaled (unscaled: below 1e-2)

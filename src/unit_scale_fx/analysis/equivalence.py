@@ -232,7 +232,9 @@ def check_equivalence(original: nn.Module, unit_scaled: nn.Module, *inputs: Any,
             where="check_equivalence", fix="pass the model given to unit_scale and the module it returned")
     for name, p in ref.named_parameters():  # frozen stays frozen in the copy as in the original
         erased.get_parameter(name).requires_grad_(p.requires_grad)
-    erased.train(ref.training)
+    from ..api import copy_modes
+
+    copy_modes(ref, erased)  # each module in the original's mode (a frozen batch norm stays in evaluation)
     if dtype is not None:
         ref.to(dtype)
         erased.to(dtype)

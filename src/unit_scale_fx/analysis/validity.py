@@ -64,7 +64,9 @@ def true_gradient_copy(us_model: nn.Module) -> fx.GraphModule:
                 kwargs["bwd"] = fwd
             node.args, node.kwargs = tuple(args), kwargs
     ref = fx.GraphModule(gm, graph, f"{type(gm).__name__}TrueGrad")
-    ref.train(gm.training)
+    from ..api import copy_modes
+
+    copy_modes(gm, ref)  # (the submodules are ``gm``'s own: a frozen batch norm stays in evaluation)
     return ref
 
 
