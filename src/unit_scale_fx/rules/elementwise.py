@@ -28,6 +28,10 @@ register(*_unique([
     torch.square, tensor_method("square"),
     torch.pow, operator.pow, tensor_method("pow"), tensor_method("__pow__"), aten("pow", "Tensor_Scalar"),
     aten("hardtanh"), aten("hardsigmoid"), aten("relu6"), aten("selu"), aten("celu"), aten("exp"), aten("erf"),
+    # defined on the whole real line, so the quadrature over a Gaussian holds (not log, sqrt, rsqrt, log1p:
+    # their inputs are positive by construction, which the Gaussian is not)
+    *[t for n in ("expm1", "atan", "asinh", "sinh", "erfc", "clamp", "clip")
+      for t in (getattr(torch, n, None), tensor_method(n), aten(n))],
 ]))(PointwiseRule())
 
 register(*_unique([
