@@ -365,3 +365,21 @@ def test_first_order_check_leaves_the_callers_graph_alone():
     out = checkpoint(cs, xg, use_reentrant=True)
     out.square().mean().backward()
     torch.testing.assert_close(xg.grad, ref)
+
+
+def test_module_hooks_are_named_in_a_warning():
+    # a feature-extraction hook is traced into the graph once; the unit-scaled model never calls it again, so
+    # what it stores stays empty: say so instead of failing silently
+    stored = {}
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].register_forward_hook(lambda mod, inp, out: stored.__setitem__("h", out))
+    with pytest.warns(UserWarning, match=r"have hooks \(0\)"):
+        us = unit_scale(model, (torch.randn(4, 8),))
+    stored.clear()
+    us(torch.randn(4, 8))
+    assert not stored  # the limitation the warning names
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hooks, no warning
+        unit_scale(nn.Sequential(nn.Linear(8, 4)), (torch.randn(4, 8),))

@@ -839,6 +839,29 @@ def _as_unit_scaled_model(work: nn.Module, cfg: UnitScaleConfig) -> UnitScaledMo
     return work  # type: ignore[return-value]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _warn_hooks(model: nn.Module) -> None:
+    """Warn where ``model`` has module hooks: capture traces a forward hook into the graph once (what it computes
+    on the output stays), but the unit-scaled model runs the graph, not the hook: its side effects (storing an
+    activation, logging) do not happen, and a backward hook is not called."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if any(getattr(m, d, None) for d in _HOOK_DICTS)]
+    if any(getattr(torch_module, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                       "_global_backward_hooks")):
+        hooked.append("<global module hooks>")
+    if hooked:
+        warnings.warn(
+            f"unit_scale: {len(hooked)} module(s) of {type(model).__name__} have hooks ({', '.join(hooked[:6])}"
+            f"{' ...' if len(hooked) > 6 else ''}): the captured graph keeps what a forward hook computes on the "
+            "output, but the unit-scaled model does not call the hooks, so their side effects (stored activations, "
+            "logging) and backward hooks do not run. Return the values from forward instead, or use "
+            "torch.compile(model, backend='unit_scale'), which keeps hooks", UserWarning, stacklevel=3)
+
+
 def unit_scale(
     model: nn.Module,
     example_inputs: Optional[Sequence[Any]] = None,
@@ -873,6 +896,7 @@ def unit_scale(
         ``unsupported="error"``.
     """
     _check_model(model)
+    _warn_hooks(model)
     cfg = config or UnitScaleConfig()
     if mup:
         overrides.setdefault("parametrization", "u-mup")
