@@ -82,6 +82,9 @@ class UnitScaleTracer(fx.Tracer):
         self._names: Optional[tuple[dict[int, str], dict[int, str]]] = None
         self._params: dict[str, fx.Proxy] = {}
         self.lost_types: list[str] = []
+        #: the forward changes autocast (``with torch.autocast(...)``): torch.fx records the ops, not the dtypes
+        self.autocast_blocks = False
+        self._autocast = _autocast_state()
         # grad mode as the model sets it: on, but for its own ``torch.no_grad()`` blocks (marked per node)
         with functions_as_calls(self), torch.enable_grad():
             graph = super().trace(root, concrete_args)
@@ -135,8 +138,11 @@ class UnitScaleTracer(fx.Tracer):
         bn.weight, bn.bias)`` (the same function, train / eval behaviour included): its gain and bias are then
         nodes, which planning gives gradient factors of their own."""
         proxy = self._create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        if kind.startswith("call_") and not torch.is_grad_enabled():
-            proxy.node.meta[NO_GRAD] = True  # computed under ``torch.no_grad()`` (:func:`detach_no_grad_values`)
+        if kind.startswith("call_"):
+            if not torch.is_grad_enabled():
+                proxy.node.meta[NO_GRAD] = True  # computed under ``torch.no_grad()`` (:func:`detach_no_grad_values`)
+            if _autocast_state() != self._autocast:
+                self.autocast_blocks = True
         return proxy
 
     def _create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str],
@@ -218,9 +224,17 @@ def _traced_location(exc: BaseException) -> str:
     return _location(exc)
 
 
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
 def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
     tracer = UnitScaleTracer(leaf_modules)
     graph = tracer.trace(model)
+    if tracer.autocast_blocks:
+        # the graph would run the block in the caller's precision, not the one the forward asks for
+        raise TypeError(f"{type(model).__name__}.forward changes autocast (a torch.autocast block), which "
+                        "torch.fx does not record")
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _mirror_state(model, gm)
     gm.meta[CAPTURE] = "symbolic_trace"
