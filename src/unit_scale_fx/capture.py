@@ -225,7 +225,8 @@ def _traced_location(exc: BaseException) -> str:
 
 
 def _autocast_state() -> tuple:
-    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    """Whether autocast is on per device type, and its dtype where it is (a disabled block's dtype is moot)."""
+    return tuple((torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None) for d in ("cpu", "cuda"))
 
 
 def symbolic_capture(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
