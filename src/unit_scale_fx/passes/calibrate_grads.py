@@ -133,7 +133,9 @@ class _ScaledRun(fx.Interpreter):
         return value
 
     def _measure(self, n: fx.Node):
-        def hook(g: torch.Tensor) -> None:
+        def hook(g: Optional[torch.Tensor]) -> None:
+            if g is None:  # an undefined gradient (a custom autograd.Function's backward returned None for it)
+                return
             if n in self.batch and g.dim() > 0:
                 self.batch_acc[n] = sum_count(g)
             elif self.keep_whole:
