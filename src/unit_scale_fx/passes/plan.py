@@ -19,7 +19,8 @@ import torch.fx as fx
 from ..errors import UnitScaleError
 from ..record import INSERTED, META_KEY, ScaleRecord
 from ..rules.matmul import LOGITS, logit_matmuls
-from ..rules.registry import Kind, OpView, Scales, float_tensor_inputs, is_float, lookup, node_op_name
+from ..rules.registry import (Kind, OpView, Scales, float_tensor_inputs, has_float_value, is_float, lookup,
+                               node_op_name)
 from ..tensor_stats import rms
 from .base import PassContext, PassResult, UnsupportedOp, declare, module_path, preserved_state
 from .init_weights import _source_param
@@ -99,6 +100,7 @@ class _Planner:
         self.scales: dict[fx.Node, Scales] = {}
         self.rules: dict[fx.Node, object] = {}
         self.loss_cone = loss_cone(gm, ctx.param_inputs)
+        self.decision_cone = decision_cone(gm) - self.loss_cone
         self.counts: dict[fx.Node, float] = {}  # RMS of integer tensors (measured planning only)
         self.logit_matmuls = logit_matmuls(gm)
         #: planning on real inputs (:class:`_MeasuringPlanner`): rules whose factors are measured may run
@@ -162,6 +164,8 @@ class _Planner:
             return None
         if node in self.loss_cone:
             _keep_value(s, rule)
+        elif node in self.decision_cone:
+            _keep_value(s, rule, "decides (a comparison, an index, a mask): forward value kept")
         if self.cfg.round_scales is not None and s.weights is not None:  # round_scales: the add runs rounded
             s.weights = {n: pow2(w) for n, w in s.weights.items()}
         if s.out_rho is not None:
@@ -234,6 +238,25 @@ def loss_cone(gm: fx.GraphModule, param_inputs: dict) -> set[fx.Node]:
     return cone
 
 
+def decision_cone(gm: fx.GraphModule) -> set[fx.Node]:
+    """The floating-point ops whose values only decide: every reader returns no floating-point value (a
+    comparison, an index, a mask) or is in the cone itself. Their forward values are kept.
+
+    A comparison is not invariant to scales its operands get separately: PhiMoE's router masks the experts
+    whose ``(max - scores) / factor`` exceeds a threshold, and the subtraction planned as a weighted add (a
+    different factor on ``max`` and on ``scores``) masked every expert, the top one too: a softmax of all
+    ``-inf`` and a NaN loss. No gradient flows through a decision, so keeping these values costs no unit
+    gradient; they reach no activation a later op scales."""
+    cone: set[fx.Node] = set()
+    for n in reversed(list(gm.graph.nodes)):
+        if not n.op.startswith("call_") or not n.users or not is_float(n):
+            continue
+        if all(u in cone or (u.op.startswith("call_") and "val" in u.meta and not has_float_value(u))
+               for u in n.users):
+            cone.add(n)
+    return cone
+
+
 def _leaves(x: object) -> list:
     if isinstance(x, (tuple, list)):
         return [y for v in x for y in _leaves(v)]
@@ -242,7 +265,7 @@ def _leaves(x: object) -> list:
     return [x]
 
 
-def _keep_value(s: Scales, rule: object) -> None:
+def _keep_value(s: Scales, rule: object, why: str = "computes a loss: forward value kept") -> None:
     """An op in the loss cone: forward scale 1; a sum of losses passes each its gradient unchanged. The
     output's predicted RMS is the rule's without its forward scale (which multiplies the output), so that
     the ops after it in the cone read what the kept value is (a binary cross-entropy of a sigmoid's
@@ -257,7 +280,7 @@ def _keep_value(s: Scales, rule: object) -> None:
         s.grad_gain = {n: 1.0 for n in s.bwd}
     s.fwd, s.fixed_fwd, s.calibrate, s.calibrate_bwd = 1.0, True, False, False
     s.out_rms = raw
-    s.note = (s.note + "; " if s.note else "") + "computes a loss: forward value kept"
+    s.note = (s.note + "; " if s.note else "") + why
 
 
 class _MeasuringPlanner(fx.Interpreter):
