@@ -236,8 +236,8 @@ class PlanStore:
 
 _PLAN_PASSES = frozenset({"topology", "roles", "mup", "calibrate", "plan", "mup_readout", "balance",
                           "calibrate_grads", "round_scales", "predict_grads"})
-_PREPARE_PASSES = frozenset({"strip_asserts", "inline_functions", "normalize", "init_weights", "shape_prop", "boundary_outputs",
-                             "constants", "fuse"})
+_PREPARE_PASSES = frozenset({"strip_asserts", "inline_functions", "normalize", "init_weights", "shape_prop",
+                             "boundary_outputs", "constants", "fuse"})
 
 
 def _returns_loss(gm: fx.GraphModule) -> bool:
