@@ -383,3 +383,19 @@ def test_module_hooks_are_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no hooks, no warning
         unit_scale(nn.Sequential(nn.Linear(8, 4)), (torch.randn(4, 8),))
+
+
+def test_a_model_that_cannot_be_copied_is_a_clear_error():
+    # torch.nn.utils.weight_norm (the legacy one) keeps a non-leaf weight that deepcopy refuses: a bare RuntimeError
+    # from inside copy.deepcopy before; now what failed and the two ways out
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation, the hooks warning
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
+        with pytest.raises(UnitScaleError, match="cannot be copied") as err:
+            unit_scale(model, (torch.randn(4, 8),))
+        assert "inplace=True" in str(err.value) and "parametrizations" in str(err.value)
+        us = unit_scale(model, (torch.randn(4, 8),), inplace=True)  # the way out works
+        us(torch.randn(4, 8)).sum().backward()
+        assert us.get_parameter("0.weight_v").grad is not None

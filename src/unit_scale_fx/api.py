@@ -909,7 +909,14 @@ def unit_scale(
     args = tuple(example_inputs) if example_inputs is not None else None
     given = args is not None or example_kwargs is not None
     with gc_paused():
-        work = model if cfg.inplace else copy.deepcopy(model)
+        try:
+            work = model if cfg.inplace else copy.deepcopy(model)
+        except (RuntimeError, TypeError) as exc:
+            raise UnitScaleError(
+                f"{type(model).__name__} cannot be copied ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                where="copy.deepcopy(model)",
+                fix="pass inplace=True to unit-scale the model itself; for torch.nn.utils.weight_norm or "
+                    "spectral_norm, use their torch.nn.utils.parametrizations versions, which copy") from exc
         try:
             gm = symbolic_capture(work, cfg.leaf_modules)
             lost = gm.meta.get(LOST_TYPES)
