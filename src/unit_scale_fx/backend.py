@@ -62,7 +62,10 @@ or compile with ``UnitScaleConfig(init_weights=False)``.
 
 Nothing in torch is patched. The only torch internal used is
 ``torch._dynamo.lookup_backend`` (to find the inner compiler by name); see
-:func:`_lookup_inner`.
+:func:`_lookup_inner`. Two of dynamo's public settings are set, each logged:
+``allow_rnn`` when a backend is made or resolved by name (:func:`trace_recurrent_layers`: by
+default dynamo runs a frame with a recurrent layer without any backend), and
+``fail_on_recompile_limit_hit`` on a storm of static shapes (above).
 """
 
 from __future__ import annotations
