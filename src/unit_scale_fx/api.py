@@ -856,10 +856,11 @@ def _warn_hooks(model: nn.Module) -> None:
     if hooked:
         warnings.warn(
             f"unit_scale: {len(hooked)} module(s) of {type(model).__name__} have hooks ({', '.join(hooked[:6])}"
-            f"{' ...' if len(hooked) > 6 else ''}): the captured graph keeps what a forward hook computes on the "
-            "output, but the unit-scaled model does not call the hooks, so their side effects (stored activations, "
-            "logging) and backward hooks do not run. Return the values from forward instead, or use "
-            "torch.compile(model, backend='unit_scale'), which keeps hooks", UserWarning, stacklevel=3)
+            f"{' ...' if len(hooked) > 6 else ''}). The captured graph keeps what a forward hook does to the "
+            "output (a hook that only changes the output, as the one transformers adds for gradient checkpointing, "
+            "loses nothing), but the unit-scaled model does not call the hooks: side effects elsewhere (stored "
+            "activations, logging) and backward hooks do not happen. Return such values from forward instead, or "
+            "use torch.compile(model, backend='unit_scale'), which keeps hooks", UserWarning, stacklevel=3)
 
 
 def unit_scale(
