@@ -199,3 +199,22 @@ def test_a_saved_plan_that_cannot_be_read_is_refused(tmp_path):
         loaded(**_batch(1))
     with pytest.raises(UnitScaleError, match="plan"):
         type(us).from_pretrained(tmp_path)(**_batch(1))
+
+
+def test_gradient_checkpointing_keeps_the_model_and_names_its_hook():
+    # transformers' gradient checkpointing adds a forward hook to the input embeddings, which unit_scale names in its
+    # hooks warning; the hook only changes the output, so the model is still its original with the scales erased
+    from unit_scale_fx.analysis import check_equivalence
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(input_ids=ids, labels=ids)
+    with pytest.warns(UserWarning, match=r"have hooks \(model\.embed_tokens\)"):
+        us = unit_scale(copy.deepcopy(model), example_kwargs=kwargs)
+    report = check_equivalence(model, us, kwargs=kwargs, loss_fn=lambda out: out.loss)
+    assert report.ok, report
