@@ -117,6 +117,19 @@ def _default(f: Any) -> Any:
 _FIELD_NAMES = frozenset(f.name for f in fields(PassContext))
 #: former field names -> their names now
 _RENAMED = {"param_roles": "init_kinds"}
+#: where a node keeps its example value: ``val`` (shape propagation, torch.export), ``example_value`` (dynamo's
+#: graphs, before shape propagation runs)
+VALUE_KEYS = ("val", "example_value")
+
+
+def meta_value(node: fx.Node, default: Any = None) -> Any:
+    """The node's example value (:data:`VALUE_KEYS`, in order), or ``default`` where it has none."""
+    for k in VALUE_KEYS:
+        if k in node.meta:
+            return node.meta[k]
+    return default
+
+
 #: the fields a pass may declare in ``needs`` / ``produces``
 PRODUCIBLE = frozenset({"real_values", "init_kinds", "n_initialised", "topology", "scales", "potentials",
                         "measured_grads", "input_rms"})

@@ -31,20 +31,20 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layers import FunctionCall, functions_as_calls
-from ..rules.registry import lookup
-from .base import PassContext, PassResult, declare
+from ..rules.registry import has_float_value, lookup
+from .base import VALUE_KEYS, PassContext, PassResult, declare, meta_value
 
 log = logging.getLogger(__name__)
 
-_META_KEYS = ("val", "example_value")
+_MISSING = object()
 
 
 def _value(a: Any) -> Any:
     if isinstance(a, fx.Node):
-        for k in _META_KEYS:
-            if k in a.meta:
-                return a.meta[k]
-        raise LookupError(a.name)
+        v = meta_value(a, _MISSING)
+        if v is _MISSING:
+            raise LookupError(a.name)
+        return v
     return a
 
 
@@ -70,7 +70,7 @@ def _candidate(node: fx.Node) -> bool:
         return False
     if lookup(node) is not None:
         return False
-    return _is_float(next((node.meta[k] for k in _META_KEYS if k in node.meta), None))
+    return _is_float(meta_value(node))
 
 
 def _trace(node: fx.Node) -> Optional[tuple[fx.GraphModule, list[fx.Node]]]:
@@ -127,7 +127,7 @@ def _inlinable(sub: fx.GraphModule) -> bool:
             continue  # size arithmetic of symbolic sizes (``sym_size``, ``mul``)
         if not isinstance(n.target, torch._ops.OpOverload) or n.target.namespace != "aten":
             return False
-        if _is_float(n.meta.get("val")) and lookup(n) is None:
+        if has_float_value(n) and lookup(n) is None:
             return False
     return True
 
@@ -146,7 +146,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list
     out_node = next(n for n in sub.graph.nodes if n.op == "output")
     if not _readers_ok(node, out_node.args[0]):
         return False
-    keys = [k for k in _META_KEYS if k in node.meta] or ["val"]
+    keys = [k for k in VALUE_KEYS if k in node.meta] or ["val"]
     env: dict[fx.Node, Any] = dict(zip(placeholders, inputs))
     stack = node.meta.get("nn_module_stack")
     with gm.graph.inserting_before(node):

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import UnitScaleError
 from ..rules.inplace import op_name, write_through_view
-from .base import PassContext, PassResult, declare
+from .base import PassContext, PassResult, declare, meta_value
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def _is_view(node: fx.Node) -> bool:
         return bool(getattr(node.target, "is_view", False))
     if node.target is operator.getitem:  # of a tensor, or of the tuple a view op returned (split, chunk)
         parent = node.args[0]
-        # the value shape propagation gives, or the example value dynamo's graphs carry before it runs
-        val = parent.meta.get("val", parent.meta.get("example_value"))
+        val = meta_value(parent)
         if parent.op == "call_function" and parent.target is write_through_view:
             return False  # the new value of a written tensor: a tensor of its own
         if isinstance(val, (tuple, list)) or parent.op == "call_module":

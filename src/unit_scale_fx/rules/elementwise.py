@@ -38,7 +38,9 @@ register(*_unique([
     # sign flips keep the RMS of values and gradients exactly (and keep rotations rotations)
     torch.neg, operator.neg, tensor_method("neg"), tensor_method("__neg__"), aten("neg"),
     torch.abs, operator.abs, tensor_method("abs"), tensor_method("__abs__"), aten("abs"),
-    aten("numpy_T"), aten("mT"), aten("mH"), aten("adjoint"), aten("to", "dtype_layout"), aten("to", "device"), aten("to", "other"), aten("type_as"),
+    aten("numpy_T"), aten("mT"), aten("mH"), aten("adjoint"),
+    # ``x.T`` / ``x.mT`` as dynamo records them: the op packets (two overloads each, so the packet is the key)
+    getattr(torch.ops.aten, "numpy_T", None), getattr(torch.ops.aten, "mT", None), aten("to", "dtype_layout"), aten("to", "device"), aten("to", "other"), aten("type_as"),
     aten("unflatten", "int"), aten("flatten", "using_ints"), aten("squeeze", "dims"), aten("squeeze", "default"),
     aten("repeat"), aten("flip"), aten("roll"), aten("narrow"), aten("movedim", "int"), aten("index_select"),
     aten("gather"), aten("tril"), aten("triu"), aten("constant_pad_nd"), aten("pad"),

@@ -133,8 +133,6 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("scatter", "value"),  # a constant written at some places, as masked_fill with a scalar
     aten("unfold"),  # ``Tensor.unfold``: windows of one dimension, a view (each value in the windows holding it)
     aten("pixel_shuffle"), aten("pixel_unshuffle"), aten("channel_shuffle"), aten("native_channel_shuffle"),
-    # ``x.T`` / ``x.mT`` as dynamo records them: the op packets (two overloads each, so the packet is the key)
-    getattr(torch.ops.aten, "numpy_T", None), getattr(torch.ops.aten, "mT", None),
 ]
 register(*dict.fromkeys(many(tensor_method(m) for m in _METHODS) + _FUNCTIONS + many(_ATEN)))(PreserveRule())
 #: space to depth: each position of a block to a channel of its own
