@@ -16,7 +16,7 @@ from unit_scale_fx.passes.calibrate import measure
 
 
 class Tail(nn.Module):
-    """Two ops no rule knows: a running sum over time (RMS grows ~sqrt(T/2)) and hypot."""
+    """Two ops no rule knows: a running log-sum-exp over time (RMS grows ~log T) and hypot."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -24,7 +24,7 @@ class Tail(nn.Module):
         self.bn = nn.BatchNorm1d(32)
 
     def forward(self, x, y):
-        h = torch.cumsum(self.bn(self.fc1(x)), dim=1)
+        h = torch.logcumsumexp(self.bn(self.fc1(x)), dim=1)
         h = torch.hypot(self.fc2(h), h)
         return F.mse_loss(self.fc3(h), y)
 
@@ -37,7 +37,7 @@ def _batch(seed=0):
 def test_without_calibration_the_tail_is_reported_unscaled():
     with pytest.warns(UserWarning, match="no unit-scaling rule"):
         us = unit_scale(Tail(), _batch())
-    assert {u.node for u in us.us_unsupported} == {"cumsum", "hypot"}
+    assert {u.node for u in us.us_unsupported} == {"logcumsumexp", "hypot"}
 
 
 def test_calibration_scales_every_op_and_says_which():
@@ -47,9 +47,9 @@ def test_calibration_scales_every_op_and_says_which():
     assert not us.us_unsupported
     plan = us.scale_plan(all_nodes=True)
     calibrated = {name for name, r in plan.items() if r.rule == "calibrated"}
-    assert calibrated == {"cumsum", "hypot"}
+    assert calibrated == {"logcumsumexp", "hypot"}
     assert all("calibrated" in plan[n].note for n in calibrated)
-    assert plan["cumsum"].fwd < 0.5  # a running sum of 32 steps is large: scaled down
+    assert plan["logcumsumexp"].fwd < 0.5  # a running log-sum-exp of 32 steps is large: scaled down
     x, y = _batch(1)
     frac = band_fractions(record_matmul_operands(us, x, y))
     recs = record_matmul_operands(us, x, y)
@@ -68,7 +68,7 @@ def test_calibration_leaves_buffers_and_gradients_alone():
     before = {k: v.clone() for k, v in us.state_dict().items()}
     names = [n.name for n in us.graph.nodes if n.op == "call_function"]
     found = measure(us, names, _batch())
-    assert found["cumsum"].out_rms > 2.0 and found["cumsum"].grad_out_rms > 0
+    assert found["logcumsumexp"].out_rms > 2.0 and found["logcumsumexp"].grad_out_rms > 0
     assert all(p.grad is None for p in us.parameters())
     for k, v in us.state_dict().items():
         torch.testing.assert_close(v, before[k])
@@ -93,10 +93,10 @@ def test_the_pass_pins_measured_rules_and_leaves_the_graph_alone():
     result = run_pass(gm, ctx, p)
     assert result.info == "2 ops calibrated" and graph_code(gm) == before
     pinned = {n.name: n.meta[RULE_OVERRIDE] for n in gm.graph.nodes if RULE_OVERRIDE in n.meta}
-    assert set(pinned) == {"cumsum", "hypot"}
+    assert set(pinned) == {"logcumsumexp", "hypot"}
     assert all(isinstance(r, CalibratedRule) for r in pinned.values())
-    # the running sum's raw output, computed here (the trial's upstream scales make its input unit)
+    # the running log-sum-exp's raw output, computed here (the trial's upstream scales make its input unit)
     h = gm.bn(F.linear(x, gm.fc1.weight, gm.fc1.bias))
-    raw = torch.cumsum(h / rms(h), dim=1)
-    assert 0.8 < pinned["cumsum"].fwd * rms(raw) < 1.25
+    raw = torch.logcumsumexp(h / rms(h), dim=1)
+    assert 0.8 < pinned["logcumsumexp"].fwd * rms(raw) < 1.25
     assert all(r.gains and all(g > 0 for g in r.gains.values()) for r in pinned.values())  # measured backward gains

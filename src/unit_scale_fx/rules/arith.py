@@ -18,7 +18,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .registry import Kind, OpView, Rule, Scales, aten, constant_value, register, tensor_method
+from .registry import Kind, OpView, Rule, Scales, aten, constant_value, many, register, tensor_method
 
 
 def _broadcast(op: OpView, x: fx.Node) -> float:
@@ -41,12 +41,17 @@ def _const(op: OpView) -> float:
 
 def _subtracts(op: OpView) -> bool:
     t = op.node.target
-    return t in (operator.sub, torch.sub, aten("sub", "Tensor")) or (op.node.op == "call_method" and t in ("sub", "__sub__"))
+    return t in _SUBTRACTS or (op.node.op == "call_method" and t in ("sub", "__sub__", "rsub", "__rsub__"))
+
+
+_SUBTRACTS = tuple(many([operator.sub, torch.sub, torch.rsub, aten("sub", "Tensor"), aten("rsub", "Tensor"),
+                         aten("sub", "Scalar"), aten("rsub", "Scalar")]))
 
 
 @register(operator.add, operator.sub, torch.add, torch.sub, tensor_method("add"), tensor_method("sub"),
           tensor_method("__add__"), tensor_method("__radd__"), tensor_method("__sub__"),
-          aten("add", "Tensor"), aten("sub", "Tensor"))
+          aten("add", "Tensor"), aten("sub", "Tensor"), aten("add", "Scalar"), aten("sub", "Scalar"),
+          aten("rsub", "Scalar"), aten("rsub", "Tensor"), torch.rsub, tensor_method("__rsub__"))
 class AddRule(Rule):
     name = "add"
     kind = Kind.ADD
@@ -177,3 +182,42 @@ class DivRule(Rule):
         s.bwd[num], s.grad_gain[num] = rb, 1.0 / rb
         s.bwd[den], s.grad_gain[den] = rb * rb / ra, ra / (rb * rb)
         return s
+
+
+class ScatterAddRule(Rule):
+    """``index_add(self, dim, index, source)`` / ``scatter_add(self, dim, index, src)``: ``self`` plus each
+    value of the source added at its index (a mixture of experts' outputs summed back into their tokens).
+
+    A place gets ``k`` source values on average (``k`` = source elements / output elements): with independent
+    values, output RMS ``sqrt(r_self^2 + k r_src^2)`` (measured when planning runs on a batch: the indices
+    decide). Each source value's gradient is the output gradient at its place, and ``self`` gets the output
+    gradient: both pass it on unchanged."""
+
+    name = "scatter_add"
+    kind = Kind.ADD
+
+    def scales(self, op: OpView) -> Scales:
+        node = op.node
+        base = node.args[0] if node.args else node.kwargs.get("self", node.kwargs.get("input"))
+        src = next((a for a in list(node.args[1:]) + list(node.kwargs.values()) if a in op.inputs and a is not base),
+                   None)
+        if src is None:
+            return Scales(out_rms=op.rms(base) if base in op.inputs else None, note="scatter-add: no float source")
+        xs, os_ = op.shape(src), op.out_shape
+        if not xs or not os_ or math.prod(os_) == 0:
+            return Scales(out_rms=None, note="scatter-add: shapes unknown")
+        k = math.prod(xs) / math.prod(os_)
+        alpha = op.arg(4, "alpha", 1.0)
+        a = abs(float(alpha)) if isinstance(alpha, (int, float)) else 1.0
+        rb = op.rms(base) if base in op.inputs else (constant_value(base) or 0.0)
+        total = math.sqrt(rb * rb + k * (a * op.rms(src)) ** 2)
+        if not total > 0:
+            return Scales(out_rms=0.0, note="scatter-add of zeros")
+        s = Scales(fwd=1.0 / total, calibrate=True, note=f"scatter-add, {k:.3g} values a place")
+        for n in op.inputs:
+            s.bwd[n], s.grad_gain[n] = 1.0, 1.0
+        return s
+
+
+register(*many([torch.index_add, tensor_method("index_add"), aten("index_add"), torch.scatter_add,
+                tensor_method("scatter_add"), aten("scatter_add")]))(ScatterAddRule())

@@ -64,3 +64,33 @@ register(*many([torch.mean, tensor_method("mean"), aten("mean", "dim"), aten("me
     ReduceRule("mean", mean=True))
 register(*many([torch.sum, tensor_method("sum"), aten("sum", "dim_IntList"), aten("sum", "default")]))(
     ReduceRule("sum", mean=False))
+
+
+class CumsumRule(Rule):
+    """``cumsum`` over ``n`` values: position ``k`` holds the sum of the first ``k``.
+
+    Of independent values with RMS ``r``, position ``k`` has RMS ``r sqrt(k)``: over the ``n`` positions,
+    ``r sqrt((n + 1) / 2)``. Backward is the reversed running sum of the gradient, the same gain. The
+    forward value is kept (a running sum is read as what it counts: a log-decay an ``exp`` reads in a
+    state-space layer, offsets); the input's gradient gets the backward factor."""
+
+    name = "cumsum"
+    kind = Kind.REDUCE
+
+    def scales(self, op: OpView) -> Scales:
+        if len(op.inputs) != 1:
+            return Scales(out_rms=None, note="cumsum of unexpected inputs")
+        (x,) = op.inputs
+        xs, dim = op.shape(x), op.arg(1, "dim")
+        if not xs or not isinstance(dim, int):
+            return Scales(out_rms=None, note="cumsum: shape or dim unknown")
+        n = xs[dim]
+        m = op.mean(x)
+        # a shared first moment m r grows as k m r: its square adds E[k^2] = (n + 1)(2n + 1) / 6
+        sq = (1.0 - m * m) * (n + 1) / 2.0 + m * m * (n + 1) * (2 * n + 1) / 6.0
+        gain = math.sqrt((n + 1) / 2.0)
+        return Scales(fwd=1.0, fixed_fwd=True, out_rms=op.rms(x) * math.sqrt(max(sq, 1e-12)),
+                      bwd={x: 1.0 / gain}, grad_gain={x: gain}, note=f"running sum of n={n}: value kept")
+
+
+register(*many([torch.cumsum, tensor_method("cumsum"), aten("cumsum")]))(CumsumRule())

@@ -8,6 +8,7 @@ import operator
 from typing import Any, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from ..layers import detach_values
@@ -102,14 +103,15 @@ _METHODS = [
     "unsqueeze", "squeeze", "expand", "expand_as", "t", "flip", "roll", "split", "chunk", "unbind", "narrow",
     "select", "repeat", "repeat_interleave", "clone", "to", "type", "type_as", "float", "half", "bfloat16",
     "double", "masked_fill", "index_select", "gather", "movedim", "swapaxes", "tril", "triu", "detach",
-    "sort", "unfold",  # (``Tensor.unfold``: windows of one dimension, a view)
+    "sort", "scatter", "unfold",  # (``Tensor.unfold``: windows of one dimension, a view)
 ]
+#: (``getattr``: a field of a named tuple of tensors, ``x.max(-1).values``, or a view, ``x.T``, as torch.fx records them)
 _FUNCTIONS = [
-    operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
+    operator.getitem, getattr, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
     torch.unsqueeze, torch.squeeze, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
     torch.unbind, torch.narrow, torch.select, torch.flip, torch.roll, torch.clone, torch.masked_fill,
     torch.index_select, torch.gather, torch.movedim, torch.swapaxes, torch.tril, torch.triu, torch.t,
-    torch.repeat_interleave, torch.where, torch.detach, torch.sort, detach_values,
+    torch.repeat_interleave, torch.where, torch.detach, torch.sort, torch.scatter, detach_values,
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.pad,
     torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
     torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten,
@@ -131,6 +133,9 @@ _ATEN = [aten(n) for n in ("view", "_unsafe_view", "reshape", "permute", "transp
     aten("slice", "Tensor"), aten("index_select"), aten("gather"), aten("flip"), aten("roll"),
     aten("movedim", "int"), aten("tril"), aten("triu"), aten("clone"), aten("sort"),
     aten("scatter", "value"),  # a constant written at some places, as masked_fill with a scalar
+    # values written at some places (what torch.export makes of ``h[idx] = v`` and ``scatter_(dim, idx, src)``)
+    aten("scatter", "src"), aten("slice_scatter"), aten("select_scatter"), aten("diagonal_scatter"),
+    aten("index_put"), aten("repeat_interleave", "self_int"), aten("repeat_interleave", "self_Tensor"),
     aten("unfold"),  # ``Tensor.unfold``: windows of one dimension, a view (each value in the windows holding it)
     aten("pixel_shuffle"), aten("pixel_unshuffle"), aten("channel_shuffle"), aten("native_channel_shuffle"),
 ]
@@ -222,3 +227,86 @@ class TopkRule(Rule):
 
 
 register(*many([torch.topk, tensor_method("topk"), aten("topk")]))(TopkRule())
+
+
+class ExtremumRule(TopkRule):
+    """``max`` / ``min`` / ``amax`` / ``amin`` over dimensions, and elementwise ``maximum`` / ``minimum`` /
+    ``fmax`` / ``fmin`` (``torch.max(a, b)``): values selected, never made.
+
+    Over ``n`` values (a dimension, several, or all), the largest is the top 1 of ``n``: the order statistics
+    of :class:`TopkRule` (RMS and first moment), and each output's gradient goes back to one of ``n`` places
+    (gradient RMS ``sqrt(1 / n)``). Elementwise between tensors (or a tensor and a constant, as a mask floor
+    ``max(x, finfo.min)``), each value is one of its inputs': the scale is kept as ``where`` keeps it, and
+    each input gets the gradient where it is chosen (``1 / sqrt(2)`` of it between two alike tensors).
+    """
+
+    name = "extremum"
+
+    def scales(self, op: OpView) -> Scales:
+        node = op.node
+        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if len(op.inputs) != 1 or isinstance(other, fx.Node):  # elementwise, between tensors
+            return _elementwise_extremum(op)
+        (x,) = op.inputs
+        xs, os_ = op.shape(x), op.out_shape
+        if xs is None:
+            return Scales(out_rms=op.in_rms.get(x), note="max / min: shapes unknown")
+        if os_ is None:  # a (values, indices) pair: the values' shape is the indices'
+            val = node.meta.get("val")
+            first = val[0] if isinstance(val, (tuple, list)) and val else None
+            os_ = tuple(int(s) for s in first.shape) if isinstance(first, torch.Tensor) else None
+        if os_ is None:
+            return Scales(out_rms=op.in_rms.get(x), note="max / min: shapes unknown")
+        n = max(1, math.prod(xs) // max(1, math.prod(os_)))
+        name = getattr(resolve_target(node), "__name__", str(node.target)).split(".")[0]
+        sign = -1.0 if name.lstrip("_").startswith(("min", "amin")) else 1.0
+        m = sign * op.mean(x)
+        sd = math.sqrt(max(0.0, 1.0 - m * m))
+        e1, e2 = top_order_moments(n, 1)
+        ms = max(1e-12, m * m + 2.0 * m * sd * e1 + sd * sd * e2)
+        return Scales(out_rms=op.rms(x) * math.sqrt(ms), out_mean=sign * (m + sd * e1) / math.sqrt(ms),
+                      grad_gain={x: math.sqrt(1.0 / n)}, note=f"the {'largest' if sign > 0 else 'smallest'} of n={n}")
+
+
+def _elementwise_extremum(op: OpView) -> Scales:
+    rs = [op.in_rms.get(n) for n in op.inputs]
+    rs = [r for r in rs if r is not None and math.isfinite(r)]
+    s = Scales(out_rms=math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None,
+               note="elementwise max / min: values selected")
+    if len(op.inputs) == 2:
+        for n in op.inputs:
+            s.grad_gain[n] = math.sqrt(0.5)
+    return s
+
+
+register(*dict.fromkeys(many([
+    torch.max, torch.min, tensor_method("max"), tensor_method("min"), torch.amax, torch.amin,
+    tensor_method("amax"), tensor_method("amin"), torch.maximum, torch.minimum, torch.fmax, torch.fmin,
+    tensor_method("maximum"), tensor_method("minimum"), tensor_method("fmax"), tensor_method("fmin"),
+    aten("max", "dim"), aten("min", "dim"), aten("max", "default"), aten("min", "default"), aten("amax"),
+    aten("amin"), aten("max", "other"), aten("min", "other"), aten("maximum"), aten("minimum"), aten("fmax"),
+    aten("fmin")])))(ExtremumRule())
+
+
+class CopyRule(Rule):
+    """``aten.copy(self, src)``: ``src``'s values (broadcast) in ``self``'s place; ``self`` gets no gradient.
+    What torch.export makes of a write of one tensor into another (``h[:, :k] = y``, ``h.copy_(y)``)."""
+
+    name = "copy"
+    kind = Kind.PRESERVE
+    preserves_scale = True
+
+    def scales(self, op: OpView) -> Scales:
+        src = op.node.args[1] if len(op.node.args) > 1 else op.node.kwargs.get("src")
+        dst = op.node.args[0] if op.node.args else None
+        s = Scales(out_rms=op.in_rms.get(src) if src in op.inputs else None, note="copy: the source's values")
+        if dst in op.inputs:
+            s.grad_gain[dst] = 0.0
+        if src in op.inputs:
+            xs, os_ = op.shape(src), op.out_shape
+            if xs and os_ and math.prod(xs) > 0:
+                s.grad_gain[src] = math.sqrt(max(1.0, math.prod(os_) / math.prod(xs)))  # broadcast copies sum
+        return s
+
+
+register(*many([aten("copy")]))(CopyRule())
