@@ -521,10 +521,9 @@ class UnitScaledModel(nn.Module):
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}",
                                  where=f"torch.export: {cause.where}; dynamo: {_traced_location(exc)}",
                                  fix="make the code at both places traceable: no Python branch on a tensor's "
-                                 "value (`if x.max() > n:`; torch._check or torch.cond instead), no write "
-                                 "through a boolean mask (`h[mask] = v`; `h = torch.where(mask[..., None], v, h)` "
-                                 "computes the same); or turn the feature that runs there off in the model's "
-                                 "config") from exc
+                                 "value (`if x.max() > n:`; torch._check or torch.cond instead), no write into "
+                                 "a view a custom autograd.Function returned (clone it first); or turn the "
+                                 "feature that runs there off in the model's config") from exc
 
     # -- capture and planning ---------------------------------------------------------------------------
     def _us_graph_for(self, args: tuple, kwargs: dict) -> tuple[Optional[_Graph], list]:

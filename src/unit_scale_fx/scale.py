@@ -246,6 +246,55 @@ class _ScaleFn(torch.autograd.Function):
 _apply_scale = _fast_apply(_ScaleFn)
 
 
+class _TransformScaleFn(torch.autograd.Function):
+    """:class:`_ScaleFn` in the form ``functorch`` transforms take (``setup_context``, a generated vmap rule): a
+    graph may run a scale inside ``torch.vmap`` (Mamba's associative scan), where the ``forward(ctx, ...)`` form
+    raises. The fused ops run there as their chains of these scales."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, fwd: float, bwd: float) -> Tensor:  # type: ignore[override]
+        return x * fwd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.bwd = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad * ctx.bwd, None, None
+
+
+_transforms = torch._C._are_functorch_transforms_active
+
+
+class _ScaleCopyFn(torch.autograd.Function):
+    """A backward-only scale that returns a copy (:func:`scale_returned`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bwd: float) -> Tensor:  # type: ignore[override]
+        ctx.bwd = bwd
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _mul(grad, ctx.bwd), None
+
+
+_apply_scale_copy = _fast_apply(_ScaleCopyFn)
+
+
+def scale_returned(x: Tensor, fwd: float, bwd: float) -> Tensor:
+    """:func:`scale` of a value a graph returns (or a view of which it returns): a backward-only scale gives a
+    copy instead of a view. Autograd forbids writing in place into a view a custom ``autograd.Function``
+    returned, and the caller may write into what it gets back: ``hidden_states[mask] = embedding`` in
+    Wav2Vec2, on a tensor that ``torch.compile`` returns from the graph before a graph break."""
+    if fwd != 1.0 or fwd == bwd or not isinstance(x, Tensor) or _transforms():
+        return scale(x, fwd, bwd)
+    return _apply_scale_copy(x, float(bwd))
+
+
 def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
     """``x * fwd`` forward, ``grad * bwd`` backward.
 
@@ -255,6 +304,8 @@ def scale(x: Tensor, fwd: float, bwd: float) -> Tensor:
     """
     if fwd == bwd or not isinstance(x, Tensor):  # (a Python number has no gradient to scale)
         return x * fwd if fwd != 1.0 else x
+    if _transforms():
+        return _TransformScaleFn.apply(x, float(fwd), float(bwd))
     return _apply_scale(x, float(fwd), float(bwd))
 
 
@@ -303,7 +354,10 @@ class _ScaledLinearFn(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.c = c
         ctx.has_bias = b is not None
-        return out.view(*x.shape[:-1], w.shape[0])
+        # not ``out.view``: autograd forbids writing in place into a view a custom Function returns, and callers
+        # write into what a linear returns (``hidden_states[mask] = embedding``); ``_unsafe_view`` (as matmul
+        # returns its folded GEMM) shares the storage without being a view
+        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], w.shape[0]))
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -377,7 +431,7 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, x_sc
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
     if (fx, gx, fw, gw, fb, gb, fo, go) == (1.0,) * 8:
         return torch.nn.functional.linear(x, weight, bias)
-    if x.dim() == 0 or weight.dim() != 2 or (bias is not None and bias.dim() != 1):
+    if x.dim() == 0 or weight.dim() != 2 or (bias is not None and bias.dim() != 1) or _transforms():
         return scale(torch.nn.functional.linear(scale(x, fx, gx), scale(weight, fw, gw),
                                                 None if bias is None else scale(bias, fb, gb)), fo, go)
     # forward factors of the GEMM's operands multiply the operands (the GEMMs read what the plan
@@ -488,9 +542,9 @@ def scaled_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: A
         # autocast, whose cast copy of the weight is what the convolution saves
         return _native_conv(conv, x, weight, bias, (stride, padding, dilation, groups), float(fw), float(fb),
                             (float(go), float(gx), float(gw), float(gb)))
-    if x_in_place:
+    if x_in_place and not _transforms():
         x, fx = _scale_owned(x, float(fx))
-    if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled():
+    if isinstance(padding, str) or x.dim() != weight.dim() or not torch.is_grad_enabled() or _transforms():
         return scale(conv(scale(x, fx, gx), scale(weight, fw, gw), None if bias is None else scale(bias, fb, gb),
                           stride, padding, dilation, groups), fo, go)
     if (fx, fw, fb, fo, go) == (1.0,) * 5 and _native_ok(x, weight, bias):
@@ -570,7 +624,7 @@ def scaled_add(a: Tensor, b: Tensor, *, a_scale: tuple = _ONE, b_scale: tuple = 
     if (ka, kb) == (ca, cb) and isinstance(a, Tensor) and isinstance(b, Tensor):
         return _weighted_sum(a, b, ka, kb)
     if (not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dtype != b.dtype
-            or not torch.is_grad_enabled()):
+            or not torch.is_grad_enabled() or _transforms()):
         return scale(scale(a, fa, ga) + scale(b, fb, gb), fo, go)
     # (a backward factor of 1 on the scaled input: the Function, whose backward passes the gradient on as it
     # is, where the native op would multiply it by 1)
@@ -645,6 +699,10 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
     if (gx, gw, gb, fo, go) == (1.0,) * 5:
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     shape = [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
+    if _transforms():  # the chain of scales (a scale with equal factors is no op)
+        return scale(torch.nn.functional.layer_norm(
+            scale(x, 1.0, gx), normalized_shape, None if weight is None else scale(weight, 1.0, gw),
+            None if bias is None else scale(bias, 1.0, gb), eps), fo, go)
     if torch.is_grad_enabled() and _native_ok(x, weight, bias):
         return _native_layer_norm(x, shape, weight, bias, float(eps), float(fo), float(go), float(gx), float(gw),
                                   float(gb))
@@ -727,7 +785,7 @@ def scaled_batch_norm(bn: torch.nn.Module, x: Tensor, *, x_scale: tuple = _ONE, 
     buffers, params = bn._buffers, bn._parameters
     rm, rv = buffers.get("running_mean"), buffers.get("running_var")
     if (not bn.training or not torch.is_grad_enabled() or type(bn).forward is not _BN_FORWARD
-            or torch.compiler.is_compiling() or not fx > 0 or type(x) not in _PLAIN
+            or torch.compiler.is_compiling() or _transforms() or not fx > 0 or type(x) not in _PLAIN
             or (rm is None) != (rv is None)):
         w, b = params.get("weight"), params.get("bias")
         if (gw, gb) == (1.0, 1.0) or w is None and b is None:
@@ -954,7 +1012,7 @@ def scaled_attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: tuple
         s = kwargs.get("scale")
         kwargs = {**kwargs, "scale": (1.0 / math.sqrt(q.size(-1)) if s is None else float(s)) / q_unit}
         q = q * q_unit
-    if ((fq, fk, fv) != (1.0, 1.0, 1.0) or not fo > 0 or torch.compiler.is_compiling()
+    if ((fq, fk, fv) != (1.0, 1.0, 1.0) or not fo > 0 or torch.compiler.is_compiling() or _transforms()
             or not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v))
             or not _plain_tensors(q, k, v)
             # another tensor that needs a gradient (a learned bias as attn_mask) takes the plain path

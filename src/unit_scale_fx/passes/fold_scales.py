@@ -36,8 +36,8 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from ..rules.registry import aten, float_tensor_inputs, many, resolve_target, tensor_method
 from ..layers import _BN_FORWARD, batch_norm_layer
-from ..scale import (_pair, scale, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv, scaled_layer_norm,
-                     scaled_linear)
+from ..scale import (_pair, scale, scale_returned, scaled_add, scaled_attention, scaled_batch_norm, scaled_conv,
+                     scaled_layer_norm, scaled_linear)
 from ..record import FOLDED, INSERTED, META_KEY, SCALE_ROLE
 from .base import PassContext, PassResult, declare
 
@@ -729,7 +729,44 @@ def fuse_ops(graph: fx.Graph) -> int:
         + fuse_attention(graph) + fuse_adds(graph)
     if fused:
         place_grad_factors(graph)
-    return fused
+    return fused + copy_returned_views(graph)
+
+
+#: ops whose result is a view of their first argument (what a caller's in-place write reaches through)
+_VIEWS = frozenset(many(
+    [operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.squeeze,
+     torch.unsqueeze, torch.narrow, torch.select, torch.t, torch.movedim, torch.swapaxes, torch.split, torch.chunk,
+     torch.unbind]
+    + [tensor_method(m) for m in _VIEW_METHODS + ("view_as", "reshape_as", "expand_as", "narrow", "select",
+                                                  "split", "chunk", "unbind", "__getitem__")]
+    + [aten(m) for m in ("view", "_unsafe_view", "reshape", "permute", "t", "expand", "unsqueeze", "squeeze", "alias",
+                         "flatten", "narrow", "unbind")]
+    + [aten("transpose", "int"), aten("squeeze", "dim"), aten("select", "int"), aten("slice", "Tensor"),
+       aten("split", "Tensor"), aten("unflatten", "int")]))
+
+
+def copy_returned_views(graph: fx.Graph) -> int:
+    """A backward-only ``scale`` whose result the graph returns, as it is or through views, becomes
+    :func:`~unit_scale_fx.scale.scale_returned` (a copy): a caller may write into a returned tensor in place,
+    which autograd forbids on the view a custom ``autograd.Function`` returns. The number changed."""
+    out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if out is None:
+        return 0
+    changed = 0
+    seen: set = set()
+    for leaf in torch.utils._pytree.tree_leaves(out.args):
+        n = leaf
+        while isinstance(n, fx.Node) and n not in seen and n.op in ("call_function", "call_method") \
+                and _calls(n, _VIEWS) and n.args and isinstance(n.args[0], fx.Node):
+            seen.add(n)
+            n = n.args[0]
+        if isinstance(n, fx.Node) and n.op == "call_function" and n.target is scale and n not in seen:
+            seen.add(n)
+            fwd = n.args[1] if len(n.args) > 1 else n.kwargs.get("fwd")
+            if fwd == 1.0:
+                n.target = scale_returned
+                changed += 1
+    return changed
 
 
 class _FusedMixin:

@@ -38,12 +38,23 @@ def round_bits(x: float, bits: int = RMS_BITS) -> float:
     return math.ldexp(round(m * 2 ** bits) / 2 ** bits, e)
 
 
+def physical(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds ``t``'s values: ``t`` inside ``torch.vmap`` (a graph may trace one: Mamba's
+    associative scan) is a batched wrapper, whose values Python cannot read (``vmap: ... data-dependent control
+    flow``); the tensor it wraps holds every batch entry, whose RMS is the RMS of all the entries'."""
+    is_wrapped, unwrap = torch._C._functorch.is_functorch_wrapped_tensor, torch._C._functorch.get_unwrapped
+    while is_wrapped(t):
+        t = unwrap(t)
+    return t
+
+
 def sum_count(t: torch.Tensor) -> torch.Tensor:
     """``[sum of squares, element count]`` of a float tensor (float64, on the CPU).
 
     A reduction kernel: no full-size temporary (planning must cost no more than a training step).
     """
     acc_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    t = physical(t)
     with torch.no_grad():
         norm = torch.linalg.vector_norm(t.detach(), dtype=acc_dtype).double().cpu()
     return torch.stack([norm * norm, torch.tensor(float(t.numel()), dtype=torch.float64)])

@@ -310,3 +310,27 @@ class CopyRule(Rule):
 
 
 register(*many([aten("copy")]))(CopyRule())
+
+
+class BatchDimRule(PreserveRule):
+    """``torch.vmap``'s entry and exit in a traced graph (``_add_batch_dim`` / ``_remove_batch_dim``): the same values,
+    seen one batch entry at a time inside. The shapes a graph records for the inside leave the batch dimension out,
+    so the element counts of :class:`PreserveRule` do not apply: values and gradients keep their RMS."""
+
+    name = "vmap_batch_dim"
+
+    def scales(self, op: OpView) -> Scales:
+        rs = [op.in_rms.get(n) for n in op.inputs]
+        rs = [r for r in rs if r is not None and math.isfinite(r)]
+        return Scales(out_rms=rs[0] if rs else None, note="vmap batch dimension: values kept")
+
+
+def _predispatch(name: str) -> Any:
+    try:
+        from torch._functorch import predispatch
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return getattr(predispatch, name, None)
+
+
+register(*many([_predispatch("_add_batch_dim"), _predispatch("_remove_batch_dim")]))(BatchDimRule())
