@@ -167,3 +167,45 @@ def test_with_every_scale_one_the_model_with_a_class_token_is_the_original():
     grads = dict(ref.named_parameters())
     for k, p in ones.named_parameters():
         torch.testing.assert_close(p.grad, grads[k].grad, rtol=1e-5, atol=1e-7, msg=k)
+
+
+class GatheredRows(nn.Module):
+    """gpt-oss's experts: a table of per-expert biases, each token's row gathered by its expert index and added to a
+    projection; and a learned offset expanded over the batch before it is added."""
+
+    def __init__(self, d: int = 32, experts: int = 4) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(d, d), nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn(experts, d))
+        self.offset = nn.Parameter(torch.randn(1, d))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + self.table[idx] + self.offset.expand(x.shape[0], -1)
+        return F.mse_loss(self.out(F.gelu(h)), y)
+
+
+def _rows(seed: int, n: int = 256) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 32, generator=g), torch.randint(0, 4, (n,), generator=g), torch.randn(n, 32, generator=g)
+
+
+@pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])
+def test_a_parameter_gathered_or_expanded_into_many_rows_gets_a_factor_of_its_own(measure):
+    """The gradient of a gathered or expanded parameter sums its copies (64 tokens a row here), so its edge into
+    the gather or expand gets its own backward-only factor: ``1 / sqrt(copies)`` from the rule, measured when
+    planning runs on a batch. Measured (the default), the table's and the offset's gradients were 43.7 and 8.8;
+    the rules alone cannot see the part the rows' gradients share (this loss's shared component: the biases
+    too are 8-13 under analytic planning), so there only the factor is checked."""
+    torch.manual_seed(0)
+    us = unit_scale(GatheredRows(), _rows(0), measure=measure, unsupported="error")
+    factors = {n.args[0].target: n.args[2] for n in us.us_module.graph.nodes
+               if n.target is scale and n.args[0].op == "get_attr" and n.args[0].target in ("table", "offset")}
+    assert set(factors) == {"table", "offset"}, factors
+    if measure:
+        us(*_rows(1)).backward()
+        grads = {k: rms(us.get_parameter(k).grad) for k in ("table", "offset")}
+        assert all(0.5 <= v <= 2.0 for v in grads.values()), grads
+    else:  # 64 rows a table row, 256 rows of the offset
+        assert factors == pytest.approx({"table": 1 / 8, "offset": 1 / 16}, rel=1e-6), factors
+    cos = gradient_cosines(us, *_rows(2))
+    assert min(cos.values()) > 0.9999, cos

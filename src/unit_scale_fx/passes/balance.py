@@ -84,7 +84,10 @@ def parameter_edges(gm: fx.GraphModule, g: Any, recs: dict[fx.Node, ScaleRecord]
                     param_inputs: Collection[str] = ()) -> set[tuple[fx.Node, fx.Node]]:
     """Edges ``u -> v`` where a parameter (or a view, expand or copy of it alone: ``u``) enters an op without
     a scale of its own (``v``: a concatenation, a stack, a ``where``) together with values computed from
-    the batch. A class token concatenated to the patch tokens, a learned register or padding row.
+    the batch. A class token concatenated to the patch tokens, a learned register or padding row. Also
+    where such an op makes more values of the parameter alone than it has (an expand over the batch, a
+    table of rows gathered by index: a mixture of experts' per-expert biases): its gradient sums the
+    copies, and the op's rule gives the edge the ideal factor ``1 / sqrt(copies)``.
 
     Such an op passes the true gradient to each input, so without this the parameter shares the potential
     of the batch's values, and its gradient, which sums a batch of rows (and in a class token, the one
@@ -96,8 +99,17 @@ def parameter_edges(gm: fx.GraphModule, g: Any, recs: dict[fx.Node, ScaleRecord]
         if rec.kind != Kind.PRESERVE or v.op not in ("call_function", "call_method"):
             continue
         ins = list(g.predecessors(v))  # (``g``: the planner's graph of floating-point values, networkx)
-        if len(ins) < 2 or str(getattr(v.target, "__name__", v.target)).split(".")[0].endswith("_"):
-            continue  # one input (a view of the parameter is the parameter's class), or an in-place op
+        if str(getattr(v.target, "__name__", v.target)).split(".")[0].endswith("_"):
+            continue  # an in-place op
+        if len(ins) == 1:
+            # a parameter expanded, repeated or gathered into more values than it has (a class token over the
+            # batch, a table of per-expert biases indexed by token): its gradient sums those copies. A view or
+            # a slice of the parameter is the parameter's class.
+            (u,) = ins
+            s = _source_param(u, gm, param_inputs)
+            if s is not None and _is_parameter(s, gm, param_inputs) and _numel(v) > _numel(u) > 0:
+                out.add((u, v))
+            continue
         sources = {u: _source_param(u, gm, param_inputs) for u in ins}
         if any(s is None for s in sources.values()):
             out.update((u, v) for u, s in sources.items() if s is not None and _is_parameter(s, gm, param_inputs))
@@ -322,7 +334,8 @@ class Potentials:
         free = set(self.free)
         for v, rec in self.recs.items():
             if rec.kind in FIXED_KINDS:
-                # a parameter's edge into a concatenation: a backward-only factor on that input alone
+                # a parameter's edge into a concatenation, an expand or a gather: a backward-only factor on that
+                # input alone
                 rec.bwd = {u.name: math.exp(self.log_phi[self.cls(u)] - self.log_phi[self.cls(v)])
                            for u in self.g.predecessors(v) if (u, v) in self.param_edges}
                 continue

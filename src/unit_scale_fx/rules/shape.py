@@ -44,6 +44,11 @@ class PreserveRule(Rule):
             if xs is not None and os_ is not None and math.prod(xs) > 0 and math.prod(os_) > 0 \
                     and math.prod(xs) != math.prod(os_):
                 s.grad_gain[x] = math.sqrt(math.prod(os_) / math.prod(xs))
+                if s.grad_gain[x] > 1.0:
+                    # the ideal factor of a gradient that sums copies: the op has no scale of its own, so this
+                    # acts only where the input is a parameter's (``balance.parameter_edges``: a class token
+                    # expanded over the batch, a table of rows gathered by index)
+                    s.bwd[x] = 1.0 / s.grad_gain[x]
             spread = _positions_per_value(op, xs, os_)
             if spread is not None:
                 s.grad_rho_factor[x] = spread
