@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -43,6 +44,7 @@ def _as_planned(gm: fx.GraphModule, example_inputs: list) -> Any:
 def _step(fam: Any, be: Any, model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     args, kwargs = fam.batch(seed)
     torch.manual_seed(100 + seed)  # the same dropout masks in every variant
+    np.random.seed(100 + seed)  # and the same numpy masks (Wav2Vec2's SpecAugment draws its spans with numpy)
     fam.loss(torch.compile(model, backend=be)(*args, **kwargs)).backward()
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 

@@ -66,6 +66,48 @@ def test_a_frozen_batch_norm_stays_frozen():
     assert report.ok, report
 
 
+class NormEval(nn.Module):
+    """A backbone whose ``train()`` keeps its batch norms in evaluation (mmdetection's ``norm_eval=True``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 6 * 6, 4)
+        with torch.no_grad():  # statistics of its own, as a pretrained backbone's
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def train(self, mode: bool = True) -> "NormEval":
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("roundtrip", [False, True], ids=["as_returned", "deepcopied"])
+def test_a_train_override_of_the_model_is_kept(roundtrip):
+    """``us.train()`` set every module to training: the batch norm the model's own ``train()`` keeps in evaluation
+    then normalised with batch statistics and updated its running ones."""
+    torch.manual_seed(0)
+    model = NormEval()
+    x = torch.randn(4, 3, 8, 8)
+    us = unit_scale(copy.deepcopy(model), (x,), init_weights=False)
+    if roundtrip:
+        us = copy.deepcopy(us)
+    us.eval()
+    us.train()
+    model.train()
+    bn = next(m for m in us.modules() if isinstance(m, nn.BatchNorm2d))
+    assert us.training and not bn.training
+    before = bn.running_mean.clone()
+    us(x).sum().backward()
+    torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+    report = check_equivalence(model, us, x)
+    assert report.ok, report
+
+
 class AutocastBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -50,6 +50,21 @@ class UnitScaledModule(fx.GraphModule):
         self.us_source_graph = copy.deepcopy(graph)  # normalised, before any scale was inserted
         self.us_timings: list[tuple[str, float]] = []
         self.us_unsupported: list = []
+        #: the per-submodule modes the original's own ``train()`` sets, by mode (:func:`train_modes`), or None
+        self.us_train_modes: Optional[dict[bool, dict[str, bool]]] = None
+
+    def train(self, mode: bool = True) -> "UnitScaledModule":
+        """Set train / eval mode, as the original model's ``train()`` does: where its class or a submodule's
+        overrides ``train()`` (a backbone that keeps its batch norms in evaluation while it trains), the modes
+        it sets on each submodule are set here too (:func:`train_modes`; its other side effects are not)."""
+        super().train(mode)
+        modes = getattr(self, "us_train_modes", None)
+        if modes:
+            mine = dict(self.named_modules(remove_duplicate=False))
+            for name, flag in modes[bool(mode)].items():
+                if name in mine:
+                    mine[name].training = flag
+        return self
 
     # -- planning ---------------------------------------------------------
     def _plan(self, args: tuple, kwargs: dict) -> None:
@@ -235,6 +250,26 @@ class UnitScaledModule(fx.GraphModule):
 def is_float_value(n: fx.Node) -> bool:
     val = n.meta.get("val")
     return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def train_modes(model: nn.Module) -> Optional[dict[bool, dict[str, bool]]]:
+    """The mode of each submodule after ``model.train(True)`` and after ``model.train(False)``, where ``model``'s
+    class or a submodule's overrides ``train()`` (else None: ``nn.Module.train`` sets every submodule alike).
+    ``model``'s modes are restored afterwards. Only the modes are read: a ``train()`` that does more (freezes
+    parameters) does that here too, as it would when the user calls it."""
+    if all(type(m).train is nn.Module.train for m in model.modules()):
+        return None
+    saved = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    out: dict[bool, dict[str, bool]] = {}
+    try:
+        for flag in (True, False):
+            model.train(flag)
+            out[flag] = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    finally:
+        mods = dict(model.named_modules(remove_duplicate=False))
+        for name, flag in saved.items():
+            mods[name].training = flag
+    return out
 
 
 def copy_modes(src: nn.Module, dst: nn.Module) -> None:
@@ -951,6 +986,7 @@ def unit_scale(
     us = UnitScaledModule(gm, gm.graph, cfg, type(model).__name__)
     _mirror_state(work, us)
     copy_modes(model, us)
+    us.us_train_modes = train_modes(work)
     us.us_capture = gm.meta.get(CAPTURE, "")
     if given:
         us._plan(args or (), example_kwargs or {})
