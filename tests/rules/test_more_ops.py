@@ -442,3 +442,29 @@ def test_fills_shaped_like_a_tensor_are_constants_not_unsupported_ops():
     assert not any(r.rule == "fill" for r in recs)
     (scatter,) = [n for n in us.us_module.graph.nodes if "scatter" in str(n.target)]
     assert scatter.meta.get(CONSTANT)  # the ones scattered into the zeros: a 0/1 mask, data
+
+
+class _Cosine(nn.Module):
+    """Unit vectors between two projections (cosine attention's queries, a contrastive head): ``F.normalize``,
+    which torch.fx records as one call (EdgeNeXt's cross-covariance attention left it unscaled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.b(F.normalize(self.a(x), dim=-1))
+
+
+@pytest.mark.parametrize("measure", [False, True], ids=["analytic", "measured"])
+def test_normalize_gives_unit_vectors_a_unit_scale(measure):
+    torch.manual_seed(0)
+    us = unit_scale(_Cosine(), (_x(B, T, D),), measure=measure, unsupported="error")
+    assert us.us_capture == "symbolic_trace"
+    (rec,) = [r for r in us.scale_plan().values() if r.rule == "normalize"]
+    assert math.isclose(rec.fwd, math.sqrt(D))  # unit vectors have RMS 1 / sqrt(D)
+    x = _x(B, T, D).requires_grad_()
+    y = us(x)
+    y.backward(torch.randn_like(y))
+    assert 0.5 <= rms(y) <= 2.0 and 0.5 <= rms(x.grad) <= 2.0, (rms(y), rms(x.grad))
+    assert all(0.5 <= rms(p.grad) <= 2.0 for p in (us.a.weight, us.b.weight))

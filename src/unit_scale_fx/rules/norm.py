@@ -70,3 +70,30 @@ register(F.group_norm, aten("group_norm"))(NormRule("group_norm", 2, 3))
 # batch norm.)
 register(F.instance_norm)(NormRule("instance_norm", 3, 4))
 register(aten("instance_norm"))(NormRule("instance_norm", 1, 2))
+
+
+class NormalizeRule(Rule):
+    """``F.normalize(x, p=2, dim)``: ``x / ||x||`` along ``dim`` (cosine attention, contrastive embeddings).
+
+    Each vector has unit length, so its RMS is ``1 / sqrt(n)``: the forward scale ``sqrt(n)`` makes it
+    ``x / RMS(x)`` over the dimension (an RMS norm without a gain). Its backward, ``(I - y y^T) g / ||x||``,
+    has gain ``1 / (r sqrt(n))`` for an input of RMS ``r``. Another ``p``, or a dimension not known as a
+    number, keeps the scale (left as it is, reported by its note)."""
+
+    name = "normalize"
+    kind = Kind.NORM
+
+    def scales(self, op: OpView) -> Scales:
+        x = op.node.args[0] if op.node.args else op.node.kwargs.get("input")
+        if not isinstance(x, fx.Node) or x not in op.inputs:
+            return Scales(note="normalised input is not a float tensor")
+        p, dim, xs = op.arg(1, "p", 2.0), op.arg(2, "dim", 1), op.shape(x)
+        if p != 2 or not isinstance(dim, int) or not xs or not -len(xs) <= dim < len(xs):
+            return Scales(out_rms=None, note="normalize with p != 2 or an unknown dim: scale kept")
+        n = xs[dim]
+        gain = 1.0 / (op.rms(x) * math.sqrt(n))
+        return Scales(fwd=math.sqrt(n), bwd={x: 1.0 / gain}, grad_gain={x: gain}, out_rms=1.0,
+                      note=f"unit vectors of n={n}")
+
+
+register(F.normalize)(NormalizeRule())
