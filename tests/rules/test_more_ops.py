@@ -468,3 +468,19 @@ def test_normalize_gives_unit_vectors_a_unit_scale(measure):
     y.backward(torch.randn_like(y))
     assert 0.5 <= rms(y) <= 2.0 and 0.5 <= rms(x.grad) <= 2.0, (rms(y), rms(x.grad))
     assert all(0.5 <= rms(p.grad) <= 2.0 for p in (us.a.weight, us.b.weight))
+
+
+def test_an_op_packet_of_several_overloads_takes_the_rule_of_the_one_its_arguments_call():
+    """Dynamo records ``torch.ops.aten.slice(x, 0, 0, -1)`` inside ``torch.vmap`` (Mamba's associative scan) as a call
+    of the packet, which has two overloads (``Tensor``, ``str``): it is ``slice.Tensor``, a selection."""
+    import torch.fx as fx
+
+    from unit_scale_fx.rules.registry import lookup, resolve_target
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(4, 3)
+    n = g.call_function(torch.ops.aten.slice, (x, 0, 0, -1))
+    g.output(n)
+    assert resolve_target(n) is torch.ops.aten.slice.Tensor
+    assert lookup(n) is not None and lookup(n).name == "preserve"

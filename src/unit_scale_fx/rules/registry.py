@@ -307,6 +307,7 @@ def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any
             names = t.overloads()
             if len(names) == 1:
                 return getattr(t, names[0])
+            return _packet_overload(node, t)
         return t
     if node.op == "call_method":
         return getattr(torch.Tensor, str(node.target), None)
@@ -316,6 +317,38 @@ def resolve_target(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Any
         except AttributeError:
             return None
     return None
+
+
+#: node meta: ``(packet, overload)`` that :func:`_packet_overload` resolved (schema matching costs a few microseconds)
+_OVERLOAD = "us_packet_overload"
+
+
+def _stand_in(a: Any) -> Any:
+    """A value of the type an argument node carries, for matching a schema (a tensor: an empty one)."""
+    if isinstance(a, fx.Node):
+        v = a.meta.get("val", a.meta.get("example_value"))
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return {torch.SymInt: 0, torch.SymFloat: 0.0, torch.SymBool: False}[type(v)]
+        return v if isinstance(v, (int, float, bool)) else torch.empty(0)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_stand_in(x) for x in a)
+    return a
+
+
+def _packet_overload(node: fx.Node, t: torch._ops.OpOverloadPacket) -> Any:
+    """The overload a call of an op packet with several (``torch.ops.aten.slice(x, 0, 0, -1)``, as dynamo records
+    it inside ``torch.vmap``) dispatches to, by its arguments' types; the packet itself where none matches."""
+    cached = node.meta.get(_OVERLOAD)
+    if cached is not None and cached[0] is t:
+        return cached[1]
+    try:
+        name = torch._C._jit_resolve_packet(t._qualified_op_name, *[_stand_in(a) for a in node.args],
+                                            **{k: _stand_in(v) for k, v in node.kwargs.items()})
+        found: Any = getattr(t, name)
+    except Exception:  # noqa: BLE001 - no overload takes these arguments: the packet is the key
+        found = t
+    node.meta[_OVERLOAD] = (t, found)
+    return found
 
 
 def lookup(node: fx.Node, root: Optional[torch.nn.Module] = None) -> Optional[Rule]:
@@ -350,7 +383,7 @@ def target_name(target: Any) -> str:
         return f"{target.__module__}.{target.__qualname__}"
     mod = getattr(target, "__module__", None)
     qual = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return str(target)
     if mod and qual:
         mod = {"torch._C._nn": "torch.nn.functional", "torch._C._VariableFunctions": "torch", "_operator": "operator"}.get(mod, mod)
