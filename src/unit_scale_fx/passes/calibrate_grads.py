@@ -309,31 +309,6 @@ def _holds_tensor(val: Any) -> bool:
     return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
 
 
-def _without_side_outputs(gm: fx.GraphModule, ctx: PassContext, out: Any) -> Any:
-    """For a piece of a larger program (dynamo split the model; its outputs feed later code, ``ctx.boundary``):
-    ``out`` with the values the graph also reads itself detached, where a value it returns and does not read is
-    at least as large as each of them (its logits, beside the key and value cache its attention read). Training
-    sends no gradient into a cache; probing it with a unit gradient, as the logits, made GPT-2's weight gradients
-    0.33-0.79 of unit under ``torch.compile``. Otherwise (every returned value read inside too, as a residual
-    stream cut by a break; or a larger one read inside, as a base model's hidden states beside its pooled output)
-    all are probed. The analytic sweep (:func:`.plan.reverse_sweep`) seeds a returned value the graph also reads
-    with its readers' gradients alone."""
-    node = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
-    if node is None or not ctx.boundary:
-        return out
-    nodes = torch.utils._pytree.tree_leaves(node.args[0])
-    values, spec = torch.utils._pytree.tree_flatten(out)
-    if len(nodes) != len(values):
-        return out
-    probed = [isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad and v.dim() > 0
-              for v in values]
-    side = [p and isinstance(n, fx.Node) and any(u.op != "output" for u in n.users) for n, p in zip(nodes, probed)]
-    terminal = [v.numel() for v, p, s in zip(values, probed, side) if p and not s]
-    if not terminal or not any(side) or max(terminal) < max(v.numel() for v, s in zip(values, side) if s):
-        return out
-    return torch.utils._pytree.tree_unflatten([v.detach() if s else v for v, s in zip(values, side)], spec)
-
-
 @declare('calibrate_grads', needs=('potentials',), produces=('measured_grads',))
 def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     pots = ctx.potentials
@@ -350,8 +325,7 @@ def calibrate_grads(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             # logits and a cache; probing every output gave its weights gradients of ~1e-3); a piece without a
             # loss, whose outputs feed later graphs, probes them all. Over ranks, the mean of the ranks' losses
             # (DDP's convention)
-            loss = output_loss(_without_side_outputs(gm, ctx, out), where="calibrate_grads", scalars_first=True) \
-                / stats.world
+            loss = output_loss(out, where="calibrate_grads", scalars_first=True) / stats.world
             del out
             loss.backward()
         except RuntimeError as exc:  # UnitScaleError (no output carries a gradient) included
