@@ -291,6 +291,25 @@ def test_a_write_through_a_mask_after_a_graph_break_is_unit_scaled_through_dynam
     assert torch.nn.functional.cosine_similarity(fill, true, dim=0) > 0.999999
 
 
+class AliasFirst(MaskWrite):
+    """The custom Function before the branch: torch.export refuses the Function first (``layers.FunctionCall``)."""
+
+    def forward(self, x):
+        h = _Alias.apply(self.lin(x))
+        if x.max() > 100:
+            h = 2 * h
+        h[x[..., 0] > 0] = self.fill
+        return h.sum()
+
+
+def test_the_error_names_the_users_line_not_this_packages():
+    us = unit_scale(AliasFirst())
+    with pytest.raises(UnitScaleError) as info:
+        us(torch.randn(4, 5, 8))
+    where = info.value.where
+    assert "unit_scale_fx" not in where.split(";")[0] and "_Alias.apply(self.lin(x))" in where, where
+
+
 def test_when_dynamo_fails_too_the_error_names_both_places_and_does_not_offer_dynamo():
     us = unit_scale(AliasWrite())
     with pytest.raises(UnitScaleError) as info:

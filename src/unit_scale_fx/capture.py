@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import traceback
 from typing import Any, Callable, Optional, Sequence
@@ -204,9 +205,16 @@ def _mirror_state(src: nn.Module, dst: nn.Module) -> None:
             target.register_buffer(name, b, persistent=persistent)
 
 
+#: this package's directory: its frames are not where a user's model failed
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)).replace("\\", "/") + "/"
+
+
 def _location(exc: BaseException) -> str:
+    """The last frame of ``exc``'s traceback in the user's code: not in torch, nor in this package (a custom
+    ``autograd.Function`` that the export tracer refuses raises from ``layers.py``)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")]
+    user = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")
+            and not os.path.abspath(f.filename).replace("\\", "/").startswith(_PACKAGE_DIR)]
     f = (user or frames)[-1] if (user or frames) else None
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}" if f else "unknown"
 
