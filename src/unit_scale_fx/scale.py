@@ -692,17 +692,13 @@ def scaled_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = 
     factors other than 1 (which change what is normalised) run as separate scales.
     """
     (fx, gx), (fw, gw), (fb, gb), (fo, go) = map(_pair, (x_scale, weight_scale, bias_scale, out_scale))
-    if (fx, fw, fb) != (1.0, 1.0, 1.0):
+    if (fx, fw, fb) != (1.0, 1.0, 1.0) or _transforms():  # the chain (under vmap / grad: the functorch-form scale)
         return scale(torch.nn.functional.layer_norm(
             scale(x, fx, gx), normalized_shape, None if weight is None else scale(weight, fw, gw),
             None if bias is None else scale(bias, fb, gb), eps), fo, go)
     if (gx, gw, gb, fo, go) == (1.0,) * 5:
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     shape = [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
-    if _transforms():  # the chain of scales (a scale with equal factors is no op)
-        return scale(torch.nn.functional.layer_norm(
-            scale(x, 1.0, gx), normalized_shape, None if weight is None else scale(weight, 1.0, gw),
-            None if bias is None else scale(bias, 1.0, gb), eps), fo, go)
     if torch.is_grad_enabled() and _native_ok(x, weight, bias):
         return _native_layer_norm(x, shape, weight, bias, float(eps), float(fo), float(go), float(gx), float(gw),
                                   float(gb))

@@ -34,10 +34,7 @@ class PreserveRule(Rule):
         x0 = op.node.args[0] if op.node.args else None
         if resolve_target(op.node) in _LIKE and x0 in inputs:
             inputs = [x0]  # ``x.type_as(other)``: ``other`` gives a dtype or shape, not values
-        rs = [op.in_rms.get(n) for n in inputs]
-        rs = [r for r in rs if r is not None and math.isfinite(r)]
-        out = math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None
-        s = Scales(out_rms=out)
+        s = Scales(out_rms=values_rms(op, inputs))
         if len(op.inputs) == 1:
             (x,) = op.inputs
             xs, os_ = op.shape(x), op.out_shape
@@ -53,6 +50,14 @@ class PreserveRule(Rule):
             if spread is not None:
                 s.grad_rho_factor[x] = spread
         return s
+
+
+def values_rms(op: OpView, inputs: Any) -> Optional[float]:
+    """The RMS of values taken from ``inputs`` (their RMS values, in quadrature over the inputs): None where none
+    is known."""
+    rs = [op.in_rms.get(n) for n in inputs]
+    rs = [r for r in rs if r is not None and math.isfinite(r)]
+    return math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None
 
 
 def _positions_per_value(op: OpView, xs: Any, os_: Any) -> Optional[float]:
@@ -221,20 +226,25 @@ class TopkRule(Rule):
         k, dim, largest = op.arg(1, "k"), op.arg(2, "dim", -1), op.arg(3, "largest", True)
         if not xs or not isinstance(k, int) or not isinstance(dim, int) or k < 1:
             return Scales(out_rms=op.in_rms.get(x), note="topk: k or dim unknown")
-        n = xs[dim]
-        sign = 1.0 if largest else -1.0
-        m = sign * op.mean(x)
-        sd = math.sqrt(max(0.0, 1.0 - m * m))
-        e1, e2 = top_order_moments(n, k)
-        ms = max(1e-12, m * m + 2.0 * m * sd * e1 + sd * sd * e2)
-        return Scales(out_rms=op.rms(x) * math.sqrt(ms), out_mean=sign * (m + sd * e1) / math.sqrt(ms),
-                      grad_gain={x: math.sqrt(min(k, n) / max(1, n))}, note=f"k={k} of n={n}")
+        return top_values(op, x, xs[dim], k, bool(largest), f"k={k} of n={xs[dim]}")
+
+
+def top_values(op: OpView, x: Any, n: int, k: int, largest: bool, note: str) -> Scales:
+    """The scales of the ``k`` largest (or smallest) of ``n`` values of ``x``: RMS and first moment from the
+    order statistics of ``n`` Gaussians with ``x``'s first moment; gradient RMS ``sqrt(k / n)``."""
+    sign = 1.0 if largest else -1.0
+    m = sign * op.mean(x)
+    sd = math.sqrt(max(0.0, 1.0 - m * m))
+    e1, e2 = top_order_moments(n, k)
+    ms = max(1e-12, m * m + 2.0 * m * sd * e1 + sd * sd * e2)
+    return Scales(out_rms=op.rms(x) * math.sqrt(ms), out_mean=sign * (m + sd * e1) / math.sqrt(ms),
+                  grad_gain={x: math.sqrt(min(k, n) / max(1, n))}, note=note)
 
 
 register(*many([torch.topk, tensor_method("topk"), aten("topk")]))(TopkRule())
 
 
-class ExtremumRule(TopkRule):
+class ExtremumRule(Rule):
     """``max`` / ``min`` / ``amax`` / ``amin`` over dimensions, and elementwise ``maximum`` / ``minimum`` /
     ``fmax`` / ``fmin`` (``torch.max(a, b)``): values selected, never made.
 
@@ -246,6 +256,11 @@ class ExtremumRule(TopkRule):
     """
 
     name = "extremum"
+    kind = Kind.PRESERVE
+    preserves_scale = True
+
+    def __init__(self, largest: bool) -> None:
+        self.largest = largest
 
     def scales(self, op: OpView) -> Scales:
         node = op.node
@@ -263,34 +278,26 @@ class ExtremumRule(TopkRule):
         if os_ is None:
             return Scales(out_rms=op.in_rms.get(x), note="max / min: shapes unknown")
         n = max(1, math.prod(xs) // max(1, math.prod(os_)))
-        name = getattr(resolve_target(node), "__name__", str(node.target)).split(".")[0]
-        sign = -1.0 if name.lstrip("_").startswith(("min", "amin")) else 1.0
-        m = sign * op.mean(x)
-        sd = math.sqrt(max(0.0, 1.0 - m * m))
-        e1, e2 = top_order_moments(n, 1)
-        ms = max(1e-12, m * m + 2.0 * m * sd * e1 + sd * sd * e2)
-        return Scales(out_rms=op.rms(x) * math.sqrt(ms), out_mean=sign * (m + sd * e1) / math.sqrt(ms),
-                      grad_gain={x: math.sqrt(1.0 / n)}, note=f"the {'largest' if sign > 0 else 'smallest'} of n={n}")
+        return top_values(op, x, n, 1, self.largest, f"the {'largest' if self.largest else 'smallest'} of n={n}")
 
 
 def _elementwise_extremum(op: OpView) -> Scales:
-    rs = [op.in_rms.get(n) for n in op.inputs]
-    rs = [r for r in rs if r is not None and math.isfinite(r)]
-    s = Scales(out_rms=math.sqrt(sum(r * r for r in rs) / len(rs)) if rs else None,
-               note="elementwise max / min: values selected")
+    s = Scales(out_rms=values_rms(op, op.inputs), note="elementwise max / min: values selected")
     if len(op.inputs) == 2:
         for n in op.inputs:
             s.grad_gain[n] = math.sqrt(0.5)
     return s
 
 
-register(*dict.fromkeys(many([
-    torch.max, torch.min, tensor_method("max"), tensor_method("min"), torch.amax, torch.amin,
-    tensor_method("amax"), tensor_method("amin"), torch.maximum, torch.minimum, torch.fmax, torch.fmin,
-    tensor_method("maximum"), tensor_method("minimum"), tensor_method("fmax"), tensor_method("fmin"),
-    aten("max", "dim"), aten("min", "dim"), aten("max", "default"), aten("min", "default"), aten("amax"),
-    aten("amin"), aten("max", "other"), aten("min", "other"), aten("maximum"), aten("minimum"), aten("fmax"),
-    aten("fmin")])))(ExtremumRule())
+def _extrema(kind: str) -> list:
+    """The ``max`` (``kind="max"``) or ``min`` family: over dimensions, and elementwise between tensors."""
+    a, e, f = {"max": ("amax", "maximum", "fmax"), "min": ("amin", "minimum", "fmin")}[kind]
+    return many([getattr(torch, n, None) for n in (kind, a, e, f)] + [tensor_method(n) for n in (kind, a, e, f)]
+                + [aten(kind, "dim"), aten(kind, "default"), aten(kind, "other"), aten(a), aten(e), aten(f)])
+
+
+register(*dict.fromkeys(_extrema("max")))(ExtremumRule(largest=True))
+register(*dict.fromkeys(_extrema("min")))(ExtremumRule(largest=False))
 
 
 class CopyRule(Rule):
@@ -325,9 +332,7 @@ class BatchDimRule(PreserveRule):
     name = "vmap_batch_dim"
 
     def scales(self, op: OpView) -> Scales:
-        rs = [op.in_rms.get(n) for n in op.inputs]
-        rs = [r for r in rs if r is not None and math.isfinite(r)]
-        return Scales(out_rms=rs[0] if rs else None, note="vmap batch dimension: values kept")
+        return Scales(out_rms=values_rms(op, op.inputs), note="vmap batch dimension: values kept")
 
 
 def _predispatch(name: str) -> Any:
