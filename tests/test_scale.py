@@ -30,3 +30,23 @@ def test_gradient_only_scale_keeps_values():
 def test_weighted_add():
     a, b = torch.randn(3), torch.randn(3)
     torch.testing.assert_close(weighted_add(a, b, 0.6, 0.8), 0.6 * a + 0.8 * b)
+
+
+def test_a_returned_backward_only_scale_is_a_native_copy_with_the_functions_gradient():
+    """``scale_returned`` in eager training: a native multiply by a 0-dim factor set to the backward factor
+    after forward (no Python ``autograd.Function``); under saved-tensor hooks, the Function. Both give the
+    same copy (not a view: the caller may scale it in place, ``loss *= k``) and the gradient times the
+    backward factor."""
+    from unit_scale_fx.scale import scale_returned
+
+    grads = []
+    for hooks in (False, True):
+        a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else torch.enable_grad():
+            loss = scale_returned(a.square().mean(), 1.0, 7.0)
+        assert (type(loss.grad_fn).__name__ == "MulBackward0") == (not hooks)
+        assert not loss._is_view() and loss.item() == a.square().mean().item()
+        loss *= 0.5  # as transformers.Trainer scales a loss
+        loss.backward()
+        torch.testing.assert_close(a.grad, 0.5 * 7.0 * 2 * a.detach() / a.numel(), rtol=1e-12, atol=0)
+        grads.append(a.grad)

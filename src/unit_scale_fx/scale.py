@@ -110,7 +110,7 @@ def _native_affine(x: Tensor, w: Tensor | None, b: Tensor | None, shape: Sequenc
     factors)."""
     # of the weight's (bias's) dtype: a 0-dim factor is read as a number of that dtype
     sw = _fresh(w if w is not None else x, fw)
-    sb = sw if (fb, gb) == (fw, gw) else _fresh(b if b is not None else x, fb)
+    sb = sw if (fb, gb) == (fw, gw) or b is None else _fresh(b, fb)
     if w is not None:
         wf: Tensor | None = w * sw
     else:
@@ -289,9 +289,18 @@ def scale_returned(x: Tensor, fwd: float, bwd: float) -> Tensor:
     """:func:`scale` of a value a graph returns (or a view of which it returns): a backward-only scale gives a
     copy instead of a view. Autograd forbids writing in place into a view a custom ``autograd.Function``
     returned, and the caller may write into what it gets back: ``hidden_states[mask] = embedding`` in
-    Wav2Vec2, on a tensor that ``torch.compile`` returns from the graph before a graph break."""
+    Wav2Vec2, on a tensor that ``torch.compile`` returns from the graph before a graph break.
+
+    In eager training (:func:`_native_ok`) the copy is a native multiply by a fresh 0-dim factor holding 1,
+    set to ``bwd`` once it has run (:func:`_set_saved`'s trick): the same copy, the gradient times ``bwd``,
+    and no Python ``autograd.Function`` (a returned loss: one call a step)."""
     if fwd != 1.0 or fwd == bwd or not isinstance(x, Tensor) or _transforms():
         return scale(x, fwd, bwd)
+    if x.requires_grad and torch.is_grad_enabled() and _native_ok(x):
+        s = _fresh(x, 1.0)
+        out = x * s
+        s.data.fill_(bwd)
+        return out
     return _apply_scale_copy(x, float(bwd))
 
 

@@ -170,7 +170,8 @@ def test_backward_keeps_no_scaled_copy(name):
     input-gradient factor, a weight no larger than the input, forward factors 1 on input and output).
     Another native convolution saves its weight itself (a hook scales its gradient). And one factor per
     residual add whose skip alone carries factors, with a backward factor other than 1
-    (``scale._native_add``). (Not for the GPT: reading the attention's saved tensors unpacks them through
+    (``scale._native_add``), and one for a returned loss's backward-only factor (``scale.scale_returned``).
+    (Not for the GPT: reading the attention's saved tensors unpacks them through
     its hook, which makes a new tensor.)"""
     model, batch = MODELS[name]()
     us = unit_scale(copy.deepcopy(model), batch)
@@ -197,6 +198,8 @@ def test_backward_keeps_no_scaled_copy(name):
                  if type(n).__name__ in ("NativeBatchNormBackward0", "NativeLayerNormBackward0")]
         # residual adds whose skip alone carries factors: one 0-dim factor each (``scale._native_add``)
         adds = sum(type(n).__name__ == "AddcmulBackward0" and n._saved_tensor2.dim() == 0 for n in _grad_nodes(out))
+        # a returned loss with a backward-only factor: one 0-dim factor (``scale.scale_returned``)
+        returned = type(out.grad_fn).__name__ == "MulBackward0" and out.grad_fn._saved_other.dim() == 0
         out.backward()
         m.zero_grad(set_to_none=True)
     # (an input-gradient factor, the weight no larger than the input, forward factors 1 on input and output:
@@ -204,7 +207,8 @@ def test_backward_keeps_no_scaled_copy(name):
     assert bool(folded) == (name == "resnet")
     assert (adds > 0) == (name != "silu-convnet")
     assert len(norms) == n_norms and all(k in (1, 2) for k in norms)
-    factors = sum(norms) + sum(folded) + adds
+    assert returned == (name != "relu-mlp")  # (the relu MLP's loss has no backward factor of its own)
+    factors = sum(norms) + sum(folded) + adds + returned
     assert sizes[1] == sizes[0] + 4 * factors
 
 
