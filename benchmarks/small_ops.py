@@ -10,7 +10,8 @@ Two tables (microseconds a call, the best of 5 loops of ``--calls`` calls, one t
 2. The fused ops against the op they wrap (forward, and forward + backward), on tensors small enough that
    the kernels cost little: what the scales' Python and small ops add to each call. A convolution with an
    input-gradient factor (every factor in a copy of the weight, ``scale._native_conv``), one with a weight
-   factor only (a hook on a view of the weight), and a batch norm with input and output factors.
+   factor only (a hook on a view of the weight), a batch norm with input and output factors, and a returned
+   loss's backward-only factor (``scale.scale_returned``: a native multiply, and the Function it replaced).
 
 Warm costs only: inside a training step the first small op after a large kernel costs more (``cold_ops.py``).
 """
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from _common import table, write_result
-from unit_scale_fx.scale import scaled_batch_norm, scaled_conv
+from unit_scale_fx.scale import _apply_scale_copy, scale_returned, scaled_batch_norm, scaled_conv
 
 
 def best_us(fn: Callable[[], object], calls: int) -> float:
@@ -76,6 +77,10 @@ def main() -> None:
         ("convolution, weight factor by a hook", lambda: torch.conv2d(xc, w),
          lambda: scaled_conv(xc, w, None, *geo, **hook_f)),
         ("batch norm, input and output factors", lambda: bn(xb), lambda: scaled_batch_norm(bn, xb, **bn_f)),
+        ("returned loss with a backward factor (native multiply)", lambda: xb.square().mean(),
+         lambda: scale_returned(xb.square().mean(), 1.0, 51.8)),
+        ("the same as an `autograd.Function` (before the seventeenth session)", lambda: xb.square().mean(),
+         lambda: _apply_scale_copy(xb.square().mean(), 51.8)),
     ]
     rows = []
     for name, plain, fused in ops:
