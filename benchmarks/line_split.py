@@ -69,7 +69,7 @@ _MODULES = {"mod:Conv2d": "conv", "mod:BatchNorm2d": "batch norm", "mod:ReLU": "
 def timed_forward(gm: fx.GraphModule) -> tuple[Callable[..., Any], list]:
     """``gm``'s forward recompiled with a clock read after each line, and the list the reads go to:
     ``(row, layer, seconds since start)``; ``layer`` names a convolution or batch norm by its position."""
-    body, rows, seen = [], [], collections.Counter()
+    body, seen = [], collections.Counter()
     lines = gm.code.split("\n")
     for line in lines:
         body.append(line)
