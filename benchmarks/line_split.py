@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -32,8 +31,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from _common import table, write_result
-from free_scaling import make
+from _common import median, table, write_result
+from free_scaling import make, step_fn
 
 _CALL = re.compile(r"=\s*([\w\.]+)\(")
 #: rows by how a called function's name ends (longest endings first)
@@ -99,17 +98,17 @@ def child(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
     torch.set_flush_denormal(True)
     model, batch = make("resnet", "issue")
     variants = {"original": fx.symbolic_trace(model), "unit-scaled": unit_scale(model, batch)}
-    fns = {k: timed_forward(gm) for k, gm in variants.items()}
-    opts = {k: torch.optim.Adam(gm.parameters(), lr=1e-4) for k, gm in variants.items()}
-    got: dict[str, dict[str, list]] = {k: collections.defaultdict(list) for k in fns}
-    order = list(fns)
+    steps, recs = {}, {}
+    for k, gm in variants.items():
+        forward, recs[k] = timed_forward(gm)
+        steps[k] = step_fn(forward, gm, batch)
+    got: dict[str, dict[str, list]] = {k: collections.defaultdict(list) for k in steps}
+    order = list(steps)
     for r in range(warmup + rounds):
         for k in (order if r % 2 == 0 else order[::-1]):
-            fn, rec = fns[k]
+            rec = recs[k]
             rec.clear()
-            opts[k].zero_grad(set_to_none=True)
-            fn(*batch).backward()
-            opts[k].step()
+            steps[k]()
             if r < warmup:
                 continue
             per: dict[str, float] = collections.defaultdict(float)
@@ -120,7 +119,7 @@ def child(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
             per["forward"] = rec[-1][2] - rec[0][2]
             for key, v in per.items():
                 got[k][key].append(v)
-    return {k: {key: statistics.median(v) for key, v in d.items()} for k, d in got.items()}
+    return {k: {key: median(v) for key, v in d.items()} for k, d in got.items()}
 
 
 def main() -> None:
@@ -146,7 +145,7 @@ def main() -> None:
                   key=lambda k: (k != "forward", not k.startswith("layer:"), k))
 
     def med(variant: str, key: str) -> float:
-        return statistics.median(r[variant].get(key, 0.0) for r in runs) * 1e6
+        return median([r[variant].get(key, 0.0) for r in runs]) * 1e6
 
     body = []
     for key in keys:
