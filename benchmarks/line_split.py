@@ -39,6 +39,8 @@ _CALL = re.compile(r"=\s*([\w\.]+)\(")
 _ROWS = (("scaled_batch_norm", "batch norm"), ("scaled_linear", "linear"), ("scaled_conv", "conv"),
          ("scaled_add", "add"), ("scale_returned", "loss"), ("cross_entropy", "loss"), ("max_pool2d", "max pool"),
          ("relu", "relu"))
+#: rows of the original's module calls, by the module's class
+_MODULES = {"Conv2d": "conv", "BatchNorm2d": "batch norm", "ReLU": "relu", "Linear": "linear"}
 
 
 def _label(gm: fx.GraphModule, line: str) -> str:
@@ -49,7 +51,7 @@ def _label(gm: fx.GraphModule, line: str) -> str:
         if lhs.endswith(("_weight", "_bias", "_layer")):
             return "attribute reads"
         try:
-            return "mod:" + type(gm.get_submodule(lhs.replace("_", "."))).__name__
+            return _MODULES.get(type(gm.get_submodule(lhs.replace("_", "."))).__name__, "other")
         except AttributeError:
             return "other"
     m = _CALL.search(line)
@@ -62,9 +64,6 @@ def _label(gm: fx.GraphModule, line: str) -> str:
     return "other"
 
 
-_MODULES = {"mod:Conv2d": "conv", "mod:BatchNorm2d": "batch norm", "mod:ReLU": "relu", "mod:Linear": "linear"}
-
-
 def timed_forward(gm: fx.GraphModule) -> tuple[Callable[..., Any], list]:
     """``gm``'s forward recompiled with a clock read after each line, and the list the reads go to:
     ``(row, layer, seconds since start)``; ``layer`` names a convolution or batch norm by its position."""
@@ -75,7 +74,6 @@ def timed_forward(gm: fx.GraphModule) -> tuple[Callable[..., Any], list]:
         s = line.strip()
         if line.startswith("    ") and "=" in s and not s.startswith(("return", "#")):
             row = _label(gm, s)
-            row = _MODULES.get(row, row)
             layer = ""
             if row in ("conv", "batch norm"):
                 seen[row] += 1
